@@ -1,0 +1,152 @@
+"""Command-line gin handling shared by train, evaluate and infer.
+
+    --gin_file=flan.gin          repeatable; a bare name resolves against the
+                                 search paths, then the packaged gin_configs/
+    --gin.train.num_steps=100    one binding (any --gin.X=Y)
+    --gin_bindings='a.b = 1'     one binding in gin syntax (repeatable)
+    --gin_search_paths=a,b       extra folders for gin files and includes
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import logging
+import os
+import sys
+from typing import Sequence
+
+import gin
+
+from flanjax.errors import UserError
+
+PACKAGED_GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin_configs")
+
+
+@dataclasses.dataclass
+class GinArgs:
+  files: list
+  bindings: list
+  search_paths: list
+  rest: list  # arguments that are not gin's
+
+
+def parse_args(argv: Sequence[str]) -> GinArgs:
+  files, bindings, paths, rest = [], [], [], []
+  args = list(argv)
+  i = 0
+
+  def value(flag):
+    nonlocal i
+    arg = args[i]
+    if "=" in arg:
+      return arg.split("=", 1)[1]
+    if i + 1 >= len(args):
+      raise UserError(f"{flag} needs a value")
+    i += 1
+    return args[i]
+
+  while i < len(args):
+    arg = args[i]
+    if arg == "--gin_file" or arg.startswith("--gin_file="):
+      files.append(value("--gin_file"))
+    elif arg == "--gin_bindings" or arg.startswith("--gin_bindings="):
+      bindings.append(value("--gin_bindings"))
+    elif arg == "--gin_search_paths" or arg.startswith("--gin_search_paths="):
+      paths.extend(p for p in value("--gin_search_paths").split(",") if p)
+    elif arg.startswith("--gin."):
+      body = arg[len("--gin."):]
+      if "=" not in body:
+        raise UserError(f"{arg}: a binding needs a value, e.g. --gin.train.num_steps=100")
+      key, val = body.split("=", 1)
+      bindings.append(f"{key} = {_gin_value(val)}")
+    else:
+      rest.append(arg)
+    i += 1
+  return GinArgs(files, bindings, paths, rest)
+
+
+def _gin_value(text: str) -> str:
+  """A command-line value in gin syntax; a bare word becomes a string.
+
+  So --gin.train.model_dir=/tmp/run works without shell-quoted quotes, while
+  numbers, lists, 'strings', @references and %MACROS pass through unchanged.
+  """
+  stripped = text.strip()
+  if not stripped or stripped[0] in "@%[({'\"":
+    return text
+  try:
+    ast.literal_eval(stripped)
+    return text
+  except (ValueError, SyntaxError):
+    return repr(stripped)
+
+
+class _DropGinPathNoise(logging.Filter):
+  # gin logs an ERROR for every search path that lacks an included file, even
+  # when a later one has it.
+  def filter(self, record):
+    return not str(record.msg).startswith("Path not found")
+
+
+def search_paths(extra: Sequence[str]) -> list:
+  return [os.path.abspath(p) for p in extra] + [PACKAGED_GIN_DIR]
+
+
+def resolve_gin_file(name: str, extra_paths: Sequence[str] = ()) -> str:
+  """A path as given if it exists, else the first search path that holds it."""
+  if os.path.isfile(name):
+    return os.path.abspath(name)
+  tried = []
+  for base in search_paths(extra_paths):
+    for candidate in (name, name + ".gin"):
+      path = os.path.join(base, candidate)
+      tried.append(base)
+      if os.path.isfile(path):
+        return path
+  available = sorted(
+      os.path.relpath(os.path.join(d, f), PACKAGED_GIN_DIR)
+      for d, _, fs in os.walk(PACKAGED_GIN_DIR) for f in fs if f.endswith(".gin"))
+  raise UserError(
+      f"gin file {name!r} not found (looked in the current directory and "
+      f"{', '.join(dict.fromkeys(tried))}); packaged configs: {', '.join(available)}")
+
+
+def _one_line(err: Exception) -> str:
+  text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+  return text or type(err).__name__
+
+
+def parse_gin(args: GinArgs, finalize: bool = True) -> list:
+  """Parses files then bindings; every gin problem becomes one UserError."""
+  gin.clear_config()
+  logging.getLogger().addFilter(_DropGinPathNoise())
+  for p in search_paths(args.search_paths):
+    gin.add_config_file_search_path(p)
+  paths = [resolve_gin_file(f, args.search_paths) for f in args.files]
+  try:
+    gin.parse_config_files_and_bindings(paths, args.bindings, finalize_config=finalize)
+  except (ValueError, KeyError, TypeError, SyntaxError, NameError, IOError) as e:
+    raise UserError(f"gin: {_one_line(e)}") from None
+  return paths
+
+
+def run_main(main_fn, argv=None, require_gin_file=True):
+  """Parses gin from argv and calls main_fn(rest_args); user errors -> one line, exit 2."""
+  argv = sys.argv[1:] if argv is None else argv
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "flanjax"
+  try:
+    args = parse_args(argv)
+    if args.rest:
+      raise UserError(f"unknown arguments {args.rest}; use --gin_file, --gin.X=Y, "
+                      "--gin_bindings, --gin_search_paths")
+    if require_gin_file and not args.files:
+      raise UserError("no --gin_file given; try --gin_file=flan.gin")
+    parse_gin(args)
+    return main_fn(args)
+  except UserError as e:
+    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    sys.exit(130)

@@ -1,0 +1,111 @@
+"""Instruction templates as data, and the FLAN formats that render them.
+
+A template is a pair of patterns over an example's fields (``str.format`` style).
+The *format* decides how the pattern is used:
+
+  zero_shot          the pattern alone; ``{options}`` renders as nothing
+  zero_shot_options  the answer options rendered as a list
+  few_shot           k solved exemplars (same template) before the question
+  few_shot_options   the same, with options
+  cot                target is the rationale, then the answer
+  few_shot_cot       k exemplars with rationales, then the question
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from typing import Mapping, Sequence
+
+FORMATS = (
+    "zero_shot",
+    "zero_shot_options",
+    "few_shot",
+    "few_shot_options",
+    "cot",
+    "few_shot_cot",
+)
+
+# The answer of a chain-of-thought target always follows this phrase, so the
+# answer can be extracted the same way for every CoT task.
+COT_ANSWER_PREFIX = "So the answer is"
+
+OPTION_LAYOUTS = {
+    "dash": lambda opts: "OPTIONS:\n" + "\n".join(f"- {o}" for o in opts),
+    "letters": lambda opts: "Options:\n" + "\n".join(
+        f"({string.ascii_uppercase[i]}) {o}" for i, o in enumerate(opts)),
+    "inline": lambda opts: "Choose from: " + ", ".join(opts) + ".",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """One wording of a task: an input pattern and a target pattern."""
+  inputs: str
+  targets: str = "{answer}"
+  # Target for chain-of-thought formats: rationale, then the answer.
+  cot_targets: str = "{rationale} " + COT_ANSWER_PREFIX + " {answer}."
+
+  def fields(self) -> set[str]:
+    names = set()
+    for pattern in (self.inputs, self.targets):
+      names |= {f for _, f, _, _ in string.Formatter().parse(pattern) if f}
+    return names
+
+
+def render_options(options: Sequence[str], layout: str = "dash") -> str:
+  if layout not in OPTION_LAYOUTS:
+    raise ValueError(
+        f"unknown options layout {layout!r}; choose one of {sorted(OPTION_LAYOUTS)}")
+  return OPTION_LAYOUTS[layout](list(options))
+
+
+def _fill(pattern: str, example: Mapping[str, object], options_text: str) -> str:
+  values = dict(example)
+  values["options"] = options_text
+  try:
+    text = pattern.format(**values)
+  except KeyError as e:
+    raise KeyError(
+        f"template {pattern!r} needs field {e.args[0]!r}, which the example lacks "
+        f"(it has {sorted(example)})") from None
+  # A template that places {options} on its own line leaves a blank line when
+  # options are off; collapse it so the input has no dangling whitespace.
+  return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def render(template: Template,
+           example: Mapping[str, object],
+           fmt: str,
+           exemplars: Sequence[Mapping[str, object]] = (),
+           options_layout: str = "dash") -> tuple[str, str]:
+  """Renders one example in one format; returns (inputs, targets)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+  with_options = fmt.endswith("options")
+  cot = fmt in ("cot", "few_shot_cot")
+  few_shot = fmt.startswith("few_shot")
+
+  def one(ex):
+    opts = ex.get("options") if with_options else None
+    options_text = render_options(opts, options_layout) if opts else ""
+    inputs = _fill(template.inputs, ex, options_text)
+    if opts and "{options}" not in template.inputs:
+      inputs = f"{inputs}\n\n{options_text}"
+    targets = _fill(template.cot_targets if cot else template.targets, ex, "")
+    return inputs, targets
+
+  inputs, targets = one(example)
+  if few_shot and exemplars:
+    shots = ["{}\n{}".format(*one(ex)) for ex in exemplars]
+    inputs = "\n\n".join(shots + [inputs])
+  return inputs, targets
+
+
+def extract_answer(text: str) -> str:
+  """The answer of a prediction or target: what follows the CoT phrase, if any."""
+  idx = text.rfind(COT_ANSWER_PREFIX)
+  if idx >= 0:
+    text = text[idx + len(COT_ANSWER_PREFIX):]
+  return text.strip().rstrip(".").strip()

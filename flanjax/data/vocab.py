@@ -1,0 +1,91 @@
+"""Vocabularies: a SentencePiece model trained locally and cached, or one given by path."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from typing import Iterable
+
+import gin
+import seqio
+
+# T5's conventions: pad 0, eos 1, unk 2, no bos.
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+def default_cache_dir() -> str:
+  return os.environ.get(
+      "FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
+
+
+TRAINER_SETTINGS = dict(
+    # BPE keeps whole frequent words on a small corpus; unigram splits them.
+    model_type="bpe",
+    character_coverage=1.0,
+    # Digits one by one: arithmetic and comparisons see every digit.
+    split_digits=True,
+    pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+    # Keep newlines and repeated spaces: templates use them for layout.
+    normalization_rule_name="nfkc",
+    remove_extra_whitespaces=False,
+    user_defined_symbols=["\n"],
+    byte_fallback=True,  # text outside the corpus still round-trips
+    hard_vocab_limit=False,  # small corpora: vocab_size is an upper bound
+)
+
+
+def train_sentencepiece(lines: Iterable[str], path: str, vocab_size: int) -> str:
+  """Trains a BPE SentencePiece model on `lines` and writes it to `path`."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+      num_threads=os.cpu_count() or 1, minloglevel=2, **TRAINER_SETTINGS)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)  # atomic: a reader never sees half a model
+  return path
+
+
+@gin.configurable
+def builtin_vocabulary(vocab_size: int = 2000, cache_dir: str | None = None,
+                       extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """The vocabulary of the built-in collection, trained once and cached.
+
+  The cache key hashes the training text and settings, so a change to any
+  template or generator trains a new vocabulary instead of reusing a stale one.
+  """
+  from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
+  text = builtin.all_text()
+  digest = hashlib.sha256()
+  for line in text:
+    digest.update(line.encode("utf-8") + b"\0")
+  digest.update(repr(sorted(TRAINER_SETTINGS.items())).encode() + f"/{vocab_size}".encode())
+  path = os.path.join(cache_dir or default_cache_dir(), "vocab",
+                      f"builtin-{vocab_size}-{digest.hexdigest()[:12]}.model")
+  if not os.path.exists(path):
+    logging.info("Training a %d-piece SentencePiece vocabulary -> %s", vocab_size, path)
+    train_sentencepiece(text, path, vocab_size)
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+@gin.configurable
+def sentencepiece_vocabulary(path: str = gin.REQUIRED,
+                             extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """A SentencePiece model given by path (e.g. a T5 checkpoint's spiece.model)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"SentencePiece model {path} does not exist: point "
+        "sentencepiece_vocabulary.path at a .model file")
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+def vocabulary_fingerprint(vocab: seqio.Vocabulary) -> str:
+  """A short stable id of a vocabulary's content, for cache keys."""
+  if isinstance(vocab, seqio.SentencePieceVocabulary):
+    return hashlib.sha256(vocab.sp_model).hexdigest()[:12]
+  return hashlib.sha256(repr(vocab).encode()).hexdigest()[:12]

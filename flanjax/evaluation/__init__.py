@@ -1,0 +1,116 @@
+"""Exact-match evaluation of generated answers against a trivial baseline."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Sequence
+
+import numpy as np
+import seqio
+
+from flanjax import decoding
+from flanjax.data import registry
+from flanjax.data.templates import extract_answer
+
+
+@dataclasses.dataclass
+class TaskScore:
+  task: str
+  split: str
+  examples: int
+  accuracy: float  # percent, exact match of the extracted answer
+  baseline: float  # percent, always answering the train split's most common answer
+  baseline_answer: str
+  samples: list  # a few (input, prediction, target) for the report
+
+
+def majority_answer(task: seqio.Task, max_examples: int = 2000) -> str:
+  ds = task.get_dataset(None, split="train", shuffle=False, num_epochs=1,
+                        use_cached=False).take(max_examples)
+  counts = collections.Counter(
+      extract_answer(ex["targets_pretokenized"].decode("utf-8"))
+      for ex in ds.as_numpy_iterator())
+  return counts.most_common(1)[0][0] if counts else ""
+
+
+def _pad(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
+  out = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    r = r[:length]
+    out[i, :len(r)] = r
+  return out
+
+
+def evaluate_task(model, params, task_name: str, split: str, input_length: int,
+                  max_decode_len: int, batch_size: int = 64,
+                  max_examples: int | None = None) -> TaskScore:
+  task = seqio.get_mixture_or_task(task_name)
+  vocab = task.output_features["targets"].vocabulary
+  ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1, use_cached=False)
+  if max_examples:
+    ds = ds.take(max_examples)
+  examples = list(ds.as_numpy_iterator())
+  hits, samples = 0, []
+  baseline_answer = majority_answer(task)
+  baseline_hits = 0
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    enc = _pad([ex["inputs"] for ex in chunk], input_length)
+    # Fixed batch shape: one compilation for all batches.
+    if len(chunk) < batch_size:
+      enc = np.concatenate([enc, np.zeros((batch_size - len(chunk), input_length), np.int32)])
+    out = np.asarray(decoding.greedy(model, params, enc, max_len=max_decode_len,
+                                     eos_id=vocab.eos_id))
+    for ex, ids in zip(chunk, out):
+      ids = ids.tolist()
+      if vocab.eos_id in ids:
+        ids = ids[:ids.index(vocab.eos_id)]
+      pred = vocab.decode(ids)
+      target = ex["targets_pretokenized"].decode("utf-8")
+      ok = extract_answer(pred) == extract_answer(target)
+      hits += ok
+      baseline_hits += baseline_answer == extract_answer(target)
+      if len(samples) < 3:
+        samples.append((ex["inputs_pretokenized"].decode("utf-8"), pred, target))
+  n = max(len(examples), 1)
+  return TaskScore(task_name, split, len(examples), 100.0 * hits / n,
+                   100.0 * baseline_hits / n, baseline_answer, samples)
+
+
+def format_table(scores: Sequence[TaskScore]) -> str:
+  rows = [("task", "split", "n", "exact match %", "baseline %", "baseline answer")]
+  for s in scores:
+    rows.append((s.task, s.split, str(s.examples), f"{s.accuracy:.1f}", f"{s.baseline:.1f}",
+                 repr(s.baseline_answer)))
+  by_split = collections.defaultdict(list)
+  for s in scores:
+    by_split[s.split].append(s)
+  for split, ss in by_split.items():
+    rows.append(("MEAN", split, str(sum(s.examples for s in ss)),
+                 f"{np.mean([s.accuracy for s in ss]):.1f}",
+                 f"{np.mean([s.baseline for s in ss]):.1f}", ""))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def evaluate_tasks(model, params, task_names: Sequence[str], splits: Sequence[str],
+                   input_length: int, max_decode_len: int, batch_size: int = 64,
+                   max_examples: int | None = None):
+  t0 = time.time()
+  scores = []
+  for name in task_names:
+    task = seqio.get_mixture_or_task(name)
+    for split in splits:
+      if split in task.splits:
+        scores.append(evaluate_task(model, params, name, split, input_length,
+                                    max_decode_len, batch_size, max_examples))
+  return scores, time.time() - t0
+
+
+def tasks_of(name: str) -> list[str]:
+  obj = registry.get_task_or_mixture(name)
+  return [t.name for t in getattr(obj, "tasks", [obj])]

@@ -1,0 +1,329 @@
+"""T5 encoder-decoder (original T5, T5 v1.1 and FLAN-T5) in Flax linen.
+
+One config covers the family: ``feed_forward`` picks ReLU (T5) or gated-GELU
+(v1.1 / FLAN-T5), ``tie_word_embeddings`` the shared, rescaled output of the
+original T5. The arithmetic follows the reference exactly (RMSNorm without
+mean subtraction, unscaled dot-product attention, relative position buckets
+shared by all layers of a stack) so that Hugging Face weights load as they are.
+
+Packing: every attention takes segment ids; tokens attend only within their
+own segment, and relative positions come from the per-example positions, so a
+packed row gives each example the logits it would get alone.
+
+Parameters carry logical axis names (embed, mlp, heads, kv, vocab,
+relpos_buckets) for the partitioner; activations are constrained to
+(batch, length, embed) and friends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = Any
+NEG_INF = -1e10  # mask bias; finite so a fully masked row gives a uniform softmax, not NaN
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 1024
+  num_heads: int = 6
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.0
+  layer_norm_epsilon: float = 1e-6
+  feed_forward: str = "gated-gelu"  # "relu" (T5), "gated-gelu" (v1.1, FLAN-T5), "gated-relu"
+  tie_word_embeddings: bool = False
+  dtype: str = "float32"  # activations; parameters stay float32
+  remat: bool = False  # recompute each layer's activations in the backward pass
+
+  def __post_init__(self):
+    if self.feed_forward not in ("relu", "gelu", "gated-gelu", "gated-relu", "gated-silu"):
+      raise ValueError(f"T5Config.feed_forward={self.feed_forward!r} is not one of "
+                       "relu, gelu, gated-gelu, gated-relu, gated-silu")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    d, f, h, k = self.d_model, self.d_ff, self.num_heads, self.d_kv
+    ff = d * f * (3 if self.feed_forward.startswith("gated") else 2)
+    attn = 4 * d * h * k
+    enc = self.num_encoder_layers * (attn + ff + 2 * d)
+    dec = self.num_decoder_layers * (2 * attn + ff + 3 * d)
+    emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    rel = 2 * self.relative_attention_num_buckets * h
+    return enc + dec + emb + rel + 2 * d
+
+
+def _act(name: str):
+  return {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+          "silu": jax.nn.silu}[name]
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+  """T5's bucketing of (key - query) distances: exact when near, log-spaced when far."""
+  ret = 0
+  n = relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = -jnp.minimum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # log(0) is never selected (is_small covers it); clamp to keep it finite.
+  val_if_large = max_exact + (
+      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+      / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+def _param(module, name, init_std, shape, axes):
+  init = nn.with_logical_partitioning(nn.initializers.normal(init_std), axes)
+  return module.param(name, init, shape, jnp.float32)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class RelativePositionBias(nn.Module):
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_pos: Array, k_pos: Array) -> Array:
+    """q_pos [b, q], k_pos [b, k] -> bias [b, heads, q, k]."""
+    table = _param(self, "rel_embedding", 1.0, (self.num_buckets, self.num_heads),
+                   ("relpos_buckets", "heads"))
+    rel = k_pos[:, None, :] - q_pos[:, :, None]
+    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
+                                       self.max_distance)
+    return jnp.transpose(table[buckets], (0, 3, 1, 2))
+
+
+class Attention(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x_q, x_kv, bias, deterministic=True):
+    c = self.config
+    dt = c.compute_dtype
+    h, k, d = c.num_heads, c.d_kv, c.d_model
+    wq = _param(self, "q", (d * k) ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    wk = _param(self, "k", d ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    wv = _param(self, "v", d ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    wo = _param(self, "o", (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
+    q = jnp.einsum("bld,dhk->blhk", x_q, wq.astype(dt))
+    kk = jnp.einsum("bld,dhk->blhk", x_kv, wk.astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", x_kv, wv.astype(dt))
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    # T5 folds 1/sqrt(d_kv) into the initialisation of q: no scaling here.
+    scores = jnp.einsum("bqhk,bthk->bhqt", q, kk).astype(jnp.float32) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+    return jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dt))
+
+
+class FeedForward(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    c = self.config
+    dt = c.compute_dtype
+    gated = c.feed_forward.startswith("gated")
+    act = _act(c.feed_forward.split("-")[-1])
+    if gated:
+      wi0 = _param(self, "wi_0", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
+      wi1 = _param(self, "wi_1", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
+      hidden = act(x @ wi0.astype(dt)) * (x @ wi1.astype(dt))
+    else:
+      wi = _param(self, "wi", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
+      hidden = act(x @ wi.astype(dt))
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
+    wo = _param(self, "wo", c.d_ff ** -0.5, (c.d_ff, c.d_model), ("mlp", "embed"))
+    return hidden @ wo.astype(dt)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic=True):
+    c = self.config
+    drop = nn.Dropout(c.dropout_rate)
+    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_attention_norm")(x)
+    x = x + drop(Attention(c, name="attention")(y, y, bias, deterministic), deterministic)
+    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_mlp_norm")(x)
+    x = x + drop(FeedForward(c, name="mlp")(y, deterministic), deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, encoded, self_bias, cross_bias, deterministic=True):
+    c = self.config
+    drop = nn.Dropout(c.dropout_rate)
+    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_self_attention_norm")(x)
+    x = x + drop(Attention(c, name="self_attention")(y, y, self_bias, deterministic),
+                 deterministic)
+    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_cross_attention_norm")(x)
+    x = x + drop(Attention(c, name="cross_attention")(y, encoded, cross_bias, deterministic),
+                 deterministic)
+    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_mlp_norm")(x)
+    x = x + drop(FeedForward(c, name="mlp")(y, deterministic), deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _mask_bias(mask: Array) -> Array:
+  """bool [b, q, k] -> additive float32 bias [b, 1, q, k]."""
+  return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
+def _segments_and_positions(tokens, segment_ids, positions):
+  if segment_ids is None:
+    # Unpacked: one example per row, padding is segment 0.
+    segment_ids = (tokens > 0).astype(jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return segment_ids, positions
+
+
+class T5(nn.Module):
+  """Encoder-decoder; ``__call__`` returns decoder logits [batch, length, vocab]."""
+  config: T5Config
+
+  def setup(self):
+    c = self.config
+    self.embedding = self.param(
+        "token_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        (c.vocab_size, c.d_model), jnp.float32)
+    layer_cls = {}
+    for name, cls in (("enc", EncoderLayer), ("dec", DecoderLayer)):
+      layer_cls[name] = nn.remat(cls, static_argnums=(-1,)) if c.remat else cls
+    self.encoder_relpos = RelativePositionBias(
+        c.relative_attention_num_buckets, c.relative_attention_max_distance,
+        c.num_heads, bidirectional=True)
+    self.decoder_relpos = RelativePositionBias(
+        c.relative_attention_num_buckets, c.relative_attention_max_distance,
+        c.num_heads, bidirectional=False)
+    self.encoder_layers = [layer_cls["enc"](c, name=f"encoder_layer_{i}")
+                           for i in range(c.num_encoder_layers)]
+    self.decoder_layers = [layer_cls["dec"](c, name=f"decoder_layer_{i}")
+                           for i in range(c.num_decoder_layers)]
+    self.encoder_norm = RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
+    self.decoder_norm = RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
+    self.dropout = nn.Dropout(c.dropout_rate)
+    if not c.tie_word_embeddings:
+      self.lm_head = self.param(
+          "lm_head",
+          nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
+                                       ("embed", "vocab")),
+          (c.d_model, c.vocab_size), jnp.float32)
+
+  def _embed(self, tokens):
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None,
+             encoder_positions=None, deterministic=True):
+    seg, pos = _segments_and_positions(encoder_input_tokens, encoder_segment_ids,
+                                       encoder_positions)
+    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    bias = _mask_bias(mask) + self.encoder_relpos(pos, pos)
+    x = self.dropout(self._embed(encoder_input_tokens), deterministic)
+    for layer in self.encoder_layers:
+      x = layer(x, bias, deterministic)
+    return self.dropout(self.encoder_norm(x), deterministic)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
+             decoder_target_tokens=None, encoder_segment_ids=None,
+             decoder_segment_ids=None, decoder_positions=None, deterministic=True):
+    enc_seg, _ = _segments_and_positions(encoder_input_tokens, encoder_segment_ids, None)
+    if decoder_segment_ids is None:
+      # Unpacked: every decoder position belongs to the row's single example.
+      decoder_segment_ids = jnp.ones_like(decoder_input_tokens)
+      if decoder_target_tokens is not None:
+        decoder_segment_ids = (decoder_target_tokens > 0).astype(jnp.int32)
+    dec_seg, pos = _segments_and_positions(decoder_input_tokens, decoder_segment_ids,
+                                           decoder_positions)
+    length = decoder_input_tokens.shape[1]
+    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    self_mask = causal[None] & (dec_seg[:, :, None] == dec_seg[:, None, :])
+    self_bias = _mask_bias(self_mask) + self.decoder_relpos(pos, pos)
+    cross_mask = (dec_seg[:, :, None] == enc_seg[:, None, :]) & (enc_seg[:, None, :] > 0)
+    cross_bias = _mask_bias(cross_mask)
+    x = self.dropout(self._embed(decoder_input_tokens), deterministic)
+    for layer in self.decoder_layers:
+      x = layer(x, encoded, self_bias, cross_bias, deterministic)
+    x = self.dropout(self.decoder_norm(x), deterministic)
+    c = self.config
+    if c.tie_word_embeddings:
+      # The original T5 rescales before the shared output projection.
+      x = x * (c.d_model ** -0.5)
+      logits = jnp.einsum("bld,vd->blv", x, self.embedding.astype(x.dtype))
+    else:
+      logits = x @ self.lm_head.astype(x.dtype)
+    return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                      ("batch", "length", "vocab"))
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens,
+               decoder_target_tokens=None, encoder_segment_ids=None,
+               decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, deterministic=True):
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                          deterministic)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       decoder_positions, deterministic)
+
+
+def model_inputs(batch: dict) -> dict:
+  """The model's keyword arguments out of a seqio EncDecFeatureConverter batch."""
+  keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+          "encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
+          "decoder_positions")
+  return {k: batch[k] for k in keys if k in batch}
+
+
+def dummy_batch(batch_size: int, input_len: int, target_len: int) -> dict:
+  return {
+      "encoder_input_tokens": np.ones((batch_size, input_len), np.int32),
+      "decoder_input_tokens": np.ones((batch_size, target_len), np.int32),
+      "decoder_target_tokens": np.ones((batch_size, target_len), np.int32),
+  }

@@ -1,0 +1,296 @@
+"""python -m flanjax.train --gin_file=flan.gin [--gin.train.num_steps=100 ...]
+
+Builds the vocabulary and tasks, trains a T5 on packed batches of the
+mixture, checkpoints with orbax, logs to the console and TensorBoard, and
+ends with an exact-match evaluation against the trivial baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Callable, Mapping, Sequence
+
+# Quiet TensorFlow (used by seqio for the input pipeline only) before it loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flanjax import config as flan_config  # noqa: E402
+from flanjax import evaluation  # noqa: E402
+from flanjax.data import pipeline, registry, vocab as vocab_lib  # noqa: E402,F401
+from flanjax.errors import UserError  # noqa: E402
+from flanjax.models import t5  # noqa: E402
+from flanjax.training import checkpoints, metrics as metrics_lib, optimizers  # noqa: E402
+from flanjax.training import partitioning, trainer  # noqa: E402
+
+
+def _hide_accelerators_from_tf():
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def _check_model_dir(model_dir: str):
+  """Fails before training if the model directory cannot be written."""
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    probe = os.path.join(model_dir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"model directory {model_dir} is not writable ({e.strerror}); "
+                    "set --gin.train.model_dir to a writable folder") from None
+
+
+def _vocab_size_for(model_config: t5.T5Config, vocabulary) -> t5.T5Config:
+  needed = vocabulary.vocab_size
+  if model_config.vocab_size == 0:
+    # Rounded up to a multiple of 128 for efficient matmuls.
+    return dataclasses.replace(model_config, vocab_size=int(math.ceil(needed / 128) * 128))
+  if model_config.vocab_size < needed:
+    raise UserError(f"T5Config.vocab_size={model_config.vocab_size} is smaller than the "
+                    f"vocabulary ({needed} pieces); raise it or set it to 0 (automatic)")
+  return model_config
+
+
+@gin.configurable(denylist=["stop_signal", "on_step"])
+def train(
+    *,
+    model_dir: str = "./runs/flan_default",
+    mixture: str = registry.BUILTIN_MIXTURE,
+    vocabulary=gin.REQUIRED,
+    register_fns: Sequence[Callable] = (registry.register_builtin,),
+    model_config: t5.T5Config = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = None,
+    batch_size: int = 32,
+    num_steps: int = 1000,
+    microbatches: int = 1,
+    seed: int = 0,
+    pack: bool = True,
+    z_loss: float = 1e-4,
+    label_smoothing: float = 0.0,
+    loss_normalizing_factor: float | None = None,
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+    log_every_secs: float = 5.0,
+    summary_every_steps: int = 10,
+    validation_every_steps: int = 0,
+    validation_batches: int = 4,
+    max_nonfinite_in_row: int = 5,
+    peak_flops: float | None = None,
+    eval_at_end: bool = True,
+    eval_tasks: Sequence[str] | None = None,
+    eval_splits: Sequence[str] = registry.EVAL_SPLITS,
+    eval_max_examples: int | None = None,
+    max_decode_len: int | None = None,
+    stop_signal=None,
+    on_step: Callable | None = None,
+) -> dict:
+  """Trains and evaluates; returns a summary dict (also written to model_dir)."""
+  _hide_accelerators_from_tf()
+  lengths = dict(task_feature_lengths or {"inputs": 256, "targets": 64})
+  model_dir = os.path.abspath(model_dir)
+  _check_model_dir(model_dir)
+  t_start = time.time()
+
+  # ---- data
+  t0 = time.time()
+  vocab = vocabulary
+  for fn in register_fns:
+    fn(vocab)
+  registry.get_task_or_mixture(mixture)  # unknown name -> clear error
+  print(f"vocabulary: {vocab.vocab_size} pieces ({time.time() - t0:.1f}s)", flush=True)
+  rep = pipeline.length_report(mixture, "train", lengths)
+  print(f"lengths: {rep.summary(lengths)}", flush=True)
+
+  # ---- model, optimizer, mesh
+  cfg = _vocab_size_for(model_config, vocab)
+  model = t5.T5(cfg)
+  tx, lr_fn = optimizers.optimizer()
+  mesh = partitioning.make_mesh(mesh_shape)
+  rules = partitioning.logical_rules()
+  dummy = t5.dummy_batch(1, 8, 8)
+  init_fn = lambda rng: trainer.init_state(model, tx, rng, dummy)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+  shardings = trainer.state_shardings(abstract, mesh, rules)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+  print(f"model: T5 {cfg.d_model}d x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
+        f"layers, {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  with mesh, nn.logical_axis_rules(rules):
+    unboxed_init = lambda rng: nn.unbox(init_fn(rng))
+    state = jax.jit(unboxed_init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+    ckpt = checkpoints.Checkpointer(model_dir)
+    position = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state, position = ckpt.restore(latest, checkpoints.abstract_like(state, shardings))
+      print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
+    start_step = int(jax.device_get(state["step"]))
+
+    make_ds = lambda: pipeline.get_dataset(mixture, lengths, "train", batch_size, seed, pack)
+    stream = pipeline.BatchStream(make_ds, position)
+
+    step_fn = trainer.make_train_step(
+        model, tx, lr_fn, microbatches=microbatches, z_loss=z_loss,
+        label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor,
+        dropout=cfg.dropout_rate > 0)
+    batch_sh = partitioning.batch_sharding(mesh)
+    jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+                       out_shardings=(shardings, None), donate_argnums=(0,))
+    eval_step = jax.jit(trainer.make_eval_step(model), in_shardings=(shardings["params"], batch_sh))
+
+    writer = metrics_lib.SummaryWriter(os.path.join(model_dir, "tensorboard"))
+    tokens_per_step = batch_size * (lengths["inputs"] + lengths["targets"])
+    # 6 N flops per token for the matmuls of forward and backward.
+    progress = metrics_lib.Progress(
+        num_steps, start_step, log_every_secs, flops_per_token=6 * n_params,
+        peak_flops=peak_flops or metrics_lib.device_peak_flops())
+    losses_path = os.path.join(model_dir, "train_losses.jsonl")
+    losses_file = open(losses_path, "a") if jax.process_index() == 0 else None
+    history = []
+    nonfinite_in_row = 0
+    pending = None  # (step, metrics, batch stats) of the step in flight
+    stop = stop_signal or trainer.StopSignal()
+    print(f"training: {num_steps} steps of {batch_size} rows x "
+          f"({lengths['inputs']} + {lengths['targets']}) tokens; logs and checkpoints in "
+          f"{model_dir}", flush=True)
+
+    def finish(pend):
+      nonlocal nonfinite_in_row
+      step_no, m, real, padded = pend
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      history.append(m["loss"])
+      if losses_file:
+        losses_file.write(json.dumps({"step": step_no, **m}) + "\n")
+      if m["applied"] == 0:
+        nonfinite_in_row += 1
+        logging.warning("step %d: non-finite loss or gradient; update skipped", step_no)
+        print(f"step {step_no}: non-finite loss ({m['loss']}), update skipped", flush=True)
+        if nonfinite_in_row >= max_nonfinite_in_row:
+          raise UserError(f"{nonfinite_in_row} non-finite steps in a row at step {step_no}; "
+                          f"stopped with the last good checkpoint in {ckpt.directory}")
+      else:
+        nonfinite_in_row = 0
+      rates = progress.update(step_no, m, padded, real, force=step_no == num_steps)
+      if step_no % summary_every_steps == 0 or rates:
+        scal = {k: m[k] for k in ("loss", "cross_entropy", "z_loss", "grad_norm",
+                                  "learning_rate")}
+        scal["non_padding_share"] = real / max(padded, 1)
+        if rates:
+          scal.update(rates)
+        writer.scalars(step_no, {f"train/{k}": v for k, v in scal.items()})
+      if on_step:
+        on_step(step_no, m)
+
+    step = start_step
+    try:
+      while step < num_steps and not stop.requested:
+        try:
+          batch = next(stream)
+        except StopIteration:
+          break
+        real = float(sum(np.count_nonzero(batch[k])
+                         for k in ("encoder_input_tokens", "decoder_target_tokens")))
+        gbatch = partitioning.global_batch(batch, mesh)
+        state, m = jit_step(state, gbatch)
+        step += 1
+        if pending:
+          finish(pending)
+        pending = (step, m, real * jax.process_count(), tokens_per_step)
+        if ckpt.should_save(step):
+          finish(pending)
+          pending = None
+          ckpt.save(step, state, stream.position)
+        if validation_every_steps and step % validation_every_steps == 0:
+          val = _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack,
+                                 validation_batches, state, mesh)
+          if val is not None:
+            print(f"step {step}: validation loss {val:.4f}", flush=True)
+            writer.scalars(step, {"validation/loss": val})
+      if pending:
+        finish(pending)
+        pending = None
+    finally:
+      if losses_file:
+        losses_file.close()
+    final_step = int(jax.device_get(state["step"]))
+    ckpt.save(final_step, state, stream.position, force=True)
+    ckpt.wait()
+    train_secs = time.time() - t_start
+    if stop.requested:
+      ckpt.close()
+      print(f"stopped by SIGTERM at step {final_step}; checkpoint saved in {ckpt.directory}",
+            flush=True)
+      return {"step": final_step, "stopped": True}
+
+    summary = {"step": final_step, "train_seconds": round(train_secs, 1),
+               "first_loss": history[0] if history else None,
+               "last_loss": float(np.mean(history[-10:])) if history else None,
+               "model_dir": model_dir, "checkpoint_dir": ckpt.directory}
+    if eval_at_end and jax.process_index() == 0:
+      names = list(eval_tasks) if eval_tasks else evaluation.tasks_of(mixture)
+      params = state["params"]
+      scores, secs = evaluation.evaluate_tasks(
+          model, params, names, eval_splits, lengths["inputs"],
+          max_decode_len or lengths["targets"], max_examples=eval_max_examples)
+      table = evaluation.format_table(scores)
+      print(f"\nevaluation ({secs:.0f}s, greedy decoding, exact match of the answer):\n"
+            f"{table}\n", flush=True)
+      for s in scores:
+        writer.scalars(final_step, {f"eval/{s.task}/{s.split}/exact_match": s.accuracy})
+      writer.text(final_step, "eval/table", "```\n" + table + "\n```")
+      summary["eval"] = [dataclasses.asdict(s) for s in scores]
+      for split in eval_splits:
+        ss = [s for s in scores if s.split == split]
+        if ss:
+          summary[f"mean_accuracy_{split}"] = float(np.mean([s.accuracy for s in ss]))
+          summary[f"mean_baseline_{split}"] = float(np.mean([s.baseline for s in ss]))
+    writer.flush()
+    ckpt.close()
+    if jax.process_index() == 0:
+      with open(os.path.join(model_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"done in {time.time() - t_start:.0f}s: loss {summary['first_loss']:.3f} -> "
+          f"{summary['last_loss']:.3f}; summary in {os.path.join(model_dir, 'summary.json')}",
+          flush=True)
+    return summary
+
+
+def _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack, num_batches,
+                     state, mesh):
+  task_or_mix = registry.get_task_or_mixture(mixture)
+  tasks = getattr(task_or_mix, "tasks", [task_or_mix])
+  if not any("validation" in t.splits for t in tasks):
+    return None
+  total, weight = 0.0, 0.0
+  for name in [t.name for t in tasks if "validation" in t.splits]:
+    ds = pipeline.get_dataset(name, lengths, "validation", batch_size, seed, pack,
+                              shuffle=False, num_epochs=1)
+    for batch in ds.take(num_batches).as_numpy_iterator():
+      if batch["encoder_input_tokens"].shape[0] * jax.process_count() != batch_size:
+        continue  # a short last batch would not shard evenly
+      s, w = eval_step(state["params"], partitioning.global_batch(batch, mesh))
+      total, weight = total + float(s), weight + float(w)
+  return total / weight if weight else None
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  flan_config.run_main(lambda args: train(), argv)
+
+
+if __name__ == "__main__":
+  main()

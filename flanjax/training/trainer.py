@@ -1,0 +1,183 @@
+"""Train state, the pure train step, and the loop around it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flanjax.errors import UserError
+from flanjax.training import partitioning
+from flanjax.training.losses import cross_entropy
+
+
+# ------------------------------------------------------------------ state
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, dummy: dict):
+  """params, opt_state, step and rng; params keep their logical-axis boxes."""
+  params_rng, state_rng = jax.random.split(rng)
+  params = model.init(params_rng, **dummy)["params"]
+  return {"params": params, "opt_state": tx.init(nn.unbox(params)),
+          "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+
+
+def _key_names(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def state_shardings(abstract_state, mesh, rules):
+  """Shardings of the whole state, derived from the params' logical names.
+
+  Optimizer leaves take the sharding of the parameter they belong to; a
+  factored leaf (Adafactor's row/column statistics) drops the reduced axis.
+  """
+  param_specs = nn.get_partition_spec(abstract_state["params"])
+  param_shapes = nn.unbox(abstract_state["params"])
+  flat_specs = {}
+  for (path, spec), (_, shape) in zip(
+      jax.tree_util.tree_flatten_with_path(param_specs,
+                                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0],
+      jax.tree_util.tree_flatten_with_path(param_shapes)[0]):
+    flat_specs[_key_names(path)] = (spec, shape.shape)
+  params_sh = partitioning.shardings_of(abstract_state["params"], mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def opt_leaf(path, leaf):
+    names = _key_names(path)
+    for n in range(len(names), 0, -1):
+      hit = flat_specs.get(names[-n:])
+      if hit is None:
+        continue
+      spec, shape = hit
+      mesh_spec = nn.logical_to_mesh_axes(spec, rules)
+      if tuple(leaf.shape) == tuple(shape):
+        return jax.sharding.NamedSharding(mesh, mesh_spec)
+      if len(leaf.shape) == len(shape) - 1:
+        for drop in range(len(shape)):
+          if tuple(shape[:drop] + shape[drop + 1:]) == tuple(leaf.shape):
+            axes = tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec))
+            return jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(*(axes[:drop] + axes[drop + 1:])))
+      return replicated
+    return replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"])
+  return {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+
+
+# ------------------------------------------------------------------ step
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: Callable,
+                    *, microbatches: int = 1, z_loss: float = 0.0,
+                    label_smoothing: float = 0.0,
+                    loss_normalizing_factor: float | None = None,
+                    dropout: bool = False):
+  """A pure (state, batch) -> (state, metrics) function.
+
+  Gradients of the summed loss are accumulated over microbatches and divided
+  once by the batch's total loss weight, so k microbatches give exactly the
+  step of one batch k times larger. A step whose loss or gradient is not
+  finite is not applied (metrics["applied"] = 0).
+  """
+  from flanjax.models.t5 import model_inputs  # pylint: disable=g-import-not-at-top
+
+  def summed_loss(params, mb, rng):
+    rngs = {"dropout": rng} if dropout else {}
+    logits = model.apply({"params": params}, **model_inputs(mb),
+                         deterministic=not dropout, rngs=rngs)
+    _, aux = cross_entropy(logits, mb["decoder_target_tokens"], mb["decoder_loss_weights"],
+                           z_loss=z_loss, label_smoothing=label_smoothing, normalize_by=1.0)
+    return aux["loss_sum"] + aux["z_loss_sum"], aux
+
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def step(state, batch):
+    params = state["params"]
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    if microbatches > 1:
+      split = jax.tree.map(
+          lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        mb, i = xs
+        (_, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        acc_g, acc_aux = carry
+        return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_aux, aux)), None
+
+      zero_g = jax.tree.map(jnp.zeros_like, params)
+      zero_aux = {"loss_sum": 0.0, "z_loss_sum": 0.0, "weight_sum": 0.0}
+      zero_aux = jax.tree.map(jnp.float32, zero_aux)
+      (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux),
+                                     (split, jnp.arange(microbatches)))
+    else:
+      (_, aux), grads = grad_fn(params, batch, rng)
+    denom = aux["weight_sum"] if loss_normalizing_factor is None else jnp.float32(
+        loss_normalizing_factor)
+    denom = jnp.maximum(denom, 1e-8)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = (aux["loss_sum"] + aux["z_loss_sum"]) / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = {"params": keep(new_params, params),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "step": state["step"] + 1, "rng": state["rng"]}
+    metrics = {"loss": loss, "cross_entropy": aux["loss_sum"] / denom,
+               "z_loss": aux["z_loss_sum"] / denom, "grad_norm": grad_norm,
+               "learning_rate": lr_fn(state["step"]), "loss_weight": aux["weight_sum"],
+               "applied": ok.astype(jnp.float32)}
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model: nn.Module):
+  from flanjax.models.t5 import model_inputs  # pylint: disable=g-import-not-at-top
+
+  def step(params, batch):
+    logits = model.apply({"params": params}, **model_inputs(batch))
+    _, aux = cross_entropy(logits, batch["decoder_target_tokens"],
+                           batch["decoder_loss_weights"], normalize_by=1.0)
+    return aux["loss_sum"], aux["weight_sum"]
+
+  return step
+
+
+# ------------------------------------------------------------------ preemption
+
+class StopSignal:
+  """Turns SIGTERM (a preempted VM) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,37 @@
+import os
+import pathlib
+
+# Keep TensorFlow (seqio's input pipeline) quiet and off any accelerator.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+  """Vocabularies and caches go to a temporary folder, not the user's home."""
+  old = os.environ.get("FLANJAX_CACHE")
+  os.environ["FLANJAX_CACHE"] = str(tmp_path_factory.mktemp("flanjax_cache"))
+  yield
+  if old is None:
+    os.environ.pop("FLANJAX_CACHE", None)
+  else:
+    os.environ["FLANJAX_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def builtin_vocab(_isolated_cache):
+  from flanjax.data import registry, vocab
+  v = vocab.builtin_vocabulary(vocab_size=1000)
+  registry.register_builtin(v)
+  return v
+
+
+def shared_data(sub: str) -> pathlib.Path:
+  path = SHARED_DATA / sub
+  if not path.exists():
+    pytest.skip(f"real data {path} is absent (it lives in ../shared/data beside the repo)")
+  return path

@@ -1,0 +1,88 @@
+"""Gin resolution, overrides and their errors, through the API and the real command."""
+
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+import flanjax.train  # noqa: F401  (registers the configurables)
+from flanjax import config
+from flanjax.errors import UserError
+from flanjax.models.t5 import T5Config
+
+
+def test_bare_name_resolves_to_packaged_config(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # any directory
+  path = config.resolve_gin_file("flan.gin")
+  assert path == os.path.join(config.PACKAGED_GIN_DIR, "flan.gin")
+  assert config.resolve_gin_file("models/tiny") == os.path.join(
+      config.PACKAGED_GIN_DIR, "models", "tiny.gin")
+
+
+def test_search_path_wins_over_packaged(tmp_path):
+  (tmp_path / "flan.gin").write_text("train.num_steps = 7\n")
+  assert config.resolve_gin_file("flan.gin", [str(tmp_path)]) == str(tmp_path / "flan.gin")
+
+
+def test_missing_gin_file_names_what_was_searched():
+  with pytest.raises(UserError, match=r"gin file 'nope.gin' not found.*flan.gin"):
+    config.resolve_gin_file("nope.gin")
+
+
+def test_overrides_apply_after_files():
+  args = config.parse_args(["--gin_file=flan.gin", "--gin.train.num_steps=5",
+                            "--gin.T5Config.d_model=64", "--gin.train.model_dir=/tmp/x y",
+                            "--gin_bindings=train.seed = 3"])
+  config.parse_gin(args, finalize=False)
+  assert gin.query_parameter("train.num_steps") == 5
+  assert gin.query_parameter("train.model_dir") == "/tmp/x y"  # bare string quoted for us
+  assert gin.query_parameter("train.seed") == 3
+  assert T5Config().d_model == 64
+  assert T5Config().num_heads == 4  # from the included models/tiny.gin
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("--gin.train.no_such_arg=1", "no_such_arg"),
+    ("--gin.NoSuchThing.x=1", "NoSuchThing"),
+    ("--gin.train.num_steps=[1,", "num_steps"),
+])
+def test_bad_bindings_raise_user_error(binding, message):
+  args = config.parse_args(["--gin_file=flan.gin", binding])
+  with pytest.raises(UserError, match=message):
+    config.parse_gin(args)
+  gin.clear_config()
+
+
+def test_gin_file_with_typo(tmp_path):
+  bad = tmp_path / "bad.gin"
+  bad.write_text("include 'flan.gin'\ntrain.num_stepz = 3\n")
+  with pytest.raises(UserError, match="num_stepz"):
+    config.parse_gin(config.parse_args([f"--gin_file={bad}"]))
+  gin.clear_config()
+
+
+def test_every_packaged_gin_file_parses():
+  files = [os.path.join(d, f) for d, _, fs in os.walk(config.PACKAGED_GIN_DIR)
+           for f in fs if f.endswith(".gin")]
+  assert len(files) >= 2
+  for f in files:
+    config.parse_gin(config.parse_args([f"--gin_file={f}"]), finalize=False)
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--gin_file=does_not_exist.gin"], "does_not_exist.gin"),
+    (["--gin_file=flan.gin", "--gin.train.num_stepz=3"], "num_stepz"),
+    (["--gin_file=flan.gin", "--bogus"], "--bogus"),
+    ([], "--gin_file"),
+])
+def test_command_line_errors_are_one_line(argv, needle, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "flanjax.train", *argv], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+  assert len(errors) == 1 and needle in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr

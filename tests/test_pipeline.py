@@ -1,0 +1,110 @@
+"""Packed batches keep examples apart and mask padding; templates and splits behave."""
+
+import numpy as np
+import pytest
+
+from flanjax.data import pipeline, registry
+from flanjax.data.collections import builtin
+from flanjax.data.templates import Template, extract_answer, render
+
+LENGTHS = {"inputs": 192, "targets": 64}
+
+
+def _segments(row_tokens, row_seg):
+  return {int(s): row_tokens[row_seg == s] for s in np.unique(row_seg) if s != 0}
+
+
+def test_packed_batches_keep_examples_apart(builtin_vocab):
+  name = "builtin_comparison"
+  packed = next(pipeline.get_dataset(name, LENGTHS, "validation", batch_size=4, seed=0,
+                                     pack=True, shuffle=False, num_epochs=1)
+                .as_numpy_iterator())
+  # The same split, unpacked and unshuffled: the originals, in order.
+  originals = [(ex["inputs"].tolist(), ex["targets"].tolist()) for ex in
+               registry.get_task_or_mixture(name).get_dataset(
+                   LENGTHS, "validation", shuffle=False, num_epochs=1).as_numpy_iterator()]
+  seen = 0
+  for r in range(packed["encoder_input_tokens"].shape[0]):
+    enc_seg = packed["encoder_segment_ids"][r]
+    dec_seg = packed["decoder_segment_ids"][r]
+    enc = _segments(packed["encoder_input_tokens"][r], enc_seg)
+    tgt = _segments(packed["decoder_target_tokens"][r], dec_seg)
+    assert len(enc) >= 2, "a row of short examples should hold several"
+    assert sorted(enc) == sorted(tgt)
+    for s in enc:
+      # Every segment is one whole original example, inputs with its own targets.
+      assert (enc[s].tolist(), tgt[s].tolist()) in originals
+      seen += 1
+      # Positions restart at 0 in every segment.
+      for seg, pos in ((enc_seg, packed["encoder_positions"][r]),
+                       (dec_seg, packed["decoder_positions"][r])):
+        np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+      # Decoder inputs are the targets shifted right within the segment, from 0.
+      dec_in = packed["decoder_input_tokens"][r][dec_seg == s]
+      assert dec_in[0] == 0
+      np.testing.assert_array_equal(dec_in[1:], tgt[s][:-1])
+    # Padding: segment 0, token 0, no loss.
+    pad = dec_seg == 0
+    assert np.all(packed["decoder_target_tokens"][r][pad] == 0)
+    assert np.all(packed["decoder_loss_weights"][r][pad] == 0)
+    assert np.all(packed["decoder_loss_weights"][r][~pad] == 1)
+    assert np.all(packed["encoder_input_tokens"][r][enc_seg == 0] == 0)
+  assert seen >= 8
+
+
+def test_packing_beats_padding(builtin_vocab):
+  def share(pack):
+    ds = pipeline.get_dataset(registry.BUILTIN_MIXTURE, LENGTHS, "train", batch_size=16,
+                              seed=0, pack=pack)
+    return np.mean([pipeline.non_padding_share(b) for b in ds.take(3).as_numpy_iterator()])
+  packed, padded = share(True), share(False)
+  assert packed > 0.75 and packed > 2 * padded, (packed, padded)
+
+
+def test_length_report_counts_truncation(builtin_vocab):
+  rep = pipeline.length_report("builtin_arithmetic", "validation", {"inputs": 20, "targets": 64})
+  assert rep.examples == builtin.SPLIT_SIZES["validation"]
+  assert rep.truncated["inputs"] > 0 and "truncated" in rep.summary({"inputs": 20, "targets": 64})
+  ok = pipeline.length_report("builtin_arithmetic", "validation", LENGTHS)
+  assert not ok.truncated
+
+
+def test_stream_resumes_at_position(builtin_vocab):
+  make = lambda: pipeline.get_dataset(registry.BUILTIN_MIXTURE, LENGTHS, "train", 4, seed=1)
+  a = pipeline.BatchStream(make)
+  first = [next(a) for _ in range(5)]
+  b = pipeline.BatchStream(make, position=3)
+  for want in first[3:]:
+    got = next(b)
+    np.testing.assert_array_equal(got["encoder_input_tokens"], want["encoder_input_tokens"])
+  assert b.position == 5
+
+
+def test_formats_render():
+  t = Template("Is {number} even or odd?\n{options}")
+  ex = dict(number="12", options=["even", "odd"], answer="even", rationale="12 ends in 2.")
+  assert render(t, ex, "zero_shot") == ("Is 12 even or odd?", "even")
+  inputs, _ = render(t, ex, "zero_shot_options", options_layout="letters")
+  assert inputs.endswith("Options:\n(A) even\n(B) odd")
+  inputs, target = render(t, ex, "few_shot_cot", exemplars=[dict(ex, number="3", answer="odd")])
+  assert inputs.startswith("Is 3 even or odd?\n") and inputs.endswith("Is 12 even or odd?")
+  assert target == "12 ends in 2. So the answer is even."
+  assert extract_answer(target) == "even"
+
+
+def test_builtin_splits_are_disjoint_and_templates_held_out():
+  for fam in builtin.FAMILIES:
+    train = {fam.key(e) for e in builtin.raw_examples(fam.name, "train")}
+    for split in ("validation", "heldout_templates"):
+      assert not train & {fam.key(e) for e in builtin.raw_examples(fam.name, split)}
+    n_train = len(fam.train_templates)
+    assert {r["template"] for r in builtin.rendered_examples(fam.name, "train")} == set(
+        range(n_train))
+    assert all(r["template"] >= n_train
+               for r in builtin.rendered_examples(fam.name, "heldout_templates"))
+    # Few-shot exemplars never contain the question being asked.
+    for ex, r in zip(builtin.raw_examples(fam.name, "train"),
+                     builtin.rendered_examples(fam.name, "train")):
+      if r["format"].startswith("few_shot"):
+        query = r["inputs"].split("\n\n")[-1]
+        assert r["inputs"].count(query) == 1
