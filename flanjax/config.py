@@ -124,10 +124,23 @@ def parse_gin(args: GinArgs, finalize: bool = True) -> list:
   for p in search_paths(args.search_paths):
     gin.add_config_file_search_path(p)
   paths = [resolve_gin_file(f, args.search_paths) for f in args.files]
-  try:
-    gin.parse_config_files_and_bindings(paths, args.bindings, finalize_config=finalize)
-  except (ValueError, KeyError, TypeError, SyntaxError, NameError, IOError) as e:
-    raise UserError(f"gin: {_one_line(e)}") from None
+  # One at a time, so the message names the file or binding at fault.
+  # Whatever gin raises here comes from the user's files or flags.
+  for path in paths:
+    try:
+      gin.parse_config_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"gin file {path}: {_one_line(e)}") from None
+  for binding in args.bindings:
+    try:
+      gin.parse_config(binding)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"gin binding {binding!r}: {_one_line(e)}") from None
+  if finalize:
+    try:
+      gin.finalize()
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"gin: {_one_line(e)}") from None
   return paths
 
 

@@ -58,7 +58,8 @@ def test_packing_beats_padding(builtin_vocab):
                               seed=0, pack=pack)
     return np.mean([pipeline.non_padding_share(b) for b in ds.take(3).as_numpy_iterator()])
   packed, padded = share(True), share(False)
-  assert packed > 0.75 and packed > 2 * padded, (packed, padded)
+  print(f"non-padding share: packed {packed:.3f}, padded {padded:.3f}")
+  assert packed > 0.6 and packed > 1.5 * padded, (packed, padded)
 
 
 def test_length_report_counts_truncation(builtin_vocab):

@@ -128,7 +128,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
     denom = jnp.maximum(denom, 1e-8)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = (aux["loss_sum"] + aux["z_loss_sum"]) / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,77 @@
+"""The train step's loss against a hand-computed masked cross-entropy, on real batches."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flanjax.data import pipeline, registry
+from flanjax.models import t5
+from flanjax.training import trainer
+
+LENGTHS = {"inputs": 96, "targets": 32}
+
+
+@pytest.fixture(scope="module")
+def setup(builtin_vocab):
+  cfg = t5.T5Config(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+                    num_encoder_layers=1, num_decoder_layers=1)
+  model = t5.T5(cfg)
+  tx = optax.adafactor(1e-2)
+  state = nn.unbox(trainer.init_state(model, tx, jax.random.PRNGKey(0),
+                                      t5.dummy_batch(1, 8, 8)))
+  batch = next(pipeline.get_dataset(registry.BUILTIN_MIXTURE, LENGTHS, "train", batch_size=8,
+                                    seed=0).as_numpy_iterator())
+  return model, tx, state, batch
+
+
+def _numpy_masked_ce(logits, targets, weights):
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(-1, keepdims=True)
+  logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  return (nll * weights).sum() / weights.sum()
+
+
+def test_step_loss_is_masked_cross_entropy(setup):
+  model, tx, state, batch = setup
+  assert batch["decoder_loss_weights"].min() == 0  # the batch has padding to ignore
+  logits = model.apply({"params": state["params"]}, **t5.model_inputs(batch))
+  want = _numpy_masked_ce(logits, batch["decoder_target_tokens"],
+                          batch["decoder_loss_weights"])
+  step = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2))
+  new_state, m = step(state, batch)
+  assert abs(float(m["loss"]) - want) < 1e-5
+  assert float(m["loss_weight"]) == batch["decoder_loss_weights"].sum()
+  assert int(new_state["step"]) == 1 and float(m["applied"]) == 1.0
+  # Weights matter: padding positions with garbage targets change nothing.
+  noisy = dict(batch)
+  noisy["decoder_target_tokens"] = np.where(batch["decoder_loss_weights"] > 0,
+                                            batch["decoder_target_tokens"], 7)
+  _, m2 = step(state, noisy)
+  assert abs(float(m2["loss"]) - want) < 1e-5
+
+
+def test_microbatches_match_one_large_batch(setup):
+  model, tx, state, batch = setup
+  one = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2, z_loss=1e-4))
+  four = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2, z_loss=1e-4,
+                                         microbatches=4))
+  s1, m1 = one(state, batch)
+  s4, m4 = four(state, batch)
+  assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_non_finite_step_is_not_applied(setup):
+  model, tx, state, batch = setup
+  bad = jax.tree.map(lambda x: x, state)
+  bad["params"] = dict(bad["params"])
+  bad["params"]["lm_head"] = bad["params"]["lm_head"].at[0, 0].set(jnp.nan)
+  new, m = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2))(bad, batch)
+  assert float(m["applied"]) == 0.0 and not np.isfinite(float(m["loss"]))
+  emb_old, emb_new = bad["params"]["token_embedding"], new["params"]["token_embedding"]
+  np.testing.assert_array_equal(emb_old, emb_new)
