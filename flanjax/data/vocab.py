@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
+import time
 from typing import Iterable
 
 import gin
@@ -68,8 +68,10 @@ def builtin_vocabulary(vocab_size: int = 2000, cache_dir: str | None = None,
   path = os.path.join(cache_dir or default_cache_dir(), "vocab",
                       f"builtin-{vocab_size}-{digest.hexdigest()[:12]}.model")
   if not os.path.exists(path):
-    logging.info("Training a %d-piece SentencePiece vocabulary -> %s", vocab_size, path)
+    t0 = time.time()
     train_sentencepiece(text, path, vocab_size)
+    print(f"vocabulary: trained {vocab_size} pieces on {len(text):,} texts in "
+          f"{time.time() - t0:.1f}s -> {path}", flush=True)
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
