@@ -134,25 +134,47 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
   config: T5Config
 
-  @nn.compact
-  def __call__(self, x_q, x_kv, bias, deterministic=True):
+  def setup(self):
     c = self.config
-    dt = c.compute_dtype
     h, k, d = c.num_heads, c.d_kv, c.d_model
-    wq = _param(self, "q", (d * k) ** -0.5, (d, h, k), ("embed", "heads", "kv"))
-    wk = _param(self, "k", d ** -0.5, (d, h, k), ("embed", "heads", "kv"))
-    wv = _param(self, "v", d ** -0.5, (d, h, k), ("embed", "heads", "kv"))
-    wo = _param(self, "o", (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
-    q = jnp.einsum("bld,dhk->blhk", x_q, wq.astype(dt))
-    kk = jnp.einsum("bld,dhk->blhk", x_kv, wk.astype(dt))
-    v = jnp.einsum("bld,dhk->blhk", x_kv, wv.astype(dt))
+    self.wq = _param(self, "q", (d * k) ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    self.wk = _param(self, "k", d ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    self.wv = _param(self, "v", d ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    self.wo = _param(self, "o", (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
+    self.dropout = nn.Dropout(c.dropout_rate)
+
+  def project_kv(self, x_kv):
+    dt = self.config.compute_dtype
+    return (jnp.einsum("bld,dhk->blhk", x_kv, self.wk.astype(dt)),
+            jnp.einsum("bld,dhk->blhk", x_kv, self.wv.astype(dt)))
+
+  def __call__(self, x_q, x_kv, bias, deterministic=True, kv=None, cache=None,
+               cache_index=None):
+    """Attention of x_q over x_kv.
+
+    kv: precomputed (keys, values), e.g. of the encoder output while decoding.
+    cache, cache_index: (keys, values) buffers of a decoder's past positions;
+      the new keys and values of x_kv are written at cache_index, and the
+      updated buffers are returned beside the output.
+    """
+    dt = self.config.compute_dtype
+    q = jnp.einsum("bld,dhk->blhk", x_q, self.wq.astype(dt))
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    if kv is None:
+      kv = self.project_kv(x_kv)
+    kk, v = kv
+    if cache is not None:
+      kk = jax.lax.dynamic_update_slice(cache[0], kk.astype(cache[0].dtype),
+                                        (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype),
+                                       (0, cache_index, 0, 0))
     # T5 folds 1/sqrt(d_kv) into the initialisation of q: no scaling here.
     scores = jnp.einsum("bqhk,bthk->bhqt", q, kk).astype(jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
+    probs = self.dropout(probs, deterministic=deterministic)
     out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
-    return jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dt))
+    out = jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt))
+    return out if cache is None else (out, (kk, v))
 
 
 class FeedForward(nn.Module):
@@ -194,19 +216,32 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   config: T5Config
 
-  @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, deterministic=True):
+  def setup(self):
     c = self.config
-    drop = nn.Dropout(c.dropout_rate)
-    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_self_attention_norm")(x)
-    x = x + drop(Attention(c, name="self_attention")(y, y, self_bias, deterministic),
-                 deterministic)
-    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_cross_attention_norm")(x)
-    x = x + drop(Attention(c, name="cross_attention")(y, encoded, cross_bias, deterministic),
-                 deterministic)
-    y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_mlp_norm")(x)
-    x = x + drop(FeedForward(c, name="mlp")(y, deterministic), deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    norm = lambda: RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
+    self.pre_self_attention_norm = norm()
+    self.self_attention = Attention(c)
+    self.pre_cross_attention_norm = norm()
+    self.cross_attention = Attention(c)
+    self.pre_mlp_norm = norm()
+    self.mlp = FeedForward(c)
+    self.drop = nn.Dropout(c.dropout_rate)
+
+  def __call__(self, x, encoded, self_bias, cross_bias, deterministic=True,
+               cross_kv=None, cache=None, cache_index=None):
+    """With `cache` (one decoding step), also returns the updated cache."""
+    y = self.pre_self_attention_norm(x)
+    att = self.self_attention(y, y, self_bias, deterministic, cache=cache,
+                              cache_index=cache_index)
+    if cache is not None:
+      att, cache = att
+    x = x + self.drop(att, deterministic)
+    y = self.pre_cross_attention_norm(x)
+    x = x + self.drop(self.cross_attention(y, encoded, cross_bias, deterministic, kv=cross_kv),
+                      deterministic)
+    x = x + self.drop(self.mlp(self.pre_mlp_norm(x), deterministic), deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x if cache is None else (x, cache)
 
 
 def _mask_bias(mask: Array) -> Array:
@@ -233,9 +268,11 @@ class T5(nn.Module):
         "token_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
         (c.vocab_size, c.d_model), jnp.float32)
-    layer_cls = {}
-    for name, cls in (("enc", EncoderLayer), ("dec", DecoderLayer)):
-      layer_cls[name] = nn.remat(cls, static_argnums=(-1,)) if c.remat else cls
+    layer_cls = {"enc": EncoderLayer, "dec": DecoderLayer}
+    if c.remat:
+      # `deterministic` is static (positional index counted with self as 0).
+      layer_cls = {"enc": nn.remat(EncoderLayer, static_argnums=(3,)),
+                   "dec": nn.remat(DecoderLayer, static_argnums=(5,))}
     self.encoder_relpos = RelativePositionBias(
         c.relative_attention_num_buckets, c.relative_attention_max_distance,
         c.num_heads, bidirectional=True)
@@ -291,7 +328,9 @@ class T5(nn.Module):
     x = self.dropout(self._embed(decoder_input_tokens), deterministic)
     for layer in self.decoder_layers:
       x = layer(x, encoded, self_bias, cross_bias, deterministic)
-    x = self.dropout(self.decoder_norm(x), deterministic)
+    return self._logits(self.dropout(self.decoder_norm(x), deterministic))
+
+  def _logits(self, x):
     c = self.config
     if c.tie_word_embeddings:
       # The original T5 rescales before the shared output projection.
@@ -301,6 +340,33 @@ class T5(nn.Module):
       logits = x @ self.lm_head.astype(x.dtype)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
                                       ("batch", "length", "vocab"))
+
+  def init_decode_state(self, encoded, encoder_input_tokens, max_len: int):
+    """Per-layer cross-attention keys/values and empty self-attention caches."""
+    c = self.config
+    b = encoded.shape[0]
+    cross_kv = [layer.cross_attention.project_kv(encoded) for layer in self.decoder_layers]
+    empty = jnp.zeros((b, max_len, c.num_heads, c.d_kv), c.compute_dtype)
+    caches = [(empty, empty) for _ in self.decoder_layers]
+    return {"cross_kv": cross_kv, "cache": caches}
+
+  def decode_step(self, state, encoder_input_tokens, token, index):
+    """One decoder position: token [b] at position `index` -> (logits [b, vocab], state)."""
+    max_len = state["cache"][0][0].shape[1]
+    b = token.shape[0]
+    q_pos = jnp.full((b, 1), index, jnp.int32)
+    k_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+    self_bias = _mask_bias(k_pos[:, None, :] <= index) + self.decoder_relpos(q_pos, k_pos)
+    cross_bias = _mask_bias(jnp.broadcast_to((encoder_input_tokens > 0)[:, None, :],
+                                             (b, 1, encoder_input_tokens.shape[1])))
+    x = self._embed(token[:, None])
+    caches = []
+    for layer, kv, cache in zip(self.decoder_layers, state["cross_kv"], state["cache"]):
+      x, cache = layer(x, None, self_bias, cross_bias, True, cross_kv=kv, cache=cache,
+                       cache_index=index)
+      caches.append(cache)
+    logits = self._logits(self.decoder_norm(x))[:, 0]
+    return logits, {"cross_kv": state["cross_kv"], "cache": caches}
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens,
                decoder_target_tokens=None, encoder_segment_ids=None,
