@@ -117,20 +117,15 @@ def train(
   tx, lr_fn = optimizers.optimizer()
   mesh = partitioning.make_mesh(mesh_shape)
   rules = partitioning.logical_rules()
-  dummy = t5.dummy_batch(1, 8, 8)
-  init_fn = lambda rng: trainer.init_state(model, tx, rng, dummy)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
-  shardings = trainer.state_shardings(abstract, mesh, rules)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+  state, shardings = trainer.create_sharded_state(model, tx, mesh, rules, seed,
+                                                  t5.dummy_batch(1, 8, 8))
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   print(f"model: T5 {cfg.d_model}d x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
         f"layers, {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
 
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    unboxed_init = lambda rng: nn.unbox(init_fn(rng))
-    state = jax.jit(unboxed_init, out_shardings=shardings)(jax.random.PRNGKey(seed))
-
     ckpt = checkpoints.Checkpointer(model_dir)
     position = 0
     latest = ckpt.latest_step()
@@ -146,10 +141,9 @@ def train(
         model, tx, lr_fn, microbatches=microbatches, z_loss=z_loss,
         label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor,
         dropout=cfg.dropout_rate > 0)
-    batch_sh = partitioning.batch_sharding(mesh)
-    jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
-                       out_shardings=(shardings, None), donate_argnums=(0,))
-    eval_step = jax.jit(trainer.make_eval_step(model), in_shardings=(shardings["params"], batch_sh))
+    jit_step = trainer.jit_train_step(step_fn, shardings, mesh)
+    eval_step = jax.jit(trainer.make_eval_step(model),
+                        in_shardings=(shardings["params"], partitioning.batch_sharding(mesh)))
 
     writer = metrics_lib.SummaryWriter(os.path.join(model_dir, "tensorboard"))
     tokens_per_step = batch_size * (lengths["inputs"] + lengths["targets"])

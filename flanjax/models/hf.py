@@ -161,3 +161,80 @@ def read_config(path: str) -> dict:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise UserError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a model directory: safetensors or pytorch_model.bin, sharded or not."""
+  def from_file(fname):
+    full = os.path.join(path, fname)
+    if not os.path.isfile(full):
+      raise UserError(f"{full} not found (listed by the index file or expected by name)")
+    if fname.endswith(".safetensors"):
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      try:
+        return load_file(full)
+      except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"{full}: not a readable safetensors file ({e})") from None
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError(f"{full} is a PyTorch file: install torch to read it, or convert "
+                      "the directory to safetensors") from None
+    sd = torch.load(full, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in sd.items()}
+
+  for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    if os.path.isfile(os.path.join(path, index)):
+      with open(os.path.join(path, index)) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      out = {}
+      for shard in shards:
+        out.update(from_file(shard))
+      return out
+  for single in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.isfile(os.path.join(path, single)):
+      return from_file(single)
+  raise UserError(f"{path}: no model.safetensors, pytorch_model.bin or index file found")
+
+
+def load(path: str):
+  """(model_config, params, vocabulary) from a local Hugging Face T5 directory."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise UserError(f"{path} is not a directory: give the folder of a Hugging Face model")
+  hf_cfg = read_config(path)
+  cfg = t5_config_from_hf(hf_cfg)
+  weights = _read_tensors(path)
+  if "lm_head.weight" not in weights and not cfg.tie_word_embeddings:
+    raise UserError(f"{path}: config says the output is untied, but lm_head.weight is missing")
+  params = t5_params_from_hf(weights, cfg, source=path)
+  spiece = os.path.join(path, "spiece.model")
+  vocabulary = None
+  if os.path.isfile(spiece):
+    # T5's sentinels <extra_id_*> sit after the SentencePiece pieces.
+    n_extra = max(0, min(100, cfg.vocab_size - _sp_size(spiece)))
+    vocabulary = seqio.SentencePieceVocabulary(spiece, extra_ids=n_extra)
+  return cfg, params, vocabulary
+
+
+def _sp_size(path: str) -> int:
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  return spm.SentencePieceProcessor(model_file=path).get_piece_size()
+
+
+def save(model_config: T5Config, params, path: str, vocabulary=None):
+  """Writes config.json, model.safetensors (and spiece.model) that transformers loads."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  tensors = t5_params_to_hf(params, model_config)
+  # Tied entries share memory; safetensors stores each tensor once.
+  unique = {k: v for k, v in tensors.items()
+            if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+            and not (model_config.tie_word_embeddings and k == "lm_head.weight")}
+  save_file({k: np.ascontiguousarray(v) for k, v in unique.items()},
+            os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(t5_config_to_hf(model_config), f, indent=1)
+  if vocabulary is not None and hasattr(vocabulary, "sp_model"):
+    with open(os.path.join(path, "spiece.model"), "wb") as f:
+      f.write(vocabulary.sp_model)

@@ -77,6 +77,24 @@ def state_shardings(abstract_state, mesh, rules):
   return {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
 
 
+def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rules,
+                         seed: int, dummy: dict):
+  """Initialises the state directly into its shardings; returns (state, shardings)."""
+  init_fn = lambda rng: init_state(model, tx, rng, dummy)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+  shardings = state_shardings(abstract, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda rng: nn.unbox(init_fn(rng)),
+                    out_shardings=shardings)(jax.random.PRNGKey(seed))
+  return state, shardings
+
+
+def jit_train_step(step_fn, shardings, mesh):
+  """The step compiled with explicit state and batch shardings; the state is donated."""
+  return jax.jit(step_fn, in_shardings=(shardings, partitioning.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+
+
 # ------------------------------------------------------------------ step
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: Callable,
