@@ -183,3 +183,35 @@ def test_cached_decoding_matches_full_decoder_and_remat():
   g2 = jax.grad(loss(t5.T5(dataclasses.replace(cfg, remat=True))))(params)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["v1.1 gated-gelu untied", "original relu tied"])
+def test_save_then_transformers_loads_same_logits(name, tmp_path):
+  overrides = CONFIGS[name]
+  tmodel = _torch_t5(overrides)
+  cfg, params = _ours(tmodel, overrides)
+  hf.save(cfg, params, str(tmp_path))
+  cfg2, params2, _ = hf.load(str(tmp_path))
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(a, b)
+  loaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  rng = np.random.default_rng(1)
+  enc = rng.integers(2, 96, size=(2, 11))
+  dec = np.concatenate([np.zeros((2, 1), np.int64), rng.integers(2, 96, size=(2, 6))], 1)
+  with torch.no_grad():
+    ref = loaded(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+  ours = np.asarray(t5.T5(cfg).apply({"params": params}, enc, dec))
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_model_directory_errors_name_the_file(tmp_path):
+  with pytest.raises(ValueError, match="config.json not found"):
+    hf.load(str(tmp_path))
+  (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+  with pytest.raises(ValueError, match="unsupported architecture BertModel"):
+    hf.load(str(tmp_path))
+  (tmp_path / "config.json").write_text('{"model_type": "t5", "vocab_size": 8, "d_model": 4, '
+                                        '"d_kv": 2, "d_ff": 8, "num_heads": 2, "num_layers": 1}')
+  with pytest.raises(ValueError, match="no model.safetensors"):
+    hf.load(str(tmp_path))
