@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from flanjax import config as flan_config  # noqa: E402
 from flanjax import evaluation  # noqa: E402
+# vocab is imported for its gin configurables (builtin_vocabulary, sentencepiece_vocabulary).
 from flanjax.data import pipeline, registry, vocab as vocab_lib  # noqa: E402,F401
 from flanjax.errors import UserError  # noqa: E402
 from flanjax.models import t5  # noqa: E402
@@ -195,8 +196,7 @@ def train(
           batch = next(stream)
         except StopIteration:
           break
-        real = float(sum(np.count_nonzero(batch[k])
-                         for k in ("encoder_input_tokens", "decoder_target_tokens")))
+        real = float(pipeline.real_tokens(batch))
         gbatch = partitioning.global_batch(batch, mesh)
         state, m = jit_step(state, gbatch)
         step += 1

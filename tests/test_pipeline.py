@@ -1,7 +1,6 @@
 """Packed batches keep examples apart and mask padding; templates and splits behave."""
 
 import numpy as np
-import pytest
 
 from flanjax.data import pipeline, registry
 from flanjax.data.collections import builtin

@@ -123,11 +123,16 @@ def test_relative_position_bucket_matches_reference(bidirectional, buckets, dist
   np.testing.assert_array_equal(got, want)
 
 
-def test_packed_row_gives_each_example_its_own_logits():
+def _tiny_model(seed):
   cfg = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,
                     num_encoder_layers=2, num_decoder_layers=2)
   model = t5.T5(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(1), **t5.dummy_batch(1, 8, 8))["params"])
+  params = nn.unbox(model.init(jax.random.PRNGKey(seed), **t5.dummy_batch(1, 8, 8))["params"])
+  return cfg, model, params
+
+
+def test_packed_row_gives_each_example_its_own_logits():
+  cfg, model, params = _tiny_model(seed=1)
   rng = np.random.default_rng(3)
   examples = [(rng.integers(2, 64, n), rng.integers(2, 64, m)) for n, m in ((7, 4), (11, 6), (5, 3))]
   L_in, L_t = 30, 16
@@ -157,10 +162,7 @@ def test_packed_row_gives_each_example_its_own_logits():
 def test_cached_decoding_matches_full_decoder_and_remat():
   import dataclasses
   from flanjax import decoding
-  cfg = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,
-                    num_encoder_layers=2, num_decoder_layers=2)
-  model = t5.T5(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), **t5.dummy_batch(1, 8, 8))["params"])
+  cfg, model, params = _tiny_model(seed=0)
   rng = np.random.default_rng(0)
   enc = rng.integers(2, 64, (3, 9))
   enc[1, 6:] = 0

@@ -114,10 +114,15 @@ class BatchStream:
     return batch
 
 
+TOKEN_FEATURES = ("encoder_input_tokens", "decoder_target_tokens")
+
+
+def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  """Positions that hold real (non-padding) tokens, encoder and decoder together."""
+  return sum(int(np.count_nonzero(batch[k])) for k in TOKEN_FEATURES if k in batch)
+
+
 def non_padding_share(batch: Mapping[str, np.ndarray]) -> float:
   """Share of positions that hold real tokens, encoder and decoder together."""
-  real = sum(int(np.count_nonzero(batch[k]))
-             for k in ("encoder_input_tokens", "decoder_target_tokens") if k in batch)
-  total = sum(batch[k].size for k in ("encoder_input_tokens", "decoder_target_tokens")
-              if k in batch)
-  return real / max(total, 1)
+  total = sum(batch[k].size for k in TOKEN_FEATURES if k in batch)
+  return real_tokens(batch) / max(total, 1)

@@ -85,9 +85,3 @@ def sentencepiece_vocabulary(path: str = gin.REQUIRED,
         "sentencepiece_vocabulary.path at a .model file")
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
-
-def vocabulary_fingerprint(vocab: seqio.Vocabulary) -> str:
-  """A short stable id of a vocabulary's content, for cache keys."""
-  if isinstance(vocab, seqio.SentencePieceVocabulary):
-    return hashlib.sha256(vocab.sp_model).hexdigest()[:12]
-  return hashlib.sha256(repr(vocab).encode()).hexdigest()[:12]

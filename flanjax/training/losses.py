@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gin
 import jax
 import jax.numpy as jnp
 
 
-@gin.configurable
 def cross_entropy(logits, targets, weights, *, z_loss: float = 0.0,
                   label_smoothing: float = 0.0, normalize_by: float | None = None):
   """Weighted token cross-entropy.

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-import os
 import signal
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from flanjax.errors import UserError
 from flanjax.training import partitioning
 from flanjax.training.losses import cross_entropy
 
