@@ -61,9 +61,21 @@ def render_options(options: Sequence[str], layout: str = "dash") -> str:
   return OPTION_LAYOUTS[layout](list(options))
 
 
+def _drop_empty_lines(pattern: str, values: Mapping[str, object]) -> str:
+  """Drops pattern lines whose every field is empty ("Input: {input}" with no input)."""
+  keep = []
+  for line in pattern.split("\n"):
+    names = [f for _, f, _, _ in string.Formatter().parse(line) if f]
+    if names and all(f in values and values[f] in ("", None, []) for f in names):
+      continue
+    keep.append(line)
+  return "\n".join(keep)
+
+
 def _fill(pattern: str, example: Mapping[str, object], options_text: str) -> str:
   values = dict(example)
   values["options"] = options_text
+  pattern = _drop_empty_lines(pattern, values)
   try:
     text = pattern.format(**values)
   except KeyError as e:

@@ -1,0 +1,62 @@
+"""The FLAN Collection's chain-of-thought sets, with CoT and direct-answer variants.
+
+Files: ``flan_cot/<set>_train.tsv`` under the data folder, three tab-separated
+fields per row (question, answer, rationale; newlines written as ``\\n``).
+Each set becomes two tasks: ``flan_cot_<set>`` (target: rationale, then "So
+the answer is X.") and ``flan_cot_<set>_direct`` (target: the answer). A stable
+2% of each set (at most 200 rows) is held out as the validation split.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flanjax.data import sources
+from flanjax.data.tasks import TaskDef
+
+SETS = ("aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking", "strategyqa")
+COLUMNS = ("question", "answer", "rationale")
+VALIDATION_SHARE = 0.02
+MAX_VALIDATION = 200
+PREFIX = "flan_cot_"
+
+
+def path_of(name: str) -> str:
+  return sources.data_path("flan_cot", f"{name}_train.tsv")
+
+
+@functools.lru_cache(maxsize=None)
+def _rows(name: str) -> tuple[dict, ...]:
+  reader = sources.Reader(path_of(name))
+  out = []
+  for where, rec in sources.read_tsv(reader, COLUMNS):
+    if sources.require(reader, where, rec, COLUMNS, non_empty=("question", "answer")):
+      reader.report.kept += 1
+      out.append(rec)
+  reader.done()
+  return tuple(out)
+
+
+def _split(name: str, split: str) -> list[dict]:
+  rows = _rows(name)
+  held = [sources.holdout(r["question"], VALIDATION_SHARE) for r in rows]
+  val_idx = [i for i, h in enumerate(held) if h][:MAX_VALIDATION]
+  val = set(val_idx)
+  if split == "validation":
+    return [rows[i] for i in val_idx]
+  return [r for i, r in enumerate(rows) if i not in val]
+
+
+def task_defs() -> list[TaskDef]:
+  defs = []
+  for name in SETS:
+    common = dict(load=functools.partial(_split, name), splits=("train", "validation"),
+                  templates="cot_qa", num_shots=3,
+                  fingerprint=lambda n=name: sources.fingerprint_paths([path_of(n)]))
+    defs.append(TaskDef(name=PREFIX + name, train_formats=("cot", "few_shot_cot"),
+                        eval_format="cot", description=f"FLAN CoT {name}, rationale then answer",
+                        **common))
+    defs.append(TaskDef(name=PREFIX + name + "_direct", train_formats=("zero_shot", "few_shot"),
+                        eval_format="zero_shot", description=f"FLAN CoT {name}, answer only",
+                        **common))
+  return defs

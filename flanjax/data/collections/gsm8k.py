@@ -1,0 +1,102 @@
+"""GSM8K: train for training, test for evaluation only, scored on the final number.
+
+Files: ``gsm8k/train.jsonl`` and ``gsm8k/test.jsonl`` under the data folder,
+``{"question", "answer"}`` per line; the answer is a worked rationale with
+``<<calc>>`` annotations that ends in ``#### <number>``. The rationale keeps
+its text and drops the annotations; the target is the number.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from flanjax.data import sources, templates
+from flanjax.data.tasks import TaskDef
+
+SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
+_CALC = re.compile(r"<<[^>]*>>")
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_number(text: str) -> str:
+  """'$1,200.00' -> '1200'; returns '' if `text` holds no number."""
+  m = _NUMBER.findall(text)
+  if not m:
+    return ""
+  s = m[-1].replace("$", "").replace(",", "")
+  if "." in s:
+    s = s.rstrip("0").rstrip(".")
+  return s
+
+
+def final_number(text: str) -> str:
+  """The answer number of a GSM8K target or a model's output.
+
+  After '####' if there is one (the reference format), else after the CoT
+  answer phrase, else the last number in the text. '' if there is none.
+  """
+  if "####" in text:
+    return normalize_number(text.split("####")[-1])
+  idx = text.rfind(templates.COT_ANSWER_PREFIX)
+  if idx >= 0:
+    tail = normalize_number(text[idx:])
+    if tail:
+      return tail
+  return normalize_number(text)
+
+
+def parse(rec: dict) -> dict:
+  """A GSM8K record -> question, rationale (no calc annotations), answer (number)."""
+  body, _, final = rec["answer"].rpartition("####")
+  rationale = _CALC.sub("", body).strip().replace("\n", " ")
+  return dict(question=rec["question"].strip(), rationale=rationale,
+              answer=normalize_number(final))
+
+
+@functools.lru_cache(maxsize=None)
+def load(split: str) -> tuple[dict, ...]:
+  reader = sources.Reader(sources.data_path("gsm8k", SPLIT_FILES[split]))
+  out = []
+  for where, rec in sources.read_jsonl(reader):
+    if not sources.require(reader, where, rec, ("question", "answer"), non_empty=("question", "answer")):
+      continue
+    if "####" not in rec["answer"]:
+      reader.bad(where, "answers without '####'", "the answer has no '#### <number>' line",
+                 "end the answer with '#### <number>'")
+      continue
+    ex = parse(rec)
+    if not ex["answer"]:
+      reader.bad(where, "answers without a number", "no number after '####'",
+                 "put the final number after '####'")
+      continue
+    reader.report.kept += 1
+    out.append(ex)
+  reader.done()
+  return tuple(out)
+
+
+def accuracy(targets, predictions):
+  """Exact match of the final numbers, in percent (a prediction with none scores 0)."""
+  if not targets:
+    return {"accuracy": 0.0}
+  hits = sum(bool(p) and t == p for t, p in zip(targets, predictions))
+  return {"accuracy": 100.0 * hits / len(targets)}
+
+
+def _postprocess(text, **_):
+  return final_number(text)
+
+
+def task_defs() -> list[TaskDef]:
+  fp = lambda: sources.fingerprint_paths(  # noqa: E731
+      [sources.data_path("gsm8k", f) for f in SPLIT_FILES.values()])
+  common = dict(load=load, splits=("train", "test"), templates="math_word", num_shots=3,
+                eval_only_splits=("test",), fingerprint=fp, metric_fns=(accuracy,),
+                postprocess_fn=_postprocess)
+  return [
+      TaskDef(name="gsm8k", train_formats=("cot", "few_shot_cot"), eval_format="cot",
+              description="GSM8K, rationale then the final number", **common),
+      TaskDef(name="gsm8k_direct", train_formats=("zero_shot", "few_shot"),
+              eval_format="zero_shot", description="GSM8K, the final number only", **common),
+  ]

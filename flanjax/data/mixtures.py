@@ -1,0 +1,138 @@
+"""Mixtures: examples-proportional with a cap and temperature, and FLAN 2022-style blends.
+
+Rates follow FLAN and T5: a task's weight is ``min(n, cap) ** (1 / temperature)``
+(n = its training examples), so large tasks do not drown small ones. A blend
+mixes submixtures with their own caps and fixed shares of the whole.
+Evaluation-only tasks (BBH, GSM8K test) are refused in any training mixture.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import gin
+import seqio
+
+from flanjax.data import tasks as task_lib
+from flanjax.errors import UserError
+
+
+def num_train_examples(task: seqio.Task, split: str = "train") -> int:
+  return task.num_input_examples(split)
+
+
+def proportional_rates(task_names: Sequence[str], maximum: int | None = None,
+                       temperature: float = 1.0, split: str = "train") -> dict[str, float]:
+  """Per-task weights: min(n, maximum) ** (1 / temperature), normalised to sum to 1."""
+  if temperature <= 0:
+    raise UserError(f"mixture temperature must be > 0, not {temperature}")
+  raw = {}
+  for name in task_names:
+    n = num_train_examples(seqio.get_mixture_or_task(name), split)
+    if maximum:
+      n = min(n, maximum)
+    raw[name] = float(n) ** (1.0 / temperature)
+  total = sum(raw.values())
+  if total <= 0:
+    raise UserError(f"mixture of {list(task_names)} has no training examples")
+  return {k: v / total for k, v in raw.items()}
+
+
+def _leaf_tasks(name: str) -> list[seqio.Task]:
+  obj = seqio.get_mixture_or_task(name)
+  return list(getattr(obj, "tasks", [obj]))
+
+
+def check_trainable(name: str, split: str = "train") -> None:
+  """Raises if `name` (task or mixture) would train on evaluation-only data."""
+  try:
+    leaves = _leaf_tasks(name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    raise UserError(f"unknown task or mixture {name!r}; registered: {', '.join(known)}") from None
+  bad = []
+  for t in leaves:
+    defn = task_lib.DEFS.get(t.name, (None,))[0]
+    if defn is not None and defn.is_eval_only(split):
+      bad.append(t.name)
+  if bad:
+    raise UserError(
+        f"{name!r} would train on evaluation-only data: {', '.join(sorted(bad))} "
+        f"(split {split!r}); remove {'them' if len(bad) > 1 else 'it'} from the training mixture "
+        "and evaluate on them with flanjax.evaluate instead")
+
+
+def _replace(name: str) -> None:
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+
+
+def add_mixture(name: str, tasks: Iterable[str | tuple[str, float]], maximum: int | None = None,
+                temperature: float = 1.0, training: bool = True) -> seqio.Mixture:
+  """Registers an examples-proportional mixture (or one with the rates given).
+
+  `tasks` holds names (rate from their sizes, capped at `maximum`, with
+  `temperature`) or (name, rate) pairs. A training mixture refuses
+  evaluation-only tasks at once, not when the run reaches them.
+  """
+  tasks = list(tasks)
+  if not tasks:
+    raise UserError(f"mixture {name!r} has no tasks")
+  names = [t if isinstance(t, str) else t[0] for t in tasks]
+  for n in names:
+    if n not in seqio.TaskRegistry.names() and n not in seqio.MixtureRegistry.names():
+      raise UserError(f"mixture {name!r}: unknown task {n!r}; see flanjax.data.list_tasks()")
+    if training:
+      check_trainable(n)
+  if all(isinstance(t, str) for t in tasks):
+    rates = proportional_rates(names, maximum, temperature)
+    pairs = [(n, rates[n]) for n in names]
+  else:
+    pairs = [(t, None) if isinstance(t, str) else t for t in tasks]
+    if any(r is None for _, r in pairs):
+      raise UserError(f"mixture {name!r}: give a rate for every task or for none")
+  _replace(name)
+  return seqio.MixtureRegistry.add(name, pairs)
+
+
+def add_blend(name: str, parts: Sequence[tuple[str, float]]) -> seqio.Mixture:
+  """A FLAN 2022-style blend: submixtures (or tasks), each a fixed share of the whole.
+
+  Within each submixture, tasks keep the proportions of that submixture.
+  """
+  if not parts:
+    raise UserError(f"blend {name!r} has no parts")
+  total = float(sum(r for _, r in parts))
+  pairs = []
+  for sub, share in parts:
+    check_trainable(sub)
+    obj = seqio.get_mixture_or_task(sub)
+    if isinstance(obj, seqio.Mixture):
+      inner = {t.name: obj.get_rate(t) for t in obj.tasks}
+      inner_total = sum(inner.values())
+      pairs.extend((t, share / total * r / inner_total) for t, r in inner.items())
+    else:
+      pairs.append((sub, share / total))
+  merged: dict[str, float] = {}
+  for t, r in pairs:  # a task in two submixtures gets both shares
+    merged[t] = merged.get(t, 0.0) + r
+  _replace(name)
+  return seqio.MixtureRegistry.add(name, sorted(merged.items()))
+
+
+@gin.configurable
+def gin_mixture(name: str = gin.REQUIRED, tasks: Sequence = gin.REQUIRED,
+                maximum: int | None = None, temperature: float = 1.0) -> list[str]:
+  """A mixture defined in gin, for `train.register_fns` (after the tasks it names)."""
+  add_mixture(name, tasks, maximum=maximum, temperature=temperature)
+  return [name]
+
+
+def mixture_rates(name: str) -> dict[str, float]:
+  """Normalised rates of the leaf tasks of a mixture."""
+  obj = seqio.get_mixture_or_task(name)
+  if not isinstance(obj, seqio.Mixture):
+    return {obj.name: 1.0}
+  rates = {t.name: obj.get_rate(t) for t in obj.tasks}
+  total = sum(rates.values())
+  return {k: v / total for k, v in rates.items()}

@@ -1,0 +1,353 @@
+"""Templated tasks: raw examples -> rendered text -> cached tokens -> seqio.Task.
+
+A ``TaskDef`` says where a task's examples come from and how they are phrased
+(templates, formats, shots). ``register`` turns it into a ``seqio.Task``. The
+rendered and tokenized examples of a split are computed once and cached on
+disk, keyed by everything they depend on (source files, templates, formats,
+vocabulary, input budget), so a changed template or vocabulary never reads a
+stale cache, and a second run over the same mixture tokenizes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from flanjax.data import templates as tmpl
+from flanjax.data.vocab import default_cache_dir
+from flanjax.errors import UserError
+
+# Bump when rendering or the cache layout changes: old caches are then ignored.
+CACHE_VERSION = 3
+TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "template_data")
+
+# Inputs longer than this are few-shot candidates for dropping exemplars.
+_INPUT_BUDGET = {"inputs": 1024}
+
+
+def set_input_budget(tokens: int) -> None:
+  """The input feature length: few-shot prompts drop exemplars until they fit it."""
+  _INPUT_BUDGET["inputs"] = int(tokens)
+
+
+def input_budget() -> int:
+  return _INPUT_BUDGET["inputs"]
+
+
+@functools.lru_cache(maxsize=None)
+def load_templates(family: str) -> tuple[tmpl.Template, ...]:
+  """The templates of a family, from ``template_data/<family>.json``."""
+  path = family if family.endswith(".json") else os.path.join(TEMPLATE_DIR, f"{family}.json")
+  if not os.path.exists(path):
+    known = sorted(f[:-5] for f in os.listdir(TEMPLATE_DIR) if f.endswith(".json"))
+    raise UserError(f"no template family {family!r} ({path} does not exist); known: {known}")
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  out = []
+  for i, t in enumerate(data["templates"]):
+    if "inputs" not in t:
+      raise UserError(f"{path}: template {i} has no 'inputs' pattern")
+    out.append(tmpl.Template(**{k: t[k] for k in ("inputs", "targets", "cot_targets") if k in t}))
+  return tuple(out)
+
+
+def _default_key(ex: Mapping) -> str:
+  return json.dumps({k: v for k, v in ex.items() if k not in ("rationale",)},
+                    sort_keys=True, ensure_ascii=False)
+
+
+# eq=False: hashed by identity, so list-valued fields are fine and caches key on the object.
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskDef:
+  """Where a task's examples come from and how they are rendered."""
+  name: str
+  # split -> list of example field dicts ("answer" is the target; "options",
+  # "rationale" optional). Called lazily, once per split.
+  load: Callable[[str], Sequence[dict]]
+  splits: Sequence[str]
+  # A template family name (template_data/<name>.json) or templates.
+  templates: str | Sequence[tmpl.Template]
+  train_formats: Sequence[str] = ("zero_shot",)
+  eval_format: str = "zero_shot"
+  num_shots: int = 3
+  exemplar_split: str = "train"
+  # Splits used only for evaluation; "*" means every split (e.g. BBH).
+  eval_only_splits: Sequence[str] = ()
+  # Identity of the source data for cache keys (see sources.fingerprint_paths).
+  fingerprint: str | Callable[[], str] = ""
+  options_layouts: Sequence[str] = ("dash", "letters", "inline")
+  # Overrides the template rendering: (example, index, split, fits) -> (inputs, targets).
+  render_fn: Callable | None = None
+  key: Callable[[Mapping], str] = _default_key
+  metric_fns: Sequence[Callable] | None = None
+  postprocess_fn: Callable | None = None
+  description: str = ""
+
+  def template_list(self) -> tuple[tmpl.Template, ...]:
+    if isinstance(self.templates, str):
+      return load_templates(self.templates)
+    return tuple(self.templates)
+
+  def is_eval_only(self, split: str) -> bool:
+    return "*" in self.eval_only_splits or split in self.eval_only_splits
+
+
+# name -> (TaskDef, vocabulary) of every task registered through this module.
+DEFS: dict[str, tuple[TaskDef, seqio.Vocabulary]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _raw(defn: TaskDef, split: str) -> tuple[dict, ...]:
+  if split not in defn.splits:
+    raise UserError(f"task {defn.name} has no split {split!r}; it has {list(defn.splits)}")
+  return tuple(defn.load(split))
+
+
+def render_split(defn: TaskDef, split: str, fits: Callable[[str], bool] | None = None,
+                 limit: int | None = None, fmt: str | None = None) -> list[dict]:
+  """Rendered records of a split: inputs, targets, answer, options, template, format.
+
+  Training splits draw a template and a format per example (seeded by task,
+  split and index, so the same every run); other splits cycle through the
+  templates in the task's eval format. Few-shot exemplars come from the
+  exemplar split, never repeat the example asked (compared by content), and
+  are dropped one by one, first first, until the input fits.
+  """
+  examples = _raw(defn, split)
+  if limit is not None:
+    examples = examples[:limit]
+  temps = defn.template_list()
+  train = split not in defn.eval_only_splits and split == "train"
+  pool = None
+  out = []
+  for i, ex in enumerate(examples):
+    rng = random.Random(f"{defn.name}/{split}/{i}")
+    if defn.render_fn is not None:
+      inputs, targets = defn.render_fn(ex, i, split, fits)
+      t_idx, f = -1, fmt or (defn.train_formats[0] if train else defn.eval_format)
+    else:
+      if train:
+        t_idx = rng.randrange(len(temps))
+        f = fmt or defn.train_formats[rng.randrange(len(defn.train_formats))]
+      else:
+        t_idx, f = i % len(temps), fmt or defn.eval_format
+      layout = defn.options_layouts[rng.randrange(len(defn.options_layouts))]
+      exemplars = []
+      if f.startswith("few_shot") and defn.num_shots:
+        if pool is None:
+          pool = _raw(defn, defn.exemplar_split)
+        key = defn.key(ex)
+        candidates = rng.sample(range(len(pool)), min(len(pool), 4 * defn.num_shots + 4))
+        for j in candidates:
+          if len(exemplars) == defn.num_shots:
+            break
+          if defn.key(pool[j]) != key:
+            exemplars.append(pool[j])
+      while True:
+        inputs, targets = tmpl.render(temps[t_idx], ex, f, exemplars, options_layout=layout)
+        if not exemplars or fits is None or fits(inputs):
+          break
+        exemplars = exemplars[1:]
+    out.append(dict(inputs=inputs, targets=targets, answer=str(ex.get("answer", targets)),
+                    options=list(ex.get("options") or []), template=t_idx, format=f))
+  return out
+
+
+def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
+  fp = getattr(vocab, "fingerprint", None)
+  if isinstance(fp, str):
+    return fp
+  if isinstance(vocab, seqio.SentencePieceVocabulary):
+    return hashlib.sha256(vocab.sp_model).hexdigest()[:16] + f"/x{vocab.extra_ids}"
+  return f"{type(vocab).__name__}/{vocab.vocab_size}"
+
+
+def _encode_all(vocab: seqio.Vocabulary, texts: Sequence[str]) -> list[list[int]]:
+  if isinstance(vocab, seqio.SentencePieceVocabulary):
+    return vocab.tokenizer.encode(list(texts))  # one C++ call for the batch
+  return [list(vocab.encode(t)) for t in texts]
+
+
+def cache_key(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> str:
+  h = hashlib.sha256()
+  temps = [dataclasses.astuple(t) for t in defn.template_list()] if defn.render_fn is None \
+      else getattr(defn.render_fn, "fingerprint", defn.render_fn.__qualname__)
+  fp = defn.fingerprint() if callable(defn.fingerprint) else defn.fingerprint
+  for part in (CACHE_VERSION, defn.name, split, fp, temps,
+               tuple(defn.train_formats), defn.eval_format, defn.num_shots,
+               tuple(defn.options_layouts), vocab_fingerprint(vocab), input_budget()):
+    h.update(repr(part).encode() + b"\0")
+  return h.hexdigest()[:16]
+
+
+def _cache_dir(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> str:
+  return os.path.join(default_cache_dir(), "tasks", defn.name, f"{split}-{cache_key(defn, split, vocab)}")
+
+
+@dataclasses.dataclass
+class Tokenized:
+  inputs: tf.RaggedTensor | np.ndarray
+  inputs_splits: np.ndarray
+  targets: np.ndarray
+  targets_splits: np.ndarray
+  texts: list[dict]  # inputs_pretokenized, targets_pretokenized, answer, options
+
+  def lengths(self, feature: str) -> np.ndarray:
+    return np.diff(getattr(self, f"{feature}_splits"))
+
+
+_MEMO: dict[str, Tokenized] = {}
+
+
+def tokenized_split(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> Tokenized:
+  """The split rendered and tokenized, read from the cache or built and written there."""
+  path = _cache_dir(defn, split, vocab)
+  if path in _MEMO:
+    return _MEMO[path]
+  if os.path.exists(os.path.join(path, "DONE")):
+    arrays = np.load(os.path.join(path, "tokens.npz"))
+    with open(os.path.join(path, "texts.jsonl"), encoding="utf-8") as f:
+      texts = [json.loads(line) for line in f]
+    tok = Tokenized(arrays["inputs"], arrays["inputs_splits"], arrays["targets"],
+                    arrays["targets_splits"], texts)
+    _MEMO[path] = tok
+    return tok
+  t0 = time.time()
+  budget = input_budget()
+  # EOS takes one position of the budget.
+  fits = lambda text: len(vocab.encode(text)) + 1 <= budget  # noqa: E731
+  records = render_split(defn, split, fits)
+  ins = _encode_all(vocab, [r["inputs"] for r in records])
+  tgs = _encode_all(vocab, [r["targets"] for r in records])
+  keep = [i for i, t in enumerate(tgs) if len(t)]
+  if len(keep) < len(records):
+    dropped = len(records) - len(keep)
+    print(f"data: {defn.name}/{split}: {dropped} examples have targets that tokenize to "
+          "nothing; dropped", flush=True)
+  texts = [dict(inputs_pretokenized=records[i]["inputs"], targets_pretokenized=records[i]["targets"],
+                answer=records[i]["answer"], options=records[i]["options"]) for i in keep]
+
+  def flat(seqs):
+    lens = np.array([len(s) for s in seqs], np.int64)
+    splits = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return (np.concatenate([np.asarray(s, np.int32) for s in seqs]) if seqs
+            else np.zeros([0], np.int32)), splits
+
+  inputs, in_splits = flat([ins[i] for i in keep])
+  targets, tg_splits = flat([tgs[i] for i in keep])
+  tmp = f"{path}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  np.savez(os.path.join(tmp, "tokens.npz"), inputs=inputs, inputs_splits=in_splits,
+           targets=targets, targets_splits=tg_splits)
+  with open(os.path.join(tmp, "texts.jsonl"), "w", encoding="utf-8") as f:
+    for t in texts:
+      f.write(json.dumps(t, ensure_ascii=False) + "\n")
+  with open(os.path.join(tmp, "DONE"), "w") as f:
+    f.write(f"{len(texts)}\n")
+  if os.path.exists(path):  # another process finished first; theirs is identical
+    shutil.rmtree(tmp, ignore_errors=True)
+  else:
+    os.replace(tmp, path)
+  logging.info("data: %s/%s: rendered and tokenized %d examples in %.1fs -> %s",
+               defn.name, split, len(texts), time.time() - t0, path)
+  tok = Tokenized(inputs, in_splits, targets, tg_splits, texts)
+  _MEMO[path] = tok
+  return tok
+
+
+def _dataset_fn(split, shuffle_files, seed=None, *, name):
+  del shuffle_files, seed  # one in-memory shard; seqio shuffles examples
+  defn, vocab = DEFS[name]
+  tok = tokenized_split(defn, split, vocab)
+  return tf.data.Dataset.from_tensor_slices({
+      "inputs": tf.RaggedTensor.from_row_splits(tok.inputs, tok.inputs_splits),
+      "targets": tf.RaggedTensor.from_row_splits(tok.targets, tok.targets_splits),
+      "inputs_pretokenized": [t["inputs_pretokenized"] for t in tok.texts],
+      "targets_pretokenized": [t["targets_pretokenized"] for t in tok.texts],
+      "answer": [t["answer"] for t in tok.texts],
+      "options": [json.dumps(t["options"], ensure_ascii=False) for t in tok.texts],
+      "task": [name] * len(tok.texts),
+  }).map(_dense, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _dense(ex):
+  # A row of a ragged tensor arrives as a rank-0-ragged value; make it a plain tensor.
+  return {k: (v.to_tensor() if isinstance(v, tf.RaggedTensor) else v) for k, v in ex.items()}
+
+
+class _LazyCounts(Mapping):
+  """Number of examples per split, loaded only when a mixing rate asks."""
+
+  def __init__(self, defn: TaskDef):
+    self._defn = defn
+
+  def __getitem__(self, split):
+    return len(_raw(self._defn, split))
+
+  def __iter__(self):
+    return iter(self._defn.splits)
+
+  def __len__(self):
+    return len(self._defn.splits)
+
+
+def answer_accuracy(targets, predictions):
+  """Exact match of the extracted answers, in percent."""
+  if not targets:
+    return {"accuracy": 0.0}
+  hits = sum(tmpl.extract_answer(t) == tmpl.extract_answer(p) for t, p in zip(targets, predictions))
+  return {"accuracy": 100.0 * hits / len(targets)}
+
+
+def _extract(text, **_):
+  return tmpl.extract_answer(text)
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  return {
+      "inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
+      "targets": seqio.Feature(vocabulary, add_eos=True),
+  }
+
+
+def register(defn: TaskDef, vocabulary: seqio.Vocabulary) -> str:
+  """Registers (or re-registers, for another vocabulary) `defn` as a seqio.Task."""
+  if defn.name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(defn.name)
+  DEFS[defn.name] = (defn, vocabulary)
+  seqio.TaskRegistry.add(
+      defn.name,
+      source=seqio.FunctionDataSource(
+          functools.partial(_dataset_fn, name=defn.name), splits=list(defn.splits),
+          num_input_examples=_LazyCounts(defn)),
+      preprocessors=[seqio.preprocessors.append_eos_after_trim],
+      output_features=output_features(vocabulary),
+      postprocess_fn=defn.postprocess_fn or _extract,
+      metric_fns=list(defn.metric_fns or [answer_accuracy]),
+  )
+  return defn.name
+
+
+def length_stats(name: str, split: str, lengths: Mapping[str, int]) -> dict:
+  """Token lengths of a split (EOS included) against the feature lengths, from the cache."""
+  defn, vocab = DEFS[name]
+  tok = tokenized_split(defn, split, vocab)
+  out = {"examples": len(tok.texts)}
+  for feat in ("inputs", "targets"):
+    n = tok.lengths(feat) + 1
+    out[feat] = dict(mean=float(n.mean()) if len(n) else 0.0, max=int(n.max()) if len(n) else 0,
+                     truncated=int((n > lengths[feat]).sum()) if feat in lengths else 0)
+  return out
