@@ -163,3 +163,15 @@ def run_main(main_fn, argv=None, require_gin_file=True):
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     sys.exit(130)
+
+
+def run_plain_main(main_fn, prog: str, argv=None):
+  """For argparse tools: user errors -> one line on stderr, exit 2, no traceback."""
+  try:
+    sys.exit(main_fn(argv))
+  except UserError as e:
+    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    sys.exit(130)

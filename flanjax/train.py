@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from flanjax import config as flan_config  # noqa: E402
 from flanjax import evaluation  # noqa: E402
 # vocab is imported for its gin configurables (builtin_vocabulary, sentencepiece_vocabulary).
-from flanjax.data import pipeline, registry, vocab as vocab_lib  # noqa: E402,F401
+from flanjax.data import mixtures, pipeline, registry, tasks as task_lib, vocab as vocab_lib  # noqa: E402,F401
 from flanjax.errors import UserError  # noqa: E402
 from flanjax.models import t5  # noqa: E402
 from flanjax.training import checkpoints, metrics as metrics_lib, optimizers  # noqa: E402
@@ -70,7 +70,7 @@ def train(
     model_dir: str = "./runs/flan_default",
     mixture: str = registry.BUILTIN_MIXTURE,
     vocabulary=gin.REQUIRED,
-    register_fns: Sequence[Callable] = (registry.register_builtin,),
+    register_fns: Sequence[Callable] = (registry.register_all,),
     model_config: t5.T5Config = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = None,
     batch_size: int = 32,
@@ -105,9 +105,12 @@ def train(
 
   # ---- data
   vocab = vocabulary
+  # Few-shot prompts drop exemplars until they fit the input length.
+  task_lib.set_input_budget(lengths["inputs"])
   for fn in register_fns:
     fn(vocab)
   registry.get_task_or_mixture(mixture)  # unknown name -> clear error
+  mixtures.check_trainable(mixture, "train")  # BBH, GSM8K test: never trained on
   print(f"vocabulary: {vocab.vocab_size} pieces", flush=True)
   rep = pipeline.length_report(mixture, "train", lengths)
   print(f"lengths: {rep.summary(lengths)}", flush=True)

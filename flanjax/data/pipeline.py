@@ -46,8 +46,24 @@ def length_report(name: str, split: str, lengths: Mapping[str, int],
   task_or_mix = registry.get_task_or_mixture(name)
   tasks = getattr(task_or_mix, "tasks", [task_or_mix])
   rep = LengthReport()
+  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
   for task in tasks:
     if split not in task.splits:
+      continue
+    if task.name in task_lib.DEFS:  # token lengths are in the cache: no pass over the data
+      defn, vocab = task_lib.DEFS[task.name]
+      tok = task_lib.tokenized_split(defn, split, vocab)
+      for k in lengths:
+        if k not in task.output_features:
+          continue
+        n = tok.lengths(k)[:max_examples] + 1  # EOS
+        if not len(n):
+          continue
+        rep.longest[k] = max(rep.longest.get(k, 0), int(n.max()))
+        over = int((n > lengths[k]).sum())
+        if over:
+          rep.truncated[k] = rep.truncated.get(k, 0) + over
+      rep.examples += len(tok.texts[:max_examples])
       continue
     ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1,
                           use_cached=False)

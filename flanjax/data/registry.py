@@ -8,6 +8,7 @@ vocabulary (say, a pretrained checkpoint's) by calling again.
 from __future__ import annotations
 
 import functools
+from typing import Mapping, Sequence
 
 import gin
 import seqio
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from flanjax.data import templates
 from flanjax.data.collections import builtin
+from flanjax.errors import UserError
 
 BUILTIN_PREFIX = "builtin_"
 BUILTIN_MIXTURE = "flanjax_builtin"
@@ -80,9 +82,86 @@ def register_builtin(vocabulary: seqio.Vocabulary) -> list[str]:
   return names
 
 
+FLAN_COT_MIXTURE = "flan_cot"
+BLEND = "flanjax_blend"
+# FLAN caps each task's examples when computing rates so big sets do not drown small ones.
+FLAN_COT_CAP = 5000
+
+
+@gin.configurable
+def register_all(vocabulary: seqio.Vocabulary,
+                 mixtures: Sequence[Mapping] = ()) -> list[str]:
+  """Registers every collection as seqio Tasks, the named mixtures, and the user's.
+
+  Nothing is read here: a task loads its files the first time it is used, so
+  registering collections whose data is absent costs nothing and fails only
+  if the task is used (with a message naming the missing path).
+
+  `mixtures` (gin) adds the user's own, one dict each: {'name', 'tasks': [names
+  or (name, rate)], 'maximum', 'temperature'} for examples-proportional, or
+  {'name', 'blend': [(submixture or task, share), ...]} for a FLAN 2022-style blend.
+  """
+  from flanjax.data import mixtures as mix_lib  # pylint: disable=g-import-not-at-top
+  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
+  from flanjax.data.collections import (  # pylint: disable=g-import-not-at-top
+      flan_cot, gsm8k, self_instruct, user)
+  names = register_builtin(vocabulary)
+  defs = flan_cot.task_defs() + gsm8k.task_defs() + self_instruct.task_defs()
+  defs += _optional_defs()
+  user_defs, user_mixtures = user.user_data()
+  taken = set(seqio.TaskRegistry.names()) - {d.name for d in defs}
+  for d in user_defs:
+    if d.name in taken or d.name in {x.name for x in defs}:
+      raise UserError(f"user task name {d.name!r} is already taken by a built-in task; rename it")
+  for d in defs + user_defs:
+    names.append(task_lib.register(d, vocabulary))
+  mix_lib.add_mixture(FLAN_COT_MIXTURE, [d.name for d in flan_cot.task_defs()],
+                      maximum=FLAN_COT_CAP)
+  mix_lib.add_blend(BLEND, [(FLAN_COT_MIXTURE, 0.5), (BUILTIN_MIXTURE, 0.3),
+                            ("gsm8k", 0.15), ("self_instruct_seed", 0.05)])
+  for name, members in user_mixtures.items():
+    mix_lib.add_mixture(name, members)
+  for spec in mixtures:
+    spec = dict(spec)
+    if "name" not in spec or ("tasks" in spec) == ("blend" in spec):
+      raise UserError(f"register_all.mixtures entry {spec}: needs 'name' and one of "
+                      "'tasks' or 'blend'")
+    if "blend" in spec:
+      mix_lib.add_blend(spec["name"], [tuple(p) for p in spec["blend"]])
+    else:
+      mix_lib.add_mixture(spec["name"], [t if isinstance(t, str) else tuple(t) for t in spec["tasks"]],
+                          maximum=spec.get("maximum"), temperature=spec.get("temperature", 1.0))
+  return names
+
+
+def _optional_defs():
+  """Collections written as separate modules (BBH, TFDS-backed FLAN 2021 tasks)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  defs = []
+  for mod in ("bbh", "tfds_tasks"):
+    try:  # TODO(wire): import directly once both modules land
+      defs += importlib.import_module(f"flanjax.data.collections.{mod}").task_defs()
+    except ModuleNotFoundError as e:
+      if e.name != f"flanjax.data.collections.{mod}":
+        raise
+  return defs
+
+
 def list_tasks() -> list[str]:
-  """Names of every registered seqio Task."""
+  """Names of every registered seqio Task.
+
+  If flanjax's collections are not registered yet, registers them first (with
+  a byte vocabulary, which needs no files), so the names can be listed anywhere.
+  """
+  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
+  if not task_lib.DEFS:
+    register_all(seqio.ByteVocabulary())
   return sorted(seqio.TaskRegistry.names())
+
+
+def list_mixtures() -> list[str]:
+  list_tasks()
+  return sorted(seqio.MixtureRegistry.names())
 
 
 def get_task_or_mixture(name: str):
@@ -90,6 +169,6 @@ def get_task_or_mixture(name: str):
     return seqio.get_mixture_or_task(name)
   except ValueError:
     known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    raise ValueError(
+    raise UserError(
         f"unknown task or mixture {name!r}; registered names: {', '.join(known)}"
     ) from None

@@ -269,10 +269,9 @@ def tokenized_split(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> Token
 
 
 def _dataset_fn(split, shuffle_files, seed=None, *, name):
-  del shuffle_files, seed  # one in-memory shard; seqio shuffles examples
   defn, vocab = DEFS[name]
   tok = tokenized_split(defn, split, vocab)
-  return tf.data.Dataset.from_tensor_slices({
+  ds = tf.data.Dataset.from_tensor_slices({
       "inputs": tf.RaggedTensor.from_row_splits(tok.inputs, tok.inputs_splits),
       "targets": tf.RaggedTensor.from_row_splits(tok.targets, tok.targets_splits),
       "inputs_pretokenized": [t["inputs_pretokenized"] for t in tok.texts],
@@ -280,7 +279,12 @@ def _dataset_fn(split, shuffle_files, seed=None, *, name):
       "answer": [t["answer"] for t in tok.texts],
       "options": [json.dumps(t["options"], ensure_ascii=False) for t in tok.texts],
       "task": [name] * len(tok.texts),
-  }).map(_dense, num_parallel_calls=tf.data.AUTOTUNE)
+  })
+  if shuffle_files:
+    # The split is in memory and files are in source order: shuffle all of it,
+    # not just seqio's buffer, so early batches are not all from the first rows.
+    ds = ds.shuffle(len(tok.texts), seed=seed, reshuffle_each_iteration=True)
+  return ds.map(_dense, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _dense(ex):

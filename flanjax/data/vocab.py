@@ -75,6 +75,56 @@ def builtin_vocabulary(vocab_size: int = 2000, cache_dir: str | None = None,
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
+def _trained(name: str, text: list[str], vocab_size: int, cache_dir: str | None,
+             extra_ids: int) -> seqio.SentencePieceVocabulary:
+  digest = hashlib.sha256()
+  for line in text:
+    digest.update(line.encode("utf-8") + b"\0")
+  digest.update(repr(sorted(TRAINER_SETTINGS.items())).encode() + f"/{vocab_size}".encode())
+  path = os.path.join(cache_dir or default_cache_dir(), "vocab",
+                      f"{name}-{vocab_size}-{digest.hexdigest()[:12]}.model")
+  if not os.path.exists(path):
+    t0 = time.time()
+    train_sentencepiece(text, path, vocab_size)
+    print(f"vocabulary: trained {vocab_size} pieces on {len(text):,} texts in "
+          f"{time.time() - t0:.1f}s -> {path}", flush=True)
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+@gin.configurable
+def corpus_vocabulary(mixture: str = "flanjax_builtin", vocab_size: int = 8000,
+                      max_texts: int = 100_000, cache_dir: str | None = None,
+                      extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """A vocabulary trained on the training text of a mixture, once, and cached.
+
+  For the built-in mixture this is `builtin_vocabulary`. For others, the
+  training splits of the mixture's tasks are rendered (no tokenizer needed)
+  and at most `max_texts` of their strings, drawn evenly, train the model. The
+  cache key hashes that text, so new data or templates train a new one.
+  """
+  from flanjax.data import registry, tasks  # pylint: disable=g-import-not-at-top
+  if mixture == registry.BUILTIN_MIXTURE:
+    return builtin_vocabulary(vocab_size=vocab_size, cache_dir=cache_dir, extra_ids=extra_ids)
+  registry.register_all(seqio.ByteVocabulary())  # names and definitions, read nothing
+  obj = registry.get_task_or_mixture(mixture)
+  text = []
+  for task in getattr(obj, "tasks", [obj]):
+    if task.name.startswith(registry.BUILTIN_PREFIX):
+      from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
+      recs = builtin.rendered_examples(task.name[len(registry.BUILTIN_PREFIX):], "train")
+    else:
+      defn = tasks.DEFS[task.name][0]
+      if "train" not in defn.splits or defn.is_eval_only("train"):
+        continue
+      recs = tasks.render_split(defn, "train")
+    for r in recs:
+      text.extend([r["inputs"], r["targets"]])
+  if not text:
+    raise ValueError(f"mixture {mixture!r} has no training text to train a vocabulary on")
+  step = max(1, len(text) // max_texts)
+  return _trained(mixture, text[::step], vocab_size, cache_dir, extra_ids)
+
+
 @gin.configurable
 def sentencepiece_vocabulary(path: str = gin.REQUIRED,
                              extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
