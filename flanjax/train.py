@@ -53,6 +53,27 @@ def _check_model_dir(model_dir: str):
                     "set --gin.train.model_dir to a writable folder") from None
 
 
+def _check_run_info(model_dir: str, info: dict) -> None:
+  """A model_dir belongs to one run: resuming with another vocabulary or model is refused."""
+  path = os.path.join(model_dir, "run_info.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for key, what in (("vocabulary", "vocabulary"), ("model", "model config")):
+      if old.get(key) != info[key]:
+        raise UserError(
+            f"{model_dir} holds a run with a different {what} ({path}: {old.get(key)!r}, now "
+            f"{info[key]!r}); its checkpoints cannot be resumed with this one: set "
+            "--gin.train.model_dir to a new folder")
+    if old.get("mixture") != info["mixture"]:
+      print(f"note: {model_dir} was trained on {old.get('mixture')!r}; continuing on "
+            f"{info['mixture']!r}", flush=True)
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(info, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def _vocab_size_for(model_config: t5.T5Config, vocabulary) -> t5.T5Config:
   needed = vocabulary.vocab_size
   if model_config.vocab_size == 0:
@@ -117,6 +138,11 @@ def train(
 
   # ---- model, optimizer, mesh
   cfg = _vocab_size_for(model_config, vocab)
+  # Only what shapes the parameters: dtype, remat and dropout may change on resume.
+  shape_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("dtype", "remat", "dropout_rate")}
+  _check_run_info(model_dir, {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
+                              "model": shape_cfg})
   model = t5.T5(cfg)
   tx, lr_fn = optimizers.optimizer()
   mesh = partitioning.make_mesh(mesh_shape)

@@ -17,7 +17,9 @@ from flanjax.data import tasks as task_lib
 from flanjax.errors import UserError
 
 
-def num_train_examples(task: seqio.Task, split: str = "train") -> int:
+def num_train_examples(task, split: str = "train") -> int:
+  if isinstance(task, seqio.Mixture):
+    return sum(t.num_input_examples(split) for t in task.tasks if split in t.splits)
   return task.num_input_examples(split)
 
 

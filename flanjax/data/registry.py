@@ -15,7 +15,11 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data import templates
-from flanjax.data.collections import builtin
+from flanjax.data import mixtures as mix_lib
+from flanjax.data import tasks as task_lib
+# Imported here so their gin configurables exist before any config is parsed.
+from flanjax.data import sources  # noqa: F401  pylint: disable=unused-import
+from flanjax.data.collections import builtin, flan_cot, gsm8k, self_instruct, user
 from flanjax.errors import UserError
 
 BUILTIN_PREFIX = "builtin_"
@@ -39,6 +43,7 @@ def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family):
       "inputs": [r["inputs"] for r in records],
       "targets": [r["targets"] for r in records],
       "answer": [r["answer"] for r in records],
+      "task": [BUILTIN_PREFIX + family] * len(records),
   })
 
 
@@ -101,10 +106,6 @@ def register_all(vocabulary: seqio.Vocabulary,
   or (name, rate)], 'maximum', 'temperature'} for examples-proportional, or
   {'name', 'blend': [(submixture or task, share), ...]} for a FLAN 2022-style blend.
   """
-  from flanjax.data import mixtures as mix_lib  # pylint: disable=g-import-not-at-top
-  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
-  from flanjax.data.collections import (  # pylint: disable=g-import-not-at-top
-      flan_cot, gsm8k, self_instruct, user)
   names = register_builtin(vocabulary)
   defs = flan_cot.task_defs() + gsm8k.task_defs() + self_instruct.task_defs()
   defs += _optional_defs()
@@ -153,7 +154,6 @@ def list_tasks() -> list[str]:
   If flanjax's collections are not registered yet, registers them first (with
   a byte vocabulary, which needs no files), so the names can be listed anywhere.
   """
-  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
   if not task_lib.DEFS:
     register_all(seqio.ByteVocabulary())
   return sorted(seqio.TaskRegistry.names())

@@ -26,12 +26,19 @@ class TaskScore:
   samples: list  # a few (input, prediction, target) for the report
 
 
+def answer_fn(task: seqio.Task):
+  """The task's own answer extraction (its seqio postprocess_fn), else the CoT phrase rule."""
+  if task.postprocess_fn is None:
+    return extract_answer
+  return lambda text: task.postprocess_fn(text, example=None, is_target=False)
+
+
 def majority_answer(task: seqio.Task, max_examples: int = 2000) -> str:
   ds = task.get_dataset(None, split="train", shuffle=False, num_epochs=1,
                         use_cached=False).take(max_examples)
+  post = answer_fn(task)
   counts = collections.Counter(
-      extract_answer(ex["targets_pretokenized"].decode("utf-8"))
-      for ex in ds.as_numpy_iterator())
+      post(ex["targets_pretokenized"].decode("utf-8")) for ex in ds.as_numpy_iterator())
   return counts.most_common(1)[0][0] if counts else ""
 
 
@@ -53,7 +60,8 @@ def evaluate_task(model, params, task_name: str, split: str, input_length: int,
     ds = ds.take(max_examples)
   examples = list(ds.as_numpy_iterator())
   hits, samples = 0, []
-  baseline_answer = majority_answer(task)
+  baseline_answer = majority_answer(task) if "train" in task.splits else ""
+  post = answer_fn(task)
   baseline_hits = 0
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
@@ -69,9 +77,9 @@ def evaluate_task(model, params, task_name: str, split: str, input_length: int,
         ids = ids[:ids.index(vocab.eos_id)]
       pred = vocab.decode(ids)
       target = ex["targets_pretokenized"].decode("utf-8")
-      ok = extract_answer(pred) == extract_answer(target)
-      hits += ok
-      baseline_hits += baseline_answer == extract_answer(target)
+      answer = post(target)
+      hits += post(pred) == answer
+      baseline_hits += baseline_answer == answer
       if len(samples) < 3:
         samples.append((ex["inputs_pretokenized"].decode("utf-8"), pred, target))
   n = max(len(examples), 1)

@@ -1,0 +1,377 @@
+"""Collections on the real files in ../shared/data, readers, templates, mixtures, cache."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+from conftest import REPO, shared_data
+from flanjax.data import mixtures, registry, sources, tasks, templates
+from flanjax.data.collections import flan_cot, gsm8k, self_instruct, user
+from flanjax.errors import UserError
+
+
+def _load_json_templates():
+  out = {}
+  for f in sorted(os.listdir(tasks.TEMPLATE_DIR)):
+    if f.endswith(".json"):
+      out[f[:-5]] = tasks.load_templates(f[:-5])
+  return out
+
+
+def test_every_template_family_has_eight_templates_as_data():
+  fams = _load_json_templates()
+  assert {"cot_qa", "math_word", "instruction", "niv2"} <= set(fams)
+  for name, temps in fams.items():
+    assert len(temps) >= 8, name
+    assert len({t.inputs for t in temps}) == len(temps), f"{name}: duplicate templates"
+
+
+def test_formats_and_fitting_exemplars():
+  t = templates.Template("Q: {question}\n{options}\nA:")
+  ex = dict(question="Is it?", answer="yes", options=["yes", "no"], rationale="Because.")
+  shots = [dict(question=f"Shot {i}?", answer="no", options=["yes", "no"], rationale=f"R{i}.")
+           for i in range(3)]
+  inp, tgt = templates.render(t, ex, "zero_shot")
+  assert inp == "Q: Is it?\nA:" and tgt == "yes"
+  inp, _ = templates.render(t, ex, "zero_shot_options", options_layout="letters")
+  assert "(A) yes\n(B) no" in inp
+  _, tgt = templates.render(t, ex, "cot")
+  assert tgt == "Because. So the answer is yes."
+  inp, tgt = templates.render(t, ex, "few_shot_cot", shots)
+  assert inp.index("Shot 0?") < inp.index("R0. So the answer is no.") < inp.index("Is it?")
+  assert tgt == "Because. So the answer is yes."
+  # An empty field drops its line instead of leaving a dangling label.
+  inp, _ = templates.render(templates.Template("{instruction}\nInput: {input}\nOutput:"),
+                            dict(instruction="Say hi.", input="", answer="hi"), "zero_shot")
+  assert inp == "Say hi.\nOutput:"
+
+
+def _flan_defs():
+  return {d.name: d for d in flan_cot.task_defs()}
+
+
+def test_flan_cot_sets_on_real_files():
+  shared_data("flan_cot")
+  defs = _flan_defs()
+  assert len(defs) == 14
+  for name in flan_cot.SETS:
+    with open(flan_cot.path_of(name), encoding="utf-8") as f:
+      rows = sum(1 for line in f if line.strip())
+    d = defs[flan_cot.PREFIX + name]
+    train, val = tasks._raw(d, "train"), tasks._raw(d, "validation")
+    assert len(train) + len(val) == rows
+    assert 0 < len(val) <= flan_cot.MAX_VALIDATION
+    assert not {r["question"] for r in val} & {r["question"] for r in train}
+    for rec in tasks.render_split(d, "train", limit=200):
+      assert rec["format"] in ("cot", "few_shot_cot")
+      assert rec["targets"].endswith(f"So the answer is {rec['answer']}.")
+      assert templates.extract_answer(rec["targets"]) == rec["answer"]
+    direct = tasks.render_split(defs[flan_cot.PREFIX + name + "_direct"], "validation", limit=50)
+    assert all(r["targets"] == r["answer"] for r in direct)
+
+
+def test_few_shot_exemplars_never_include_the_question():
+  shared_data("flan_cot")
+  d = _flan_defs()["flan_cot_creak_direct"]
+  train = tasks._raw(d, "train")
+  few = 0
+  for i, rec in enumerate(tasks.render_split(d, "train", limit=1500)):
+    q = train[i]["question"]
+    # The question asked appears once: as the last block, never as an exemplar.
+    assert rec["inputs"].count(q) == 1, rec["inputs"]
+    if rec["format"] == "few_shot":
+      few += 1
+      assert rec["inputs"].rstrip().endswith(q) or rec["inputs"].rindex(q) > len(rec["inputs"]) // 2
+  assert few > 300
+
+
+def test_few_shot_drops_exemplars_until_the_input_fits():
+  shared_data("flan_cot")
+  d = _flan_defs()["flan_cot_gsm8k"]
+  budget = 700  # characters, a stand-in for tokens
+  full = tasks.render_split(d, "train", limit=200)
+  fitted = tasks.render_split(d, "train", fits=lambda s: len(s) <= budget, limit=200)
+  dropped = 0
+  for a, b in zip(full, fitted):
+    assert a["targets"] == b["targets"] and a["format"] == b["format"]
+    if b["format"] == "few_shot_cot":
+      n_full, n_fit = a["inputs"].count("So the answer is"), b["inputs"].count("So the answer is")
+      assert n_fit <= n_full
+      assert len(b["inputs"]) <= budget or n_fit == 0
+      # Exemplars are dropped first-first: what stays is the tail of the full prompt.
+      assert a["inputs"].endswith(b["inputs"])
+      dropped += n_full - n_fit
+  assert dropped > 0
+
+
+def test_gsm8k_on_real_files():
+  shared_data("gsm8k")
+  defs = {d.name: d for d in gsm8k.task_defs()}
+  d = defs["gsm8k"]
+  train, test = tasks._raw(d, "train"), tasks._raw(d, "test")
+  assert (len(train), len(test)) == (7473, 1319)
+  with open(sources.data_path("gsm8k", "test.jsonl"), encoding="utf-8") as f:
+    raw = [json.loads(line) for line in f]
+  for r, ex in zip(raw, test):
+    gold = r["answer"].split("####")[-1].strip().replace(",", "")
+    assert ex["answer"] == gold
+    assert "<<" not in ex["rationale"]
+    # The reference format and our CoT target give the same final number.
+    assert gsm8k.final_number(r["answer"]) == gold
+  recs = tasks.render_split(d, "test")
+  targets = [gsm8k.final_number(r["targets"]) for r in recs]
+  assert gsm8k.accuracy(targets, targets)["accuracy"] == 100.0
+  assert gsm8k.accuracy(targets, [""] * len(targets))["accuracy"] == 0.0
+  assert gsm8k.final_number("I think it is $1,200.50 dollars. So the answer is 1,200.50.") == "1200.5"
+  assert gsm8k.final_number("no idea") == ""
+  assert d.is_eval_only("test") and not d.is_eval_only("train")
+
+
+def test_self_instruct_seed_tasks():
+  path = shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"
+  with open(path, encoding="utf-8") as f:
+    raw = [json.loads(line) for line in f]
+  assert len(raw) == 175
+  d = self_instruct.task_defs()[0]
+  exs = tasks._raw(d, "train")
+  assert len(exs) == sum(len(r["instances"]) for r in raw)
+  for rec, ex in zip(tasks.render_split(d, "train"), exs):
+    assert ex["instruction"] in rec["inputs"] and rec["targets"] == ex["answer"]
+    assert "Input: \n" not in rec["inputs"] and not rec["inputs"].endswith("Input:")
+
+
+# ------------------------------------------------------------------ user data
+
+def _write(path, lines):
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return str(path)
+
+
+def _user(spec):
+  defs, mixes = user.user_data([spec])
+  return defs, mixes
+
+
+def test_user_alpaca_json_array_and_jsonl(tmp_path):
+  seeds = [json.loads(line) for line in open(shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl")]
+  recs = [dict(instruction=s["instruction"], input=s["instances"][0]["input"],
+               output=s["instances"][0]["output"]) for s in seeds]
+  arr = tmp_path / "alpaca.json"
+  arr.write_text(json.dumps(recs), encoding="utf-8")
+  jl = _write(tmp_path / "alpaca.jsonl", [json.dumps(r) for r in recs])
+  for path in (str(arr), jl):
+    (d,), _ = _user({"name": "my_alpaca", "path": path, "format": "alpaca"})
+    rendered = tasks.render_split(d, "train")
+    assert len(rendered) == 175
+    assert [r["targets"] for r in rendered] == [r["output"].strip() for r in recs]
+
+
+def test_user_chat_every_assistant_turn_is_a_target(tmp_path):
+  chat = {"messages": [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "What is 2+2?"},
+      {"role": "assistant", "content": "4"},
+      {"role": "user", "content": "And times 3?"},
+      {"role": "assistant", "content": "12"}]}
+  path = _write(tmp_path / "chat.jsonl", [json.dumps(chat)] * 2)
+  (d,), _ = _user({"name": "my_chat", "path": path, "format": "chat"})
+  recs = tasks.render_split(d, "train")
+  assert [r["targets"] for r in recs] == ["4", "12", "4", "12"]
+  assert recs[0]["inputs"] == "System: Be brief.\nUser: What is 2+2?\nAssistant:"
+  assert recs[1]["inputs"].endswith("Assistant: 4\nUser: And times 3?\nAssistant:")
+
+
+def test_user_prompt_completion(tmp_path):
+  path = _write(tmp_path / "pc.jsonl", [json.dumps({"prompt": f"Capital of {c}?", "completion": f" {k}"})
+                                        for c, k in [("France", "Paris"), ("Peru", "Lima")]])
+  (d,), _ = _user({"name": "my_pc", "path": path, "format": "prompt_completion", "num_shots": 0})
+  recs = tasks.render_split(d, "train")
+  assert [(r["inputs"], r["targets"]) for r in recs] == [("Capital of France?", "Paris"),
+                                                         ("Capital of Peru?", "Lima")]
+
+
+def test_user_niv2_folder_on_real_files():
+  folder = shared_data("niv2_sample")
+  defs, mixes = _user({"name": "my_niv2", "path": str(folder), "format": "niv2"})
+  assert len(defs) == 8 and len(mixes["my_niv2"]) == 8
+  total = 0
+  for d in defs:
+    data = json.load(open(folder / (d.name[len("my_niv2_"):] + ".json"), encoding="utf-8"))
+    recs = tasks.render_split(d, "train")
+    total += len(recs)
+    definition = " ".join(data["Definition"]) if isinstance(data["Definition"], list) else data["Definition"]
+    for r, inst in zip(recs, data["Instances"]):
+      assert definition.strip() in r["inputs"]
+      assert inst["input"].strip() in r["inputs"]
+      assert r["targets"] == inst["output"][0].strip()
+    if data.get("Positive Examples"):
+      assert data["Positive Examples"][0]["output"].strip() in recs[0]["inputs"]
+  assert total == 437
+
+
+@pytest.mark.parametrize("fmt,line,needle", [
+    ("alpaca", '{"instruction": "x", "output": "y"', "not valid JSON"),
+    ("alpaca", '{"instruction": "x"}', "no field 'output'"),
+    ("alpaca", '{"instruction": "x", "output": "  "}', "'output' is empty"),
+    ("prompt_completion", '{"prompt": "x", "completion": ""}', "'completion' is empty"),
+    ("chat", '{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ("chat", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}',
+     "empty assistant turn"),
+    ("chat", '{"messages": [{"role": "robot", "content": "hi"}]}', "message 0 is not"),
+])
+def test_bad_records_raise_or_are_counted(tmp_path, fmt, line, needle):
+  good = {"alpaca": '{"instruction": "a", "output": "b"}',
+          "prompt_completion": '{"prompt": "a", "completion": "b"}',
+          "chat": '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'}[fmt]
+  path = _write(tmp_path / f"{fmt}.jsonl", [good, line, good])
+  user._read_file.cache_clear()
+  with pytest.raises(sources.BadRecord, match=needle) as e:
+    tasks._raw(_user({"name": "u", "path": path, "format": fmt})[0][0], "train")
+  assert f"{path}:2:" in str(e.value) and "bad_records.policy='skip'" in str(e.value)
+  # With the skip policy the bad line is counted and reported, the others kept.
+  reader = sources.Reader(path, "skip")
+  kept = list(user._READERS[fmt](reader))
+  rep = reader.done()
+  assert len(kept) == 2 and rep.num_skipped == 1 and f"{path}:2" in rep.summary()
+
+
+def test_non_utf8_empty_and_wrong_fields(tmp_path):
+  p = tmp_path / "bytes.jsonl"
+  p.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "c"}\n')
+  with pytest.raises(sources.BadRecord, match=r"bytes.jsonl:2: bytes that are not UTF-8"):
+    list(user._prompt_completion(sources.Reader(str(p), "raise")))
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  with pytest.raises(UserError, match="is empty"):
+    list(user._prompt_completion(sources.Reader(str(empty), "raise")))
+  tsv = _write(tmp_path / "x.tsv", ["q\ta\tr", "only two\tfields"])
+  with pytest.raises(sources.BadRecord, match=r"x.tsv:2: 2 tab-separated fields, expected 3"):
+    list(sources.read_tsv(sources.Reader(tsv, "raise"), flan_cot.COLUMNS))
+  with pytest.raises(UserError, match="does not exist"):
+    list(sources.read_jsonl(sources.Reader(str(tmp_path / "missing.jsonl"), "raise")))
+  with pytest.raises(UserError, match="unknown format"):
+    _user({"name": "u", "path": tsv, "format": "csv"})
+
+
+def test_user_files_and_builtin_mixed_through_gin(tmp_path, builtin_vocab):
+  alpaca = _write(tmp_path / "a.jsonl", [json.dumps({"instruction": f"Repeat {i}.", "output": str(i)})
+                                         for i in range(50)])
+  gin.clear_config()
+  try:
+    gin.parse_config(f"""
+user_data.tasks = [{{'name': 'my_alpaca', 'path': '{alpaca}', 'format': 'alpaca'}}]
+register_all.mixtures = [{{'name': 'user_and_builtin', 'tasks': [('my_alpaca', 1.0), ('flanjax_builtin', 3.0)]}}]
+""")
+    registry.register_all(builtin_vocab)
+  finally:
+    gin.clear_config()
+  rates = mixtures.mixture_rates("user_and_builtin")
+  assert rates["my_alpaca"] == pytest.approx(0.25)
+  assert sum(v for k, v in rates.items() if k.startswith("builtin_")) == pytest.approx(0.75)
+  ds = seqio.get_mixture_or_task("user_and_builtin").get_dataset(
+      {"inputs": 64, "targets": 16}, "train", seed=0, passthrough_features=["task"])
+  names = collections.Counter(ex["task"].decode() for ex in ds.take(400).as_numpy_iterator())
+  assert 50 < names["my_alpaca"] < 150
+
+
+# ------------------------------------------------------------------ mixtures
+
+@pytest.fixture(scope="module")
+def all_registered(builtin_vocab):
+  tasks.set_input_budget(512)
+  registry.register_all(builtin_vocab)
+  return builtin_vocab
+
+
+def test_mixture_rates_hold_over_10000_draws(all_registered):
+  shared_data("flan_cot")
+  names = ["flan_cot_qasc", "flan_cot_creak_direct", "flan_cot_aqua_direct"]
+  mixtures.add_mixture("rates_test", names, maximum=3000, temperature=2.0)
+  sizes = {n: len(tasks._raw(tasks.DEFS[n][0], "train")) for n in names}
+  w = {n: min(s, 3000) ** 0.5 for n, s in sizes.items()}
+  expected = {n: v / sum(w.values()) for n, v in w.items()}
+  assert mixtures.mixture_rates("rates_test") == pytest.approx(expected)
+  ds = seqio.get_mixture_or_task("rates_test").get_dataset(
+      {"inputs": 512, "targets": 128}, "train", seed=3, passthrough_features=["task"])
+  got = collections.Counter(ex["task"].decode() for ex in ds.take(10_000).as_numpy_iterator())
+  for n in names:
+    assert abs(got[n] / 10_000 - expected[n]) < 0.02, (n, got[n], expected[n])
+
+
+def test_blend_of_submixtures(all_registered):
+  shared_data("flan_cot")
+  mixtures.add_blend("blend_test", [("flan_cot", 0.6), ("flanjax_builtin", 0.4)])
+  rates = mixtures.mixture_rates("blend_test")
+  inner = mixtures.mixture_rates("flan_cot")
+  assert sum(v for k, v in rates.items() if k.startswith("flan_cot")) == pytest.approx(0.6)
+  for k, v in inner.items():
+    assert rates[k] == pytest.approx(0.6 * v)
+  assert rates["builtin_parity"] == pytest.approx(0.4 / 6)
+
+
+def test_eval_only_tasks_are_refused_in_training_mixtures(all_registered):
+  shared_data("gsm8k")
+  fake = tasks.TaskDef(name="eval_only_probe", load=lambda s: [{"answer": "x", "question": "q"}],
+                       splits=("test",), templates="cot_qa", eval_only_splits=("*",))
+  tasks.register(fake, all_registered)
+  with pytest.raises(UserError, match="evaluation-only data: eval_only_probe"):
+    mixtures.add_mixture("bad_mix", ["flan_cot_qasc", "eval_only_probe"])
+  with pytest.raises(UserError, match="gsm8k"):
+    mixtures.check_trainable("gsm8k", "test")
+  with pytest.raises(UserError, match="eval_only_probe"):
+    mixtures.add_blend("bad_blend", [("flan_cot", 1.0), ("eval_only_probe", 1.0)])
+  mixtures.check_trainable("gsm8k", "train")
+
+
+# ------------------------------------------------------------------ cache
+
+def test_cache_is_reused_and_keyed_by_template_and_vocab(tmp_path, monkeypatch, builtin_vocab):
+  data = [dict(question=f"What is {i} plus {i}?", answer=str(2 * i), rationale="Add.")
+          for i in range(40)]
+  d = tasks.TaskDef(name="cache_probe", load=lambda s: data, splits=("train",),
+                    templates="cot_qa", fingerprint="v1")
+  first = tasks.tokenized_split(d, "train", builtin_vocab)
+  tasks._MEMO.clear()
+
+  def boom(*a, **k):
+    raise AssertionError("tokenized again")
+
+  monkeypatch.setattr(tasks, "_encode_all", boom)
+  again = tasks.tokenized_split(d, "train", builtin_vocab)  # from disk, no tokenizer
+  np.testing.assert_array_equal(first.inputs, again.inputs)
+  assert first.texts == again.texts
+  other_templates = tasks.TaskDef(name="cache_probe", load=lambda s: data, splits=("train",),
+                                  templates=[templates.Template("Sum: {question}")], fingerprint="v1")
+  other_data = tasks.TaskDef(name="cache_probe", load=lambda s: data, splits=("train",),
+                             templates="cot_qa", fingerprint="v2")
+  keys = {tasks.cache_key(x, "train", builtin_vocab) for x in (d, other_templates, other_data)}
+  keys.add(tasks.cache_key(d, "train", seqio.ByteVocabulary()))
+  assert len(keys) == 4
+  with pytest.raises(AssertionError, match="tokenized again"):
+    tasks.tokenized_split(other_templates, "train", builtin_vocab)
+
+
+# ------------------------------------------------------------------ tools
+
+def test_show_task_prints_what_the_model_sees(tmp_path):
+  shared_data("flan_cot")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, str(REPO / "tools" / "show_task.py"), "flan_cot_strategyqa",
+                        "-n", "2", "--format", "cot"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+  assert out.returncode == 0, out.stderr
+  first = tasks._raw(_flan_defs()["flan_cot_strategyqa"], "train")[0]
+  assert first["question"] in out.stdout and f"So the answer is {first['answer']}." in out.stdout
+  assert out.stdout.count("--- inputs ---") == 2
+  bad = subprocess.run([sys.executable, str(REPO / "tools" / "show_task.py"), "no_such_task"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("show_task: error: unknown task or mixture")
