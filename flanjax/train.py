@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from flanjax import config as flan_config  # noqa: E402
 from flanjax import evaluation  # noqa: E402
 # vocab is imported for its gin configurables (builtin_vocabulary, sentencepiece_vocabulary).
-from flanjax.data import mixtures, pipeline, registry, tasks as task_lib, vocab as vocab_lib  # noqa: E402,F401
+from flanjax.data import mixtures, packing, pipeline, registry, tasks as task_lib, vocab as vocab_lib  # noqa: E402,F401
 from flanjax.errors import UserError  # noqa: E402
 from flanjax.models import t5  # noqa: E402
 from flanjax.training import checkpoints, metrics as metrics_lib, optimizers  # noqa: E402
@@ -164,7 +164,9 @@ def train(
       print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
     start_step = int(jax.device_get(state["step"]))
 
-    make_ds = lambda: pipeline.get_dataset(mixture, lengths, "train", batch_size, seed, pack)
+    pack_stats = packing.PackingStats()
+    make_ds = lambda: pipeline.get_dataset(mixture, lengths, "train", batch_size, seed, pack,  # noqa: E731
+                                           stats=pack_stats)
     stream = pipeline.BatchStream(make_ds, position)
 
     step_fn = trainer.make_train_step(
@@ -258,10 +260,16 @@ def train(
             flush=True)
       return {"step": final_step, "stopped": True}
 
-    summary = {"step": final_step, "train_seconds": round(train_secs, 1),
+    # Counted over every row the packer built (a few batches run ahead in prefetch).
+    print(f"packing: {pack_stats.summary()}", flush=True)
+    summary = {"packing": {"non_padding_share": round(pack_stats.share(), 4),
+                           "encoder_share": round(pack_stats.share("encoder_input_tokens"), 4),
+                           "decoder_share": round(pack_stats.share("decoder_target_tokens"), 4),
+                           "mask_violations": pack_stats.violations}}
+    summary.update({"step": final_step, "train_seconds": round(train_secs, 1),
                "first_loss": history[0] if history else None,
                "last_loss": float(np.mean(history[-10:])) if history else None,
-               "model_dir": model_dir, "checkpoint_dir": ckpt.directory}
+               "model_dir": model_dir, "checkpoint_dir": ckpt.directory})
     if eval_at_end and jax.process_index() == 0:
       names = list(eval_tasks) if eval_tasks else evaluation.tasks_of(mixture)
       params = state["params"]
