@@ -400,3 +400,39 @@ def test_flan_cot_mixture_packs_over_90_percent_and_beats_seqio():
         f"seqio packer {seqio_share:.3f}, padded {shares[False]:.3f}")
   assert shares[True] >= 0.90
   assert shares[True] > seqio_share > shares[False]
+
+
+def test_chat_prompt_is_an_exact_prefix_and_every_turn_end_is_trained(tmp_path, builtin_vocab):
+  """The known SFT failure: a prompt tokenized apart from its response no longer lines up.
+
+  Here prompt and response are tokenized separately and concatenated, so the
+  loss mask starts exactly where the response does; EOS ends each turn, weighted.
+  """
+  from flanjax.data import packing
+  convo = [{"role": "user", "content": "Name a fruit"},
+           {"role": "assistant", "content": "apple"},
+           {"role": "user", "content": "Another one, please."},
+           {"role": "assistant", "content": " banana!"}]
+  path = _write(tmp_path / "chat.jsonl", [json.dumps({"messages": convo})] * 3)
+  (d,), _ = _user({"name": "chat_mask", "path": path, "format": "chat"})
+  tasks.register(d, builtin_vocab)
+  ds = seqio.get_mixture_or_task("chat_mask").get_dataset(
+      {"inputs": 64, "targets": 32}, "train", shuffle=False, num_epochs=1)
+  stats = packing.PackingStats()
+  rows = list(packing.pack_dataset(ds, {"inputs": 64, "targets": 32}, kind="prefix_lm",
+                                   stats=stats).as_numpy_iterator())
+  recs = tasks.render_split(d, "train")
+  v = builtin_vocab
+  found = 0
+  for row in rows:
+    for s in set(row["decoder_segment_ids"].tolist()) - {0}:
+      m = row["decoder_segment_ids"] == s
+      toks, w = row["decoder_target_tokens"][m], row["decoder_loss_weights"][m]
+      prompt, resp = toks[w == 0], toks[w == 1]
+      r = next(r for r in recs if list(prompt) == v.encode(r["inputs"]) + [v.eos_id])
+      assert list(resp) == v.encode(r["targets"]) + [v.eos_id]
+      assert w[-1] == 1 and toks[-1] == v.eos_id
+      # Weights are a single run: no prompt token is trained, no response token skipped.
+      assert np.all(np.diff(w) >= 0)
+      found += 1
+  assert found == 6 and stats.violations == 0 and "mask violations: none" in stats.summary()
