@@ -113,7 +113,10 @@ def resolve_gin_file(name: str, extra_paths: Sequence[str] = ()) -> str:
 
 
 def _one_line(err: Exception) -> str:
-  text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+  # gin appends "In call to configurable ..." lines to errors raised inside
+  # configurables; the user needs the message, not gin's call chain.
+  text = " ".join(line.strip() for line in str(err).splitlines()
+                  if line.strip() and not line.strip().startswith("In call to configurable"))
   return text or type(err).__name__
 
 

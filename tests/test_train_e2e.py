@@ -52,3 +52,28 @@ def test_default_job_end_to_end_and_exact_resume(tmp_path, builtin_vocab):
   assert sorted(b) == list(range(1, 11))
   for s in range(1, 11):
     assert a[s] == pytest.approx(b[s], abs=1e-6), (s, a[s], b[s])
+
+
+def test_user_files_mixed_with_builtin_through_gin(tmp_path):
+  """runs/user_data.gin: a user's chat file blended with the built-in tasks, trained and evaluated."""
+  convo = lambda i: {"messages": [{"role": "user", "content": f"Say the number {i}."},  # noqa: E731
+                                  {"role": "assistant", "content": f"{i}"}]}
+  data = tmp_path / "chat.jsonl"
+  data.write_text("\n".join(json.dumps(convo(i)) for i in range(300)) + "\n")
+  model_dir = tmp_path / "run"
+  args = [sys.executable, "-m", "flanjax.train", "--gin_file=runs/user_data.gin", *TINY[1:],
+          f"--gin.USER_FILE={data}", "--gin.USER_FORMAT=chat", f"--gin.train.model_dir={model_dir}",
+          "--gin.train.num_steps=3", "--gin.train.eval_max_examples=4"]
+  proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = json.loads((model_dir / "summary.json").read_text())
+  evaluated = {(e["task"], e["split"]) for e in summary["eval"]}
+  assert ("user_data", "validation") in evaluated and ("builtin_parity", "validation") in evaluated
+  assert summary["packing"]["mask_violations"] == 0
+  # A missing user file: one line naming the path and the fix, exit 2.
+  bad = subprocess.run(args[:-4] + [f"--gin.USER_FILE={tmp_path / 'nope.jsonl'}",
+                                    f"--gin.train.model_dir={tmp_path / 'run2'}"],
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2
+  last = bad.stderr.strip().splitlines()[-1]
+  assert "nope.jsonl does not exist" in last and last.startswith("train")

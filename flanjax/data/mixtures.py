@@ -23,21 +23,11 @@ def num_train_examples(task, split: str = "train") -> int:
   return task.num_input_examples(split)
 
 
-def proportional_rates(task_names: Sequence[str], maximum: int | None = None,
-                       temperature: float = 1.0, split: str = "train") -> dict[str, float]:
-  """Per-task weights: min(n, maximum) ** (1 / temperature), normalised to sum to 1."""
-  if temperature <= 0:
-    raise UserError(f"mixture temperature must be > 0, not {temperature}")
-  raw = {}
-  for name in task_names:
-    n = num_train_examples(seqio.get_mixture_or_task(name), split)
-    if maximum:
-      n = min(n, maximum)
-    raw[name] = float(n) ** (1.0 / temperature)
-  total = sum(raw.values())
-  if total <= 0:
-    raise UserError(f"mixture of {list(task_names)} has no training examples")
-  return {k: v / total for k, v in raw.items()}
+def _proportional_rate(maximum: int | None, temperature: float):
+  def rate(task) -> float:
+    n = num_train_examples(task)
+    return float(min(n, maximum) if maximum else n) ** (1.0 / temperature)
+  return rate
 
 
 def _leaf_tasks(name: str) -> list[seqio.Task]:
@@ -87,8 +77,11 @@ def add_mixture(name: str, tasks: Iterable[str | tuple[str, float]], maximum: in
     if training:
       check_trainable(n)
   if all(isinstance(t, str) for t in tasks):
-    rates = proportional_rates(names, maximum, temperature)
-    pairs = [(n, rates[n]) for n in names]
+    # Rates are computed when the mixture is first used, not now: registering
+    # must not read data (it may be absent on this machine, and unused).
+    if temperature <= 0:
+      raise UserError(f"mixture {name!r}: temperature must be > 0, not {temperature}")
+    pairs = [(n, _proportional_rate(maximum, temperature)) for n in names]
   else:
     pairs = [(t, None) if isinstance(t, str) else t for t in tasks]
     if any(r is None for _, r in pairs):
@@ -110,16 +103,28 @@ def add_blend(name: str, parts: Sequence[tuple[str, float]]) -> seqio.Mixture:
     check_trainable(sub)
     obj = seqio.get_mixture_or_task(sub)
     if isinstance(obj, seqio.Mixture):
-      inner = {t.name: obj.get_rate(t) for t in obj.tasks}
-      inner_total = sum(inner.values())
-      pairs.extend((t, share / total * r / inner_total) for t, r in inner.items())
+      pairs.extend((t.name, _share_of(obj, share / total)) for t in obj.tasks)
     else:
       pairs.append((sub, share / total))
-  merged: dict[str, float] = {}
+  merged: dict[str, list] = {}
   for t, r in pairs:  # a task in two submixtures gets both shares
-    merged[t] = merged.get(t, 0.0) + r
+    merged.setdefault(t, []).append(r)
   _replace(name)
-  return seqio.MixtureRegistry.add(name, sorted(merged.items()))
+  return seqio.MixtureRegistry.add(name, sorted((t, _summed(rs)) for t, rs in merged.items()))
+
+
+def _share_of(mixture: seqio.Mixture, share: float):
+  """Rate of a task inside a blend: its share of the submixture, times the submixture's share."""
+  def rate(task) -> float:
+    inner = sum(mixture.get_rate(t) for t in mixture.tasks)
+    return share * mixture.get_rate(task) / inner
+  return rate
+
+
+def _summed(rates):
+  if len(rates) == 1:
+    return rates[0]
+  return lambda task: sum(r(task) if callable(r) else r for r in rates)
 
 
 @gin.configurable

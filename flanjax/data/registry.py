@@ -19,7 +19,8 @@ from flanjax.data import mixtures as mix_lib
 from flanjax.data import tasks as task_lib
 # Imported here so their gin configurables exist before any config is parsed.
 from flanjax.data import sources  # noqa: F401  pylint: disable=unused-import
-from flanjax.data.collections import builtin, flan_cot, gsm8k, self_instruct, user
+from flanjax.data.collections import (
+    bbh, builtin, flan_cot, gsm8k, self_instruct, tfds_tasks, user)
 from flanjax.errors import UserError
 
 BUILTIN_PREFIX = "builtin_"
@@ -108,11 +109,11 @@ def register_all(vocabulary: seqio.Vocabulary,
   """
   names = register_builtin(vocabulary)
   defs = flan_cot.task_defs() + gsm8k.task_defs() + self_instruct.task_defs()
-  defs += _optional_defs()
+  defs += bbh.task_defs() + tfds_tasks.task_defs()
   user_defs, user_mixtures = user.user_data()
-  taken = set(seqio.TaskRegistry.names()) - {d.name for d in defs}
+  taken = {d.name for d in defs} | set(names)
   for d in user_defs:
-    if d.name in taken or d.name in {x.name for x in defs}:
+    if d.name in taken:
       raise UserError(f"user task name {d.name!r} is already taken by a built-in task; rename it")
   for d in defs + user_defs:
     names.append(task_lib.register(d, vocabulary))
@@ -133,19 +134,6 @@ def register_all(vocabulary: seqio.Vocabulary,
       mix_lib.add_mixture(spec["name"], [t if isinstance(t, str) else tuple(t) for t in spec["tasks"]],
                           maximum=spec.get("maximum"), temperature=spec.get("temperature", 1.0))
   return names
-
-
-def _optional_defs():
-  """Collections written as separate modules (BBH, TFDS-backed FLAN 2021 tasks)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  defs = []
-  for mod in ("bbh", "tfds_tasks"):
-    try:  # TODO(wire): import directly once both modules land
-      defs += importlib.import_module(f"flanjax.data.collections.{mod}").task_defs()
-    except ModuleNotFoundError as e:
-      if e.name != f"flanjax.data.collections.{mod}":
-        raise
-  return defs
 
 
 def list_tasks() -> list[str]:

@@ -180,10 +180,17 @@ def _encode_all(vocab: seqio.Vocabulary, texts: Sequence[str]) -> list[list[int]
   return [list(vocab.encode(t)) for t in texts]
 
 
+def _render_fingerprint(fn) -> str:
+  fp = getattr(fn, "fingerprint", None)
+  if fp is not None:
+    return str(fp)
+  return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
 def cache_key(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> str:
   h = hashlib.sha256()
   temps = [dataclasses.astuple(t) for t in defn.template_list()] if defn.render_fn is None \
-      else getattr(defn.render_fn, "fingerprint", defn.render_fn.__qualname__)
+      else _render_fingerprint(defn.render_fn)
   fp = defn.fingerprint() if callable(defn.fingerprint) else defn.fingerprint
   for part in (CACHE_VERSION, defn.name, split, fp, temps,
                tuple(defn.train_formats), defn.eval_format, defn.num_shots,
@@ -292,20 +299,15 @@ def _dense(ex):
   return {k: (v.to_tensor() if isinstance(v, tf.RaggedTensor) else v) for k, v in ex.items()}
 
 
-class _LazyCounts(Mapping):
-  """Number of examples per split, loaded only when a mixing rate asks."""
+class _Source(seqio.FunctionDataSource):
+  """A FunctionDataSource whose example counts are read only when asked (mixing rates)."""
 
-  def __init__(self, defn: TaskDef):
+  def __init__(self, defn: "TaskDef"):
+    super().__init__(functools.partial(_dataset_fn, name=defn.name), splits=list(defn.splits))
     self._defn = defn
 
-  def __getitem__(self, split):
+  def num_input_examples(self, split: str) -> int:
     return len(_raw(self._defn, split))
-
-  def __iter__(self):
-    return iter(self._defn.splits)
-
-  def __len__(self):
-    return len(self._defn.splits)
 
 
 def answer_accuracy(targets, predictions):
@@ -334,9 +336,7 @@ def register(defn: TaskDef, vocabulary: seqio.Vocabulary) -> str:
   DEFS[defn.name] = (defn, vocabulary)
   seqio.TaskRegistry.add(
       defn.name,
-      source=seqio.FunctionDataSource(
-          functools.partial(_dataset_fn, name=defn.name), splits=list(defn.splits),
-          num_input_examples=_LazyCounts(defn)),
+      source=_Source(defn),
       preprocessors=[seqio.preprocessors.append_eos_after_trim],
       output_features=output_features(vocabulary),
       postprocess_fn=defn.postprocess_fn or _extract,
