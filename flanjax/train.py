@@ -88,7 +88,7 @@ def _vocab_size_for(model_config: t5.T5Config, vocabulary) -> t5.T5Config:
 @gin.configurable(denylist=["stop_signal", "on_step"])
 def train(
     *,
-    model_dir: str = "./runs/flan_default",
+    model_dir: str | None = None,
     mixture: str = registry.BUILTIN_MIXTURE,
     vocabulary=gin.REQUIRED,
     register_fns: Sequence[Callable] = (registry.register_all,),
@@ -120,7 +120,8 @@ def train(
   """Trains and evaluates; returns a summary dict (also written to model_dir)."""
   _hide_accelerators_from_tf()
   lengths = dict(task_feature_lengths or {"inputs": 256, "targets": 64})
-  model_dir = os.path.abspath(model_dir)
+  # One folder per mixture by default, so switching mixture never resumes another run.
+  model_dir = os.path.abspath(model_dir or os.path.join("runs", mixture))
   _check_model_dir(model_dir)
   t_start = time.time()
 
