@@ -1,11 +1,14 @@
-"""Hugging Face T5 checkpoints <-> flanjax parameters.
+"""Hugging Face checkpoints (T5 and Llama) <-> flanjax parameters.
 
 Works on plain name -> numpy array dicts (a safetensors file, a
 pytorch_model.bin, or a torch state_dict), so no PyTorch is needed to import.
+`load` and `save` dispatch on the model family: config.json's model_type (or
+architectures) on import, the config's type on export.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Mapping
@@ -13,17 +16,39 @@ from typing import Mapping
 import numpy as np
 
 from flanjax.errors import UserError
+from flanjax.models.decoder import DecoderConfig
 from flanjax.models.t5 import T5Config
 
 _FF = {"relu": "relu", "gelu": "gelu", "gated-gelu": "gated-gelu",
        "gated-gelu_new": "gated-gelu", "gelu_new": "gelu", "gated-relu": "gated-relu",
        "gated-silu": "gated-silu"}
+T5_TYPES = ("t5", "mt5", "umt5")
+LLAMA_TYPES = ("llama",)
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
+
+def model_family(hf: Mapping, source: str = "config.json") -> str:
+  """"t5" or "llama" from a config.json dict; anything else is a UserError."""
+  arch = (hf.get("architectures") or [""])[0]
+  model_type = hf.get("model_type")
+  if model_type in T5_TYPES or (model_type is None and "T5" in arch):
+    return "t5"
+  if model_type in LLAMA_TYPES or (model_type is None and arch.startswith("Llama")):
+    return "llama"
+  if model_type is None and not arch:
+    # Old T5 configs name neither; a Llama one would have hidden_size.
+    return "llama" if "hidden_size" in hf else "t5"
+  raise UserError(f"{source}: unsupported architecture {arch or '(none)'} "
+                  f"(model_type={model_type}); flanjax imports T5 ({', '.join(T5_TYPES)}) and "
+                  f"Llama ({', '.join(LLAMA_TYPES)}) checkpoints")
+
+
+# ---------------------------------------------------------------- T5 config
 
 def t5_config_from_hf(hf: Mapping) -> T5Config:
   """Our T5Config from a Hugging Face T5 config.json dict."""
   arch = (hf.get("architectures") or ["T5ForConditionalGeneration"])[0]
-  if hf.get("model_type") not in (None, "t5", "mt5", "umt5") or "T5" not in arch:
+  if hf.get("model_type") not in (None, *T5_TYPES) or "T5" not in arch:
     raise UserError(f"unsupported architecture {arch} (model_type={hf.get('model_type')}); "
                     "flanjax imports T5, T5 v1.1, FLAN-T5 and mT5 checkpoints")
   ff = hf.get("feed_forward_proj", "relu")
@@ -50,77 +75,191 @@ def t5_config_to_hf(cfg: T5Config) -> dict:
       "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
       "relative_attention_max_distance": cfg.relative_attention_max_distance,
       "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
-      "feed_forward_proj": cfg.feed_forward if cfg.feed_forward != "gated-gelu" else "gated-gelu",
+      "feed_forward_proj": cfg.feed_forward,
       "tie_word_embeddings": cfg.tie_word_embeddings, "is_encoder_decoder": True,
       "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
   }
 
 
+# ---------------------------------------------------------------- Llama config
+
+def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderConfig:
+  """Our DecoderConfig from a Hugging Face Llama config.json dict."""
+  def need(key):
+    if key not in hf:
+      raise UserError(f"{source}: {key} is missing (a Llama config needs it)")
+    return hf[key]
+
+  act = hf.get("hidden_act", "silu")
+  if act not in ("silu", "swish"):
+    raise UserError(f"{source}: hidden_act={act!r} is not supported (Llama uses silu)")
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      raise UserError(f"{source}: {key}=true is not supported (Llama has no biases)")
+  heads = need("num_attention_heads")
+  d_model = need("hidden_size")
+  max_pos = hf.get("max_position_embeddings", 2048)
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if not isinstance(rope, Mapping) or any(isinstance(v, Mapping) for v in rope.values()):
+    raise UserError(f"{source}: per-layer rope_parameters are not supported")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  scaling = {}
+  try:
+    if rope_type == "linear":
+      scaling = dict(rope_scaling="linear", rope_factor=float(rope["factor"]))
+    elif rope_type == "llama3":
+      scaling = dict(rope_scaling="llama3", rope_factor=float(rope["factor"]),
+                     rope_low_freq_factor=float(rope["low_freq_factor"]),
+                     rope_high_freq_factor=float(rope["high_freq_factor"]),
+                     rope_original_max_position=int(
+                         rope.get("original_max_position_embeddings", max_pos)))
+    elif rope_type != "default":
+      raise UserError(f"{source}: rope type {rope_type!r} is not supported "
+                      "(default, linear and llama3 are)")
+  except KeyError as e:
+    raise UserError(f"{source}: {rope_type} rope parameters lack {e.args[0]}") from None
+  try:
+    return DecoderConfig(
+        vocab_size=need("vocab_size"), d_model=d_model, num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or d_model // heads,
+        d_ff=need("intermediate_size"), num_layers=need("num_hidden_layers"),
+        rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position=max_pos, dropout_rate=0.0, **scaling)
+  except ValueError as e:
+    raise UserError(f"{source}: {e}") from None
+
+
+def llama_config_to_hf(cfg: DecoderConfig) -> dict:
+  rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+          "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling != "none":
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_scaling == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_position)
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_position, "rms_norm_eps": cfg.rms_norm_eps,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+      # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
+      "rope_parameters": rope, "rope_theta": cfg.rope_theta,
+      "rope_scaling": None if cfg.rope_scaling == "none" else dict(rope),
+  }
+
+
+def config_from_hf(hf: Mapping, source: str = "config.json"):
+  """T5Config or DecoderConfig, by the family config.json names."""
+  if model_family(hf, source) == "t5":
+    return t5_config_from_hf(hf)
+  return llama_config_from_hf(hf, source)
+
+
+def config_to_hf(cfg) -> dict:
+  if isinstance(cfg, T5Config):
+    return t5_config_to_hf(cfg)
+  if isinstance(cfg, DecoderConfig):
+    return llama_config_to_hf(cfg)
+  raise TypeError(f"no Hugging Face export for {type(cfg).__name__}")
+
+
+# ---------------------------------------------------------------- parameter maps
+# Each entry: (our path, HF name, kind, HF shape, our shape). Kinds: "same" (as
+# is), "linear" (transposed [out, in] matrix), "attn_in" ([heads*k, d] ->
+# [d, heads, k]), "attn_out" ([d, heads*k] -> [heads, k, d]).
+
 def _ff_names(cfg: T5Config):
   return ("wi_0", "wi_1", "wo") if cfg.feed_forward.startswith("gated") else ("wi", "wo")
 
 
-def _mapping(cfg: T5Config):
-  """(our path, hf name, kind) for every parameter; kind says how to reshape."""
-  out = [(("token_embedding",), "shared.weight", "embed")]
+def _t5_mapping(cfg: T5Config):
+  d, f, h, k, v = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.d_kv, cfg.vocab_size
+  buckets = cfg.relative_attention_num_buckets
+  out = [(("token_embedding",), "shared.weight", "same", (v, d), (v, d))]
   if not cfg.tie_word_embeddings:
-    out.append((("lm_head",), "lm_head.weight", "linear"))
-  out.append((("encoder_relpos", "rel_embedding"),
-              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "embed"))
-  out.append((("decoder_relpos", "rel_embedding"),
-              "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "embed"))
-  out.append((("encoder_norm", "scale"), "encoder.final_layer_norm.weight", "vector"))
-  out.append((("decoder_norm", "scale"), "decoder.final_layer_norm.weight", "vector"))
+    out.append((("lm_head",), "lm_head.weight", "linear", (v, d), (d, v)))
+  for stack in ("encoder", "decoder"):
+    out.append(((f"{stack}_relpos", "rel_embedding"),
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "same",
+                (buckets, h), (buckets, h)))
+    out.append(((f"{stack}_norm", "scale"), f"{stack}.final_layer_norm.weight", "same",
+                (d,), (d,)))
 
   def attn(ours, hf):
-    return [((*ours, n), f"{hf}.{n}.weight", "attn_out" if n == "o" else "attn_in")
+    return [((*ours, n), f"{hf}.{n}.weight", *(
+        ("attn_out", (d, h * k), (h, k, d)) if n == "o" else ("attn_in", (h * k, d), (d, h, k))))
             for n in ("q", "k", "v", "o")]
 
+  def norm(ours, hf):
+    return ((*ours, "scale"), hf, "same", (d,), (d,))
+
+  def mlp(ours, hf):
+    return [((*ours, n), f"{hf}.{n}.weight", "linear",
+             *(((d, f), (f, d)) if n == "wo" else ((f, d), (d, f))))
+            for n in _ff_names(cfg)]
+
   for i in range(cfg.num_encoder_layers):
-    b, h = f"encoder_layer_{i}", f"encoder.block.{i}.layer"
-    out += attn((b, "attention"), f"{h}.0.SelfAttention")
-    out.append(((b, "pre_attention_norm", "scale"), f"{h}.0.layer_norm.weight", "vector"))
-    out += [((b, "mlp", n), f"{h}.1.DenseReluDense.{n}.weight", "linear")
-            for n in _ff_names(cfg)]
-    out.append(((b, "pre_mlp_norm", "scale"), f"{h}.1.layer_norm.weight", "vector"))
+    b, hb = f"encoder_layer_{i}", f"encoder.block.{i}.layer"
+    out += attn((b, "attention"), f"{hb}.0.SelfAttention")
+    out.append(norm((b, "pre_attention_norm"), f"{hb}.0.layer_norm.weight"))
+    out += mlp((b, "mlp"), f"{hb}.1.DenseReluDense")
+    out.append(norm((b, "pre_mlp_norm"), f"{hb}.1.layer_norm.weight"))
   for i in range(cfg.num_decoder_layers):
-    b, h = f"decoder_layer_{i}", f"decoder.block.{i}.layer"
-    out += attn((b, "self_attention"), f"{h}.0.SelfAttention")
-    out.append(((b, "pre_self_attention_norm", "scale"), f"{h}.0.layer_norm.weight", "vector"))
-    out += attn((b, "cross_attention"), f"{h}.1.EncDecAttention")
-    out.append(((b, "pre_cross_attention_norm", "scale"), f"{h}.1.layer_norm.weight", "vector"))
-    out += [((b, "mlp", n), f"{h}.2.DenseReluDense.{n}.weight", "linear")
-            for n in _ff_names(cfg)]
-    out.append(((b, "pre_mlp_norm", "scale"), f"{h}.2.layer_norm.weight", "vector"))
+    b, hb = f"decoder_layer_{i}", f"decoder.block.{i}.layer"
+    out += attn((b, "self_attention"), f"{hb}.0.SelfAttention")
+    out.append(norm((b, "pre_self_attention_norm"), f"{hb}.0.layer_norm.weight"))
+    out += attn((b, "cross_attention"), f"{hb}.1.EncDecAttention")
+    out.append(norm((b, "pre_cross_attention_norm"), f"{hb}.1.layer_norm.weight"))
+    out += mlp((b, "mlp"), f"{hb}.2.DenseReluDense")
+    out.append(norm((b, "pre_mlp_norm"), f"{hb}.2.layer_norm.weight"))
   return out
 
 
-def t5_params_from_hf(weights: Mapping[str, np.ndarray], cfg: T5Config,
-                      source: str = "checkpoint") -> dict:
-  """flanjax T5 params from HF tensors (name -> array, [out, in] linear weights)."""
-  h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
+def _llama_mapping(cfg: DecoderConfig):
+  d, f, v, k = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim
+  h, g = cfg.num_heads, cfg.num_kv_heads
+  out = [(("token_embedding",), "model.embed_tokens.weight", "same", (v, d), (v, d)),
+         (("final_norm", "scale"), "model.norm.weight", "same", (d,), (d,))]
+  if not cfg.tie_word_embeddings:
+    out.append((("lm_head",), "lm_head.weight", "linear", (v, d), (d, v)))
+  for i in range(cfg.num_layers):
+    b, hl = f"layer_{i}", f"model.layers.{i}"
+    out += [
+        ((b, "attention", "q"), f"{hl}.self_attn.q_proj.weight", "attn_in", (h * k, d), (d, h, k)),
+        ((b, "attention", "k"), f"{hl}.self_attn.k_proj.weight", "attn_in", (g * k, d), (d, g, k)),
+        ((b, "attention", "v"), f"{hl}.self_attn.v_proj.weight", "attn_in", (g * k, d), (d, g, k)),
+        ((b, "attention", "o"), f"{hl}.self_attn.o_proj.weight", "attn_out", (d, h * k), (h, k, d)),
+        ((b, "mlp", "wi_0"), f"{hl}.mlp.gate_proj.weight", "linear", (f, d), (d, f)),
+        ((b, "mlp", "wi_1"), f"{hl}.mlp.up_proj.weight", "linear", (f, d), (d, f)),
+        ((b, "mlp", "wo"), f"{hl}.mlp.down_proj.weight", "linear", (d, f), (f, d)),
+        ((b, "pre_attention_norm", "scale"), f"{hl}.input_layernorm.weight", "same", (d,), (d,)),
+        ((b, "pre_mlp_norm", "scale"), f"{hl}.post_attention_layernorm.weight", "same",
+         (d,), (d,)),
+    ]
+  return out
+
+
+def _from_hf(weights: Mapping[str, np.ndarray], mapping, source: str,
+             origin: Mapping[str, str] | None) -> dict:
   params: dict = {}
-  for path, name, kind in _mapping(cfg):
+  origin = origin or {}
+  for path, name, kind, hf_shape, our_shape in mapping:
     if name not in weights:
       raise UserError(f"{source}: parameter {name} is missing (needed for {'/'.join(path)})")
     w = np.asarray(weights[name], dtype=np.float32)
-    if kind == "attn_in":
-      want = (h * k, d)
-    elif kind == "attn_out":
-      want = (d, h * k)
-    elif kind == "vector":
-      want = (d,)
-    else:
-      want = None
-    if want is not None and w.shape != want:
-      raise UserError(f"{source}: parameter {name} has shape {w.shape}, config.json "
-                      f"implies {want}")
-    if kind == "attn_in":
-      w = w.T.reshape(d, h, k)
-    elif kind == "attn_out":
-      w = w.T.reshape(h, k, d)
-    elif kind == "linear":
-      w = w.T
+    if w.shape != hf_shape:
+      raise UserError(f"{origin.get(name, source)}: parameter {name} has shape {w.shape}, "
+                      f"config.json implies {hf_shape}")
+    if kind != "same":
+      w = w.T.reshape(our_shape)
     node = params
     for p in path[:-1]:
       node = node.setdefault(p, {})
@@ -128,22 +267,35 @@ def t5_params_from_hf(weights: Mapping[str, np.ndarray], cfg: T5Config,
   return params
 
 
-def t5_params_to_hf(params: Mapping, cfg: T5Config) -> dict[str, np.ndarray]:
-  """HF T5 tensors from flanjax params (the inverse of t5_params_from_hf)."""
-  h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
+def _to_hf(params: Mapping, mapping) -> dict[str, np.ndarray]:
   out = {}
-  for path, name, kind in _mapping(cfg):
+  for path, name, kind, hf_shape, our_shape in mapping:
     node = params
     for p in path:
+      if p not in node:
+        raise UserError(f"parameter {'/'.join(path)} is missing from the flanjax params")
       node = node[p]
     w = np.asarray(node, dtype=np.float32)
-    if kind == "attn_in":
-      w = w.reshape(d, h * k).T
-    elif kind == "attn_out":
-      w = w.reshape(h * k, d).T
-    elif kind == "linear":
-      w = w.T
+    if w.shape != our_shape:
+      raise UserError(f"parameter {'/'.join(path)} has shape {w.shape}, the model config "
+                      f"implies {our_shape}")
+    if kind == "attn_out":  # [heads, k, d] -> [heads*k, d] -> [d, heads*k]
+      w = w.reshape(-1, our_shape[-1]).T
+    elif kind != "same":  # [d, (heads, k) or out] -> [d, out] -> [out, d]
+      w = w.reshape(our_shape[0], -1).T
     out[name] = np.ascontiguousarray(w)
+  return out
+
+
+def t5_params_from_hf(weights: Mapping[str, np.ndarray], cfg: T5Config,
+                      source: str = "checkpoint", origin: Mapping[str, str] | None = None) -> dict:
+  """flanjax T5 params from HF tensors (name -> array, [out, in] linear weights)."""
+  return _from_hf(weights, _t5_mapping(cfg), source, origin)
+
+
+def t5_params_to_hf(params: Mapping, cfg: T5Config) -> dict[str, np.ndarray]:
+  """HF T5 tensors from flanjax params (the inverse of t5_params_from_hf)."""
+  out = _to_hf(params, _t5_mapping(cfg))
   # HF keeps the shared embedding under each stack too.
   out["encoder.embed_tokens.weight"] = out["shared.weight"]
   out["decoder.embed_tokens.weight"] = out["shared.weight"]
@@ -151,6 +303,39 @@ def t5_params_to_hf(params: Mapping, cfg: T5Config) -> dict[str, np.ndarray]:
     out["lm_head.weight"] = out["shared.weight"]
   return out
 
+
+def llama_params_from_hf(weights: Mapping[str, np.ndarray], cfg: DecoderConfig,
+                         source: str = "checkpoint",
+                         origin: Mapping[str, str] | None = None) -> dict:
+  """flanjax Decoder params from HF Llama tensors (LlamaForCausalLM or bare LlamaModel names)."""
+  if "model.embed_tokens.weight" not in weights and "embed_tokens.weight" in weights:
+    weights = {("model." + k if not k.startswith("lm_head.") else k): w
+               for k, w in weights.items()}
+    origin = {("model." + k if not k.startswith("lm_head.") else k): f
+              for k, f in (origin or {}).items()}
+  return _from_hf(weights, _llama_mapping(cfg), source, origin)
+
+
+def llama_params_to_hf(params: Mapping, cfg: DecoderConfig) -> dict[str, np.ndarray]:
+  """HF LlamaForCausalLM tensors; tied models have no lm_head.weight of their own."""
+  return _to_hf(params, _llama_mapping(cfg))
+
+
+def params_from_hf(weights, cfg, source: str = "checkpoint", origin=None) -> dict:
+  if isinstance(cfg, T5Config):
+    return t5_params_from_hf(weights, cfg, source, origin)
+  return llama_params_from_hf(weights, cfg, source, origin)
+
+
+def params_to_hf(params, cfg) -> dict[str, np.ndarray]:
+  if isinstance(cfg, T5Config):
+    return t5_params_to_hf(params, cfg)
+  if isinstance(cfg, DecoderConfig):
+    return llama_params_to_hf(params, cfg)
+  raise TypeError(f"no Hugging Face export for {type(cfg).__name__}")
+
+
+# ---------------------------------------------------------------- files
 
 def read_config(path: str) -> dict:
   cfg_path = os.path.join(path, "config.json")
@@ -163,12 +348,12 @@ def read_config(path: str) -> dict:
     raise UserError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a model directory: safetensors or pytorch_model.bin, sharded or not."""
-  def from_file(fname):
+def _read_checkpoint(path: str):
+  """(tensors, name -> file it came from, the file or index that lists them)."""
+  def from_file(fname, listed_by):
     full = os.path.join(path, fname)
     if not os.path.isfile(full):
-      raise UserError(f"{full} not found (listed by the index file or expected by name)")
+      raise UserError(f"{full} not found (listed by {listed_by})")
     if fname.endswith(".safetensors"):
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
       try:
@@ -180,41 +365,67 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
     except ImportError:
       raise UserError(f"{full} is a PyTorch file: install torch to read it, or convert "
                       "the directory to safetensors") from None
-    sd = torch.load(full, map_location="cpu", weights_only=True)
+    try:
+      sd = torch.load(full, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{full}: not a readable PyTorch file ({type(e).__name__})") from None
     return {k: v.float().numpy() for k, v in sd.items()}
 
   for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-    if os.path.isfile(os.path.join(path, index)):
-      with open(os.path.join(path, index)) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      out = {}
+    index_path = os.path.join(path, index)
+    if os.path.isfile(index_path):
+      try:
+        with open(index_path) as f:
+          shards = sorted(set(json.load(f)["weight_map"].values()))
+      except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise UserError(f"{index_path}: not a valid index file ({type(e).__name__})") from None
+      tensors, origin = {}, {}
       for shard in shards:
-        out.update(from_file(shard))
-      return out
+        part = from_file(shard, index_path)
+        tensors.update(part)
+        origin.update({k: os.path.join(path, shard) for k in part})
+      return tensors, origin, index_path
   for single in ("model.safetensors", "pytorch_model.bin"):
-    if os.path.isfile(os.path.join(path, single)):
-      return from_file(single)
+    full = os.path.join(path, single)
+    if os.path.isfile(full):
+      tensors = from_file(single, "name")
+      return tensors, {k: full for k in tensors}, full
   raise UserError(f"{path}: no model.safetensors, pytorch_model.bin or index file found")
 
 
-def load(path: str):
-  """(model_config, params, vocabulary) from a local Hugging Face T5 directory."""
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a model directory: safetensors or pytorch_model.bin, sharded or not."""
+  return _read_checkpoint(path)[0]
+
+
+def _vocabulary(path: str, cfg, hf_cfg: Mapping):
+  """spiece.model if the directory has one, else tokenizer.json, else None."""
   import seqio  # pylint: disable=g-import-not-at-top
+  spiece = os.path.join(path, "spiece.model")
+  if os.path.isfile(spiece):
+    n_extra = 0
+    if isinstance(cfg, T5Config):
+      # T5's sentinels <extra_id_*> sit after the SentencePiece pieces.
+      n_extra = max(0, min(100, cfg.vocab_size - _sp_size(spiece)))
+    return seqio.SentencePieceVocabulary(spiece, extra_ids=n_extra)
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    from flanjax.data import hf_vocab  # pylint: disable=g-import-not-at-top
+    return hf_vocab.HFTokenizerVocabulary.from_directory(path, model_config=hf_cfg)
+  return None
+
+
+def load(path: str):
+  """(model_config, params, vocabulary) from a local Hugging Face T5 or Llama directory."""
   if not os.path.isdir(path):
     raise UserError(f"{path} is not a directory: give the folder of a Hugging Face model")
   hf_cfg = read_config(path)
-  cfg = t5_config_from_hf(hf_cfg)
-  weights = _read_tensors(path)
+  cfg = config_from_hf(hf_cfg, os.path.join(path, "config.json"))
+  weights, origin, where = _read_checkpoint(path)
   if "lm_head.weight" not in weights and not cfg.tie_word_embeddings:
-    raise UserError(f"{path}: config says the output is untied, but lm_head.weight is missing")
-  params = t5_params_from_hf(weights, cfg, source=path)
-  spiece = os.path.join(path, "spiece.model")
-  vocabulary = None
-  if os.path.isfile(spiece):
-    # T5's sentinels <extra_id_*> sit after the SentencePiece pieces.
-    n_extra = max(0, min(100, cfg.vocab_size - _sp_size(spiece)))
-    vocabulary = seqio.SentencePieceVocabulary(spiece, extra_ids=n_extra)
-  return cfg, params, vocabulary
+    raise UserError(f"{where}: parameter lm_head.weight is missing, but config.json says the "
+                    "output is untied (tie_word_embeddings=false)")
+  params = params_from_hf(weights, cfg, source=where, origin=origin)
+  return cfg, params, _vocabulary(path, cfg, hf_cfg)
 
 
 def _sp_size(path: str) -> int:
@@ -222,19 +433,72 @@ def _sp_size(path: str) -> int:
   return spm.SentencePieceProcessor(model_file=path).get_piece_size()
 
 
-def save(model_config: T5Config, params, path: str, vocabulary=None):
-  """Writes config.json, model.safetensors (and spiece.model) that transformers loads."""
+def _special_ids(vocabulary) -> dict:
+  out = {}
+  for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
+                    ("pad_token_id", "pad_id")):
+    try:
+      value = getattr(vocabulary, attr)
+    except NotImplementedError:  # seqio's bos_id when a vocabulary has none
+      continue
+    if value is not None and value >= 0:
+      out[key] = int(value)
+  return out
+
+
+def _describes(hf_cfg: Mapping, model_config) -> bool:
+  """Whether a config.json maps to model_config (up to the training-only fields)."""
+  try:
+    ours = config_from_hf(hf_cfg)
+  except (UserError, KeyError, TypeError):
+    return False
+  plain = lambda c: dataclasses.replace(c, dropout_rate=0.0, dtype="float32", remat=False)
+  return type(ours) is type(model_config) and plain(ours) == plain(model_config)
+
+
+def save(model_config, params, path: str, vocabulary=None, extra_config: Mapping | None = None,
+         dtype: str = "float32"):
+  """Writes config.json, model.safetensors and the tokenizer files that transformers loads.
+
+  extra_config: an original config.json. Written as it is when it describes
+    model_config (so a round trip keeps every key), else its keys fill in what
+    the generated config lacks (token ids, ...).
+  dtype: of the stored tensors (float32, bfloat16, float16).
+  """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if dtype not in SAVE_DTYPES:
+    raise UserError(f"dtype {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+  np_dtype = np.float32
+  if dtype == "bfloat16":
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    np_dtype = ml_dtypes.bfloat16
+  elif dtype == "float16":
+    np_dtype = np.float16
+  tensors = params_to_hf(params, model_config)
+  if isinstance(model_config, T5Config):
+    # Tied entries share memory; safetensors stores each tensor once.
+    skip = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    if model_config.tie_word_embeddings:
+      skip.add("lm_head.weight")
+    tensors = {k: v for k, v in tensors.items() if k not in skip}
+  hf_cfg = config_to_hf(model_config)
+  if extra_config and _describes(extra_config, model_config):
+    hf_cfg = dict(extra_config)  # the original, every key kept
+  for key, value in (extra_config or {}).items():
+    hf_cfg.setdefault(key, value)
+  for key in ("dtype", "torch_dtype"):
+    if key in hf_cfg:
+      hf_cfg[key] = dtype
+  if vocabulary is not None:
+    for key, value in _special_ids(vocabulary).items():
+      hf_cfg.setdefault(key, value)
   os.makedirs(path, exist_ok=True)
-  tensors = t5_params_to_hf(params, model_config)
-  # Tied entries share memory; safetensors stores each tensor once.
-  unique = {k: v for k, v in tensors.items()
-            if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-            and not (model_config.tie_word_embeddings and k == "lm_head.weight")}
-  save_file({k: np.ascontiguousarray(v) for k, v in unique.items()},
+  save_file({k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in tensors.items()},
             os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(t5_config_to_hf(model_config), f, indent=1)
-  if vocabulary is not None and hasattr(vocabulary, "sp_model"):
+    json.dump(hf_cfg, f, indent=1)
+  if vocabulary is not None and hasattr(vocabulary, "save_tokenizer"):
+    vocabulary.save_tokenizer(path)
+  elif vocabulary is not None and hasattr(vocabulary, "sp_model"):
     with open(os.path.join(path, "spiece.model"), "wb") as f:
       f.write(vocabulary.sp_model)

@@ -1,0 +1,383 @@
+"""Llama-style decoder-only transformer in Flax linen.
+
+Pre-norm blocks of RMSNorm, grouped-query attention with rotary position
+embeddings, and a SwiGLU feed-forward; the output projection is either its own
+matrix or the transposed token embedding. RoPE rotates the two halves of each
+head (Hugging Face's rotate_half layout), so Hugging Face Llama weights load
+without permuting q and k.
+
+Inputs are seqio's decoder-only features (DecoderFeatureConverter and
+PrefixLMFeatureConverter): decoder_input_tokens, decoder_segment_ids,
+decoder_positions and, for prefix-LM, decoder_causal_attention (1 on the
+prefix, which attends bidirectionally within itself). Attention never crosses
+a segment and RoPE uses the per-segment positions, so a packed row gives each
+example the logits it would get alone.
+
+Parameters carry logical axis names: embed, mlp, heads, kv (head dim), vocab,
+and kv_heads for the key/value heads of grouped-query attention (not in the
+default rules, so replicated unless a rule maps it: their count need not
+divide the model axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flanjax.models.t5 import RMSNorm, _mask_bias, _param
+
+Array = Any
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  vocab_size: int = 32000
+  d_model: int = 512
+  num_heads: int = 8
+  num_kv_heads: int = 8  # < num_heads: grouped-query attention; 1: multi-query
+  head_dim: int = 64
+  d_ff: int = 1408
+  num_layers: int = 8
+  rope_theta: float = 10000.0
+  # Context-extension of the rotary frequencies, as in Hugging Face's
+  # rope_parameters: "linear" divides them by rope_factor; "llama3" is Llama 3.1's
+  # wavelength-dependent interpolation.
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  max_position: int = 2048  # recorded for export; RoPE itself has no table
+  dropout_rate: float = 0.0
+  dtype: str = "float32"  # activations; parameters stay float32
+  remat: bool = False  # recompute each layer's activations in the backward pass
+
+  def __post_init__(self):
+    if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+      raise ValueError(f"DecoderConfig.num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"DecoderConfig.head_dim={self.head_dim} must be even for RoPE")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"DecoderConfig.rope_scaling={self.rope_scaling!r} is not one of "
+                       f"{', '.join(ROPE_SCALINGS)}")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    d, f, k = self.d_model, self.d_ff, self.head_dim
+    attn = d * k * (2 * self.num_heads + 2 * self.num_kv_heads)
+    layer = attn + 3 * d * f + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    return self.num_layers * layer + emb + d
+
+
+def rope_inverse_frequencies(cfg: DecoderConfig) -> np.ndarray:
+  """[head_dim / 2] float32 angular speeds of the rotary pairs."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  if cfg.rope_scaling == "linear":
+    inv = inv / cfg.rope_factor
+  elif cfg.rope_scaling == "llama3":
+    # Long wavelengths are slowed by `factor`, short ones kept, and the band in
+    # between interpolated linearly in 1/wavelength.
+    old = cfg.rope_original_max_position
+    lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+    inv = np.where(wavelen > old / lo, inv / cfg.rope_factor,
+                   np.where(wavelen < old / hi, inv, mid))
+  return inv.astype(np.float32)
+
+
+def rope_tables(cfg: DecoderConfig, positions: Array):
+  """positions [b, l] -> (cos, sin), each [b, l, 1, head_dim] float32."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, rope) -> Array:
+  """Rotates x [b, l, heads, head_dim]: pair i is (x[i], x[i + head_dim/2])."""
+  cos, sin = rope
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _write_rows(buffer: Array, new: Array, index: Array) -> Array:
+  """Writes new [b, n, ...] into buffer [b, max_len, ...] at a per-row offset."""
+  index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (buffer.shape[0],))
+  write = lambda buf, x, i: jax.lax.dynamic_update_slice(
+      buf, x.astype(buf.dtype), (i,) + (0,) * (buf.ndim - 1))
+  return jax.vmap(write)(buffer, new, index)
+
+
+class Attention(nn.Module):
+  config: DecoderConfig
+
+  def setup(self):
+    c = self.config
+    d, h, g, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    self.wq = _param(self, "q", d ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    self.wk = _param(self, "k", d ** -0.5, (d, g, k), ("embed", "kv_heads", "kv"))
+    self.wv = _param(self, "v", d ** -0.5, (d, g, k), ("embed", "kv_heads", "kv"))
+    self.wo = _param(self, "o", (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
+    self.dropout = nn.Dropout(c.dropout_rate)
+
+  def __call__(self, x, bias, rope, deterministic=True, cache=None, write_index=None):
+    """Self-attention of x [b, l, d]; bias [b, 1, l, keys] is 0 or NEG_INF.
+
+    With `cache` ((keys, values) buffers [b, max_len, kv_heads, head_dim]), the
+    new keys and values are written at write_index (scalar or per row) and the
+    queries attend over the whole buffer; the updated cache is returned too.
+    """
+    c = self.config
+    dt = c.compute_dtype
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq.astype(dt))
+    kk = jnp.einsum("bld,dhk->blhk", x, self.wk.astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", x, self.wv.astype(dt))
+    q = nn.with_logical_constraint(apply_rope(q, rope), ("batch", "length", "heads", "kv"))
+    kk = nn.with_logical_constraint(apply_rope(kk, rope), ("batch", "length", "kv_heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
+    if cache is not None:
+      kk = _write_rows(cache[0], kk, write_index)
+      v = _write_rows(cache[1], v, write_index)
+    b, length = q.shape[:2]
+    groups = c.num_heads // c.num_kv_heads
+    # Query head j reads key/value head j // groups (Hugging Face's repeat_kv order).
+    q = q.reshape(b, length, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("bqngk,btnk->bngqt", q, kk).astype(jnp.float32)
+    scores = scores * (c.head_dim ** -0.5) + bias[:, :, None]
+    probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(dt), deterministic=deterministic)
+    out = jnp.einsum("bngqt,btnk->bqngk", probs, v).reshape(b, length, c.num_heads, c.head_dim)
+    out = jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt))
+    return out if cache is None else (out, (kk, v))
+
+
+class FeedForward(nn.Module):
+  """SwiGLU: wo(silu(x wi_0) * x wi_1); wi_0 is HF's gate_proj, wi_1 its up_proj."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    c = self.config
+    dt = c.compute_dtype
+    wi0 = _param(self, "wi_0", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
+    wi1 = _param(self, "wi_1", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
+    hidden = jax.nn.silu(x @ wi0.astype(dt)) * (x @ wi1.astype(dt))
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
+    wo = _param(self, "wo", c.d_ff ** -0.5, (c.d_ff, c.d_model), ("mlp", "embed"))
+    return hidden @ wo.astype(dt)
+
+
+class DecoderLayer(nn.Module):
+  config: DecoderConfig
+
+  def setup(self):
+    c = self.config
+    self.pre_attention_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype)
+    self.attention = Attention(c)
+    self.pre_mlp_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype)
+    self.mlp = FeedForward(c)
+    self.drop = nn.Dropout(c.dropout_rate)
+
+  def __call__(self, x, bias, rope, deterministic=True, cache=None, write_index=None):
+    att = self.attention(self.pre_attention_norm(x), bias, rope, deterministic, cache=cache,
+                         write_index=write_index)
+    if cache is not None:
+      att, cache = att
+    x = x + self.drop(att, deterministic)
+    x = x + self.drop(self.mlp(self.pre_mlp_norm(x), deterministic), deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x if cache is None else (x, cache)
+
+
+def attention_mask(segment_ids: Array, causal_attention: Array | None = None) -> Array:
+  """bool [b, l, l]: causal within a segment; prefix positions also see each other."""
+  length = segment_ids.shape[1]
+  idx = jnp.arange(length)
+  allowed = (idx[:, None] >= idx[None, :])[None]
+  if causal_attention is not None:
+    prefix = causal_attention > 0
+    allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])
+  return allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+class Decoder(nn.Module):
+  """Decoder-only LM; ``__call__`` returns logits [batch, length, vocab]."""
+  config: DecoderConfig
+
+  def setup(self):
+    c = self.config
+    # Tied: the embedding is also the output matrix, so keep logits O(1).
+    emb_std = c.d_model ** -0.5 if c.tie_word_embeddings else 1.0
+    self.embedding = self.param(
+        "token_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(emb_std), ("vocab", "embed")),
+        (c.vocab_size, c.d_model), jnp.float32)
+    # `deterministic` is static (positional index counted with self as 0).
+    layer_cls = nn.remat(DecoderLayer, static_argnums=(4,)) if c.remat else DecoderLayer
+    self.layers = [layer_cls(c, name=f"layer_{i}") for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype)
+    self.dropout = nn.Dropout(c.dropout_rate)
+    if not c.tie_word_embeddings:
+      self.lm_head = self.param(
+          "lm_head",
+          nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
+                                       ("embed", "vocab")),
+          (c.d_model, c.vocab_size), jnp.float32)
+
+  def _embed(self, tokens):
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def _logits(self, x):
+    if self.config.tie_word_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x, self.embedding.astype(x.dtype))
+    else:
+      logits = x @ self.lm_head.astype(x.dtype)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def __call__(self, decoder_input_tokens, decoder_target_tokens=None,
+               decoder_segment_ids=None, decoder_positions=None,
+               decoder_causal_attention=None, deterministic=True):
+    """Logits for every position.
+
+    decoder_target_tokens is accepted (the trainer passes a whole batch) but
+    not needed: without segment ids a row is one example, and right padding
+    never reaches a real token through a causal mask.
+    """
+    del decoder_target_tokens
+    tokens = decoder_input_tokens
+    seg = jnp.ones_like(tokens) if decoder_segment_ids is None else decoder_segment_ids
+    pos = decoder_positions
+    if pos is None:
+      pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    bias = _mask_bias(attention_mask(seg, decoder_causal_attention))
+    rope = rope_tables(self.config, pos)
+    x = self.dropout(self._embed(tokens), deterministic)
+    for layer in self.layers:
+      x = layer(x, bias, rope, deterministic)
+    return self._logits(self.dropout(self.final_norm(x), deterministic))
+
+  # ---------------------------------------------------------------- decoding
+  # The cache holds one row per example; slot t of a row holds position t, and
+  # state["index"] [b] is the next free slot of each row, so prompts of
+  # different lengths decode side by side without left padding.
+
+  def init_decode_state(self, batch: int, max_len: int):
+    c = self.config
+    empty = jnp.zeros((batch, max_len, c.num_kv_heads, c.head_dim), c.compute_dtype)
+    return {"cache": [(empty, empty) for _ in self.layers],
+            "index": jnp.zeros((batch,), jnp.int32)}
+
+  def _run_cached(self, state, tokens, positions, bias, write_index):
+    rope = rope_tables(self.config, positions)
+    x = self._embed(tokens)
+    caches = []
+    for layer, cache in zip(self.layers, state["cache"]):
+      x, cache = layer(x, bias, rope, True, cache=cache, write_index=write_index)
+      caches.append(cache)
+    return self.final_norm(x), caches
+
+  def prefill(self, state, tokens, lengths=None, causal_attention=None):
+    """Runs the prompt tokens [b, p] (right-padded to `lengths` >= 1) into an empty cache.
+
+    causal_attention [b, p]: 1 on prompt positions that attend bidirectionally
+    (a prefix-LM's inputs). Returns (logits [b, vocab] after each row's last
+    prompt token, state with index = lengths).
+    """
+    b, p = tokens.shape
+    max_len = state["cache"][0][0].shape[1]
+    lengths = jnp.full((b,), p, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    q = jnp.arange(p)[:, None]
+    t = jnp.arange(max_len)[None, :]
+    allowed = jnp.broadcast_to(t <= q, (b, p, max_len))
+    if causal_attention is not None:
+      prefix = jnp.pad(causal_attention > 0, ((0, 0), (0, max_len - p)))
+      allowed = allowed | (prefix[:, :p, None] & prefix[:, None, :])
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    x, caches = self._run_cached(state, tokens, positions, _mask_bias(allowed), 0)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+    return self._logits(last)[:, 0], {"cache": caches, "index": lengths}
+
+  def decode_step(self, state, token):
+    """token [b] at each row's next position -> (logits [b, vocab], state).
+
+    The cache must have room: a write past max_len is clamped onto the last slot.
+    """
+    index = state["index"]
+    max_len = state["cache"][0][0].shape[1]
+    allowed = (jnp.arange(max_len)[None, :] <= index[:, None])[:, None, :]
+    x, caches = self._run_cached(state, token[:, None], index[:, None], _mask_bias(allowed),
+                                 index)
+    return self._logits(x)[:, 0], {"cache": caches, "index": index + 1}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "eos_id",
+                                             "bidirectional_prompt"))
+def greedy(model: Decoder, params, prompt_tokens, prompt_lengths=None, *, max_len: int,
+           eos_id: int = 1, bidirectional_prompt: bool = False):
+  """Greedy continuation of right-padded prompts [b, p] -> [b, max_len] ids, 0 after EOS.
+
+  bidirectional_prompt: the prompt attends to itself both ways, as a prefix-LM
+  was trained (decoder_causal_attention over its inputs).
+  """
+  variables = {"params": params}
+  b, p = prompt_tokens.shape
+  lengths = (jnp.full((b,), p, jnp.int32) if prompt_lengths is None
+             else jnp.asarray(prompt_lengths, jnp.int32))
+  state = model.apply(variables, b, p + max_len, method=model.init_decode_state)
+  causal = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32) \
+      if bidirectional_prompt else None
+  logits, state = model.apply(variables, state, prompt_tokens, lengths, causal,
+                              method=model.prefill)
+  out = jnp.zeros((b, max_len), jnp.int32)
+  done = jnp.zeros((b,), bool)
+
+  def cond(carry):
+    i, _, _, _, done = carry
+    return (i < max_len) & ~jnp.all(done)
+
+  def body(carry):
+    i, logits, state, out, done = carry
+    nxt = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    out = out.at[:, i].set(nxt)
+    logits, state = model.apply(variables, state, nxt, method=model.decode_step)
+    return i + 1, logits, state, out, done | (nxt == eos_id)
+
+  *_, out, _ = jax.lax.while_loop(cond, body, (0, logits, state, out, done))
+  return out
+
+
+def model_inputs(batch: dict) -> dict:
+  """The model's keyword arguments out of a seqio decoder-only or prefix-LM batch."""
+  keys = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
+          "decoder_positions", "decoder_causal_attention")
+  return {k: batch[k] for k in keys if k in batch}
+
+
+def dummy_batch(batch_size: int, input_len: int, target_len: int = 0) -> dict:
+  """Init inputs; called like t5.dummy_batch, a prefix-LM row holds inputs + targets."""
+  length = input_len + target_len
+  return {
+      "decoder_input_tokens": np.ones((batch_size, length), np.int32),
+      "decoder_target_tokens": np.ones((batch_size, length), np.int32),
+  }
