@@ -288,7 +288,8 @@ register_all.mixtures = [{{'name': 'user_and_builtin', 'tasks': [('my_alpaca', 1
 def all_registered(builtin_vocab):
   tasks.set_input_budget(512)
   registry.register_all(builtin_vocab)
-  return builtin_vocab
+  yield builtin_vocab
+  tasks.set_input_budget(1024)
 
 
 def test_mixture_rates_hold_over_10000_draws(all_registered):
@@ -377,7 +378,15 @@ def test_show_task_prints_what_the_model_sees(tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith("show_task: error: unknown task or mixture")
 
 
-def test_flan_cot_mixture_packs_over_90_percent_and_beats_seqio():
+@pytest.fixture
+def restore_registry(builtin_vocab):
+  """Tests that register tasks with another vocabulary put the session's back."""
+  yield
+  tasks.set_input_budget(1024)
+  registry.register_all(builtin_vocab)
+
+
+def test_flan_cot_mixture_packs_over_90_percent_and_beats_seqio(restore_registry):
   """The issue's figure: flan_cot at 1024/256, packed vs padded vs seqio's packer."""
   shared_data("flan_cot")
   from flanjax.data import packing, pipeline, vocab
