@@ -59,19 +59,30 @@ def test_user_files_mixed_with_builtin_through_gin(tmp_path):
   convo = lambda i: {"messages": [{"role": "user", "content": f"Say the number {i}."},  # noqa: E731
                                   {"role": "assistant", "content": f"{i}"}]}
   data = tmp_path / "chat.jsonl"
-  data.write_text("\n".join(json.dumps(convo(i)) for i in range(300)) + "\n")
+  lines = [json.dumps(convo(i)) for i in range(300)]
+  lines[2] = lines[2][:-1]  # a malformed line: line 3 of the file
+  data.write_text("\n".join(lines) + "\n")
   model_dir = tmp_path / "run"
   args = [sys.executable, "-m", "flanjax.train", "--gin_file=runs/user_data.gin", *TINY[1:],
           f"--gin.USER_FILE={data}", "--gin.USER_FORMAT=chat", f"--gin.train.model_dir={model_dir}",
           "--gin.train.num_steps=3", "--gin.train.eval_max_examples=4"]
+  # By default a bad record stops the run, naming file and line, before any training.
   proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert f"{data}:3: not valid JSON" in last and "bad_records.policy='skip'" in last
+  # With the skip policy it is counted, reported, and the rest trains.
+  proc = subprocess.run(args + ["--gin.bad_records.policy=skip"], capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "299 records kept, 1 skipped: 1 malformed JSON lines" in proc.stdout
   summary = json.loads((model_dir / "summary.json").read_text())
   evaluated = {(e["task"], e["split"]) for e in summary["eval"]}
   assert ("user_data", "validation") in evaluated and ("builtin_parity", "validation") in evaluated
   assert summary["packing"]["mask_violations"] == 0
   # A missing user file: one line naming the path and the fix, exit 2.
-  bad = subprocess.run(args[:-4] + [f"--gin.USER_FILE={tmp_path / 'nope.jsonl'}",
+  bad = subprocess.run(args[:-4] + ["--gin.bad_records.policy=skip",
+                                    f"--gin.USER_FILE={tmp_path / 'nope.jsonl'}",
                                     f"--gin.train.model_dir={tmp_path / 'run2'}"],
                        capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2
