@@ -147,11 +147,24 @@ def parse_gin(args: GinArgs, finalize: bool = True) -> list:
   return paths
 
 
+def _guarded(fn, prog: str):
+  """Runs fn(); a UserError becomes one line on stderr and exit 2, never a traceback."""
+  try:
+    return fn()
+  except UserError as e:
+    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
 def run_main(main_fn, argv=None, require_gin_file=True):
   """Parses gin from argv and calls main_fn(rest_args); user errors -> one line, exit 2."""
   argv = sys.argv[1:] if argv is None else argv
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "flanjax"
-  try:
+
+  def run():
     args = parse_args(argv)
     if args.rest:
       raise UserError(f"unknown arguments {args.rest}; use --gin_file, --gin.X=Y, "
@@ -160,21 +173,10 @@ def run_main(main_fn, argv=None, require_gin_file=True):
       raise UserError("no --gin_file given; try --gin_file=flan.gin")
     parse_gin(args)
     return main_fn(args)
-  except UserError as e:
-    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print(f"{prog}: interrupted", file=sys.stderr)
-    sys.exit(130)
+
+  return _guarded(run, prog)
 
 
 def run_plain_main(main_fn, prog: str, argv=None):
   """For argparse tools: user errors -> one line on stderr, exit 2, no traceback."""
-  try:
-    sys.exit(main_fn(argv))
-  except UserError as e:
-    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print(f"{prog}: interrupted", file=sys.stderr)
-    sys.exit(130)
+  _guarded(lambda: sys.exit(main_fn(argv)), prog)

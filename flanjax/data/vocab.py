@@ -60,19 +60,7 @@ def builtin_vocabulary(vocab_size: int = 2000, cache_dir: str | None = None,
   template or generator trains a new vocabulary instead of reusing a stale one.
   """
   from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
-  text = builtin.all_text()
-  digest = hashlib.sha256()
-  for line in text:
-    digest.update(line.encode("utf-8") + b"\0")
-  digest.update(repr(sorted(TRAINER_SETTINGS.items())).encode() + f"/{vocab_size}".encode())
-  path = os.path.join(cache_dir or default_cache_dir(), "vocab",
-                      f"builtin-{vocab_size}-{digest.hexdigest()[:12]}.model")
-  if not os.path.exists(path):
-    t0 = time.time()
-    train_sentencepiece(text, path, vocab_size)
-    print(f"vocabulary: trained {vocab_size} pieces on {len(text):,} texts in "
-          f"{time.time() - t0:.1f}s -> {path}", flush=True)
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  return _trained("builtin", builtin.all_text(), vocab_size, cache_dir, extra_ids)
 
 
 def _trained(name: str, text: list[str], vocab_size: int, cache_dir: str | None,
