@@ -90,6 +90,7 @@ def register_builtin(vocabulary: seqio.Vocabulary) -> list[str]:
 
 FLAN_COT_MIXTURE = "flan_cot"
 BLEND = "flanjax_blend"
+TFDS_MIXTURE = "flan2021_tfds"
 # FLAN caps each task's examples when computing rates so big sets do not drown small ones.
 FLAN_COT_CAP = 5000
 
@@ -119,6 +120,8 @@ def register_all(vocabulary: seqio.Vocabulary,
     names.append(task_lib.register(d, vocabulary))
   mix_lib.add_mixture(FLAN_COT_MIXTURE, [d.name for d in flan_cot.task_defs()],
                       maximum=FLAN_COT_CAP)
+  # FLAN 2021 capped each training set at 30k examples.
+  mix_lib.add_mixture(TFDS_MIXTURE, [d.name for d in tfds_tasks.task_defs()], maximum=30_000)
   mix_lib.add_blend(BLEND, [(FLAN_COT_MIXTURE, 0.5), (BUILTIN_MIXTURE, 0.3),
                             ("gsm8k", 0.15), ("self_instruct_seed", 0.05)])
   for name, members in user_mixtures.items():
