@@ -1,8 +1,13 @@
 """python -m flanjax.train --gin_file=flan.gin [--gin.train.num_steps=100 ...]
 
-Builds the vocabulary and tasks, trains a T5 on packed batches of the
-mixture, checkpoints with orbax, logs to the console and TensorBoard, and
-ends with an exact-match evaluation against the trivial baseline.
+Builds the vocabulary and tasks, trains a T5 (train.model_config = @T5Config())
+or a decoder-only model (@DecoderConfig(), prefix-LM rows: the inputs attend
+both ways and carry no loss) on packed batches of the mixture, checkpoints
+with orbax, logs to the console and TensorBoard, and ends with an exact-match
+evaluation against the trivial baseline.
+
+train.init_from = a local Hugging Face model directory starts from its weights,
+config and tokenizer (runs/finetune_flan_t5.gin, runs/finetune_llama.gin).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from flanjax import evaluation  # noqa: E402
 # vocab is imported for its gin configurables (builtin_vocabulary, sentencepiece_vocabulary).
 from flanjax.data import mixtures, packing, pipeline, registry, tasks as task_lib, vocab as vocab_lib  # noqa: E402,F401
 from flanjax.errors import UserError  # noqa: E402
-from flanjax.models import t5  # noqa: E402
+# decoder is imported for its gin configurable DecoderConfig.
+from flanjax.models import decoder, hf, t5  # noqa: E402
 from flanjax.training import checkpoints, metrics as metrics_lib, optimizers  # noqa: E402
 from flanjax.training import partitioning, trainer  # noqa: E402
 
@@ -74,15 +80,63 @@ def _check_run_info(model_dir: str, info: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _vocab_size_for(model_config: t5.T5Config, vocabulary) -> t5.T5Config:
+ModelConfig = t5.T5Config | decoder.DecoderConfig
+# What a resumed or fine-tuned run may change: nothing here shapes the parameters.
+TRAINING_FIELDS = ("dtype", "remat", "dropout_rate")
+
+
+def _vocab_size_for(model_config: ModelConfig, vocabulary) -> ModelConfig:
   needed = vocabulary.vocab_size
   if model_config.vocab_size == 0:
     # Rounded up to a multiple of 128 for efficient matmuls.
     return dataclasses.replace(model_config, vocab_size=int(math.ceil(needed / 128) * 128))
   if model_config.vocab_size < needed:
-    raise UserError(f"T5Config.vocab_size={model_config.vocab_size} is smaller than the "
-                    f"vocabulary ({needed} pieces); raise it or set it to 0 (automatic)")
+    raise UserError(f"{type(model_config).__name__}.vocab_size={model_config.vocab_size} is "
+                    f"smaller than the vocabulary ({needed} pieces); raise it or set it to 0 "
+                    "(automatic)")
   return model_config
+
+
+def _model_for(cfg: ModelConfig):
+  """(model, init batch, packing kind) of a T5Config or a DecoderConfig."""
+  if isinstance(cfg, t5.T5Config):
+    return t5.T5(cfg), t5.dummy_batch(1, 8, 8), "enc_dec"
+  if isinstance(cfg, decoder.DecoderConfig):
+    return decoder.Decoder(cfg), decoder.dummy_batch(1, 8, 8), "prefix_lm"
+  raise UserError(f"train.model_config must be @T5Config() or @DecoderConfig(), "
+                  f"not {type(cfg).__name__}")
+
+
+def _describe(cfg: ModelConfig) -> str:
+  if isinstance(cfg, t5.T5Config):
+    return f"T5 {cfg.d_model}d x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers"
+  return (f"decoder-only {cfg.d_model}d x {cfg.num_layers} layers, {cfg.num_heads} heads "
+          f"({cfg.num_kv_heads} kv), prefix-LM")
+
+
+def _from_hf_dir(path: str, model_config: ModelConfig | None, vocabulary, with_params: bool):
+  """(config, params or None, vocabulary) for a run started from a Hugging Face folder.
+
+  The folder gives the shapes; train.model_config, when it is the same kind,
+  gives only the training fields (dtype, remat, dropout_rate).
+  """
+  if with_params:
+    cfg, params, vocab = hf.load(path)
+  else:  # resuming: the checkpoint has the weights
+    (cfg, vocab), params = hf.load_config(path), None
+  if vocab is None:
+    if vocabulary is None:
+      raise UserError(f"{path} has no spiece.model or tokenizer.json: add the model's "
+                      "tokenizer there, or bind train.vocabulary")
+    print(f"note: {path} has no tokenizer; using train.vocabulary", flush=True)
+    vocab = vocabulary
+  if model_config is not None:
+    if type(model_config) is type(cfg):
+      cfg = dataclasses.replace(cfg, **{k: getattr(model_config, k) for k in TRAINING_FIELDS})
+    else:
+      print(f"note: {path} holds a {type(cfg).__name__}; train.model_config "
+            f"({type(model_config).__name__}) is not used", flush=True)
+  return cfg, params, vocab
 
 
 @gin.configurable(denylist=["stop_signal", "on_step"])
@@ -90,9 +144,10 @@ def train(
     *,
     model_dir: str | None = None,
     mixture: str = registry.BUILTIN_MIXTURE,
-    vocabulary=gin.REQUIRED,
+    vocabulary=None,
     register_fns: Sequence[Callable] = (registry.register_all,),
-    model_config: t5.T5Config = gin.REQUIRED,
+    model_config: ModelConfig | None = None,
+    init_from: str | None = None,
     task_feature_lengths: Mapping[str, int] = None,
     batch_size: int = 32,
     num_steps: int = 1000,
@@ -117,13 +172,32 @@ def train(
     stop_signal=None,
     on_step: Callable | None = None,
 ) -> dict:
-  """Trains and evaluates; returns a summary dict (also written to model_dir)."""
+  """Trains and evaluates; returns a summary dict (also written to model_dir).
+
+  init_from: a local Hugging Face model directory (T5 or Llama). A fresh run
+  takes its config, weights and tokenizer (which replaces `vocabulary`); a
+  resumed run takes config and tokenizer from it and the weights from its
+  checkpoint. Only dtype, remat and dropout_rate of `model_config` apply then.
+  """
   _hide_accelerators_from_tf()
   lengths = dict(task_feature_lengths or {"inputs": 256, "targets": 64})
   # One folder per mixture by default, so switching mixture never resumes another run.
   model_dir = os.path.abspath(model_dir or os.path.join("runs", mixture))
   _check_model_dir(model_dir)
   t_start = time.time()
+  ckpt = checkpoints.Checkpointer(model_dir)
+  latest = ckpt.latest_step()
+
+  # ---- model config and vocabulary (from a Hugging Face folder if given)
+  init_params = None
+  if init_from:
+    model_config, init_params, vocabulary = _from_hf_dir(
+        init_from, model_config, vocabulary, with_params=latest is None)
+  if model_config is None:
+    raise UserError("no model: bind train.model_config (@T5Config() or @DecoderConfig()) "
+                    "or train.init_from (a Hugging Face model directory)")
+  if vocabulary is None:
+    raise UserError("no vocabulary: bind train.vocabulary or train.init_from")
 
   # ---- data
   vocab = vocabulary
@@ -140,26 +214,25 @@ def train(
   # ---- model, optimizer, mesh
   cfg = _vocab_size_for(model_config, vocab)
   # Only what shapes the parameters: dtype, remat and dropout may change on resume.
-  shape_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k not in ("dtype", "remat", "dropout_rate")}
+  shape_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TRAINING_FIELDS}
   _check_run_info(model_dir, {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
                               "model": shape_cfg})
-  model = t5.T5(cfg)
+  model, dummy, kind = _model_for(cfg)
   tx, lr_fn = optimizers.optimizer()
   mesh = partitioning.make_mesh(mesh_shape)
   rules = partitioning.logical_rules()
-  state, shardings = trainer.create_sharded_state(model, tx, mesh, rules, seed,
-                                                  t5.dummy_batch(1, 8, 8))
+  state, shardings = trainer.create_sharded_state(model, tx, mesh, rules, seed, dummy,
+                                                  params=init_params)
+  del init_params  # the state holds them now
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  print(f"model: T5 {cfg.d_model}d x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
-        f"layers, {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} on "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+  print(f"model: {_describe(cfg)}, {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} "
+        f"on {jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+  if init_from and latest is None:
+    print(f"initialised from {os.path.abspath(init_from)}", flush=True)
 
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    ckpt = checkpoints.Checkpointer(model_dir)
     position = 0
-    latest = ckpt.latest_step()
     if latest is not None:
       state, position = ckpt.restore(latest, checkpoints.abstract_like(state, shardings))
       print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
@@ -167,7 +240,7 @@ def train(
 
     pack_stats = packing.PackingStats()
     make_ds = lambda: pipeline.get_dataset(mixture, lengths, "train", batch_size, seed, pack,  # noqa: E731
-                                           stats=pack_stats)
+                                           stats=pack_stats, kind=kind)
     stream = pipeline.BatchStream(make_ds, position)
 
     step_fn = trainer.make_train_step(
@@ -179,7 +252,9 @@ def train(
                         in_shardings=(shardings["params"], partitioning.batch_sharding(mesh)))
 
     writer = metrics_lib.SummaryWriter(os.path.join(model_dir, "tensorboard"))
-    tokens_per_step = batch_size * (lengths["inputs"] + lengths["targets"])
+    # Positions per row: inputs + targets either way (a prefix-LM row holds both).
+    row_len = sum(packing.row_lengths(lengths, kind))
+    tokens_per_step = batch_size * row_len
     # 6 N flops per token for the matmuls of forward and backward.
     progress = metrics_lib.Progress(
         num_steps, start_step, log_every_secs, flops_per_token=6 * n_params,
@@ -190,9 +265,10 @@ def train(
     nonfinite_in_row = 0
     pending = None  # (step, metrics, batch stats) of the step in flight
     stop = stop_signal or trainer.StopSignal()
-    print(f"training: {num_steps} steps of {batch_size} rows x "
-          f"({lengths['inputs']} + {lengths['targets']}) tokens; logs and checkpoints in "
-          f"{model_dir}", flush=True)
+    shape = (f"({lengths['inputs']} + {lengths['targets']})" if kind == "enc_dec" else
+             f"{row_len} (prefix-LM: {lengths['inputs']} inputs + {lengths['targets']} targets)")
+    print(f"training: {num_steps} steps of {batch_size} rows x {shape} tokens; logs and "
+          f"checkpoints in {model_dir}", flush=True)
 
     def finish(pend):
       nonlocal nonfinite_in_row
@@ -241,7 +317,7 @@ def train(
           ckpt.save(step, state, stream.position)
         if validation_every_steps and step % validation_every_steps == 0:
           val = _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack,
-                                 validation_batches, state, mesh)
+                                 validation_batches, state, mesh, kind)
           if val is not None:
             print(f"step {step}: validation loss {val:.4f}", flush=True)
             writer.scalars(step, {"validation/loss": val})
@@ -263,10 +339,13 @@ def train(
 
     # Counted over every row the packer built (a few batches run ahead in prefetch).
     print(f"packing: {pack_stats.summary()}", flush=True)
-    summary = {"packing": {"non_padding_share": round(pack_stats.share(), 4),
-                           "encoder_share": round(pack_stats.share("encoder_input_tokens"), 4),
-                           "decoder_share": round(pack_stats.share("decoder_target_tokens"), 4),
-                           "mask_violations": pack_stats.violations}}
+    packed = {"non_padding_share": round(pack_stats.share(), 4)}
+    for key, feature in (("encoder_share", "encoder_input_tokens"),
+                         ("decoder_share", "decoder_target_tokens")):
+      if feature in pack_stats.positions:  # a prefix-LM row is all decoder
+        packed[key] = round(pack_stats.share(feature), 4)
+    packed["mask_violations"] = pack_stats.violations
+    summary = {"packing": packed, "model": type(cfg).__name__}
     summary.update({"step": final_step, "train_seconds": round(train_secs, 1),
                "first_loss": history[0] if history else None,
                "last_loss": float(np.mean(history[-10:])) if history else None,
@@ -294,14 +373,16 @@ def train(
     if jax.process_index() == 0:
       with open(os.path.join(model_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"done in {time.time() - t_start:.0f}s: loss {summary['first_loss']:.3f} -> "
-          f"{summary['last_loss']:.3f}; summary in {os.path.join(model_dir, 'summary.json')}",
-          flush=True)
+    # No steps when resuming a run that already reached num_steps.
+    losses = (f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if history
+              else "no steps run")
+    print(f"done in {time.time() - t_start:.0f}s: {losses}; summary in "
+          f"{os.path.join(model_dir, 'summary.json')}", flush=True)
     return summary
 
 
 def _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack, num_batches,
-                     state, mesh):
+                     state, mesh, kind="enc_dec"):
   task_or_mix = registry.get_task_or_mixture(mixture)
   tasks = getattr(task_or_mix, "tasks", [task_or_mix])
   if not any("validation" in t.splits for t in tasks):
@@ -309,9 +390,9 @@ def _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack, num_ba
   total, weight = 0.0, 0.0
   for name in [t.name for t in tasks if "validation" in t.splits]:
     ds = pipeline.get_dataset(name, lengths, "validation", batch_size, seed, pack,
-                              shuffle=False, num_epochs=1)
+                              shuffle=False, num_epochs=1, kind=kind)
     for batch in ds.take(num_batches).as_numpy_iterator():
-      if batch["encoder_input_tokens"].shape[0] * jax.process_count() != batch_size:
+      if batch["decoder_target_tokens"].shape[0] * jax.process_count() != batch_size:
         continue  # a short last batch would not shard evenly
       s, w = eval_step(state["params"], partitioning.global_batch(batch, mesh))
       total, weight = total + float(s), weight + float(w)

@@ -90,8 +90,14 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
                 batch_size: int = 16, seed: int = 0, pack: bool = True,
                 shuffle: bool = True, num_epochs: int | None = None,
                 shard: seqio.ShardInfo | None = None,
-                stats: packing.PackingStats | None = None) -> tf.data.Dataset:
-  """Packed (or padded) encoder-decoder batches of this host's share of the batch."""
+                stats: packing.PackingStats | None = None,
+                kind: str = "enc_dec") -> tf.data.Dataset:
+  """Packed (or padded) batches of this host's share of the batch.
+
+  kind: 'enc_dec' (T5's features), 'prefix_lm' (a decoder-only model: each
+  example is its inputs then its targets in one row of inputs + targets
+  positions, loss on the targets only) or 'decoder' (targets only).
+  """
   task_or_mix = registry.get_task_or_mixture(name)
   shard = shard or shard_info()
   if batch_size % shard.num_shards:
@@ -101,7 +107,10 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
       shard_info=shard, use_cached=False)
   # Our best-fit packer: seqio's feature names and per-example values, fewer
   # padding positions; `stats` counts fill and loss-mask violations.
-  ds = packing.pack_dataset(ds, lengths, kind="enc_dec", pack=pack, stats=stats)
+  # EOS only matters for the stats' check that each example ends in a weighted EOS.
+  eos_id = task_or_mix.output_features["targets"].vocabulary.eos_id
+  ds = packing.pack_dataset(ds, lengths, kind=kind, pack=pack, stats=stats,
+                            eos_id=packing.EOS_ID if eos_id is None else eos_id)
   ds = ds.batch(batch_size // shard.num_shards, drop_remainder=num_epochs is None)
   return ds.prefetch(tf.data.AUTOTUNE)
 

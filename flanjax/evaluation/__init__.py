@@ -13,6 +13,7 @@ import seqio
 from flanjax import decoding
 from flanjax.data import registry
 from flanjax.data.templates import extract_answer
+from flanjax.models import decoder as decoder_lib
 
 
 @dataclasses.dataclass
@@ -50,9 +51,48 @@ def _pad(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
   return out
 
 
+def trim_inputs(ids: np.ndarray, length: int, eos_id: int) -> np.ndarray:
+  """At most `length` tokens ending in EOS, as seqio's append_eos_after_trim feeds training."""
+  ids = np.asarray(ids, np.int32)
+  if len(ids) <= length:
+    return ids
+  return np.concatenate([ids[:length - 1], [eos_id]]).astype(np.int32)
+
+
+def prefix_lm_prompts(inputs: Sequence[np.ndarray], input_length: int):
+  """Prompts [n, input_length + 1] and their lengths for a prefix-LM decoder.
+
+  A packed prefix-LM row feeds the model [0, inputs..., EOS, targets...] (the
+  targets shifted right by one, 0 at the start), with the first len(inputs) + 1
+  positions attending both ways; the logits at the inputs' EOS predict the
+  first target. So the prompt is 0 followed by the inputs, EOS included.
+  """
+  rows = [np.concatenate([[0], np.asarray(r, np.int32)]) for r in inputs]
+  return _pad(rows, input_length + 1), np.array([len(r) for r in rows], np.int32)
+
+
+def greedy_fn(model, params, input_length: int, max_decode_len: int, eos_id: int):
+  """inputs (id arrays, EOS included, at most input_length) -> [n, max_decode_len] ids.
+
+  The decode function of the model's kind: T5 encodes the inputs, a decoder
+  continues the prefix-LM prompt.
+  """
+  if isinstance(model, decoder_lib.Decoder):
+    def run(inputs):
+      prompts, lengths = prefix_lm_prompts(inputs, input_length)
+      return decoder_lib.greedy(model, params, prompts, lengths, max_len=max_decode_len,
+                                eos_id=eos_id, bidirectional_prompt=True)
+  else:
+    def run(inputs):
+      return decoding.greedy(model, params, _pad(inputs, input_length),
+                             max_len=max_decode_len, eos_id=eos_id)
+  return lambda inputs: np.asarray(run(inputs))
+
+
 def evaluate_task(model, params, task_name: str, split: str, input_length: int,
                   max_decode_len: int, batch_size: int = 64,
                   max_examples: int | None = None) -> TaskScore:
+  """Exact match of greedy answers; `model` is a t5.T5 or a decoder.Decoder (prefix-LM)."""
   task = seqio.get_mixture_or_task(task_name)
   vocab = task.output_features["targets"].vocabulary
   ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1, use_cached=False)
@@ -63,14 +103,13 @@ def evaluate_task(model, params, task_name: str, split: str, input_length: int,
   baseline_answer = majority_answer(task) if "train" in task.splits else ""
   post = answer_fn(task)
   baseline_hits = 0
+  decode = greedy_fn(model, params, input_length, max_decode_len, vocab.eos_id)
+  empty = np.zeros([0], np.int32)
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    enc = _pad([ex["inputs"] for ex in chunk], input_length)
+    inputs = [trim_inputs(ex.get("inputs", empty), input_length, vocab.eos_id) for ex in chunk]
     # Fixed batch shape: one compilation for all batches.
-    if len(chunk) < batch_size:
-      enc = np.concatenate([enc, np.zeros((batch_size - len(chunk), input_length), np.int32)])
-    out = np.asarray(decoding.greedy(model, params, enc, max_len=max_decode_len,
-                                     eos_id=vocab.eos_id))
+    out = decode(inputs + [empty] * (batch_size - len(chunk)))
     for ex, ids in zip(chunk, out):
       ids = ids.tolist()
       if vocab.eos_id in ids:

@@ -56,6 +56,12 @@ def t5_config_from_hf(hf: Mapping) -> T5Config:
     ff = "gated-" + ff.split("-")[-1]
   if ff not in _FF:
     raise UserError(f"unsupported feed_forward_proj {ff!r} in config.json")
+  tie = hf.get("tie_word_embeddings", True)
+  if hf.get("scale_decoder_outputs") is False:
+    # transformers 5 writes tie_word_embeddings=true for every T5 and marks T5 v1.1's
+    # unscaled output here: our untied output (load copies the embedding into lm_head
+    # when only the embedding is stored).
+    tie = False
   return T5Config(
       vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
       num_heads=hf["num_heads"], num_encoder_layers=hf["num_layers"],
@@ -63,7 +69,7 @@ def t5_config_from_hf(hf: Mapping) -> T5Config:
       relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
       relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
       dropout_rate=0.0, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-      feed_forward=_FF[ff], tie_word_embeddings=hf.get("tie_word_embeddings", True))
+      feed_forward=_FF[ff], tie_word_embeddings=tie)
 
 
 def t5_config_to_hf(cfg: T5Config) -> dict:
@@ -414,6 +420,15 @@ def _vocabulary(path: str, cfg, hf_cfg: Mapping):
   return None
 
 
+def load_config(path: str):
+  """(model_config, vocabulary or None) of a local Hugging Face directory; no weights read."""
+  if not os.path.isdir(path):
+    raise UserError(f"{path} is not a directory: give the folder of a Hugging Face model")
+  hf_cfg = read_config(path)
+  cfg = config_from_hf(hf_cfg, os.path.join(path, "config.json"))
+  return cfg, _vocabulary(path, cfg, hf_cfg)
+
+
 def load(path: str):
   """(model_config, params, vocabulary) from a local Hugging Face T5 or Llama directory."""
   if not os.path.isdir(path):
@@ -421,6 +436,11 @@ def load(path: str):
   hf_cfg = read_config(path)
   cfg = config_from_hf(hf_cfg, os.path.join(path, "config.json"))
   weights, origin, where = _read_checkpoint(path)
+  if (isinstance(cfg, T5Config) and hf_cfg.get("scale_decoder_outputs") is False
+      and "lm_head.weight" not in weights and "shared.weight" in weights):
+    # transformers 5's tied but unscaled output: the embedding is the output matrix.
+    weights["lm_head.weight"] = weights["shared.weight"]
+    origin["lm_head.weight"] = origin.get("shared.weight", where)
   if "lm_head.weight" not in weights and not cfg.tie_word_embeddings:
     raise UserError(f"{where}: parameter lm_head.weight is missing, but config.json says the "
                     "output is untied (tie_word_embeddings=false)")
@@ -492,6 +512,11 @@ def save(model_config, params, path: str, vocabulary=None, extra_config: Mapping
   if vocabulary is not None:
     for key, value in _special_ids(vocabulary).items():
       hf_cfg.setdefault(key, value)
+  if (isinstance(model_config, T5Config) and hf_cfg.get("scale_decoder_outputs") is False
+      and hf_cfg.get("tie_word_embeddings") and "lm_head.weight" in tensors
+      and np.array_equal(tensors["lm_head.weight"], tensors["shared.weight"])):
+    # transformers 5's tied, unscaled output, as load read it: stored once.
+    del tensors["lm_head.weight"]
   os.makedirs(path, exist_ok=True)
   save_file({k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in tensors.items()},
             os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,297 @@
+"""Fine-tuning from Hugging Face directories through the real command (T5 and Llama), and
+the decoder-only (prefix-LM) train step, loss mask and evaluation prompt."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from flanjax import evaluation
+from flanjax.data import packing, pipeline, registry
+from flanjax.models import decoder, hf, t5
+from flanjax.training import trainer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import convert_checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
+
+V = 1024  # model vocabulary: the 1000 pieces of the test tokenizers plus spare rows
+LENGTHS = "--gin.train.task_feature_lengths={'inputs': 128, 'targets': 32}"
+COMMON = ["--gin.train.batch_size=8", LENGTHS, "--gin.train.log_every_secs=0"]
+
+
+def _randomize(model, std=0.5):
+  # Wide random weights: any other init is far from them, so equality proves the source.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or "layer_norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, std)
+  return model
+
+
+def _train(model_dir, gin_file, hf_dir, *extra):
+  args = [sys.executable, "-m", "flanjax.train", f"--gin_file={gin_file}",
+          f"--gin.HF_DIR={hf_dir}", f"--gin.train.model_dir={model_dir}", *COMMON, *extra]
+  proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _losses(model_dir):
+  with open(os.path.join(model_dir, "train_losses.jsonl")) as f:
+    return [r["loss"] for r in map(json.loads, f)]
+
+
+def _checkpoint_params(model_dir, step):
+  cfg, params, _, _ = convert_checkpoint.read_orbax(str(model_dir), step=step)
+  return cfg, params
+
+
+def _steps(model_dir):
+  root = os.path.join(model_dir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(root) if n.isdigit())
+
+
+# ---------------------------------------------------------------- T5 from a HF directory
+
+def _flan_t5_tiny(own_lm_head=True, vocab_size=V):
+  """A random T5 v1.1 as transformers 5 builds it (it ties lm_head unless given its own)."""
+  torch.manual_seed(0)
+  tcfg = transformers.T5Config(vocab_size=vocab_size, d_model=32, d_ff=48, num_layers=2,
+                               num_decoder_layers=2, num_heads=4, d_kv=8,
+                               feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  tmodel = _randomize(transformers.T5ForConditionalGeneration(tcfg).eval())
+  if own_lm_head:  # FLAN-T5's separate output matrix
+    tmodel.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, 32) * 0.3)
+  return tmodel
+
+
+@pytest.mark.parametrize("own_lm_head", [True, False])
+def test_t5_saved_by_transformers_5_loads_with_its_unscaled_output(tmp_path, own_lm_head):
+  # transformers 5 writes tie_word_embeddings=true and scale_decoder_outputs=false for v1.1.
+  tmodel = _flan_t5_tiny(own_lm_head, vocab_size=96)
+  tmodel.save_pretrained(str(tmp_path))
+  cfg, params, _ = hf.load(str(tmp_path))
+  assert not cfg.tie_word_embeddings
+  enc = np.random.default_rng(0).integers(2, 96, size=(2, 9))
+  dec = np.random.default_rng(1).integers(2, 96, size=(2, 5))
+  with torch.no_grad():
+    ref = tmodel(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+  ours = np.asarray(t5.T5(cfg).apply({"params": params}, enc, dec))
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+  # Written back with its original config.json, transformers reads the same model.
+  out = tmp_path / "out"
+  hf.save(cfg, params, str(out), extra_config=hf.read_config(str(tmp_path)))
+  back = transformers.T5ForConditionalGeneration.from_pretrained(str(out)).eval()
+  with torch.no_grad():
+    again = back(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+  np.testing.assert_allclose(again, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_flan_t5_starts_from_the_hf_weights(tmp_path, builtin_vocab):
+  tmodel = _flan_t5_tiny()
+  hf_dir = tmp_path / "flan-t5-tiny"
+  tmodel.save_pretrained(str(hf_dir))
+  with open(builtin_vocab.sentencepiece_model_file, "rb") as f:
+    (hf_dir / "spiece.model").write_bytes(f.read())
+  run = tmp_path / "run"
+  out = _train(run, "runs/finetune_flan_t5.gin", hf_dir, "--gin.train.num_steps=3",
+               "--gin.Checkpointer.every_steps=2", "--gin.train.eval_at_end=False")
+  assert "initialised from" in out and "model: T5 32d x 2+2 layers" in out
+  losses = _losses(run)
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  assert _steps(run) == [2, 3]
+
+  # The HF vocabulary (1000 pieces + 24 sentinels) tokenized the tasks.
+  info = json.loads((run / "run_info.json").read_text())
+  assert info["vocabulary"].endswith("/x24") and info["model"]["vocab_size"] == V
+  hf_w = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
+  cfg, params = _checkpoint_params(run, 3)
+  # Sentinel rows never occur in the data: no gradient, no Adam update, so they are
+  # exactly the HF rows after training; a random init could not match them.
+  np.testing.assert_array_equal(params["token_embedding"][1000:], hf_w["shared.weight"][1000:])
+  # Every parameter is within a few Adam steps (|update| <~ lr) of its HF value, and training
+  # moved some of them.
+  start = hf.t5_params_from_hf(hf_w, cfg)
+  diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       params, start)
+  assert max(jax.tree.leaves(diffs)) < 1e-3 and max(jax.tree.leaves(diffs)) > 0
+
+  # The trained run exports to a directory that transformers loads, with the same logits.
+  export = tmp_path / "export"
+  convert_checkpoint.main(["orbax-to-hf", str(run), str(export), "--vocab", str(hf_dir)])
+  loaded = transformers.T5ForConditionalGeneration.from_pretrained(str(export)).eval()
+  enc = np.random.default_rng(0).integers(2, 1000, size=(2, 11))
+  dec = np.random.default_rng(1).integers(2, 1000, size=(2, 5))
+  with torch.no_grad():
+    ref = loaded(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+  ours = np.asarray(t5.T5(cfg).apply({"params": params}, enc, dec))
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+  assert (export / "spiece.model").exists()
+
+  # Resuming takes the weights from the checkpoint: the HF folder's weights are not even read.
+  os.remove(hf_dir / "model.safetensors")
+  out = _train(run, "runs/finetune_flan_t5.gin", hf_dir, "--gin.train.num_steps=3",
+               "--gin.train.eval_at_end=False")
+  assert "resumed from step 3" in out and "initialised from" not in out
+  assert "no steps run" in out
+
+
+def test_bad_init_from_is_the_one_line_user_error(tmp_path):
+  from flanjax import train
+  from flanjax.errors import UserError
+  with pytest.raises(UserError, match="nope is not a directory: give the folder") as err:
+    train.train(model_dir=str(tmp_path / "run"), init_from=str(tmp_path / "nope"))
+  # The command prints this line alone (gin's "In call to configurable" lines are dropped).
+  assert str(err.value).splitlines()[0].endswith("give the folder of a Hugging Face model")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match="config.json not found"):
+    train.train(model_dir=str(tmp_path / "run"), init_from=str(tmp_path / "empty"))
+  with pytest.raises(UserError, match="no model: bind train.model_config"):
+    train.train(model_dir=str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------- Llama from a HF directory
+
+def _write_tokenizer(path, texts, vocab_size=1000):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>", "<s>"],
+                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, tr)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>",
+               "bos_token": "<s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)
+
+
+def test_finetune_llama_trains_validates_and_evaluates(tmp_path):
+  from flanjax.data.collections import builtin
+  torch.manual_seed(0)
+  lcfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                                  max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+                                  bos_token_id=3)
+  tmodel = _randomize(transformers.LlamaForCausalLM(lcfg).eval(), std=0.05)
+  hf_dir = tmp_path / "llama-tiny"
+  tmodel.save_pretrained(str(hf_dir))
+  _write_tokenizer(str(hf_dir), builtin.all_text()[::5])
+  run = tmp_path / "run"
+  out = _train(run, "runs/finetune_llama.gin", hf_dir, "--gin.train.num_steps=10",
+               "--gin.schedule.peak=3e-3", "--gin.schedule.warmup_steps=0",
+               "--gin.Checkpointer.every_steps=0",
+               "--gin.train.validation_every_steps=10", "--gin.train.validation_batches=1",
+               "--gin.train.eval_tasks=['builtin_parity']",
+               "--gin.train.eval_splits=['validation']", "--gin.train.eval_max_examples=8",
+               "--gin.train.max_decode_len=8")
+  assert "model: decoder-only 64d x 2 layers" in out and "initialised from" in out
+  assert "rows x 160 (prefix-LM: 128 inputs + 32 targets) tokens" in out
+  assert "step 10: validation loss" in out
+  losses = _losses(run)
+  assert len(losses) == 10 and all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < losses[0] - 0.1, losses
+  summary = json.loads((run / "summary.json").read_text())
+  assert summary["model"] == "DecoderConfig"
+  assert [(e["task"], e["split"], e["examples"]) for e in summary["eval"]] == [
+      ("builtin_parity", "validation", 8)]
+  assert summary["packing"]["mask_violations"] == 0
+  assert "encoder_share" not in summary["packing"]
+  # Rows past the tokenizer's 1000 ids never occur: still the HF rows after 10 steps.
+  _, params = _checkpoint_params(run, 10)
+  hf_emb = tmodel.state_dict()["model.embed_tokens.weight"].numpy()
+  np.testing.assert_array_equal(params["token_embedding"][1000:], hf_emb[1000:])
+  assert np.abs(params["token_embedding"][:1000] - hf_emb[:1000]).max() > 1e-4
+
+
+# ---------------------------------------------------------------- the prefix-LM step
+
+LEN = {"inputs": 96, "targets": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(builtin_vocab):
+  cfg = decoder.DecoderConfig(vocab_size=1024, d_model=32, num_heads=4, num_kv_heads=2,
+                              head_dim=8, d_ff=64, num_layers=2)
+  model = decoder.Decoder(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), **decoder.dummy_batch(1, 8, 8))["params"])
+  batch = next(pipeline.get_dataset(registry.BUILTIN_MIXTURE, LEN, "train", batch_size=4,
+                                    seed=0, kind="prefix_lm").as_numpy_iterator())
+  return model, params, batch
+
+
+def _segments(batch, r):
+  """(start, input width, end) of each example in row r, from segment ids and causal mask."""
+  seg = batch["decoder_segment_ids"][r]
+  out = []
+  for s in range(1, seg.max() + 1):
+    idx = np.flatnonzero(seg == s)
+    width = int(batch["decoder_causal_attention"][r, idx].sum()) - 1  # inputs + one position
+    out.append((int(idx[0]), width, int(idx[-1]) + 1))
+  return out
+
+
+def test_prefix_lm_step_loss_is_cross_entropy_over_responses_only(tiny_decoder):
+  model, params, batch = tiny_decoder
+  assert batch["decoder_input_tokens"].shape == (4, 128) and "encoder_input_tokens" not in batch
+  eos = packing.EOS_ID
+  response = np.zeros(batch["decoder_target_tokens"].shape, np.float64)
+  for r in range(4):
+    for start, width, end in _segments(batch, r):
+      tgt = batch["decoder_target_tokens"][r]
+      assert tgt[start + width - 1] == eos and tgt[end - 1] == eos  # inputs, then targets
+      assert batch["decoder_input_tokens"][r, start] == 0
+      np.testing.assert_array_equal(batch["decoder_input_tokens"][r, start + 1:end],
+                                    tgt[start:end - 1])
+      response[r, start + width:end] = 1
+  # The prompt carries no loss: the packed weights are exactly the response positions.
+  np.testing.assert_array_equal(batch["decoder_loss_weights"], response)
+
+  logits = np.asarray(model.apply({"params": params}, **decoder.model_inputs(batch)), np.float64)
+  m = logits.max(-1, keepdims=True)
+  logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+  want = (nll * response).sum() / response.sum()
+  tx = optax.adamw(1e-3)
+  state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0),
+           "rng": jax.random.PRNGKey(1)}
+  _, metrics = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-3))(state, batch)
+  assert abs(float(metrics["loss"]) - want) < 1e-5
+  assert float(metrics["loss_weight"]) == response.sum()
+  loss_sum, weight = jax.jit(trainer.make_eval_step(model))(params, batch)
+  assert abs(float(loss_sum) / float(weight) - want) < 1e-5
+
+
+def test_evaluation_prompt_continues_exactly_as_training_rows(tiny_decoder):
+  """Greedy decoding of [0] + inputs equals the argmax the training forward pass gives."""
+  model, params, batch = tiny_decoder
+  start, width, end = _segments(batch, 0)[0]
+  inputs = batch["decoder_target_tokens"][0, start:start + width]  # EOS included
+  prompts, lengths = evaluation.prefix_lm_prompts([inputs], LEN["inputs"])
+  assert lengths[0] == width + 1
+  np.testing.assert_array_equal(prompts[0, :width + 1],
+                                batch["decoder_input_tokens"][0, start:start + width + 1])
+  # Generated tokens, fed back into a training-layout row, are that row's argmaxes.
+  decode = evaluation.greedy_fn(model, params, LEN["inputs"], 6, eos_id=-1)
+  gen = decode([inputs, inputs[:3]])[0]
+  row = np.concatenate([[0], inputs, gen[:-1]])[None]
+  causal = (np.arange(row.shape[1]) <= width).astype(np.int32)[None]
+  logits = model.apply({"params": params}, row, decoder_causal_attention=causal)
+  np.testing.assert_array_equal(np.argmax(logits[0, width:], -1), gen)
+  # And the first of them from the packed training batch itself.
+  train_logits = model.apply({"params": params}, **decoder.model_inputs(batch))
+  assert int(np.argmax(train_logits[0, start + width])) == int(gen[0])
