@@ -357,3 +357,15 @@ def test_share_on_flan_cot_lengths(tmp_path):
         f"(encoder {st.share('encoder_input_tokens'):.3f}, "
         f"decoder {st.share('decoder_target_tokens'):.3f}; {len(theirs)} rows)")
   assert p.stats.share() >= st.share() and not p.stats.violations
+
+
+def test_token_id_zero_inside_an_example_is_still_trained():
+  """Llama-family tokenizers use id 0 for a real token ('!' in Llama 3): weights go by position."""
+  from flanjax.data.packing import Packer
+  ex = {"inputs": np.array([5, 0, 7, 1], np.int32), "targets": np.array([9, 0, 4, 1], np.int32)}
+  for kind, lengths, want in (
+      ("enc_dec", {"inputs": 8, "targets": 8}, [1, 1, 1, 1, 0, 0, 0, 0]),
+      ("prefix_lm", {"inputs": 8, "targets": 8}, [0, 0, 0, 0, 1, 1, 1, 1] + [0] * 8),
+      ("decoder", {"targets": 8}, [1, 1, 1, 1, 0, 0, 0, 0])):
+    rows = list(Packer(lengths, kind).pack([ex]))
+    np.testing.assert_array_equal(rows[0]["decoder_loss_weights"], want, err_msg=kind)

@@ -293,7 +293,9 @@ class Packer:
     c_in, c_t = self.cap
     enc, enc_seg, enc_pos, _, _, n_in = _layout([p[0] for _, p in members], c_in)
     tgt, dec_seg, dec_pos, starts, lens, n_t = _layout([p[1] for _, p in members], c_t)
-    loss = (tgt != 0).astype(np.int32)
+    # Weights by position, not by token id: a real token with id 0 (e.g. "!" in
+    # Llama 3's vocabulary) is still trained; only padding positions are not.
+    loss = (np.arange(c_t) < n_t).astype(np.int32)
     if self.pack_rows:
       row = dict(encoder_input_tokens=enc, encoder_segment_ids=enc_seg,
                  encoder_positions=enc_pos,
@@ -312,12 +314,15 @@ class Packer:
     tok, seg, pos, starts, _, total = _layout(
         [a for _, p in members for a in p], self.cap[0], seg_lens)
     width = np.repeat(widths, seg_lens)
-    # seqio: causal attention covers the inputs plus one position; loss is
-    # (inside inputs) XOR (non-padding token).
+    # seqio: causal attention covers the inputs plus one position; loss is on
+    # the targets part (seqio derives it from token ids != 0; positions give the
+    # same mask and stay right when a real token has id 0).
     causal = np.zeros_like(tok)
     causal[:total] = pos[:total] <= width
+    # An empty target was laid out as one padding token (seqio's layout): no loss there.
+    placeholder = (np.repeat(seg_lens, seg_lens) - width == 1) & (tok[:total] == 0)
     loss = np.zeros_like(tok)
-    loss[:total] = (pos[:total] < width) ^ (tok[:total] != 0)
+    loss[:total] = (pos[:total] >= width) & ~placeholder
     if self.pack_rows:
       row = dict(decoder_input_tokens=_shift_in_segments(tok, starts, seg_lens, total),
                  decoder_target_tokens=tok, decoder_loss_weights=loss,
@@ -330,7 +335,7 @@ class Packer:
 
   def _build_decoder(self, members):
     tok, seg, pos, starts, lens, total = _layout([p[0] for _, p in members], self.cap[0])
-    loss = (tok != 0).astype(np.int32)
+    loss = (np.arange(tok.size) < total).astype(np.int32)
     if self.pack_rows:
       row = dict(decoder_input_tokens=_shift_in_segments(tok, starts, lens, total),
                  decoder_target_tokens=tok, decoder_loss_weights=loss,
