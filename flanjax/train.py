@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import seqio  # noqa: E402
 
 from flanjax import config as flan_config  # noqa: E402
 from flanjax import evaluation  # noqa: E402
@@ -57,6 +58,20 @@ def _check_model_dir(model_dir: str):
   except OSError as e:
     raise UserError(f"model directory {model_dir} is not writable ({e.strerror}); "
                     "set --gin.train.model_dir to a writable folder") from None
+
+
+def _save_vocabulary(vocab, directory: str) -> None:
+  """Keeps the run's tokenizer beside its checkpoints, so an export is self-contained."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  if isinstance(vocab, seqio.SentencePieceVocabulary):
+    tmp = os.path.join(directory, "spiece.model.tmp")
+    with open(tmp, "wb") as f:
+      f.write(vocab.sp_model)
+    os.replace(tmp, os.path.join(directory, "spiece.model"))
+  elif hasattr(vocab, "save_tokenizer"):
+    vocab.save_tokenizer(directory)
 
 
 def _check_run_info(model_dir: str, info: dict) -> None:
@@ -217,6 +232,7 @@ def train(
   shape_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TRAINING_FIELDS}
   _check_run_info(model_dir, {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
                               "model": shape_cfg})
+  _save_vocabulary(vocab, os.path.join(model_dir, "vocab"))
   model, dummy, kind = _model_for(cfg)
   tx, lr_fn = optimizers.optimizer()
   mesh = partitioning.make_mesh(mesh_shape)

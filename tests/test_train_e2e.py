@@ -88,3 +88,22 @@ def test_user_files_mixed_with_builtin_through_gin(tmp_path):
   assert bad.returncode == 2
   last = bad.stderr.strip().splitlines()[-1]
   assert "nope.jsonl does not exist" in last and last.startswith("train")
+
+
+def test_a_trained_run_exports_with_its_own_vocabulary(tmp_path):
+  """tools/convert_checkpoint.py orbax-to-hf on a run: transformers and the tokenizer load it."""
+  model_dir = tmp_path / "run"
+  run(model_dir, "--gin.train.num_steps=2", "--gin.train.eval_at_end=False")
+  assert (model_dir / "vocab" / "spiece.model").exists()
+  out = tmp_path / "export"
+  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools",
+                                                      "convert_checkpoint.py"),
+                         "orbax-to-hf", str(model_dir), str(out)],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  import sentencepiece as spm
+  import transformers
+  model = transformers.T5ForConditionalGeneration.from_pretrained(str(out))
+  sp = spm.SentencePieceProcessor(model_file=str(out / "spiece.model"))
+  assert (model_dir / "vocab" / "spiece.model").read_bytes() == (out / "spiece.model").read_bytes()
+  assert model.config.vocab_size >= sp.get_piece_size()

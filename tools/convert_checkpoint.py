@@ -309,6 +309,9 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, config: str | None = None,
   # Tokenizer files first, so config.json can take its token ids from them.
   if files_dir:
     _copy_vocab(files_dir, out_dir)
+  run_vocab = os.path.join(ckpt_dir, "vocab")  # a training run keeps its tokenizer there
+  if not vocab and not files_dir and os.path.isdir(run_vocab):
+    _copy_vocab(run_vocab, out_dir)
   if vocab:
     _copy_vocab(vocab, out_dir)
   hf.save(cfg, params, out_dir, vocabulary=_vocabulary_in(out_dir), extra_config=hf_config,
