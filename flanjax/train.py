@@ -366,7 +366,11 @@ def train(
                "first_loss": history[0] if history else None,
                "last_loss": float(np.mean(history[-10:])) if history else None,
                "model_dir": model_dir, "checkpoint_dir": ckpt.directory})
-    if eval_at_end and jax.process_index() == 0:
+    if eval_at_end and jax.process_count() > 1:
+      # Decoding here runs on one host's inputs; across hosts it would need every
+      # process in each step. Evaluate the checkpoint in a single process instead.
+      print("note: evaluation at the end is skipped in a multi-process run", flush=True)
+    elif eval_at_end:
       names = list(eval_tasks) if eval_tasks else evaluation.tasks_of(mixture)
       params = state["params"]
       scores, secs = evaluation.evaluate_tasks(
@@ -415,12 +419,39 @@ def _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack, num_ba
   return total / weight if weight else None
 
 
+@gin.configurable
+def distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                process_id: int | None = None, auto: bool = False) -> None:
+  """Joins a multi-process run through jax.distributed, before JAX touches a device.
+
+  auto=True lets JAX detect the cluster (Cloud TPU VMs, SLURM, ...). Otherwise a
+  coordinator address (gin, or $FLANJAX_COORDINATOR with $FLANJAX_NUM_PROCESSES
+  and $FLANJAX_PROCESS_ID) starts one; with neither this is a single process.
+  """
+  coordinator_address = coordinator_address or os.environ.get("FLANJAX_COORDINATOR")
+  if num_processes is None and os.environ.get("FLANJAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["FLANJAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("FLANJAX_PROCESS_ID"):
+    process_id = int(os.environ["FLANJAX_PROCESS_ID"])
+  if auto:
+    jax.distributed.initialize()
+  elif coordinator_address:
+    if num_processes is None or process_id is None:
+      raise UserError("distributed.coordinator_address needs num_processes and process_id "
+                      "(or $FLANJAX_NUM_PROCESSES and $FLANJAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    return
+  print(f"distributed: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
+
+
 def main(argv=None):
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   # seqio warns on every dataset built from an in-memory source that restarts
   # may reshuffle differently; our resume skips a deterministic stream instead.
   logging.getLogger("absl").setLevel(logging.ERROR)
-  flan_config.run_main(lambda args: train(), argv)
+  flan_config.run_main(lambda args: (distributed(), train())[1], argv)
 
 
 if __name__ == "__main__":
