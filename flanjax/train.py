@@ -74,6 +74,20 @@ def _save_vocabulary(vocab, directory: str) -> None:
     vocab.save_tokenizer(directory)
 
 
+def _open_log(path: str):
+  """Opens a JSON-lines log for appending, dropping a last line cut short by a kill.
+
+  A resumed run appends the steps after its checkpoint again; readers take the
+  last record of each step.
+  """
+  if os.path.exists(path):
+    with open(path, "rb+") as f:
+      data = f.read()
+      if data and not data.endswith(b"\n"):
+        f.truncate(data.rfind(b"\n") + 1)
+  return open(path, "a")
+
+
 def _check_run_info(model_dir: str, info: dict) -> None:
   """A model_dir belongs to one run: resuming with another vocabulary or model is refused."""
   path = os.path.join(model_dir, "run_info.json")
@@ -276,7 +290,7 @@ def train(
         num_steps, start_step, log_every_secs, flops_per_token=6 * n_params,
         peak_flops=peak_flops or metrics_lib.device_peak_flops())
     losses_path = os.path.join(model_dir, "train_losses.jsonl")
-    losses_file = open(losses_path, "a") if jax.process_index() == 0 else None
+    losses_file = _open_log(losses_path) if jax.process_index() == 0 else None
     history = []
     nonfinite_in_row = 0
     pending = None  # (step, metrics, batch stats) of the step in flight
@@ -293,6 +307,7 @@ def train(
       history.append(m["loss"])
       if losses_file:
         losses_file.write(json.dumps({"step": step_no, **m}) + "\n")
+        losses_file.flush()  # a killed run keeps every step it logged
       if m["applied"] == 0:
         nonfinite_in_row += 1
         logging.warning("step %d: non-finite loss or gradient; update skipped", step_no)

@@ -107,3 +107,33 @@ def test_a_trained_run_exports_with_its_own_vocabulary(tmp_path):
   sp = spm.SentencePieceProcessor(model_file=str(out / "spiece.model"))
   assert (model_dir / "vocab" / "spiece.model").read_bytes() == (out / "spiece.model").read_bytes()
   assert model.config.vocab_size >= sp.get_piece_size()
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path):
+  """kill -9 mid-run: the next run restores the newest complete checkpoint and replays exactly."""
+  import signal
+  import time
+  steps = ["--gin.train.num_steps=40", "--gin.train.eval_at_end=False",
+           "--gin.Checkpointer.every_steps=5"]
+  straight = tmp_path / "straight"
+  run(straight, *steps)
+  killed = tmp_path / "killed"
+  args = [sys.executable, "-m", "flanjax.train", *TINY, f"--gin.train.model_dir={killed}", *steps]
+  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 500
+  ckpts = killed / "checkpoints"
+  # Kill as soon as the step-10 checkpoint is complete (orbax renames it into place).
+  while time.time() < deadline and proc.poll() is None:
+    if (ckpts / "10").is_dir():
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  out = run(killed, *steps)
+  resumed_from = int(out.split("resumed from step ")[1].split()[0])
+  assert 10 <= resumed_from < 40
+  a, b = losses(straight), losses(killed)
+  assert sorted(b) == list(range(1, 41))
+  for s in range(1, 41):
+    assert a[s] == pytest.approx(b[s], abs=1e-6), (s, a[s], b[s])
