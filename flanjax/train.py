@@ -329,6 +329,8 @@ def train(
         on_step(step_no, m)
 
     step = start_step
+    # SIGTERM from here to the final save asks the loop to stop and save instead.
+    stop.__enter__()
     try:
       while step < num_steps and not stop.requested:
         try:
@@ -361,6 +363,7 @@ def train(
     final_step = int(jax.device_get(state["step"]))
     ckpt.save(final_step, state, stream.position, force=True)
     ckpt.wait()
+    stop.__exit__(None, None, None)
     train_secs = time.time() - t_start
     if stop.requested:
       ckpt.close()

@@ -137,3 +137,46 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
   assert sorted(b) == list(range(1, 41))
   for s in range(1, 41):
     assert a[s] == pytest.approx(b[s], abs=1e-6), (s, a[s], b[s])
+
+
+def test_sigterm_saves_and_resume_onto_another_mesh_continues_the_same_run(tmp_path):
+  """A preempted VM (SIGTERM) saves and exits 0; resumed on a (2,2,2) mesh, the losses continue."""
+  import signal
+  import time
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  steps = ["--gin.train.num_steps=30", "--gin.train.eval_at_end=False",
+           "--gin.Checkpointer.every_steps=4"]
+  mesh8 = ["--gin.train.mesh_shape=[8, 1, 1]"]
+
+  def cmd(model_dir, *extra):
+    return [sys.executable, "-m", "flanjax.train", *TINY, f"--gin.train.model_dir={model_dir}",
+            *steps, *extra]
+
+  straight = tmp_path / "straight"
+  done = subprocess.run(cmd(straight, *mesh8), capture_output=True, text=True, env=env,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  pre = tmp_path / "preempted"
+  proc = subprocess.Popen(cmd(pre, *mesh8), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env)
+  deadline = time.time() + 500
+  while time.time() < deadline and proc.poll() is None:
+    if (pre / "checkpoints" / "4").is_dir():
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-2000:]
+  assert "stopped by SIGTERM at step" in out
+  stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert stopped < 30 and (pre / "checkpoints" / str(stopped)).is_dir()
+  resumed = subprocess.run(cmd(pre, "--gin.train.mesh_shape=[2, 2, 2]"), capture_output=True,
+                           text=True, env=env, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {stopped}" in resumed.stdout
+  assert "'data': 2, 'fsdp': 2, 'model': 2" in resumed.stdout
+  a, b = losses(straight), losses(pre)
+  assert sorted(b) == list(range(1, 31))
+  for s in range(1, 31):
+    assert a[s] == pytest.approx(b[s], abs=1e-5), (s, a[s], b[s])
