@@ -109,45 +109,33 @@ def test_a_trained_run_exports_with_its_own_vocabulary(tmp_path):
   assert model.config.vocab_size >= sp.get_piece_size()
 
 
-def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path):
-  """kill -9 mid-run: the next run restores the newest complete checkpoint and replays exactly."""
-  import signal
+def _interrupt_when(cmd, env, checkpoint, sig):
+  """Starts a run and sends `sig` once checkpoint `checkpoint` is complete; returns stdout."""
   import time
-  steps = ["--gin.train.num_steps=40", "--gin.train.eval_at_end=False",
-           "--gin.Checkpointer.every_steps=5"]
-  straight = tmp_path / "straight"
-  run(straight, *steps)
-  killed = tmp_path / "killed"
-  args = [sys.executable, "-m", "flanjax.train", *TINY, f"--gin.train.model_dir={killed}", *steps]
-  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env=env)
+  model_dir = [a for a in cmd if a.startswith("--gin.train.model_dir=")][0].split("=", 1)[1]
+  target = os.path.join(model_dir, "checkpoints", str(checkpoint))
   deadline = time.time() + 500
-  ckpts = killed / "checkpoints"
-  # Kill as soon as the step-10 checkpoint is complete (orbax renames it into place).
   while time.time() < deadline and proc.poll() is None:
-    if (ckpts / "10").is_dir():
-      proc.send_signal(signal.SIGKILL)
+    if os.path.isdir(target):  # orbax renames a checkpoint into place once it is complete
+      proc.send_signal(sig)
       break
     time.sleep(0.05)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-  out = run(killed, *steps)
-  resumed_from = int(out.split("resumed from step ")[1].split()[0])
-  assert 10 <= resumed_from < 40
-  a, b = losses(straight), losses(killed)
-  assert sorted(b) == list(range(1, 41))
-  for s in range(1, 41):
-    assert a[s] == pytest.approx(b[s], abs=1e-6), (s, a[s], b[s])
+  out, _ = proc.communicate(timeout=120)
+  return proc.returncode, out
 
 
-def test_sigterm_saves_and_resume_onto_another_mesh_continues_the_same_run(tmp_path):
-  """A preempted VM (SIGTERM) saves and exits 0; resumed on a (2,2,2) mesh, the losses continue."""
+def test_sigterm_and_sigkill_then_resume_onto_another_mesh_continue_the_same_run(tmp_path):
+  """A preempted VM (SIGTERM) saves and exits 0; a kill -9 loses only what followed the newest
+  checkpoint. Resumed on a (2,2,2) mesh, then (8,1,1) again, the 30 losses equal an
+  uninterrupted (8,1,1) run's."""
   import signal
-  import time
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   steps = ["--gin.train.num_steps=30", "--gin.train.eval_at_end=False",
            "--gin.Checkpointer.every_steps=4"]
-  mesh8 = ["--gin.train.mesh_shape=[8, 1, 1]"]
+  mesh8, mesh222 = ["--gin.train.mesh_shape=[8, 1, 1]"], ["--gin.train.mesh_shape=[2, 2, 2]"]
 
   def cmd(model_dir, *extra):
     return [sys.executable, "-m", "flanjax.train", *TINY, f"--gin.train.model_dir={model_dir}",
@@ -157,26 +145,24 @@ def test_sigterm_saves_and_resume_onto_another_mesh_continues_the_same_run(tmp_p
   done = subprocess.run(cmd(straight, *mesh8), capture_output=True, text=True, env=env,
                         timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  pre = tmp_path / "preempted"
-  proc = subprocess.Popen(cmd(pre, *mesh8), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          text=True, env=env)
-  deadline = time.time() + 500
-  while time.time() < deadline and proc.poll() is None:
-    if (pre / "checkpoints" / "4").is_dir():
-      proc.send_signal(signal.SIGTERM)
-      break
-    time.sleep(0.05)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-2000:]
-  assert "stopped by SIGTERM at step" in out
+  run_dir = tmp_path / "interrupted"
+  # 1. SIGTERM after the step-4 checkpoint: a final checkpoint, exit 0.
+  code, out = _interrupt_when(cmd(run_dir, *mesh8), env, 4, signal.SIGTERM)
+  assert code == 0, out[-2000:]
   stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
-  assert stopped < 30 and (pre / "checkpoints" / str(stopped)).is_dir()
-  resumed = subprocess.run(cmd(pre, "--gin.train.mesh_shape=[2, 2, 2]"), capture_output=True,
-                           text=True, env=env, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from step {stopped}" in resumed.stdout
-  assert "'data': 2, 'fsdp': 2, 'model': 2" in resumed.stdout
-  a, b = losses(straight), losses(pre)
+  assert stopped < 30 and (run_dir / "checkpoints" / str(stopped)).is_dir()
+  # 2. Resumed on another mesh, then killed with SIGKILL once a later checkpoint exists.
+  later = (stopped // 4 + 2) * 4
+  code, out = _interrupt_when(cmd(run_dir, *mesh222), env, later, signal.SIGKILL)
+  assert code == -signal.SIGKILL, "the run ended before it could be killed"
+  assert f"resumed from step {stopped}" in out and "'data': 2, 'fsdp': 2, 'model': 2" in out
+  # 3. Resumed from the newest complete checkpoint, back on the first mesh, to the end.
+  final = subprocess.run(cmd(run_dir, *mesh8), capture_output=True, text=True, env=env,
+                         timeout=600)
+  assert final.returncode == 0, final.stderr[-3000:]
+  resumed_from = int(final.stdout.split("resumed from step ")[1].split()[0])
+  assert later <= resumed_from < 30
+  a, b = losses(straight), losses(run_dir)
   assert sorted(b) == list(range(1, 31))
   for s in range(1, 31):
     assert a[s] == pytest.approx(b[s], abs=1e-5), (s, a[s], b[s])
