@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flanjax.models.t5 import RMSNorm, _mask_bias, _param
+# Llama's MLP is T5's gated feed-forward with SiLU (SwiGLU): one module serves both.
+from flanjax.models.t5 import FeedForward, RMSNorm, _mask_bias, _param
 
 Array = Any
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -72,6 +73,11 @@ class DecoderConfig:
     if self.rope_scaling not in ROPE_SCALINGS:
       raise ValueError(f"DecoderConfig.rope_scaling={self.rope_scaling!r} is not one of "
                        f"{', '.join(ROPE_SCALINGS)}")
+
+  @property
+  def feed_forward(self) -> str:
+    """SwiGLU, in T5Config's terms, so t5.FeedForward builds it (wi_0 gate, wi_1 up)."""
+    return "gated-silu"
 
   @property
   def compute_dtype(self):
@@ -168,23 +174,6 @@ class Attention(nn.Module):
     out = jnp.einsum("bngqt,btnk->bqngk", probs, v).reshape(b, length, c.num_heads, c.head_dim)
     out = jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt))
     return out if cache is None else (out, (kk, v))
-
-
-class FeedForward(nn.Module):
-  """SwiGLU: wo(silu(x wi_0) * x wi_1); wi_0 is HF's gate_proj, wi_1 its up_proj."""
-  config: DecoderConfig
-
-  @nn.compact
-  def __call__(self, x, deterministic=True):
-    c = self.config
-    dt = c.compute_dtype
-    wi0 = _param(self, "wi_0", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
-    wi1 = _param(self, "wi_1", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
-    hidden = jax.nn.silu(x @ wi0.astype(dt)) * (x @ wi1.astype(dt))
-    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
-    wo = _param(self, "wo", c.d_ff ** -0.5, (c.d_ff, c.d_model), ("mlp", "embed"))
-    return hidden @ wo.astype(dt)
 
 
 class DecoderLayer(nn.Module):
