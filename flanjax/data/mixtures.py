@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import gin
 import seqio
 
 from flanjax.data import tasks as task_lib
@@ -125,14 +124,6 @@ def _summed(rates):
   if len(rates) == 1:
     return rates[0]
   return lambda task: sum(r(task) if callable(r) else r for r in rates)
-
-
-@gin.configurable
-def gin_mixture(name: str = gin.REQUIRED, tasks: Sequence = gin.REQUIRED,
-                maximum: int | None = None, temperature: float = 1.0) -> list[str]:
-  """A mixture defined in gin, for `train.register_fns` (after the tasks it names)."""
-  add_mixture(name, tasks, maximum=maximum, temperature=temperature)
-  return [name]
 
 
 def mixture_rates(name: str) -> dict[str, float]:

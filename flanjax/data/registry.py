@@ -28,15 +28,6 @@ BUILTIN_MIXTURE = "flanjax_builtin"
 EVAL_SPLITS = ("validation", "heldout_templates")
 
 
-def _answer_accuracy(targets, predictions):
-  """Exact match of the extracted answers, in percent."""
-  if not targets:
-    return {"accuracy": 0.0}
-  hits = sum(templates.extract_answer(t) == templates.extract_answer(p)
-             for t, p in zip(targets, predictions))
-  return {"accuracy": 100.0 * hits / len(targets)}
-
-
 def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family):
   del shuffle_files, seed  # the split is one in-memory shard; seqio shuffles it
   records = builtin.rendered_examples(family, split)
@@ -51,13 +42,6 @@ def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family):
 def _replace(name: str, registry) -> None:
   if name in registry.names():
     registry.remove(name)
-
-
-def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
-  return {
-      "inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
-      "targets": seqio.Feature(vocabulary, add_eos=True),
-  }
 
 
 @gin.configurable
@@ -77,9 +61,9 @@ def register_builtin(vocabulary: seqio.Vocabulary) -> list[str]:
             seqio.preprocessors.tokenize,
             seqio.preprocessors.append_eos_after_trim,
         ],
-        output_features=output_features(vocabulary),
+        output_features=task_lib.output_features(vocabulary),
         postprocess_fn=lambda text, **_: templates.extract_answer(text),
-        metric_fns=[_answer_accuracy],
+        metric_fns=[task_lib.answer_accuracy],
     )
     names.append(name)
   _replace(BUILTIN_MIXTURE, seqio.MixtureRegistry)

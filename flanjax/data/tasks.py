@@ -343,15 +343,3 @@ def register(defn: TaskDef, vocabulary: seqio.Vocabulary) -> str:
       metric_fns=list(defn.metric_fns or [answer_accuracy]),
   )
   return defn.name
-
-
-def length_stats(name: str, split: str, lengths: Mapping[str, int]) -> dict:
-  """Token lengths of a split (EOS included) against the feature lengths, from the cache."""
-  defn, vocab = DEFS[name]
-  tok = tokenized_split(defn, split, vocab)
-  out = {"examples": len(tok.texts)}
-  for feat in ("inputs", "targets"):
-    n = tok.lengths(feat) + 1
-    out[feat] = dict(mean=float(n.mean()) if len(n) else 0.0, max=int(n.max()) if len(n) else 0,
-                     truncated=int((n > lengths[feat]).sum()) if feat in lengths else 0)
-  return out
