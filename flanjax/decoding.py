@@ -1,41 +1,381 @@
-"""Greedy decoding for the encoder-decoder (jit-compiled, batched, with a KV cache).
+"""Decoding for both model kinds: greedy, beam search and sampling.
 
-The encoder runs once, the cross-attention keys and values are projected
-once, and each step runs the decoder on one new token against cached keys and
-values of the earlier ones.
+Everything is one jit-compiled loop over a key-value cache. T5 runs its encoder
+once and projects the cross-attention keys and values once; a decoder-only
+model runs its prompt once (prefill) and then one token per step. Beam search
+reorders the cache rows of each example's beams after every step.
+
+The loops only ask two things of a model (`_start`, `_step`), so the three
+methods are written once for both kinds:
+
+  start(prompts)   -> logits of the first new token, cache state
+  step(state, tok) -> logits of the next token, cache state
+
+Beam search is a port of transformers' vectorised beam search (the version
+with `early_stopping` and `length_penalty` applied to finished hypotheses as
+score / generated_length ** length_penalty), so that for the same model the
+best sequence is the one `generate(num_beams=..., do_sample=False)` returns.
+Sampling applies temperature, then top-k, then top-p, as transformers does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from typing import Any, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from flanjax.errors import UserError
+from flanjax.models import decoder as decoder_lib
+
+Array = Any
+NEG = -1.0e9  # the "impossible" score transformers' beam search uses
+METHODS = ("greedy", "beam", "sample")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "eos_id"))
-def greedy(model, params, encoder_input_tokens, max_len: int, eos_id: int = 1):
-  """Returns [batch, max_len] generated ids; 0 after each row's EOS."""
-  variables = {"params": params}
-  encoded = model.apply(variables, encoder_input_tokens, method=model.encode)
-  state = model.apply(variables, encoded, encoder_input_tokens, max_len,
-                      method=model.init_decode_state)
-  b = encoder_input_tokens.shape[0]
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """How to decode. `max_decode_len` counts new tokens, EOS included."""
+  method: str = "greedy"  # greedy | beam | sample
+  max_decode_len: int = 64
+  num_beams: int = 4  # beam
+  length_penalty: float = 1.0  # beam: score / generated_length ** length_penalty
+  early_stopping: bool = False  # beam: stop once num_beams hypotheses are finished
+  temperature: float = 1.0  # sample
+  top_k: int = 0  # sample: keep the k most likely tokens (0: all)
+  top_p: float = 1.0  # sample: keep the smallest set with this much probability
+  seed: int = 0  # sample
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise UserError(f"DecodeConfig.method={self.method!r}: use one of {', '.join(METHODS)}")
+    if self.max_decode_len < 1:
+      raise UserError(f"DecodeConfig.max_decode_len={self.max_decode_len}: must be >= 1")
+    if self.method == "beam" and self.num_beams < 1:
+      raise UserError(f"DecodeConfig.num_beams={self.num_beams}: must be >= 1")
+    if self.method == "sample":
+      if not self.temperature > 0:
+        raise UserError(f"DecodeConfig.temperature={self.temperature}: must be > 0 "
+                        "(for argmax decoding use method='greedy')")
+      if not 0 < self.top_p <= 1:
+        raise UserError(f"DecodeConfig.top_p={self.top_p}: must be in (0, 1]")
+      if self.top_k < 0:
+        raise UserError(f"DecodeConfig.top_k={self.top_k}: must be >= 0 (0 keeps all)")
+
+
+# ---------------------------------------------------------------- model adapters
+
+def _is_decoder(model) -> bool:
+  return isinstance(model, decoder_lib.Decoder)
+
+
+def _start(model, variables, prompts, lengths, max_len: int, prefix_lm: bool):
+  """(logits [b, vocab] of the first new token, state)."""
+  if _is_decoder(model):
+    b, p = prompts.shape
+    state = model.apply(variables, b, p + max_len, method=model.init_decode_state)
+    causal = ((jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
+              if prefix_lm else None)
+    return model.apply(variables, state, prompts, lengths, causal, method=model.prefill)
+  encoded = model.apply(variables, prompts, method=model.encode)
+  cache = model.apply(variables, encoded, prompts, max_len, method=model.init_decode_state)
+  b = prompts.shape[0]
+  # T5 starts the decoder from the pad id, 0, at position 0.
+  logits, cache = model.apply(variables, cache, prompts, jnp.zeros((b,), jnp.int32), 0,
+                              method=model.decode_step)
+  return logits, {"t5": cache, "encoder_input_tokens": prompts}
+
+
+def _step(model, variables, state, token, i):
+  """Feeds token [b], the i-th new token (from 0) -> (logits of the next, state)."""
+  if _is_decoder(model):
+    return model.apply(variables, state, token, method=model.decode_step)
+  logits, cache = model.apply(variables, state["t5"], state["encoder_input_tokens"], token,
+                              i + 1, method=model.decode_step)
+  return logits, {"t5": cache, "encoder_input_tokens": state["encoder_input_tokens"]}
+
+
+# ---------------------------------------------------------------- logits warpers
+
+def warp_logits(logits: Array, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> Array:
+  """Temperature, then top-k, then top-p filtering; removed tokens get -inf.
+
+  Same rules as transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+  TopPLogitsWarper (top-p keeps at least the most likely token).
+  """
+  logits = logits.astype(jnp.float32)
+  if temperature != 1.0:
+    logits = logits / temperature
+  vocab = logits.shape[-1]
+  if 0 < top_k < vocab:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cum <= 1.0 - top_p).at[..., -1].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    logits = jnp.where(remove, -jnp.inf, logits)
+  return logits
+
+
+# ---------------------------------------------------------------- the loops
+
+def _token_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: int,
+                prefix_lm: bool, rng):
+  """Greedy or sampling: one token per row per step, until every row has EOS."""
+  b = prompts.shape[0]
+  max_len = cfg.max_decode_len
+  logits, state = _start(model, variables, prompts, lengths, max_len, prefix_lm)
   out = jnp.zeros((b, max_len), jnp.int32)
-  token = jnp.zeros((b,), jnp.int32)  # BOS is the pad id, 0
+  scores = jnp.zeros((b,), jnp.float32)
   done = jnp.zeros((b,), bool)
 
+  def choose(logits, i):
+    if cfg.method == "greedy":
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    warped = warp_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    return jax.random.categorical(jax.random.fold_in(rng, i), warped).astype(jnp.int32)
+
   def cond(carry):
-    i, _, _, _, done = carry
+    i, *_, done = carry
     return (i < max_len) & ~jnp.all(done)
 
   def body(carry):
-    i, token, state, out, done = carry
-    logits, state = model.apply(variables, state, encoder_input_tokens, token, i,
-                                method=model.decode_step)
-    nxt = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    out = out.at[:, i].set(nxt)
-    return i + 1, nxt, state, out, done | (nxt == eos_id)
+    i, logits, state, out, scores, done = carry
+    tok = choose(logits, i)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
+                               tok[:, None], axis=-1)[:, 0]
+    scores = scores + jnp.where(done, 0.0, logp)
+    tok = jnp.where(done, 0, tok)
+    out = out.at[:, i].set(tok)
+    done = done | (tok == eos_id)
+    logits, state = _step(model, variables, state, tok, i)
+    return i + 1, logits, state, out, scores, done
 
-  *_, out, _ = jax.lax.while_loop(cond, body, (0, token, state, out, done))
-  return out
+  carry = (0, logits, state, out, scores, done)
+  _, _, _, out, scores, _ = jax.lax.while_loop(cond, body, carry)
+  return out, scores
+
+
+def _beam_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: int,
+               prefix_lm: bool):
+  """transformers' beam search (early_stopping True or False) on our cache."""
+  b = prompts.shape[0]
+  k, max_len, alpha = cfg.num_beams, cfg.max_decode_len, cfg.length_penalty
+  keep = 2 * k  # candidates per step: enough that k stay alive even if k end here
+  logits, state = _start(model, variables, prompts, lengths, max_len, prefix_lm)
+  # The prompt is encoded once; each example's cache rows are copied to its beams.
+  logits = jnp.repeat(logits, k, axis=0)
+  state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), state)
+  vocab = logits.shape[-1]
+
+  run_seq = jnp.zeros((b, k, max_len), jnp.int32)
+  run_score = jnp.full((b, k), NEG, jnp.float32).at[:, 0].set(0.0)
+  fin_seq = jnp.zeros((b, k, max_len), jnp.int32)
+  fin_score = jnp.full((b, k), NEG, jnp.float32)
+  fin_done = jnp.zeros((b, k), bool)
+  open_ = jnp.ones((b,), bool)  # may a running beam still beat the finished ones?
+  hits = jnp.zeros((b, keep), bool)
+  top_mask = jnp.arange(keep) < k
+  gather = lambda x, idx: jnp.take_along_axis(  # noqa: E731
+      x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  def cond(c):
+    i, *_, fin_done, open_, hits = c
+    go = jnp.any(open_) & ~jnp.all(hits)
+    if cfg.early_stopping:
+      go = go & ~jnp.all(fin_done)
+    return (i < max_len) & go
+
+  def body(c):
+    i, logits, state, run_seq, run_score, fin_seq, fin_score, fin_done, open_, _ = c
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+    logp = (logp + run_score[:, :, None]).reshape(b, k * vocab)
+    top_lp, top_idx = jax.lax.top_k(logp, keep)
+    src = top_idx // vocab
+    tok = (top_idx % vocab).astype(jnp.int32)
+    cand = gather(run_seq, src).at[:, :, i].set(tok)
+    hits = (tok == eos_id) | (i + 1 >= max_len)
+
+    # Running beams: the best k candidates that did not just end.
+    alive_lp = top_lp + hits * NEG
+    nxt = jax.lax.top_k(alive_lp, k)[1]
+    run_seq = gather(cand, nxt)
+    run_score = gather(alive_lp, nxt)
+    run_src = gather(src, nxt)
+
+    # Finished: candidates among the top k that ended, scored with the length penalty.
+    fin_lp = top_lp / ((i + 1.0) ** alpha)
+    if cfg.early_stopping:
+      fin_lp = fin_lp + jnp.all(fin_done, axis=-1, keepdims=True) * NEG
+    fin_lp = fin_lp + (~open_)[:, None] * NEG
+    fin_lp = fin_lp + ~(hits & top_mask) * NEG
+    m_seq = jnp.concatenate([fin_seq, cand], axis=1)
+    m_score = jnp.concatenate([fin_score, fin_lp], axis=1)
+    m_done = jnp.concatenate([fin_done, hits & top_mask], axis=1)
+    best = jax.lax.top_k(m_score, k)[1]
+    fin_seq, fin_score, fin_done = gather(m_seq, best), gather(m_score, best), gather(
+        m_done, best)
+
+    # Each running beam continues from the cache row of the beam it extends.
+    rows = (jnp.arange(b)[:, None] * k + run_src).reshape(-1)
+    state = jax.tree.map(lambda x: x[rows], state)
+    logits, state = _step(model, variables, state, run_seq[:, :, i].reshape(-1), i)
+
+    # transformers' heuristic (early_stopping=False): the best running beam,
+    # scored at its current length, against the worst finished one.
+    best_running = run_score[:, :1] / ((i + 1.0) ** alpha)
+    worst = jnp.where(fin_done, jnp.min(fin_score, axis=1, keepdims=True), NEG)
+    open_ = open_ & jnp.any(best_running > worst, axis=-1)
+    return i + 1, logits, state, run_seq, run_score, fin_seq, fin_score, fin_done, open_, hits
+
+  carry = (0, logits, state, run_seq, run_score, fin_seq, fin_score, fin_done, open_, hits)
+  carry = jax.lax.while_loop(cond, body, carry)
+  fin_seq, fin_score = carry[5], carry[6]
+  return fin_seq[:, 0], fin_score[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "eos_id", "prefix_lm"))
+def _generate(model, params, prompts, lengths, rng, *, config: DecodeConfig, eos_id: int,
+              prefix_lm: bool):
+  variables = {"params": params}
+  if config.method == "beam":
+    return _beam_loop(model, variables, prompts, lengths, config, eos_id, prefix_lm)
+  return _token_loop(model, variables, prompts, lengths, config, eos_id, prefix_lm, rng)
+
+
+def generate_with_scores(model, params, prompts, prompt_lengths=None,
+                         config: DecodeConfig = DecodeConfig(), eos_id: int = 1,
+                         prefix_lm: bool = False, rng=None):
+  """(ids [b, max_decode_len] with 0 after each row's EOS, scores [b]).
+
+  prompts [b, p]: T5's encoder inputs (0-padded), or a decoder's prompts,
+  right-padded to `prompt_lengths` (default: all of p). prefix_lm: the prompt
+  attends to itself both ways, as flanjax trains a decoder-only model.
+  Scores: the sum of the chosen tokens' log-probabilities (greedy, sample),
+  or the beam's score (that sum / length ** length_penalty).
+  """
+  prompts = jnp.asarray(prompts, jnp.int32)
+  b, p = prompts.shape
+  lengths = (jnp.full((b,), p, jnp.int32) if prompt_lengths is None
+             else jnp.asarray(prompt_lengths, jnp.int32))
+  if rng is None:
+    rng = jax.random.PRNGKey(config.seed)
+  ids, scores = _generate(model, params, prompts, lengths, rng, config=config,
+                          eos_id=int(eos_id), prefix_lm=bool(prefix_lm))
+  return np.asarray(ids), np.asarray(scores)
+
+
+def generate(model, params, prompts, prompt_lengths=None, config: DecodeConfig = DecodeConfig(),
+             eos_id: int = 1, prefix_lm: bool = False, rng=None) -> np.ndarray:
+  """[b, max_decode_len] new token ids, 0 after each row's EOS (see generate_with_scores)."""
+  return generate_with_scores(model, params, prompts, prompt_lengths, config, eos_id,
+                              prefix_lm, rng)[0]
+
+
+def greedy(model, params, encoder_input_tokens, max_len: int, eos_id: int = 1):
+  """T5 greedy decoding, [b, max_len] ids (kept for callers of the first API)."""
+  return generate(model, params, encoder_input_tokens,
+                  config=DecodeConfig(max_decode_len=max_len), eos_id=eos_id)
+
+
+# ---------------------------------------------------------------- text in, text out
+
+def _bucket(n: int, cap: int) -> int:
+  """Padded prompt length: a power of two (>= 16), at most cap, so jit compiles rarely."""
+  return min(cap, max(16, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+
+
+def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+  ids = list(ids)
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+class Generator:
+  """Batched generation over lists of prompts, for infer, evaluation and harnesses.
+
+  input_length: the longest prompt in tokens. A longer T5 or prefix-LM prompt
+  keeps its first `input_length - 1` tokens and EOS, as training saw it
+  (seqio's trim); a causal LM keeps its last tokens, which it continues.
+  Batches have a fixed size and prompts are padded to a few bucketed lengths,
+  so one compilation serves many batches.
+  """
+
+  def __init__(self, model, params, vocab, input_length: int, config: DecodeConfig,
+               batch_size: int = 16, prefix_lm: bool = False, add_bos: bool = False):
+    self.model, self.params, self.vocab = model, params, vocab
+    self.input_length, self.config, self.batch_size = input_length, config, batch_size
+    self.prefix_lm = prefix_lm and _is_decoder(model)
+    self.add_bos = add_bos
+    self.eos_id = vocab.eos_id
+    self.truncated = 0  # prompts cut to input_length so far
+
+  def encode(self, text: str) -> np.ndarray:
+    """A prompt's ids as the model was trained to read them."""
+    ids = list(self.vocab.encode(text))
+    if _is_decoder(self.model) and not self.prefix_lm:
+      # A causal LM continues the text: BOS (when the tokenizer has one), no EOS.
+      bos = _bos_id(self.vocab)
+      if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+      return np.asarray(ids, np.int32)
+    return np.asarray(ids + [self.eos_id], np.int32)
+
+  def _prompt_rows(self, inputs: Sequence[np.ndarray]):
+    rows = []
+    for r in inputs:
+      r = np.asarray(r, np.int32)
+      if len(r) > self.input_length:
+        self.truncated += 1
+        if _is_decoder(self.model) and not self.prefix_lm:
+          r = r[-self.input_length:]  # a causal LM continues the end of its prompt
+        else:
+          r = np.concatenate([r[:self.input_length - 1], [self.eos_id]]).astype(np.int32)
+      if self.prefix_lm:
+        # A packed prefix-LM row starts with 0, then the inputs and their EOS.
+        r = np.concatenate([[0], r]).astype(np.int32)
+      rows.append(r)
+    return rows
+
+  def generate_ids(self, inputs: Sequence[np.ndarray], with_scores: bool = False):
+    """inputs: id arrays (EOS included for T5 and prefix-LM) -> new ids, EOS stripped."""
+    rows = self._prompt_rows(inputs)
+    out, scores = [], []
+    extra = 1 if self.prefix_lm else 0
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      width = _bucket(max(len(r) for r in chunk), self.input_length + extra)
+      prompts = np.zeros((self.batch_size, width), np.int32)
+      lengths = np.ones((self.batch_size,), np.int32)
+      for j, r in enumerate(chunk):
+        prompts[j, :len(r)] = r
+        lengths[j] = max(len(r), 1)
+      ids, sc = generate_with_scores(self.model, self.params, prompts, lengths, self.config,
+                                     self.eos_id, self.prefix_lm)
+      out.extend(strip_eos(row.tolist(), self.eos_id) for row in ids[:len(chunk)])
+      scores.extend(float(s) for s in sc[:len(chunk)])
+    return (out, scores) if with_scores else out
+
+  def generate_text(self, prompts: Sequence[str], with_scores: bool = False):
+    ids = self.generate_ids([self.encode(p) for p in prompts], with_scores=with_scores)
+    if with_scores:
+      ids, scores = ids
+      return [self.vocab.decode(x) for x in ids], scores
+    return [self.vocab.decode(x) for x in ids]
+
+
+def _bos_id(vocab):
+  try:
+    return vocab.bos_id
+  except (NotImplementedError, AttributeError):
+    return None

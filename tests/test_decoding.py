@@ -1,0 +1,242 @@
+"""Decoding against transformers' generate: greedy and beam search for T5 and Llama,
+and the sampling filters against transformers' logits warpers."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from flanjax import decoding
+from flanjax.errors import UserError
+from flanjax.models import decoder, hf, t5
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+V_T5, V_LLAMA = 64, 80
+
+
+def _torch_t5(seed):
+  torch.manual_seed(seed)
+  cfg = transformers.T5Config(vocab_size=V_T5, d_model=32, d_ff=48, num_layers=2,
+                              num_decoder_layers=2, num_heads=4, d_kv=8, dropout_rate=0.0,
+                              feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+  model = transformers.T5ForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():  # HF's init gives near-uniform logits: widen it
+      p.normal_(0.0, 0.5)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(V_T5, 32) * 0.3)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  hf_cfg = model.config.to_dict()
+  hf_cfg["tie_word_embeddings"] = False  # lm_head was replaced by its own matrix above
+  hf_cfg.pop("scale_decoder_outputs", None)
+  cfg = hf.t5_config_from_hf(hf_cfg)
+  return model, t5.T5(cfg), hf.t5_params_from_hf(sd, cfg)
+
+
+def _torch_llama(seed):
+  torch.manual_seed(seed)
+  kw = dict(vocab_size=V_LLAMA, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+            max_position_embeddings=128, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      elif "embed_tokens" in name:
+        p.normal_(0.0, 1.0)
+      else:
+        p.normal_(0.0, 0.15)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  cfg = hf.llama_config_from_hf(model.config.to_dict())
+  return model, decoder.Decoder(cfg), hf.llama_params_from_hf(sd, cfg)
+
+
+def _frequent_token(ids, avoid=(0,)):
+  """A token the model often emits: as EOS it makes hypotheses end at different lengths."""
+  vals, counts = np.unique(ids[~np.isin(ids, avoid)], return_counts=True)
+  return int(vals[np.argmax(counts)])
+
+
+def _hf_new_tokens(seqs, start: int, eos: int):
+  """transformers' rows after the prompt, cut after EOS (its padding is the pad id)."""
+  out = []
+  for row in np.asarray(seqs):
+    row = list(row[start:])
+    out.append(row[:row.index(eos) + 1] if eos in row else row)
+  return out
+
+
+def _assert_same(ours, ref_rows):
+  for r, ref in enumerate(ref_rows):
+    np.testing.assert_array_equal(ours[r, :len(ref)], ref, err_msg=f"row {r}")
+    assert np.all(ours[r, len(ref):] == 0), f"row {r}: tokens after EOS"
+
+
+def _t5_prompts(rng):
+  enc = rng.integers(2, V_T5, size=(3, 11)).astype(np.int64)
+  enc[1, 7:] = 0  # a padded row
+  enc[2, 4:] = 0
+  return enc
+
+
+METHODS = [dict(num_beams=1), dict(num_beams=3, length_penalty=1.0),
+           dict(num_beams=4, length_penalty=0.6), dict(num_beams=3, length_penalty=2.0),
+           dict(num_beams=3, length_penalty=1.0, early_stopping=True)]
+
+
+def _ids(kw):
+  return "greedy" if kw["num_beams"] == 1 else "beam" + "".join(
+      f",{k}={v}" for k, v in kw.items() if k != "num_beams") + f",k={kw['num_beams']}"
+
+
+@pytest.mark.parametrize("kw", METHODS, ids=[_ids(k) for k in METHODS])
+def test_t5_equals_transformers_generate(kw):
+  tmodel, model, params = _torch_t5(seed=3)
+  enc = _t5_prompts(np.random.default_rng(3))
+  max_new = 9
+  probe = decoding.generate(model, params, enc, config=decoding.DecodeConfig(
+      max_decode_len=max_new), eos_id=-1)
+  eos = _frequent_token(probe)
+  if kw["num_beams"] == 1:
+    cfg = decoding.DecodeConfig(method="greedy", max_decode_len=max_new)
+  else:
+    cfg = decoding.DecodeConfig(method="beam", max_decode_len=max_new, **kw)
+  ours = decoding.generate(model, params, enc, config=cfg, eos_id=eos)
+  with torch.no_grad():
+    ref = tmodel.generate(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
+                          do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
+                          pad_token_id=0, decoder_start_token_id=0, **kw)
+  _assert_same(ours, _hf_new_tokens(ref.numpy(), 1, eos))
+  if kw.get("length_penalty", 1.0) <= 1.0:  # a penalty of 2 rightly prefers the long ones
+    assert any(eos in row for row in ours.tolist()), "no hypothesis ended early: weak test"
+
+
+@pytest.mark.parametrize("kw", METHODS[:3] + METHODS[4:], ids=[_ids(k) for k in METHODS[:3] +
+                                                              METHODS[4:]])
+def test_llama_equals_transformers_generate(kw):
+  tmodel, model, params = _torch_llama(seed=5)
+  rng = np.random.default_rng(5)
+  lengths = [6, 3, 8]
+  prompts = np.zeros((3, 8), np.int32)
+  for r, n in enumerate(lengths):
+    prompts[r, :n] = rng.integers(3, V_LLAMA, n)
+  max_new = 8
+  probe = decoding.generate(model, params, prompts, np.array(lengths),
+                            config=decoding.DecodeConfig(max_decode_len=max_new), eos_id=-1)
+  eos = _frequent_token(probe)
+  method = "greedy" if kw["num_beams"] == 1 else "beam"
+  cfg = decoding.DecodeConfig(method=method, max_decode_len=max_new,
+                              **(kw if method == "beam" else {}))
+  ours = decoding.generate(model, params, prompts, np.array(lengths), config=cfg, eos_id=eos)
+  refs = []
+  for r, n in enumerate(lengths):  # one prompt at a time: no left padding on their side
+    with torch.no_grad():
+      out = tmodel.generate(torch.tensor(prompts[r:r + 1, :n]).long(),
+                            attention_mask=torch.ones(1, n, dtype=torch.long), do_sample=False,
+                            max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0, **kw)
+    refs += _hf_new_tokens(out.numpy(), n, eos)
+  _assert_same(ours, refs)
+
+
+def test_beam_scores_are_length_normalised_log_probabilities():
+  _, model, params = _torch_t5(seed=3)
+  enc = _t5_prompts(np.random.default_rng(3))
+  cfg = decoding.DecodeConfig(method="beam", num_beams=3, length_penalty=0.7, max_decode_len=6)
+  ids, scores = decoding.generate_with_scores(model, params, enc, config=cfg, eos_id=-1)
+  # Brute force: the teacher-forced log-probability of each returned sequence.
+  dec_in = np.concatenate([np.zeros((3, 1), np.int32), ids[:, :-1]], axis=1)
+  logp = jax.nn.log_softmax(model.apply({"params": params}, enc, dec_in))
+  total = np.take_along_axis(np.asarray(logp), ids[:, :, None], axis=-1)[..., 0].sum(-1)
+  np.testing.assert_allclose(scores, total / 6 ** 0.7, rtol=1e-4, atol=1e-4)
+  # And greedy's score is the sum of its tokens' log-probabilities.
+  g, gs = decoding.generate_with_scores(model, params, enc, config=decoding.DecodeConfig(
+      max_decode_len=6), eos_id=-1)
+  dec_in = np.concatenate([np.zeros((3, 1), np.int32), g[:, :-1]], axis=1)
+  logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, enc, dec_in)))
+  np.testing.assert_allclose(gs, np.take_along_axis(logp, g[:, :, None], -1)[..., 0].sum(-1),
+                             rtol=1e-4, atol=1e-4)
+  assert np.all(scores * 6 ** 0.7 >= gs - 1e-4)  # beam finds at least greedy's likelihood
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 10, 0.5), (1.0, 0, 0.05), (2.0, 3, 0.95)])
+def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
+  from transformers.generation import logits_process as lp
+  logits = np.random.default_rng(0).normal(0, 3, (4, 50)).astype(np.float32)
+  ref = torch.tensor(logits)
+  warpers = [lp.TemperatureLogitsWarper(temperature)]
+  if top_k:
+    warpers.append(lp.TopKLogitsWarper(top_k))
+  if top_p < 1:
+    warpers.append(lp.TopPLogitsWarper(top_p))
+  for w in warpers:
+    ref = w(None, ref)
+  ours = np.asarray(decoding.warp_logits(jnp.asarray(logits), temperature, top_k, top_p))
+  ref = ref.numpy()
+  np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+  np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+  _, model, params = _torch_t5(seed=3)
+  n = 2000
+  enc = np.tile(_t5_prompts(np.random.default_rng(3))[:1], (n, 1))
+  cfg = decoding.DecodeConfig(method="sample", max_decode_len=1, temperature=0.8, top_k=6,
+                              seed=1)
+  first = decoding.generate(model, params, enc, config=cfg, eos_id=-1)[:, 0]
+  logits = model.apply({"params": params}, enc[:1], np.zeros((1, 1), np.int32))[0, 0]
+  want = np.asarray(jax.nn.softmax(decoding.warp_logits(logits[None], 0.8, 6)[0]))
+  got = np.bincount(first, minlength=V_T5) / n
+  assert set(np.flatnonzero(got)) <= set(np.flatnonzero(want))  # nothing outside the top 6
+  np.testing.assert_allclose(got, want, atol=0.04)  # 4 sigma at n=2000
+  # top_k=1 is greedy; another seed gives other draws; the same seed the same ones.
+  g = decoding.generate(model, params, enc[:8], config=decoding.DecodeConfig(
+      max_decode_len=5), eos_id=-1)
+  s = decoding.generate(model, params, enc[:8], config=decoding.DecodeConfig(
+      method="sample", top_k=1, max_decode_len=5), eos_id=-1)
+  np.testing.assert_array_equal(g, s)
+  again = decoding.generate(model, params, enc, config=cfg, eos_id=-1)[:, 0]
+  np.testing.assert_array_equal(first, again)
+  other = decoding.generate(model, params, enc, config=cfg, eos_id=-1,
+                            rng=jax.random.PRNGKey(2))[:, 0]
+  assert np.mean(first != other) > 0.2
+
+
+def test_generator_batches_and_buckets_like_one_call():
+  """The text-level Generator (fixed batch, bucketed widths, prefix-LM rows) equals
+  decoding row by row; a long prompt is trimmed as training trims it."""
+  _, model, params = _torch_llama(seed=5)
+
+  class Vocab:
+    eos_id = 1
+
+    def encode(self, text):
+      return [3 + (ord(c) % (V_LLAMA - 3)) for c in text]
+
+    def decode(self, ids):
+      return " ".join(map(str, ids))
+
+  texts = ["abc", "a much longer prompt than the others", "xy", "hello there", "q"]
+  gen = decoding.Generator(model, params, Vocab(), input_length=20, batch_size=2,
+                           config=decoding.DecodeConfig(max_decode_len=5), prefix_lm=True)
+  out = gen.generate_ids([gen.encode(t) for t in texts])
+  assert gen.truncated == 1
+  for t, got in zip(texts, out):
+    ids = (Vocab().encode(t) + [1])
+    ids = ids if len(ids) <= 20 else ids[:19] + [1]
+    row = np.array([[0] + ids], np.int32)
+    want = decoding.generate(model, params, row, config=decoding.DecodeConfig(
+        max_decode_len=5), eos_id=1, prefix_lm=True)[0].tolist()
+    assert got == decoding.strip_eos(want, 1)
+
+
+def test_bad_decode_configs_name_the_field():
+  for kw, field in [(dict(method="nucleus"), "method"), (dict(max_decode_len=0),
+                    "max_decode_len"), (dict(method="sample", temperature=0), "temperature"),
+                    (dict(method="sample", top_p=1.5), "top_p")]:
+    with pytest.raises(UserError, match=field):
+      decoding.DecodeConfig(**kw)
