@@ -1,4 +1,15 @@
-"""Exact-match evaluation of generated answers against a trivial baseline."""
+"""Evaluation: generated answers scored by each task's metrics, rank classification.
+
+  harness.py   tasks -> examples -> generations -> postprocess + metric_fns,
+               rank classification over answer options; evaluate_suite, the
+               tables (console and markdown) and TensorBoard scalars
+  scoring.py   log-likelihood of continuations for both model kinds
+  lm_eval_adapter.py   EleutherAI's lm-evaluation-harness over a flanjax checkpoint
+
+This module keeps the training loop's end-of-run report: `evaluate_tasks`
+scores greedy answers with each task's metric and sets them beside the
+baseline of always giving the train split's most common answer.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import seqio
 from flanjax import decoding
 from flanjax.data import registry
 from flanjax.data.templates import extract_answer
+from flanjax.evaluation import harness
 from flanjax.models import decoder as decoder_lib
 
 
@@ -21,10 +33,11 @@ class TaskScore:
   task: str
   split: str
   examples: int
-  accuracy: float  # percent, exact match of the extracted answer
+  accuracy: float  # percent: the task's first metric (exact match of the extracted answer)
   baseline: float  # percent, always answering the train split's most common answer
   baseline_answer: str
   samples: list  # a few (input, prediction, target) for the report
+  metrics: dict = dataclasses.field(default_factory=dict)  # all the task's metrics
 
 
 def answer_fn(task: seqio.Task):
@@ -89,41 +102,31 @@ def greedy_fn(model, params, input_length: int, max_decode_len: int, eos_id: int
   return lambda inputs: np.asarray(run(inputs))
 
 
+def _kind(model) -> str:
+  return "decoder" if isinstance(model, decoder_lib.Decoder) else "t5"
+
+
 def evaluate_task(model, params, task_name: str, split: str, input_length: int,
                   max_decode_len: int, batch_size: int = 64,
                   max_examples: int | None = None) -> TaskScore:
-  """Exact match of greedy answers; `model` is a t5.T5 or a decoder.Decoder (prefix-LM)."""
+  """Greedy answers scored by the task's metric; `model` is a t5.T5 or a prefix-LM decoder.Decoder."""
   task = seqio.get_mixture_or_task(task_name)
   vocab = task.output_features["targets"].vocabulary
-  ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1, use_cached=False)
-  if max_examples:
-    ds = ds.take(max_examples)
-  examples = list(ds.as_numpy_iterator())
-  hits, samples = 0, []
+  kind = _kind(model)
+  generator = decoding.Generator(model, params, vocab, input_length,
+                                 decoding.DecodeConfig(max_decode_len=max_decode_len),
+                                 batch_size=batch_size, prefix_lm=kind == "decoder")
+  examples = harness.load_examples(task_name, split, vocab, input_length, max_examples)
+  result = harness.evaluate_one(model, params, vocab, kind, kind == "decoder", task_name, split,
+                                generator, input_length=input_length, batch_size=batch_size,
+                                rank_classification=False, examples=examples)
   baseline_answer = majority_answer(task) if "train" in task.splits else ""
   post = answer_fn(task)
-  baseline_hits = 0
-  decode = greedy_fn(model, params, input_length, max_decode_len, vocab.eos_id)
-  empty = np.zeros([0], np.int32)
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    inputs = [trim_inputs(ex.get("inputs", empty), input_length, vocab.eos_id) for ex in chunk]
-    # Fixed batch shape: one compilation for all batches.
-    out = decode(inputs + [empty] * (batch_size - len(chunk)))
-    for ex, ids in zip(chunk, out):
-      ids = ids.tolist()
-      if vocab.eos_id in ids:
-        ids = ids[:ids.index(vocab.eos_id)]
-      pred = vocab.decode(ids)
-      target = ex["targets_pretokenized"].decode("utf-8")
-      answer = post(target)
-      hits += post(pred) == answer
-      baseline_hits += baseline_answer == answer
-      if len(samples) < 3:
-        samples.append((ex["inputs_pretokenized"].decode("utf-8"), pred, target))
+  baseline_hits = sum(post(e.targets) == baseline_answer for e in examples)
   n = max(len(examples), 1)
-  return TaskScore(task_name, split, len(examples), 100.0 * hits / n,
-                   100.0 * baseline_hits / n, baseline_answer, samples)
+  samples = [(s["inputs"], s["prediction"], s["target"]) for s in result.samples]
+  return TaskScore(task_name, split, result.examples, result.score,
+                   100.0 * baseline_hits / n, baseline_answer, samples, result.metrics)
 
 
 def format_table(scores: Sequence[TaskScore]) -> str:
