@@ -22,7 +22,6 @@ divide the model axis).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -320,40 +319,13 @@ class Decoder(nn.Module):
     return self._logits(x)[:, 0], {"cache": caches, "index": index + 1}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "eos_id",
-                                             "bidirectional_prompt"))
 def greedy(model: Decoder, params, prompt_tokens, prompt_lengths=None, *, max_len: int,
            eos_id: int = 1, bidirectional_prompt: bool = False):
-  """Greedy continuation of right-padded prompts [b, p] -> [b, max_len] ids, 0 after EOS.
-
-  bidirectional_prompt: the prompt attends to itself both ways, as a prefix-LM
-  was trained (decoder_causal_attention over its inputs).
-  """
-  variables = {"params": params}
-  b, p = prompt_tokens.shape
-  lengths = (jnp.full((b,), p, jnp.int32) if prompt_lengths is None
-             else jnp.asarray(prompt_lengths, jnp.int32))
-  state = model.apply(variables, b, p + max_len, method=model.init_decode_state)
-  causal = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32) \
-      if bidirectional_prompt else None
-  logits, state = model.apply(variables, state, prompt_tokens, lengths, causal,
-                              method=model.prefill)
-  out = jnp.zeros((b, max_len), jnp.int32)
-  done = jnp.zeros((b,), bool)
-
-  def cond(carry):
-    i, _, _, _, done = carry
-    return (i < max_len) & ~jnp.all(done)
-
-  def body(carry):
-    i, logits, state, out, done = carry
-    nxt = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    out = out.at[:, i].set(nxt)
-    logits, state = model.apply(variables, state, nxt, method=model.decode_step)
-    return i + 1, logits, state, out, done | (nxt == eos_id)
-
-  *_, out, _ = jax.lax.while_loop(cond, body, (0, logits, state, out, done))
-  return out
+  """Greedy continuation of right-padded prompts [b, p] -> [b, max_len] ids (flanjax.decoding)."""
+  from flanjax import decoding  # pylint: disable=g-import-not-at-top  (decoding imports us)
+  return decoding.generate(model, params, prompt_tokens, prompt_lengths,
+                           decoding.DecodeConfig(max_decode_len=max_len), eos_id,
+                           prefix_lm=bidirectional_prompt)
 
 
 def model_inputs(batch: dict) -> dict:
