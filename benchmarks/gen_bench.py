@@ -1,0 +1,105 @@
+"""Generation throughput: greedy, a fixed number of new tokens, batch 1 and 16.
+
+Both stacks get the same weights and the same prompts (random ids, no
+padding) and must produce exactly `new_tokens` tokens per row: transformers'
+`generate(min_new_tokens=max_new_tokens=N)`, and flanjax's decoding with an EOS
+id that never occurs (-1). Both use a key-value cache. tokens/s counts new
+tokens (batch x N); the prompt's time (encoder or prefill) is included.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks import stacks
+
+
+def _flanjax_generate(fj):
+  """(api name, fn(prompts, n) -> [b, n] ids) with the best decoding API present."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model = fj.model
+  params = jax.device_put(fj.params())
+  try:
+    from flanjax.decoding import DecodeConfig, generate  # pylint: disable=g-import-not-at-top
+
+    def fn(prompts, n):
+      return np.asarray(generate(model, params, prompts, None,
+                                 DecodeConfig(method="greedy", max_decode_len=n), eos_id=-1,
+                                 prefix_lm=False))
+    return "flanjax.decoding.generate", fn
+  except ImportError:
+    pass
+  if stacks.family(fj.cfg) == "t5":
+    from flanjax.decoding import greedy  # pylint: disable=g-import-not-at-top
+    return "flanjax.decoding.greedy", lambda p, n: np.asarray(
+        greedy(model, params, p, max_len=n, eos_id=-1))
+  from flanjax.models.decoder import greedy  # pylint: disable=g-import-not-at-top
+  return "flanjax.models.decoder.greedy", lambda p, n: np.asarray(
+      greedy(model, params, p, max_len=n, eos_id=-1))
+
+
+def _hf_generate(th, kind):
+  torch = th.torch
+
+  def fn(prompts, n):
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    with torch.inference_mode():
+      out = th.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              num_beams=1, pad_token_id=0, eos_token_id=1,
+                              decoder_start_token_id=0 if kind == "enc_dec" else None,
+                              use_cache=True)
+    out = out.numpy()
+    # T5's output starts with the decoder start token; a decoder's, with the prompt.
+    return out[:, 1:] if kind == "enc_dec" else out[:, prompts.shape[1]:]
+  return fn
+
+
+def _common_prefix(a, b) -> float:
+  """Mean share of each row's tokens before the stacks' first disagreement."""
+  n = a.shape[1]
+  same = np.cumprod(a == b, axis=1).sum(axis=1)
+  return float(np.mean(same / n))
+
+
+def run(cfg, batch_sizes, prompt_len: int, new_tokens: int, reps: int, seed: int,
+        vocab_ids: int, log) -> dict:
+  kind = stacks.packing_kind(cfg)
+  name = stacks.family(cfg)
+  fj = stacks.Flanjax(cfg, stacks.AdamW(), seed)
+  th = stacks.Torch(cfg, fj.params(), stacks.AdamW())
+  th.model.eval()
+  api, ours = _flanjax_generate(fj)
+  theirs = _hf_generate(th, kind)
+  out = {"flanjax_api": api, "prompt_len": prompt_len, "new_tokens": new_tokens,
+         "hf": "generate(do_sample=False, num_beams=1, min_new_tokens=max_new_tokens)"}
+  rng = np.random.default_rng(seed)
+  for b in batch_sizes:
+    prompts = rng.integers(3, vocab_ids, (b, prompt_len)).astype(np.int32)
+    t0 = time.perf_counter()
+    first = ours(prompts, new_tokens)
+    compile_s = time.perf_counter() - t0
+    assert first.shape == (b, new_tokens), first.shape
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      ours(prompts, new_tokens)
+    fj_s = (time.perf_counter() - t0) / reps
+    ref = theirs(prompts, new_tokens)  # warm-up
+    assert ref.shape == (b, new_tokens), ref.shape
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      theirs(prompts, new_tokens)
+    hf_s = (time.perf_counter() - t0) / reps
+    res = {"flanjax": {"seconds": round(fj_s, 4),
+                       "tokens_per_s": round(b * new_tokens / fj_s, 1),
+                       "compile_and_first_call_s": round(compile_s, 2)},
+           "torch_eager": {"seconds": round(hf_s, 4),
+                           "tokens_per_s": round(b * new_tokens / hf_s, 1)},
+           "greedy_agreement": round(_common_prefix(first, ref), 3)}
+    out[f"batch_{b}"] = res
+    log(f"{name} generate b={b}: flanjax {res['flanjax']['tokens_per_s']:,.0f} tok/s, "
+        f"HF {res['torch_eager']['tokens_per_s']:,.0f} tok/s "
+        f"(agreement {res['greedy_agreement']:.2f})")
+  return out

@@ -1,0 +1,345 @@
+"""flanjax against Hugging Face PyTorch, both stacks in one run on one machine.
+
+    python -m benchmarks.run                            # benchmarks/configs/cpu.gin
+    python -m benchmarks.run --gin_file=benchmarks/configs/gpu.gin
+    python -m benchmarks.run --gin.benchmark.steps=8 --gin.T5Config.d_model=512 --out=/tmp/b.json
+
+Sections (benchmark.sections):
+  train     training tokens/s, T5 v1.1 (T5Config) vs T5ForConditionalGeneration and the
+            decoder-only model (DecoderConfig) vs LlamaForCausalLM: per padded token, and
+            real tokens/s on the mixture's lengths (flanjax packed, PyTorch padded per batch)
+  generate  greedy new tokens/s at batch 1 and 16 vs `generate`
+  pipeline  examples/s from raw files to packed batches, beside what the trainer consumes
+  mfu       on a GPU: MFU of T5-base, T5-large and a 1.1B decoder, bf16 ("no GPU" elsewhere)
+
+Prints a markdown table with the ratios and writes JSON to
+benchmarks/results/<name>.json (name: the platform, e.g. cpu) or --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import gin  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_GIN = os.path.join(HERE, "configs", "cpu.gin")
+TARGETS = {"padded_vs_eager": 1.0, "real_vs_eager": 2.0, "pipeline_vs_trainer": 5.0,
+           "mfu_h100": 0.45}
+
+
+@gin.configurable
+def benchmark(
+    sections=("train", "generate", "pipeline", "mfu"),
+    models=("t5", "decoder"),
+    t5_config=None,
+    decoder_config=None,
+    mixture: str = "flan_cot",  # or "synthetic": flan_cot-like lengths, no data needed
+    vocab_size: int = 8000,
+    lengths=None,
+    batch_size: int = 4,
+    steps: int = 4,
+    warmup: int = 2,
+    examples: int = 1600,
+    torch_compile: bool = True,
+    cold_inductor_cache: bool = True,
+    learning_rate: float = 1e-4,
+    seed: int = 0,
+    gen_batch_sizes=(1, 16),
+    gen_prompt_len: int = 128,
+    gen_new_tokens: int = 32,
+    gen_reps: int = 2,
+    pipeline_batches: int = 100,
+    pipeline_cold: bool = True,
+    mfu_sizes=("t5_base", "t5_large", "decoder_1b"),
+    mfu_steps: int = 10,
+    mfu_overrides=None,
+    mfu_force: bool = False,
+):
+  """The settings of one run (gin: benchmark.*); returns them as a dict."""
+  from flanjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
+  return dict(
+      sections=tuple(sections), models=tuple(models),
+      t5_config=t5_config or t5.T5Config(), decoder_config=decoder_config or decoder.DecoderConfig(),
+      mixture=mixture, vocab_size=vocab_size,
+      lengths=dict(lengths or {"inputs": 512, "targets": 128}), batch_size=batch_size,
+      steps=steps, warmup=warmup, examples=examples, torch_compile=torch_compile,
+      cold_inductor_cache=cold_inductor_cache, learning_rate=learning_rate, seed=seed,
+      gen_batch_sizes=tuple(gen_batch_sizes), gen_prompt_len=gen_prompt_len,
+      gen_new_tokens=gen_new_tokens, gen_reps=gen_reps, pipeline_batches=pipeline_batches,
+      pipeline_cold=pipeline_cold, mfu_sizes=tuple(mfu_sizes), mfu_steps=mfu_steps,
+      mfu_overrides=dict(mfu_overrides or {}), mfu_force=mfu_force)
+
+
+def _vocab_sized(cfg, vocab_ids: int):
+  if cfg.vocab_size == 0:  # as the trainer does: the vocabulary's, rounded up to 128
+    return dataclasses.replace(cfg, vocab_size=int(math.ceil(vocab_ids / 128) * 128))
+  if cfg.vocab_size < vocab_ids:
+    raise ValueError(f"vocab_size {cfg.vocab_size} < the vocabulary's {vocab_ids}")
+  return cfg
+
+
+def _plain(x):
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  if isinstance(x, dict):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def run(settings: dict, log, command: str = "") -> dict:
+  from benchmarks import common, examples as ex_lib, stacks  # pylint: disable=g-import-not-at-top
+  s = settings
+  threads = stacks.torch_threads()
+  if s["cold_inductor_cache"]:
+    stacks.fresh_inductor_cache()
+  result = {"command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_start": common.load(), "machine": common.machine(threads),
+            "settings": _plain(s)}
+  t_start = __import__("time").perf_counter()
+  lengths = s["lengths"]
+
+  # ---- the examples both stacks train on
+  if s["mixture"] == "synthetic":
+    vocab_ids = max(s["vocab_size"], 16)
+    exs, vocab_ids, what = ex_lib.synthetic_examples(lengths, s["examples"], s["seed"], vocab_ids)
+  elif "train" in s["sections"] or "pipeline" in s["sections"]:
+    log(f"loading {s['examples']} examples of {s['mixture']} (vocabulary, tokenization cached)")
+    exs, vocab_ids, what = ex_lib.mixture_examples(s["mixture"], lengths, s["examples"],
+                                                   s["seed"], s["vocab_size"])
+  else:
+    exs, vocab_ids, what = [], s["vocab_size"], "none"
+  result["data"] = {"source": what, "lengths": lengths}
+  if exs:
+    result["data"]["sample"] = ex_lib.length_summary(exs)
+  cfgs = {"t5": _vocab_sized(s["t5_config"], vocab_ids),
+          "decoder": _vocab_sized(s["decoder_config"], vocab_ids)}
+  result["models"] = {m: _plain(cfgs[m]) for m in s["models"]}
+
+  if "train" in s["sections"]:
+    from benchmarks import train_bench  # pylint: disable=g-import-not-at-top
+    result["train"] = {}
+    for m in s["models"]:
+      result["train"][m] = train_bench.run(
+          cfgs[m], exs, lengths, s["batch_size"], s["steps"], s["warmup"], s["torch_compile"],
+          stacks.AdamW(lr=s["learning_rate"]), s["seed"], log, vocab_ids)
+  if "generate" in s["sections"]:
+    from benchmarks import gen_bench  # pylint: disable=g-import-not-at-top
+    result["generate"] = {m: gen_bench.run(cfgs[m], s["gen_batch_sizes"], s["gen_prompt_len"],
+                                           s["gen_new_tokens"], s["gen_reps"], s["seed"],
+                                           vocab_ids, log) for m in s["models"]}
+  if "pipeline" in s["sections"]:
+    if s["mixture"] == "synthetic":
+      result["pipeline"] = {"skipped": "synthetic examples have no raw files"}
+    else:
+      from benchmarks import pipeline_bench  # pylint: disable=g-import-not-at-top
+      result["pipeline"] = pipeline_bench.run(s["mixture"], lengths, s["batch_size"],
+                                              s["pipeline_batches"], s["vocab_size"],
+                                              s["pipeline_cold"], s["seed"], "enc_dec", log)
+  if "mfu" in s["sections"]:
+    from benchmarks import mfu  # pylint: disable=g-import-not-at-top
+    result["mfu"] = mfu.run(s["mfu_sizes"], s["mfu_steps"], s["warmup"], s["mfu_force"], log,
+                            s["mfu_overrides"])
+  result["total_seconds"] = round(__import__("time").perf_counter() - t_start, 1)
+  result["load_end"] = common.load()
+  result["targets"] = targets(result)
+  result["table"] = table(result)
+  return result
+
+
+# ---------------------------------------------------------------- report
+
+def _get(d, *keys):
+  for k in keys:
+    if not isinstance(d, dict) or k not in d:
+      return None
+    d = d[k]
+  return d
+
+
+def _ratio(a, b):
+  return round(a / b, 2) if a and b else None
+
+
+def targets(r: dict) -> list[dict]:
+  """Each target of issue 7 with the measured value and whether it is met."""
+  out = []
+  on_cpu = _get(r, "machine", "platform") == "cpu"
+  for m in ("t5", "decoder"):
+    tr = _get(r, "train", m)
+    if not tr:
+      continue
+    v = _ratio(_get(tr, "padded", "flanjax", "tokens_per_s"),
+               _get(tr, "padded", "torch_eager", "tokens_per_s"))
+    out.append({"target": f"{m}: tokens/s per padded token >= "
+                          f"{TARGETS['padded_vs_eager']}x PyTorch eager"
+                          + ("" if on_cpu else " (target is for CPU)"),
+                "value": v, "met": v is not None and v >= TARGETS["padded_vs_eager"]})
+    v = _ratio(_get(tr, "real", "flanjax_packed", "real_tokens_per_s"),
+               _get(tr, "real", "torch_eager_random", "real_tokens_per_s"))
+    out.append({"target": f"{m}: real tokens/s on the mixture's lengths >= "
+                          f"{TARGETS['real_vs_eager']}x PyTorch eager (dynamic padding)",
+                "value": v, "met": v is not None and v >= TARGETS["real_vs_eager"]})
+  pipe = _get(r, "pipeline", "warm", "examples_per_s")
+  trainer = _get(r, "train", "t5", "real", "flanjax_packed", "examples_per_s")
+  if pipe and trainer:
+    v = _ratio(pipe, trainer)
+    out.append({"target": f"data pipeline >= {TARGETS['pipeline_vs_trainer']}x what the "
+                          "T5 trainer consumes (examples/s)",
+                "value": v, "met": v >= TARGETS["pipeline_vs_trainer"]})
+  mfu = r.get("mfu") or {}
+  if "skipped" in mfu:
+    out.append({"target": f"H100: MFU >= {TARGETS['mfu_h100']:.0%} at the largest size that fits",
+                "value": None, "met": None, "note": mfu["skipped"]})
+  elif mfu:
+    vals = [(k, v["mfu"]) for k, v in mfu.items() if isinstance(v, dict) and v.get("mfu")]
+    if vals:
+      name, v = vals[-1]
+      out.append({"target": f"MFU >= {TARGETS['mfu_h100']:.0%} ({name}, {mfu.get('device')})",
+                  "value": v, "met": v >= TARGETS["mfu_h100"]})
+  return out
+
+
+def _fmt(x, unit=""):
+  if x is None:
+    return "n/a"
+  if isinstance(x, float) and x < 100:
+    return f"{x:.2f}{unit}"
+  return f"{x:,.0f}{unit}"
+
+
+def _x(x):
+  return "n/a" if x is None else f"**{x:.2f}x**"
+
+
+def table(r: dict) -> str:
+  lines = ["| measure | flanjax | PyTorch eager | PyTorch compiled | flanjax / eager | "
+           "flanjax / compiled |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+  def row(name, ours, eager, comp):
+    lines.append(f"| {name} | {_fmt(ours)} | {_fmt(eager)} | {_fmt(comp)} | "
+                 f"{_x(_ratio(ours, eager))} | {_x(_ratio(ours, comp))} |")
+
+  label = {"t5": "T5", "decoder": "decoder (Llama)"}
+  mixture = _get(r, "settings", "mixture")
+  for m in ("t5", "decoder"):
+    tr = _get(r, "train", m)
+    if not tr:
+      continue
+    p = tr["padded"]
+    row(f"{label[m]} train, tokens/s per padded token",
+        _get(p, "flanjax", "tokens_per_s"), _get(p, "torch_eager", "tokens_per_s"),
+        _get(p, "torch_compile", "tokens_per_s"))
+    q = tr["real"]
+    for order, what in (("random", "random batches"), ("grouped", "group_by_length")):
+      row(f"{label[m]} train, real tokens/s on {mixture} lengths (packed vs padded per "
+          f"batch, {what})", _get(q, "flanjax_packed", "real_tokens_per_s"),
+          _get(q, f"torch_eager_{order}", "real_tokens_per_s"), None)
+  for m in ("t5", "decoder"):
+    g = _get(r, "generate", m)
+    if not g:
+      continue
+    for k in sorted((k for k in g if k.startswith("batch_")), key=lambda k: int(k[6:])):
+      row(f"{label[m]} greedy generation, new tokens/s, batch {k[6:]}",
+          _get(g, k, "flanjax", "tokens_per_s"), _get(g, k, "torch_eager", "tokens_per_s"), None)
+  lines.append("")
+  lines.append("| other | value |")
+  lines.append("| --- | ---: |")
+  for m in ("t5", "decoder"):
+    tr = _get(r, "train", m)
+    if not tr:
+      continue
+    q = tr["real"]
+    lines.append(f"| {label[m]}: non-padding share, flanjax packed / PyTorch random / "
+                 f"grouped | {_fmt(_get(q, 'flanjax_packed', 'non_padding_share'))} / "
+                 f"{_fmt(_get(q, 'torch_eager_random', 'non_padding_share'))} / "
+                 f"{_fmt(_get(q, 'torch_eager_grouped', 'non_padding_share'))} |")
+    lines.append(f"| {label[m]}: compile + first step, flanjax (XLA) / torch.compile (s) | "
+                 f"{_fmt(_get(tr, 'padded', 'flanjax', 'compile_and_first_step_s'))} / "
+                 f"{_fmt(_get(tr, 'padded', 'torch_compile', 'compile_and_first_step_s'))} |")
+    lines.append(f"| {label[m]}: initial loss, flanjax / PyTorch (same weights) | "
+                 f"{_get(tr, 'parity', 'flanjax_loss')} / {_get(tr, 'parity', 'torch_loss')} |")
+  pipe = r.get("pipeline") or {}
+  trainer = _get(r, "train", "t5", "real", "flanjax_packed", "examples_per_s")
+  if "warm" in pipe:
+    lines.append(f"| data pipeline, cache -> packed batches (examples/s) | "
+                 f"{_fmt(pipe['warm']['examples_per_s'])} |")
+    if "cold" in pipe:
+      lines.append(f"| data pipeline, raw files -> tokenized, first run (examples/s) | "
+                   f"{_fmt(pipe['cold']['examples_per_s'])} |")
+    if trainer:
+      lines.append(f"| T5 trainer consumes (examples/s) | {_fmt(trainer)} |")
+      lines.append(f"| pipeline / trainer | {_x(_ratio(pipe['warm']['examples_per_s'], trainer))} |")
+  mfu = r.get("mfu") or {}
+  if "skipped" in mfu:
+    lines.append(f"| MFU (bf16, GPU) | {mfu['skipped']} |")
+  for k, v in mfu.items():
+    if isinstance(v, dict) and "mfu" in v:
+      lines.append(f"| MFU {k}, batch {v['batch']}, bf16 | {v['mfu']:.1%} |")
+    elif isinstance(v, dict) and "error" in v:
+      lines.append(f"| MFU {k} | {v['error'][:80]} |")
+  lines.append("")
+  lines.append("Targets:")
+  for t in r.get("targets", []):
+    mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+    val = "" if t["value"] is None else f" ({t['value']:.2f}" + (
+        ")" if "MFU" not in t["target"] else "")
+    lines.append(f"- {t['target']}: {mark}{val}" + (f" - {t['note']}" if t.get("note") else ""))
+  m = r.get("machine", {})
+  lines.append("")
+  lines.append(f"Machine: {m.get('device')} ({m.get('platform')}), {m.get('cpu')}, "
+               f"{m.get('cores')} cores; torch threads {_get(m, 'threads', 'torch_intra_op')}; "
+               f"load average (1/5/15 min) {r.get('load_start')} at start, {r.get('load_end')} "
+               f"at end; {r.get('total_seconds')} s in all.")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv=None):
+  from flanjax import config as flan_config  # pylint: disable=g-import-not-at-top
+  # Registers T5Config and DecoderConfig with gin before the files are parsed.
+  from flanjax.models import decoder, t5  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else list(argv)
+
+  def go():
+    gargs = flan_config.parse_args(argv)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/<name>.json)")
+    ap.add_argument("--name", help="result name (default: the platform, e.g. cpu)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    opts = ap.parse_args(gargs.rest)
+    if not gargs.files:
+      gargs.files = [DEFAULT_GIN]
+    gargs.search_paths = list(gargs.search_paths) + [os.path.join(HERE, "configs")]
+    # Not locked: flanjax modules imported later register their own configurables.
+    flan_config.parse_gin(gargs, finalize=False)
+    settings = benchmark()
+    log = common.Log(opts.quiet)
+    command = "python -m benchmarks.run " + " ".join(argv)
+    result = run(settings, log, command.strip())
+    name = opts.name or result["machine"]["platform"]
+    out = opts.out or os.path.join(HERE, "results", f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+    print(result["table"])
+    print(f"\nwritten: {out}")
+    return 0
+
+  flan_config._guarded(go, "benchmarks.run")  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":
+  main()
