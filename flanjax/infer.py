@@ -1,0 +1,154 @@
+"""Generates from a checkpoint: prompts in, JSON lines out.
+
+  python -m flanjax.infer --checkpoint runs/flanjax_builtin "What is 3 plus 4?"
+  python -m flanjax.infer --checkpoint ~/models/flan-t5-small --input prompts.txt
+  python -m flanjax.infer --checkpoint runs/x --input data.jsonl --field question \\
+      --output out.jsonl --method beam --num_beams 4
+
+--checkpoint: a training run (its newest checkpoint, or --step), a converted
+orbax checkpoint, or a Hugging Face T5 / Llama folder. Prompts come from the
+command line, a text file (one prompt per line) or a JSONL file (the --field
+of each record; the record's other fields are copied to the output). Output:
+one JSON object per prompt, {"prompt", "generation", "score", ...}, to
+--output or stdout, written as each batch finishes so an interrupted run
+keeps what it produced. Decoding settings are flags or gin bindings of
+DecodeConfig (--gin.DecodeConfig.top_p=0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from flanjax import config as flan_config
+from flanjax import decoding
+from flanjax.data import sources
+from flanjax.errors import UserError
+
+PROMPT_FIELDS = ("prompt", "inputs", "input", "question", "instruction", "text")
+
+
+def _parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m flanjax.infer",
+                               description=__doc__.split("\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="\n".join(__doc__.split("\n")[2:]))
+  ap.add_argument("prompts", nargs="*", help="prompts given on the command line")
+  ap.add_argument("--checkpoint", required=True, help="run dir, converted checkpoint or HF dir")
+  ap.add_argument("--step", type=int, help="a training run's step (default: the newest)")
+  ap.add_argument("--input", help="a .txt (one prompt per line) or .jsonl file of prompts")
+  ap.add_argument("--field", help=f"the JSONL field holding the prompt (default: the first "
+                  f"of {', '.join(PROMPT_FIELDS)} that the first record has)")
+  ap.add_argument("--output", help="JSONL file to write (default: stdout)")
+  ap.add_argument("--method", choices=decoding.METHODS)
+  ap.add_argument("--max_decode_len", type=int)
+  ap.add_argument("--num_beams", type=int)
+  ap.add_argument("--length_penalty", type=float)
+  ap.add_argument("--temperature", type=float)
+  ap.add_argument("--top_k", type=int)
+  ap.add_argument("--top_p", type=float)
+  ap.add_argument("--seed", type=int)
+  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--max_input_length", type=int, default=2048,
+                  help="longer prompts are cut to this many tokens (and counted)")
+  return ap
+
+
+def read_prompts(path: str, field: str | None):
+  """[(prompt, extra fields)] from a text or JSONL file; bad records name file and line."""
+  if path.endswith((".jsonl", ".json")):
+    reader = sources.Reader(path)
+    out = []
+    for where, rec in sources.read_jsonl(reader):
+      if field is None:
+        field = next((f for f in PROMPT_FIELDS if f in rec), None)
+        if field is None:
+          raise UserError(f"{where}: no prompt field (has {sorted(rec)}); name it with --field")
+      if sources.require(reader, where, rec, [field], non_empty=[field]):
+        reader.report.kept += 1
+        out.append((rec[field], {k: v for k, v in rec.items() if k != field}))
+    reader.done()
+    return out
+  if not os.path.isfile(path):
+    raise UserError(f"{path} does not exist; give a .txt or .jsonl file of prompts")
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [line.rstrip("\r\n") for line in f]
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; re-encode the file "
+                    "as UTF-8") from None
+  prompts = [(line, {}) for line in lines if line.strip()]
+  if not prompts:
+    raise UserError(f"{path} holds no prompts (one per line)")
+  return prompts
+
+
+def _decode_config(args) -> decoding.DecodeConfig:
+  base = decoding.DecodeConfig()  # gin bindings, else the defaults
+  flags = {k: getattr(args, k) for k in ("method", "max_decode_len", "num_beams",
+                                         "length_penalty", "temperature", "top_k", "top_p",
+                                         "seed") if getattr(args, k) is not None}
+  return decoding.DecodeConfig(**{**base.__dict__, **flags})
+
+
+def run(argv) -> int:
+  args = _parser().parse_args(argv)
+  prompts = [(p, {}) for p in args.prompts]
+  if args.input:
+    prompts += read_prompts(args.input, args.field)
+  if not prompts:
+    raise UserError("no prompts: give them as arguments or with --input FILE")
+  cfg = _decode_config(args)
+  from flanjax.models import loading  # pylint: disable=g-import-not-at-top  (imports jax)
+  t0 = time.time()
+  loaded = loading.load(args.checkpoint, step=args.step)
+  print(f"infer: {loaded.source} ({loaded.kind}); {len(prompts)} prompts; {cfg.method} "
+        f"decoding, up to {cfg.max_decode_len} new tokens", file=sys.stderr, flush=True)
+  gen = decoding.Generator(loaded.model, loaded.params, loaded.vocab, args.max_input_length,
+                           cfg, batch_size=args.batch_size, prefix_lm=loaded.prefix_lm,
+                           add_bos=True)
+  encoded = [gen.encode(p) for p, _ in prompts]
+  gen.input_length = max(1, min(args.max_input_length, max(len(e) for e in encoded)))
+  out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+  done, new_tokens, t1 = 0, 0, time.time()
+  try:
+    for start in range(0, len(prompts), args.batch_size):
+      chunk = slice(start, start + args.batch_size)
+      ids, scores = gen.generate_ids(encoded[chunk], with_scores=True)
+      for (prompt, extra), row, score in zip(prompts[chunk], ids, scores):
+        rec = {**extra, "prompt": prompt, "generation": loaded.vocab.decode(row),
+               "score": round(score, 6), "new_tokens": len(row)}
+        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        new_tokens += len(row)
+      out.flush()
+      done = min(len(prompts), start + args.batch_size)
+      secs = time.time() - t1
+      print(f"infer: {done}/{len(prompts)} prompts, {done / secs:.1f} prompts/s, "
+            f"{new_tokens / secs:.0f} new tokens/s", file=sys.stderr, flush=True)
+  finally:
+    if out is not sys.stdout:
+      out.close()
+  if gen.truncated:
+    print(f"infer: {gen.truncated} prompts were longer than --max_input_length="
+          f"{args.max_input_length} tokens and were cut", file=sys.stderr)
+  print(f"infer: done in {time.time() - t0:.1f}s" +
+        (f", wrote {args.output}" if args.output else ""), file=sys.stderr)
+  return 0
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+
+  def go():
+    gin_args = flan_config.parse_args(argv)
+    flan_config.parse_gin(gin_args)
+    return run(gin_args.rest)
+
+  flan_config.run_plain_main(lambda _: go(), "flanjax.infer", argv)
+
+
+if __name__ == "__main__":
+  main()

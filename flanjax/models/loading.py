@@ -1,0 +1,283 @@
+"""Loading any checkpoint flanjax can read, for inference and evaluation.
+
+Three kinds of folder hold a model:
+  - a training run (runs/<mixture>/: checkpoints/<step>/state, run_info.json
+    for the model config, vocab/ for the tokenizer),
+  - a converted orbax checkpoint (params/, model_config.json, hf_files/), as
+    tools/convert_checkpoint.py hf-to-orbax writes it,
+  - a Hugging Face T5 or Llama folder (config.json, weights, tokenizer).
+`load` tells them apart and returns the model, its parameters on the host and
+its vocabulary; tools/convert_checkpoint.py uses the same readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from flanjax.errors import UserError
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "model_config.json"
+HF_FILES_DIR = "hf_files"
+
+
+def config_classes():
+  from flanjax.models.decoder import DecoderConfig  # pylint: disable=g-import-not-at-top
+  from flanjax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top
+  return {"t5": T5Config, "decoder": DecoderConfig}
+
+
+def config_to_json(cfg) -> dict:
+  kind = next(k for k, c in config_classes().items() if isinstance(cfg, c))
+  return {"type": kind, "config": dataclasses.asdict(cfg)}
+
+
+def _config_from_fields(fields: dict, source: str, kind: str | None = None):
+  classes = config_classes()
+  if kind is None:
+    # T5 has encoder layers; a decoder has num_kv_heads.
+    kind = "t5" if "num_encoder_layers" in fields else "decoder"
+  if kind not in classes:
+    raise UserError(f"{source}: model type {kind!r} is not one of {', '.join(classes)}")
+  cls = classes[kind]
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise UserError(f"{source}: {', '.join(unknown)} not a field of {cls.__name__}")
+  try:
+    return cls(**fields)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{source}: {e}") from None
+
+
+def config_from_file(path: str):
+  """A model config from a .gin file or a JSON file (ours, HF's or a run_info.json)."""
+  if not os.path.isfile(path):
+    raise UserError(f"{path} not found (--config)")
+  if path.endswith(".gin"):
+    return _config_from_gin(path)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+  if not isinstance(data, dict):
+    raise UserError(f"{path}: expected a JSON object")
+  if "model_type" in data or "architectures" in data:
+    from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+    return hf.config_from_hf(data, path)
+  if "type" in data and "config" in data:
+    return _config_from_fields(data["config"], path, data["type"])
+  if isinstance(data.get("model"), dict):  # run_info.json
+    return _config_from_fields(data["model"], path)
+  return _config_from_fields(data, path)
+
+
+def _config_from_gin(path: str):
+  import gin  # pylint: disable=g-import-not-at-top
+  from flanjax import config as flan_config  # pylint: disable=g-import-not-at-top
+  classes = config_classes()
+  gin.clear_config()
+  for p in flan_config.search_paths(()):
+    gin.add_config_file_search_path(p)
+  try:
+    # Only the model config matters: the trainer's other bindings are skipped.
+    gin.parse_config_file(path, skip_unknown=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"gin file {path}: {flan_config._one_line(e)}") from None  # pylint: disable=protected-access
+  bound = []
+  for kind, cls in classes.items():
+    for field in dataclasses.fields(cls):
+      try:
+        gin.query_parameter(f"{cls.__name__}.{field.name}")
+        bound.append(kind)
+        break
+      except ValueError:
+        continue
+  if len(bound) != 1:
+    gin.clear_config()
+    what = "both" if bound else "neither"
+    raise UserError(f"gin file {path} binds {what} of T5Config and DecoderConfig; "
+                    "give one model config")
+  try:
+    return classes[bound[0]]()
+  finally:
+    gin.clear_config()
+
+
+def restore_numpy(path: str, subtree: str | None = None):
+  """An orbax pytree as numpy arrays on the host, whatever mesh wrote it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckptr = ocp.PyTreeCheckpointer()
+  try:
+    tree = ckptr.metadata(path).item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"{path}: not a readable orbax checkpoint ({type(e).__name__})") from None
+  if subtree is not None:
+    if not isinstance(tree, dict) or subtree not in tree:
+      raise UserError(f"{path}: the checkpoint has no {subtree!r} entry")
+    tree = {subtree: tree[subtree]}
+  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+  out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=subtree is not None))
+  return out if subtree is None else out[subtree]
+
+
+def training_checkpoint(ckpt_dir: str, step: int | None):
+  """(step folder's state item, run folder) of a training run, or None."""
+  for root in (os.path.join(ckpt_dir, "checkpoints"), ckpt_dir):
+    if not os.path.isdir(root):
+      continue
+    steps = sorted(int(n) for n in os.listdir(root)
+                   if n.isdigit() and os.path.isdir(os.path.join(root, n, "state")))
+    if not steps:
+      continue
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise UserError(f"{root}: no step {step} (steps: {', '.join(map(str, steps))})")
+    run_dir = ckpt_dir if root != ckpt_dir else os.path.dirname(os.path.abspath(root))
+    return os.path.join(root, str(step), "state"), run_dir
+  return None
+
+
+def read_orbax(ckpt_dir: str, config: str | None = None, step: int | None = None):
+  """(model config, params, original HF config or None, folder of HF files or None)."""
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f"{ckpt_dir} is not a directory")
+  hf_config, files_dir = None, None
+  meta_path = os.path.join(ckpt_dir, CONFIG_FILE)
+  if os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):
+    params = restore_numpy(os.path.join(ckpt_dir, PARAMS_DIR))
+    if config is None:
+      if not os.path.isfile(meta_path):
+        raise UserError(f"{meta_path} not found: give the model config with --config")
+      config = meta_path
+    if os.path.isfile(meta_path):
+      with open(meta_path) as f:
+        hf_config = json.load(f).get("hf_config")
+    if os.path.isdir(os.path.join(ckpt_dir, HF_FILES_DIR)):
+      files_dir = os.path.join(ckpt_dir, HF_FILES_DIR)
+  else:
+    found = training_checkpoint(ckpt_dir, step)
+    if found is None:
+      raise UserError(f"{ckpt_dir}: neither a converted checkpoint ({PARAMS_DIR}/ and "
+                      f"{CONFIG_FILE}) nor a training run (checkpoints/<step>/state)")
+    state_dir, run_dir = found
+    params = restore_numpy(state_dir, subtree="params")
+    if config is None:
+      config = os.path.join(run_dir, "run_info.json")
+      if not os.path.isfile(config):
+        raise UserError(f"{config} not found: give the model config with --config")
+  cfg = config_from_file(config)
+  if getattr(cfg, "vocab_size", None) == 0:
+    # The trainer sizes the vocabulary from the tokenizer: read it off the params.
+    emb = params.get("token_embedding") if isinstance(params, dict) else None
+    if emb is None:
+      raise UserError(f"{config}: vocab_size is 0 and the params have no token_embedding")
+    cfg = dataclasses.replace(cfg, vocab_size=int(emb.shape[0]))
+  check_params(cfg, params, config)
+  return cfg, params, hf_config, files_dir
+
+
+def check_params(cfg, params, source: str):
+  """Params and config describe the same model: same names, same shapes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from flanjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
+  if isinstance(cfg, t5.T5Config):
+    model, dummy = t5.T5(cfg), t5.dummy_batch(1, 2, 2)
+  else:
+    model, dummy = decoder.Decoder(cfg), decoder.dummy_batch(1, 2)
+  want = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **dummy))["params"])
+  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, have = flat(want), flat(params)
+  for name in sorted(set(want) | set(have)):
+    if name not in have:
+      raise UserError(f"parameter {name} is missing from the checkpoint ({source} describes it)")
+    if name not in want:
+      raise UserError(f"parameter {name} of the checkpoint is not in the model {source} "
+                      "describes")
+    if tuple(have[name].shape) != tuple(want[name].shape):
+      raise UserError(f"parameter {name} has shape {tuple(have[name].shape)}, {source} "
+                      f"implies {tuple(want[name].shape)}")
+
+
+# ---------------------------------------------------------------- any checkpoint
+
+@dataclasses.dataclass
+class Loaded:
+  """A model ready to run: module, host parameters, vocabulary and how to prompt it."""
+  model: Any  # t5.T5 or decoder.Decoder
+  config: Any
+  params: Any
+  vocab: Any  # a seqio.Vocabulary
+  kind: str  # "t5" or "decoder"
+  prefix_lm: bool  # a flanjax-trained decoder reads [0, inputs..., EOS] both ways
+  source: str  # what was read, for reports
+  step: int | None = None  # the training step of a run's checkpoint
+
+
+def _run_vocabulary(run_dir: str, run_info: dict):
+  """The tokenizer a training run saved in its vocab/ folder."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(run_dir, "vocab")
+  spiece = os.path.join(folder, "spiece.model")
+  if os.path.isfile(spiece):
+    # run_info's fingerprint ends in "/x<extra_ids>" for a SentencePiece vocabulary.
+    fp = str(run_info.get("vocabulary", ""))
+    extra = int(fp.rsplit("/x", 1)[1]) if "/x" in fp and fp.rsplit("/x", 1)[1].isdigit() else 0
+    return seqio.SentencePieceVocabulary(spiece, extra_ids=extra)
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    from flanjax.data import hf_vocab  # pylint: disable=g-import-not-at-top
+    return hf_vocab.HFTokenizerVocabulary.from_directory(folder, model_config={})
+  raise UserError(f"{run_dir}: the run has no tokenizer in {folder} (runs from before it was "
+                  "kept there): copy the run's spiece.model or tokenizer.json into it")
+
+
+def load(path: str, step: int | None = None, config: str | None = None) -> Loaded:
+  """Reads a training run, a converted orbax checkpoint or a Hugging Face folder."""
+  from flanjax.models import decoder, hf, t5  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise UserError(f"{path} is not a directory: give a training run (runs/<mixture>), a "
+                    "converted checkpoint or a Hugging Face model folder")
+  run = training_checkpoint(path, step)
+  is_orbax = os.path.isdir(os.path.join(path, PARAMS_DIR))
+  if run is None and not is_orbax:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      raise UserError(f"{path} holds no checkpoint: expected checkpoints/<step>/state (a "
+                      f"training run), {PARAMS_DIR}/ (a converted checkpoint) or config.json "
+                      "and weights (a Hugging Face folder)")
+    cfg, params, vocab = hf.load(path)
+    if vocab is None:
+      raise UserError(f"{path} has no spiece.model or tokenizer.json: add the model's "
+                      "tokenizer files there")
+    source, prefix_lm, at = f"Hugging Face folder {path}", False, None
+  else:
+    cfg, params, hf_config, files_dir = read_orbax(path, config, step)
+    if is_orbax:
+      vocab = hf._vocabulary(files_dir, cfg, hf_config or {}) if files_dir else None  # pylint: disable=protected-access
+      if vocab is None:
+        raise UserError(f"{path} has no tokenizer ({HF_FILES_DIR}/spiece.model or "
+                        "tokenizer.json): convert the model again from a folder that has one")
+      source, prefix_lm, at = f"converted checkpoint {path}", False, None
+    else:
+      state_dir, run_dir = run
+      with open(os.path.join(run_dir, "run_info.json")) as f:
+        run_info = json.load(f)
+      vocab = _run_vocabulary(run_dir, run_info)
+      at = int(os.path.basename(os.path.dirname(state_dir)))
+      # flanjax trains a decoder-only model as a prefix-LM (train._model_for).
+      source, prefix_lm = f"training run {run_dir}, step {at}", True
+  if isinstance(cfg, t5.T5Config):
+    return Loaded(t5.T5(cfg), cfg, params, vocab, "t5", False, source, at)
+  return Loaded(decoder.Decoder(cfg), cfg, params, vocab, "decoder", prefix_lm, source, at)
