@@ -7,9 +7,11 @@ then sees the same batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-from typing import Iterator, Mapping
+import math
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -17,11 +19,31 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data import packing, registry
+from flanjax.errors import UserError
 
 ENC_DEC_FEATURES = (
     "encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
     "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
     "decoder_segment_ids", "decoder_positions")
+
+
+def check_lengths(lengths: Mapping[str, int], kind: str = "enc_dec") -> dict[str, int]:
+  """task_feature_lengths as {feature: positive int}; anything else is a UserError."""
+  need = ("inputs", "targets") if kind in ("enc_dec", "prefix_lm") else ("targets",)
+  if not isinstance(lengths, Mapping):
+    raise UserError(f"train.task_feature_lengths must be a dict like {{'inputs': 256, "
+                    f"'targets': 64}}, not {lengths!r}")
+  missing = [k for k in need if k not in lengths]
+  if missing:
+    raise UserError(f"train.task_feature_lengths {dict(lengths)} has no {', '.join(missing)}; "
+                    f"give {' and '.join(need)}, e.g. {{'inputs': 256, 'targets': 64}}")
+  out = {}
+  for k, v in lengths.items():
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise UserError(f"train.task_feature_lengths[{k!r}] = {v!r}: a length is a number of "
+                      "tokens, a whole number of at least 1")
+    out[k] = v
+  return out
 
 
 @dataclasses.dataclass
@@ -30,6 +52,26 @@ class LengthReport:
   examples: int = 0
   truncated: dict = dataclasses.field(default_factory=dict)  # feature -> count
   longest: dict = dataclasses.field(default_factory=dict)  # feature -> tokens
+  shortest: dict = dataclasses.field(default_factory=dict)  # feature -> tokens
+  p90: dict = dataclasses.field(default_factory=dict)  # feature -> 90th percentile
+
+  def fits_none(self, lengths: Mapping[str, int]) -> list[str]:
+    """Features whose length is below every example's: nothing would be seen whole."""
+    return [k for k in sorted(self.shortest) if self.shortest[k] > lengths[k]]
+
+  def check_some_fit(self, lengths: Mapping[str, int], name: str) -> None:
+    """Raises a UserError naming the feature when no example fits it at all."""
+    bad = self.fits_none(lengths)
+    if not bad:
+      return
+    suggest = dict(lengths)
+    for k in bad:
+      suggest[k] = int(math.ceil(self.p90[k] / 16) * 16)  # 90% of examples fit
+    parts = [f"{k}={lengths[k]} is shorter than every example (shortest {self.shortest[k]}, "
+             f"longest {self.longest[k]} tokens with EOS)" for k in bad]
+    raise UserError(f"{name!r}: train.task_feature_lengths {'; '.join(parts)}, so every "
+                    "example would be truncated; raise it, e.g. "
+                    f"--gin.train.task_feature_lengths=\"{suggest}\"")
 
   def summary(self, lengths: Mapping[str, int]) -> str:
     parts = []
@@ -46,6 +88,7 @@ def length_report(name: str, split: str, lengths: Mapping[str, int],
   task_or_mix = registry.get_task_or_mixture(name)
   tasks = getattr(task_or_mix, "tasks", [task_or_mix])
   rep = LengthReport()
+  seen = collections.defaultdict(list)  # feature -> arrays of lengths
   from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
   for task in tasks:
     if split not in task.splits:
@@ -59,6 +102,7 @@ def length_report(name: str, split: str, lengths: Mapping[str, int],
         n = tok.lengths(k)[:max_examples] + 1  # EOS
         if not len(n):
           continue
+        seen[k].append(n)
         rep.longest[k] = max(rep.longest.get(k, 0), int(n.max()))
         over = int((n > lengths[k]).sum())
         if over:
@@ -72,13 +116,21 @@ def length_report(name: str, split: str, lengths: Mapping[str, int],
     feats = [k for k in lengths if k in task.output_features]
     ds = ds.map(lambda ex: {k: tf.size(ex[k]) for k in feats},
                 num_parallel_calls=tf.data.AUTOTUNE)
+    found = collections.defaultdict(list)
     for ex in ds.as_numpy_iterator():
       rep.examples += 1
       for k in feats:
         n = int(ex[k])
+        found[k].append(n)
         rep.longest[k] = max(rep.longest.get(k, 0), n)
         if n > lengths[k]:
           rep.truncated[k] = rep.truncated.get(k, 0) + 1
+    for k, ns in found.items():
+      seen[k].append(np.asarray(ns))
+  for k, arrays in seen.items():
+    n = np.concatenate(arrays)
+    rep.shortest[k] = int(n.min())
+    rep.p90[k] = int(np.percentile(n, 90))
   return rep
 
 
@@ -86,33 +138,99 @@ def shard_info() -> seqio.ShardInfo:
   return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
 
 
+TASK_COUNTS = "task_counts"
+
+
+def task_names(name: str, split: str = "train") -> list[str] | None:
+  """The leaf tasks of `name` that have `split`, in the order of a batch's task_counts.
+
+  None if some task does not carry a "task" feature (one registered outside
+  flanjax), so its rows cannot say which task they came from.
+  """
+  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
+  task_or_mix = registry.get_task_or_mixture(name)
+  leaves = [t for t in getattr(task_or_mix, "tasks", [task_or_mix]) if split in t.splits]
+  if not all(t.name in task_lib.DEFS or t.name.startswith(registry.BUILTIN_PREFIX)
+             for t in leaves):
+    return None
+  return sorted(t.name for t in leaves)
+
+
 def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
                 batch_size: int = 16, seed: int = 0, pack: bool = True,
                 shuffle: bool = True, num_epochs: int | None = None,
                 shard: seqio.ShardInfo | None = None,
                 stats: packing.PackingStats | None = None,
-                kind: str = "enc_dec") -> tf.data.Dataset:
+                kind: str = "enc_dec", with_tasks: bool = False) -> tf.data.Dataset:
   """Packed (or padded) batches of this host's share of the batch.
 
   kind: 'enc_dec' (T5's features), 'prefix_lm' (a decoder-only model: each
   example is its inputs then its targets in one row of inputs + targets
   positions, loss on the targets only) or 'decoder' (targets only).
+
+  with_tasks: each row also carries `task_counts`, its number of examples from
+  each task of `task_names(name, split)` (when that is not None), so a bad
+  batch can be traced to its tasks. The rows themselves are the same.
   """
   task_or_mix = registry.get_task_or_mixture(name)
   shard = shard or shard_info()
   if batch_size % shard.num_shards:
     raise ValueError(f"batch size {batch_size} does not divide over {shard.num_shards} hosts")
+  names = task_names(name, split) if with_tasks else None
+  extra = {"passthrough_features": ["task"]} if names and isinstance(task_or_mix, seqio.Mixture) \
+      else {}
   ds = task_or_mix.get_dataset(
       dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-      shard_info=shard, use_cached=False)
+      shard_info=shard, use_cached=False, **extra)
   # Our best-fit packer: seqio's feature names and per-example values, fewer
   # padding positions; `stats` counts fill and loss-mask violations.
   # EOS only matters for the stats' check that each example ends in a weighted EOS.
   eos_id = task_or_mix.output_features["targets"].vocabulary.eos_id
-  ds = packing.pack_dataset(ds, lengths, kind=kind, pack=pack, stats=stats,
-                            eos_id=packing.EOS_ID if eos_id is None else eos_id)
+  eos_id = packing.EOS_ID if eos_id is None else eos_id
+  if names:
+    ds = _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names)
+  else:
+    ds = packing.pack_dataset(ds, lengths, kind=kind, pack=pack, stats=stats, eos_id=eos_id)
   ds = ds.batch(batch_size // shard.num_shards, drop_remainder=num_epochs is None)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names: Sequence[str]):
+  """packing.pack_dataset's rows, each with its examples counted per task (TASK_COUNTS)."""
+  keys = ("targets",) if kind == "decoder" else ("inputs", "targets")
+  index = {n.encode(): i for i, n in enumerate(names)}
+  src = ds.map(lambda ex: {**{k: ex[k] for k in keys}, "task": ex["task"]})
+  signature = {k: tf.TensorSpec((n,), tf.int32)
+               for k, n in packing.model_lengths(lengths, kind, pack).items()}
+  signature[TASK_COUNTS] = tf.TensorSpec((len(names),), tf.int32)
+
+  def rows():
+    # record=True lists each emitted row's example indices, in emission order.
+    packer = packing.Packer(lengths, kind, pack=pack, stats=stats, eos_id=eos_id, record=True)
+    task_of = {}  # example index -> task index, while the example waits in an open row
+
+    def counted(out):
+      for row in out:
+        counts = np.zeros(len(names), np.int32)
+        for i in packer.record.pop(0):
+          counts[task_of.pop(i)] += 1
+        row[TASK_COUNTS] = counts
+        yield row
+
+    for i, ex in enumerate(src.as_numpy_iterator()):
+      task_of[i] = index[ex.pop("task")]
+      yield from counted(packer.add(ex))
+    yield from counted(packer.flush())
+
+  return tf.data.Dataset.from_generator(rows, output_signature=signature)
+
+
+def batch_tasks(batch: Mapping[str, np.ndarray], names: Sequence[str] | None) -> dict[str, int]:
+  """Task name -> examples in a batch with TASK_COUNTS (empty without them)."""
+  if not names or TASK_COUNTS not in batch:
+    return {}
+  total = np.asarray(batch[TASK_COUNTS]).reshape(-1, len(names)).sum(0)
+  return {n: int(c) for n, c in zip(names, total) if c}
 
 
 class BatchStream:
