@@ -34,23 +34,37 @@ def _leaf_tasks(name: str) -> list[seqio.Task]:
   return list(getattr(obj, "tasks", [obj]))
 
 
-def check_trainable(name: str, split: str = "train") -> None:
-  """Raises if `name` (task or mixture) would train on evaluation-only data."""
+def unknown_name(name: str, what: str = "task or mixture") -> str:
+  """'unknown task ...' with the closest registered names, not all of them."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+  close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+  hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+  return (f"unknown {what} {name!r}; {hint}python tools/show_task.py --list shows all "
+          f"{len(known)} registered names")
+
+
+def check_trainable(name: str, split: str = "train", within: str | None = None) -> None:
+  """Raises if `name` (task or mixture) would train on evaluation-only data.
+
+  within: the mixture being defined with `name` in it, for the message.
+  """
   try:
     leaves = _leaf_tasks(name)
   except ValueError:
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    raise UserError(f"unknown task or mixture {name!r}; registered: {', '.join(known)}") from None
+    raise UserError(unknown_name(name)) from None
   bad = []
   for t in leaves:
     defn = task_lib.DEFS.get(t.name, (None,))[0]
     if defn is not None and defn.is_eval_only(split):
       bad.append(t.name)
   if bad:
+    them = "them" if len(bad) > 1 else "it"
+    what = f"mixture {within!r}" if within else repr(name)
     raise UserError(
-        f"{name!r} would train on evaluation-only data: {', '.join(sorted(bad))} "
-        f"(split {split!r}); remove {'them' if len(bad) > 1 else 'it'} from the training mixture "
-        "and evaluate on them with flanjax.evaluate instead")
+        f"{what} would train on evaluation-only data: {', '.join(sorted(bad))} "
+        f"(split {split!r}); remove {them} from the training mixture and evaluate on {them} "
+        "with flanjax.evaluate instead")
 
 
 def _replace(name: str) -> None:
@@ -72,9 +86,9 @@ def add_mixture(name: str, tasks: Iterable[str | tuple[str, float]], maximum: in
   names = [t if isinstance(t, str) else t[0] for t in tasks]
   for n in names:
     if n not in seqio.TaskRegistry.names() and n not in seqio.MixtureRegistry.names():
-      raise UserError(f"mixture {name!r}: unknown task {n!r}; see flanjax.data.list_tasks()")
+      raise UserError(f"mixture {name!r}: {unknown_name(n, 'task')}")
     if training:
-      check_trainable(n)
+      check_trainable(n, within=name)
   if all(isinstance(t, str) for t in tasks):
     # Rates are computed when the mixture is first used, not now: registering
     # must not read data (it may be absent on this machine, and unused).
@@ -99,7 +113,7 @@ def add_blend(name: str, parts: Sequence[tuple[str, float]]) -> seqio.Mixture:
   total = float(sum(r for _, r in parts))
   pairs = []
   for sub, share in parts:
-    check_trainable(sub)
+    check_trainable(sub, within=name)
     obj = seqio.get_mixture_or_task(sub)
     if isinstance(obj, seqio.Mixture):
       pairs.extend((t.name, _share_of(obj, share / total)) for t in obj.tasks)

@@ -143,7 +143,4 @@ def get_task_or_mixture(name: str):
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    raise UserError(
-        f"unknown task or mixture {name!r}; registered names: {', '.join(known)}"
-    ) from None
+    raise UserError(mix_lib.unknown_name(name)) from None
