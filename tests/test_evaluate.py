@@ -295,3 +295,75 @@ def test_rank_classification_equals_brute_force_transformers(kind, eval_tasks, b
       assert choice == int(np.argmax(scores)), (name, scores)
       hits += choice == gold_idx
     assert got["accuracy"] == pytest.approx(100.0 * hits / 3)
+
+
+# ---------------------------------------------------------------- the command
+
+def _tiny_t5_dir(path, vocab):
+  """A random T5 saved as a Hugging Face directory with the built-in SentencePiece model."""
+  import flax.linen as nn
+  cfg = t5.T5Config(vocab_size=1024, d_model=32, d_ff=48, num_heads=2, d_kv=16,
+                    num_encoder_layers=1, num_decoder_layers=1, relative_attention_num_buckets=8)
+  model = t5.T5(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), **t5.dummy_batch(1, 8, 8))["params"])
+  hf.save(cfg, params, str(path), vocabulary=vocab)
+  return str(path)
+
+
+def test_evaluate_command_end_to_end(tmp_path, builtin_vocab):
+  import glob
+  import os
+  import subprocess
+  import sys
+  from conftest import REPO
+  shared_data("bbh"), shared_data("gsm8k")
+  ckpt = _tiny_t5_dir(tmp_path / "tiny_t5", builtin_vocab)
+  out = tmp_path / "report"
+  tasks = "bbh_date_understanding_direct,bbh_boolean_expressions,gsm8k"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run(
+      [sys.executable, "-m", "flanjax.evaluate", "--checkpoint", ckpt,
+       "--gin_file=eval/bbh_gsm8k.gin", f"--tasks={tasks}", "--max_examples=2", f"--out={out}",
+       "--gin.evaluate.input_length=384", "--gin.DecodeConfig.max_decode_len=6"],
+      capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  # 3-shot BBH prompts do not fit 384 tokens of this vocabulary: said so, per task.
+  assert "bbh_date_understanding_direct: the 3-shot prompt exceeds the input budget of 384" \
+      in proc.stdout
+  assert "eval " in proc.stdout and "ex/s" in proc.stdout and "ETA" in proc.stdout
+  report = json.loads((out / "bbh_gsm8k.json").read_text())
+  rows = {(r["task"], r["split"]): r for r in report["tasks"]}
+  assert sorted(rows) == [("bbh_boolean_expressions", "test"),
+                          ("bbh_date_understanding_direct", "test"), ("gsm8k", "test")]
+  assert all(r["examples"] == 2 for r in rows.values())
+  assert set(rows["gsm8k", "test"]["metrics"]) == {"accuracy"}
+  assert set(rows["bbh_boolean_expressions", "test"]["metrics"]) == {"exact_match"}
+  mc = rows["bbh_date_understanding_direct", "test"]
+  assert mc["rank_examples"] == 2 and mc["rank_classification"] in (0.0, 50.0, 100.0)
+  assert rows["bbh_boolean_expressions", "test"]["rank_classification"] is None
+  assert report["decode"]["max_decode_len"] == 6 and report["input_length"] == 384
+  md = (out / "bbh_gsm8k.md").read_text()
+  assert "| bbh_date_understanding_direct | test | 2 | exact_match |" in md
+  assert "MEAN BBH direct" in md and "MEAN (3 tasks)" in md
+  assert "bbh_date_understanding_direct" in proc.stdout  # the console table
+  assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_evaluate_errors_are_one_line(tmp_path, capsys):
+  from flanjax import evaluate
+  cases = [
+      (["--checkpoint", str(tmp_path), "--tasks=bbh_snarkz"],
+       "unknown task 'bbh_snarkz' (did you mean bbh_snarks"),
+      (["--checkpoint", str(tmp_path), "--tasks=nothing_like_this_*"], "no task matches"),
+      (["--tasks=gsm8k"], "no checkpoint"),
+      (["--checkpoint", str(tmp_path / "absent"), "--tasks=gsm8k"], "does not exist"),
+      (["--checkpoint", str(tmp_path), "--max_examples=two"], "--max_examples"),
+      (["--checkpoint", str(tmp_path), "--gin.evaluate.no_such=1"], "no_such"),
+  ]
+  for argv, needle in cases:
+    with pytest.raises(SystemExit) as e:
+      evaluate.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], (argv, err)
+  assert "--list_tasks" in evaluate.LIST_HINT

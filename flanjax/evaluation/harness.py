@@ -235,14 +235,16 @@ class Progress:
   def __init__(self, total: int, every_secs: float = 10.0, log: Callable = print):
     self.total, self.every_secs, self.log = total, every_secs, log
     self.done = 0
+    self._shown = -1
     self.t0 = self._last = time.time()
 
   def update(self, n: int, what: str, force: bool = False):
     self.done += n
     now = time.time()
-    if self.every_secs is None or (not force and now - self._last < self.every_secs):
+    if self.every_secs is None or self._shown == self.done or (
+        not force and now - self._last < self.every_secs):
       return
-    self._last = now
+    self._last, self._shown = now, self.done
     rate = self.done / max(now - self.t0, 1e-9)
     eta = (self.total - self.done) / max(rate, 1e-9)
     self.log(f"eval {self.done:>6}/{self.total} examples  {rate:.2f} ex/s  "
@@ -448,7 +450,7 @@ def _table_rows(results: Sequence[TaskResult]):
                  other or "", f"{r.seconds:.0f}"))
   for s in summary_rows(results):
     name = "MEAN" if s["group"] == "all" else f"MEAN {s['group']}"
-    rows.append((f"{name} ({s['tasks']} tasks)", s["split"], str(s["examples"]), "",
+    rows.append((f"{name} ({s['tasks']} task{'s' if s['tasks'] != 1 else ''})", s["split"], str(s["examples"]), "",
                  f"{s['score']:.1f}",
                  "-" if s["rank_classification"] is None else f"{s['rank_classification']:.1f}",
                  "", ""))

@@ -1,0 +1,146 @@
+"""The gin-configurable `evaluate`: a checkpoint on evaluation tasks -> table, JSON, TensorBoard.
+
+Kept apart from flanjax/evaluate.py (the command, run as __main__) so that gin
+sees one `evaluate` configurable whether the gin files or the command import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import gin
+
+from flanjax import decoding
+from flanjax.data import registry
+from flanjax.errors import UserError
+from flanjax.evaluation import harness
+from flanjax.evaluation.harness import evaluate_suite, format_results
+
+LIST_HINT = "list them with `python -m flanjax.evaluate --list_tasks`"
+
+
+def resolve_tasks(specs: Sequence[str]) -> list[str]:
+  """Names, mixtures, 'name:split' and fnmatch patterns -> registered names (order kept).
+
+  An unknown name is one UserError naming it, the closest names, and how to list them.
+  """
+  known_tasks = registry.list_tasks()
+  known = sorted(set(known_tasks) | set(registry.list_mixtures()))
+  out = []
+  for spec in specs:
+    spec = spec.strip()
+    if not spec:
+      continue
+    name, _, split = spec.partition(":")
+    suffix = f":{split}" if split else ""
+    if any(c in name for c in "*?["):
+      matched = [t for t in known_tasks if fnmatch.fnmatchcase(t, name)]
+      if not matched:
+        raise UserError(f"no task matches {name!r}; {LIST_HINT}")
+      out += [m + suffix for m in matched]
+    elif name in known:
+      out.append(name + suffix)
+    else:
+      close = difflib.get_close_matches(name, known, n=3)
+      hint = f" (did you mean {', '.join(close)}?)" if close else ""
+      raise UserError(f"unknown task {name!r}{hint}; {LIST_HINT}")
+  return list(dict.fromkeys(out))
+
+
+def _step_of(loaded, step):
+  found = getattr(loaded, "step", None)
+  return int(found) if found is not None else (int(step) if step is not None else 0)
+
+
+@gin.configurable(denylist=["log"])
+def evaluate(
+    *,
+    checkpoint: str | None = None,
+    step: int | None = None,
+    tasks: Sequence[str] = (),
+    splits: Sequence[str] | None = None,
+    input_length: int = 2048,
+    decode: decoding.DecodeConfig | None = None,
+    max_decode_len: int | None = None,
+    batch_size: int = 16,
+    max_examples: int | None = None,
+    rank_classification: bool = True,
+    out_dir: str | None = None,
+    name: str = "eval",
+    register_fns: Sequence[Callable] = (registry.register_all,),
+    num_samples: int = 3,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+  """Evaluates a checkpoint on `tasks`; writes <out_dir>/<name>.json, .md and tensorboard/.
+
+  decode: a DecodeConfig (default greedy); max_decode_len, when given, replaces
+  its max_decode_len. Returns the report written to the JSON file.
+  """
+  log = log or (lambda line: print(line, flush=True))
+  if not checkpoint:
+    raise UserError("no checkpoint: give --checkpoint PATH (a training run, a converted orbax "
+                    "directory or a Hugging Face directory) or evaluate.checkpoint")
+  if not tasks:
+    raise UserError("no tasks: give --gin_file=eval/bbh.gin (or eval/gsm8k.gin, "
+                    f"eval/bbh_gsm8k.gin) or --tasks=a,b; {LIST_HINT}")
+  if input_length < 8:
+    raise UserError(f"evaluate.input_length={input_length}: must be at least 8 tokens")
+  decode = decode or decoding.DecodeConfig(max_decode_len=256)
+  if max_decode_len is not None:
+    decode = dataclasses.replace(decode, max_decode_len=int(max_decode_len))
+  names = resolve_tasks(tasks)  # a typo fails here, before a checkpoint is read
+  if not os.path.exists(checkpoint):
+    raise UserError(f"checkpoint {checkpoint} does not exist")
+
+  from flanjax.models import loading  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  loaded = loading.load(checkpoint, step=step)
+  step_no = _step_of(loaded, step)
+  log(f"checkpoint: {loaded.source} ({loaded.kind}"
+      f"{', prefix-LM' if loaded.prefix_lm else ''}), loaded in {time.time() - t0:.0f}s")
+  for fn in register_fns:
+    fn(loaded.vocab)  # the tasks tokenize with the checkpoint's vocabulary
+  out_dir = os.path.abspath(out_dir or os.path.join(checkpoint, "eval"))
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"output directory {out_dir} cannot be created ({e.strerror}); "
+                    "give --out DIR") from None
+
+  from flanjax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  writer = metrics_lib.SummaryWriter(os.path.join(out_dir, "tensorboard"))
+  t1 = time.time()
+  results = evaluate_suite(
+      loaded.model, loaded.params, loaded.vocab, loaded.kind, loaded.prefix_lm, names,
+      splits=splits, input_length=input_length, decode=decode, batch_size=batch_size,
+      max_examples=max_examples, rank_classification=rank_classification, writer=writer,
+      step=step_no, num_samples=num_samples, log=log)
+  secs = time.time() - t1
+  table = format_results(results)
+  log(f"\nevaluation of {loaded.source} ({secs:.0f}s, {decode.method} decoding):\n{table}\n")
+  report = {
+      "checkpoint": os.path.abspath(checkpoint), "source": loaded.source, "kind": loaded.kind,
+      "prefix_lm": bool(loaded.prefix_lm), "step": step_no, "input_length": input_length,
+      "decode": dataclasses.asdict(decode), "max_examples": max_examples,
+      "seconds": round(secs, 1), "tasks": [r.to_json() for r in results],
+      "summary": harness.summary_rows(results),
+  }
+  json_path = os.path.join(out_dir, f"{name}.json")
+  md_path = os.path.join(out_dir, f"{name}.md")
+  with open(json_path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1, ensure_ascii=False)
+  os.replace(json_path + ".tmp", json_path)
+  with open(md_path, "w", encoding="utf-8") as f:
+    f.write(f"# Evaluation of `{loaded.source}`\n\n{decode.method} decoding, at most "
+            f"{decode.max_decode_len} new tokens; inputs up to {input_length} tokens"
+            f"{f'; at most {max_examples} examples per task' if max_examples else ''}.\n\n"
+            f"{format_results(results, markdown=True)}\n")
+  writer.flush()
+  log(f"wrote {json_path}, {md_path} and {os.path.join(out_dir, 'tensorboard')}")
+  return report
