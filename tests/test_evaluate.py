@@ -2,7 +2,6 @@
 extraction on real BBH and GSM8K targets, and the evaluate command end to end."""
 
 import json
-import math
 
 import jax
 import numpy as np
@@ -315,7 +314,6 @@ def test_evaluate_command_end_to_end(tmp_path, builtin_vocab):
   import os
   import subprocess
   import sys
-  from conftest import REPO
   shared_data("bbh"), shared_data("gsm8k")
   ckpt = _tiny_t5_dir(tmp_path / "tiny_t5", builtin_vocab)
   out = tmp_path / "report"
