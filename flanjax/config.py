@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -147,13 +148,30 @@ def parse_gin(args: GinArgs, finalize: bool = True) -> list:
   return paths
 
 
+# Errors of the machine, not of the program: a full disk, a read-only or
+# vanished folder, no permission. They get one line too (exit 1).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                      errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EIO}
+
+
 def _guarded(fn, prog: str):
-  """Runs fn(); a UserError becomes one line on stderr and exit 2, never a traceback."""
+  """Runs fn(); a UserError becomes one line on stderr and exit 2, never a traceback.
+
+  An OSError of the environment (disk full, no permission, a missing path)
+  becomes one line naming the path, and exit 1.
+  """
   try:
     return fn()
   except UserError as e:
     print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:
+    if e.errno not in ENVIRONMENT_ERRNOS:
+      raise
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"{prog}: error: {e.strerror}{where}; free disk space or fix the path or its "
+          "permissions, then run again (checkpoints already complete are kept)", file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     sys.exit(130)
