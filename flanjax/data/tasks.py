@@ -333,6 +333,10 @@ def register(defn: TaskDef, vocabulary: seqio.Vocabulary) -> str:
   """Registers (or re-registers, for another vocabulary) `defn` as a seqio.Task."""
   if defn.name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(defn.name)
+  if defn.name in seqio.MixtureRegistry.names():
+    # Left by an earlier registration in this process (a user's NIv2 folder was a
+    # mixture of this name); the mixture would shadow the task.
+    seqio.MixtureRegistry.remove(defn.name)
   DEFS[defn.name] = (defn, vocabulary)
   seqio.TaskRegistry.add(
       defn.name,

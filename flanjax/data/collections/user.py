@@ -120,12 +120,22 @@ def _split_records(records: Sequence[dict], split: str, share: float) -> list[di
   return [r for r, h in zip(records, held) if h == (split == "validation")]
 
 
-@functools.lru_cache(maxsize=None)
 def _read_file(path: str, fmt: str, policy: str) -> tuple[dict, ...]:
+  # Keyed by the file's size and mtime too: a file fixed in place is read again.
+  stamp = sources.fingerprint_paths([path]) if os.path.exists(path) else ""
+  return _read_file_once(path, fmt, policy, stamp)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_file_once(path: str, fmt: str, policy: str, stamp: str) -> tuple[dict, ...]:
+  del stamp  # part of the cache key only
   reader = sources.Reader(path, policy)
   out = tuple(_READERS[fmt](reader))
   reader.done()
   return out
+
+
+_read_file.cache_clear = _read_file_once.cache_clear
 
 
 # ------------------------------------------------------------------ NIv2
