@@ -89,20 +89,36 @@ def _open_log(path: str):
 
 
 def _check_run_info(model_dir: str, info: dict) -> None:
-  """A model_dir belongs to one run: resuming with another vocabulary or model is refused."""
+  """A model_dir belongs to one run: resuming with another vocabulary or model is refused.
+
+  Only checks; _write_run_info records the run once its checkpoint (if any) restored.
+  """
   path = os.path.join(model_dir, "run_info.json")
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise UserError(f"{path} is not valid JSON, so the run in {model_dir} cannot be checked "
+                      "against this one; restore that file, or set --gin.train.model_dir to a "
+                      "new folder") from None
     for key, what in (("vocabulary", "vocabulary"), ("model", "model config")):
       if old.get(key) != info[key]:
+        was, now = old.get(key), info[key]
+        if isinstance(was, dict) and isinstance(now, dict):  # name the fields that differ
+          diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+          was, now = ({k: d.get(k) for k in diff} for d in (was, now))
         raise UserError(
-            f"{model_dir} holds a run with a different {what} ({path}: {old.get(key)!r}, now "
-            f"{info[key]!r}); its checkpoints cannot be resumed with this one: set "
+            f"{model_dir} holds a run with a different {what} ({path}: {was!r}, now "
+            f"{now!r}); its checkpoints cannot be resumed with this one: set "
             "--gin.train.model_dir to a new folder")
     if old.get("mixture") != info["mixture"]:
       print(f"note: {model_dir} was trained on {old.get('mixture')!r}; continuing on "
             f"{info['mixture']!r}", flush=True)
+
+
+def _write_run_info(model_dir: str, info: dict) -> None:
+  path = os.path.join(model_dir, "run_info.json")
   if jax.process_index() == 0:
     with open(path + ".tmp", "w") as f:
       json.dump(info, f, indent=1)
@@ -209,12 +225,12 @@ def train(
   checkpoint. Only dtype, remat and dropout_rate of `model_config` apply then.
   """
   _hide_accelerators_from_tf()
-  lengths = dict(task_feature_lengths or {"inputs": 256, "targets": 64})
+  lengths = pipeline.check_lengths(task_feature_lengths or {"inputs": 256, "targets": 64})
   # One folder per mixture by default, so switching mixture never resumes another run.
   model_dir = os.path.abspath(model_dir or os.path.join("runs", mixture))
   _check_model_dir(model_dir)
   t_start = time.time()
-  ckpt = checkpoints.Checkpointer(model_dir)
+  ckpt = checkpoints.Checkpointer(model_dir, cleanup_tmp=True)
   latest = ckpt.latest_step()
 
   # ---- model config and vocabulary (from a Hugging Face folder if given)
@@ -239,13 +255,15 @@ def train(
   print(f"vocabulary: {vocab.vocab_size} pieces", flush=True)
   rep = pipeline.length_report(mixture, "train", lengths)
   print(f"lengths: {rep.summary(lengths)}", flush=True)
+  rep.check_some_fit(lengths, mixture)
 
   # ---- model, optimizer, mesh
   cfg = _vocab_size_for(model_config, vocab)
   # Only what shapes the parameters: dtype, remat and dropout may change on resume.
   shape_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TRAINING_FIELDS}
-  _check_run_info(model_dir, {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
-                              "model": shape_cfg})
+  run_info = {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
+              "model": shape_cfg}
+  _check_run_info(model_dir, run_info)
   _save_vocabulary(vocab, os.path.join(model_dir, "vocab"))
   model, dummy, kind = _model_for(cfg)
   tx, lr_fn = optimizers.optimizer()
@@ -264,13 +282,22 @@ def train(
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     position = 0
     if latest is not None:
-      state, position = ckpt.restore(latest, checkpoints.abstract_like(state, shardings))
-      print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
+      # The newest checkpoint that restores; an unreadable one is moved aside.
+      restored = ckpt.restore_latest(checkpoints.abstract_like(state, shardings))
+      if restored is not None:
+        state, position, latest = restored
+        print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
+    _write_run_info(model_dir, run_info)  # the folder's checkpoints fit this run
     start_step = int(jax.device_get(state["step"]))
+    # A disk too small for this run's checkpoints is known now, before any step.
+    every = ckpt.every_steps
+    ckpt.check_free_space(state, (num_steps - start_step) // every + 1 if every > 0 else 1)
 
     pack_stats = packing.PackingStats()
     make_ds = lambda: pipeline.get_dataset(mixture, lengths, "train", batch_size, seed, pack,  # noqa: E731
-                                           stats=pack_stats, kind=kind)
+                                           stats=pack_stats, kind=kind, with_tasks=True)
+    # Each row counts its examples per task, so a bad batch names its tasks.
+    batch_task_names = pipeline.task_names(mixture, "train")
     stream = pipeline.BatchStream(make_ds, position)
 
     step_fn = trainer.make_train_step(
@@ -293,7 +320,7 @@ def train(
     losses_file = _open_log(losses_path) if jax.process_index() == 0 else None
     history = []
     nonfinite_in_row = 0
-    pending = None  # (step, metrics, batch stats) of the step in flight
+    pending = None  # (step, metrics, batch stats, batch tasks) of the step in flight
     stop = stop_signal or trainer.StopSignal()
     shape = (f"({lengths['inputs']} + {lengths['targets']})" if kind == "enc_dec" else
              f"{row_len} (prefix-LM: {lengths['inputs']} inputs + {lengths['targets']} targets)")
@@ -302,19 +329,33 @@ def train(
 
     def finish(pend):
       nonlocal nonfinite_in_row
-      step_no, m, real, padded = pend
+      step_no, m, real, padded, tasks_in_batch = pend
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       history.append(m["loss"])
+      record = {"step": step_no, **m}
+      if m["applied"] == 0:
+        record["tasks"] = tasks_in_batch  # what the skipped batch held
       if losses_file:
-        losses_file.write(json.dumps({"step": step_no, **m}) + "\n")
+        losses_file.write(json.dumps(record) + "\n")
         losses_file.flush()  # a killed run keeps every step it logged
       if m["applied"] == 0:
         nonfinite_in_row += 1
-        logging.warning("step %d: non-finite loss or gradient; update skipped", step_no)
-        print(f"step {step_no}: non-finite loss ({m['loss']}), update skipped", flush=True)
+        tasks_text = (", ".join(f"{t} ({n})" for t, n in tasks_in_batch.items())
+                      or "not known")
+        print(f"step {step_no}: non-finite loss ({m['loss']}) or gradient norm "
+              f"({m['grad_norm']}); update skipped; the batch's examples by task: {tasks_text}",
+              flush=True)
         if nonfinite_in_row >= max_nonfinite_in_row:
-          raise UserError(f"{nonfinite_in_row} non-finite steps in a row at step {step_no}; "
-                          f"stopped with the last good checkpoint in {ckpt.directory}")
+          ckpt.wait()
+          good = ckpt.latest_step()
+          kept = (f"the newest checkpoint, step {good}, is from before them and intact" if
+                  good is not None else "no checkpoint had been written before them")
+          raise UserError(
+              f"{nonfinite_in_row} non-finite steps in a row (steps "
+              f"{step_no - nonfinite_in_row + 1}-{step_no}; last batch's tasks: {tasks_text}); "
+              f"stopped, and {kept} in {ckpt.directory}; lower the learning rate "
+              "(schedule.peak) or check those tasks' data, then rerun to resume "
+              "(train.max_nonfinite_in_row sets how many in a row stop a run)")
       else:
         nonfinite_in_row = 0
       rates = progress.update(step_no, m, padded, real, force=step_no == num_steps)
@@ -337,17 +378,23 @@ def train(
           batch = next(stream)
         except StopIteration:
           break
+        tasks_in_batch = pipeline.batch_tasks(batch, batch_task_names)  # this host's rows
+        batch.pop(pipeline.TASK_COUNTS, None)
         real = float(pipeline.real_tokens(batch))
         gbatch = partitioning.global_batch(batch, mesh)
         state, m = jit_step(state, gbatch)
         step += 1
         if pending:
           finish(pending)
-        pending = (step, m, real * jax.process_count(), tokens_per_step)
+        pending = (step, m, real * jax.process_count(), tokens_per_step, tasks_in_batch)
         if ckpt.should_save(step):
           finish(pending)
           pending = None
-          ckpt.save(step, state, stream.position)
+          if nonfinite_in_row:
+            # Keep the newest checkpoint the last good step's until updates apply again.
+            print(f"step {step}: checkpoint not saved during non-finite steps", flush=True)
+          else:
+            ckpt.save(step, state, stream.position)
         if validation_every_steps and step % validation_every_steps == 0:
           val = _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack,
                                  validation_batches, state, mesh, kind)
@@ -357,6 +404,15 @@ def train(
       if pending:
         finish(pending)
         pending = None
+    except BaseException:
+      # A save in flight completes, so the newest checkpoint is whole; a failure of
+      # that save must not hide the error that stopped the run.
+      try:
+        ckpt.wait()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      stop.__exit__(None, None, None)
+      raise
     finally:
       if losses_file:
         losses_file.close()
@@ -464,12 +520,41 @@ def distributed(coordinator_address: str | None = None, num_processes: int | Non
         f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
 
 
+def _bound(selector: str):
+  """The value gin binds to `selector`, macros followed; LookupError if unbound."""
+  try:
+    value = gin.query_parameter(selector)
+    for _ in range(8):  # %MIXTURE -> its value (macros may name macros)
+      if isinstance(value, gin.config.ConfigurableReference) and str(value).startswith("%"):
+        value = gin.query_parameter(str(value))
+  except ValueError:
+    raise LookupError(selector) from None
+  return value
+
+
+def check_mixture_early() -> None:
+  """An evaluation-only task as the training mixture fails before any vocabulary or data work.
+
+  train() checks again; this only moves the message ahead of a vocabulary
+  trained on the mixture's text (which would fail on it less clearly).
+  """
+  try:
+    mixture = _bound("train.mixture")
+  except LookupError:
+    return  # the default, the built-in mixture
+  if not isinstance(mixture, str):
+    return
+  registry.register_all(seqio.ByteVocabulary())  # names and definitions; reads nothing
+  if mixture in seqio.TaskRegistry.names() or mixture in seqio.MixtureRegistry.names():
+    mixtures.check_trainable(mixture, "train")
+
+
 def main(argv=None):
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   # seqio warns on every dataset built from an in-memory source that restarts
   # may reshuffle differently; our resume skips a deterministic stream instead.
   logging.getLogger("absl").setLevel(logging.ERROR)
-  flan_config.run_main(lambda args: (distributed(), train())[1], argv)
+  flan_config.run_main(lambda args: (distributed(), check_mixture_early(), train())[2], argv)
 
 
 if __name__ == "__main__":
