@@ -38,6 +38,7 @@ import seqio
 from flanjax.data import tasks as task_lib
 from flanjax.errors import UserError
 from flanjax.evaluation import scoring
+from flanjax.training import metrics as metrics_lib
 
 EVAL_SPLITS = ("validation", "heldout_templates", "test")
 COT_FORMATS = ("cot", "few_shot_cot")
@@ -222,13 +223,6 @@ class TaskResult:
     return d
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 class Progress:
   """'eval  412/6511 examples  3.1 ex/s  ETA 32:45  (bbh_snarks)' every few seconds."""
 
@@ -248,7 +242,7 @@ class Progress:
     rate = self.done / max(now - self.t0, 1e-9)
     eta = (self.total - self.done) / max(rate, 1e-9)
     self.log(f"eval {self.done:>6}/{self.total} examples  {rate:.2f} ex/s  "
-             f"ETA {_format_duration(eta)}  ({what})")
+             f"ETA {metrics_lib.format_duration(eta)}  ({what})")
 
 
 def _metric_values(out) -> dict:

@@ -31,7 +31,7 @@ def device_peak_flops(device=None) -> float | None:
   return None
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -105,7 +105,7 @@ class Progress:
             f"{rates['tokens_per_sec']:,.0f} tok/s ({rates['real_tokens_per_sec']:,.0f} real)")
     if "mfu" in rates:
       line += f"  MFU {100 * rates['mfu']:.1f}%"
-    line += f"  ETA {_fmt_duration(eta)}"
+    line += f"  ETA {format_duration(eta)}"
     if jax.process_index() == 0:
       print(line, file=self.stream, flush=True)
     logging.debug(line)
