@@ -14,10 +14,14 @@ from flanjax.models import decoder, hf, t5
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-V_T5, V_LLAMA = 64, 80
+import test_decoder  # noqa: E402  (the tiny Llama of the parity tests)
+
+V_T5, V_LLAMA = 64, test_decoder.V
 
 
 def _torch_t5(seed):
+  # Not test_t5's model: its 3 decoder layers over 2 encoder layers break
+  # transformers' generate (its cache is sized by num_layers).
   torch.manual_seed(seed)
   cfg = transformers.T5Config(vocab_size=V_T5, d_model=32, d_ff=48, num_layers=2,
                               num_decoder_layers=2, num_heads=4, d_kv=8, dropout_rate=0.0,
@@ -27,32 +31,19 @@ def _torch_t5(seed):
     for p in model.parameters():  # HF's init gives near-uniform logits: widen it
       p.normal_(0.0, 0.5)
     model.lm_head.weight = torch.nn.Parameter(torch.randn(V_T5, 32) * 0.3)
-  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   hf_cfg = model.config.to_dict()
   hf_cfg["tie_word_embeddings"] = False  # lm_head was replaced by its own matrix above
   hf_cfg.pop("scale_decoder_outputs", None)
   cfg = hf.t5_config_from_hf(hf_cfg)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   return model, t5.T5(cfg), hf.t5_params_from_hf(sd, cfg)
 
 
 def _torch_llama(seed):
-  torch.manual_seed(seed)
-  kw = dict(vocab_size=V_LLAMA, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-            max_position_embeddings=128, tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif "embed_tokens" in name:
-        p.normal_(0.0, 1.0)
-      else:
-        p.normal_(0.0, 0.15)
-  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  cfg = hf.llama_config_from_hf(model.config.to_dict())
-  return model, decoder.Decoder(cfg), hf.llama_params_from_hf(sd, cfg)
+  tmodel = test_decoder._torch_llama(dict(num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=False), seed=seed)
+  cfg, params = test_decoder._ours(tmodel)
+  return tmodel, decoder.Decoder(cfg), params
 
 
 def _frequent_token(ids, avoid=(0,)):
