@@ -1,9 +1,8 @@
 """The examples both stacks train on: real tokenized FLAN CoT examples, or synthetic ones.
 
-Real: the mixture's training examples exactly as the trainer gets them from
-seqio (templated, tokenized with a SentencePiece model trained on the
-mixture's text, EOS appended, trimmed to the feature lengths), in the
-mixture's shuffled, rate-weighted order.
+Real: the mixture's training examples as the trainer gets them (templated,
+tokenized with a SentencePiece model trained on the mixture's text, trimmed,
+EOS appended), drawn by the mixture's rates.
 
 Synthetic (no data needed, for tests): lognormal lengths shaped like
 flan_cot's and random token ids.
@@ -17,20 +16,38 @@ EOS = 1
 
 
 def mixture_examples(mixture: str, lengths: dict, n: int, seed: int, vocab_size: int):
-  """(examples [{'inputs','targets'} int32 arrays], vocabulary size, description)."""
-  import seqio  # pylint: disable=g-import-not-at-top
+  """(examples [{'inputs','targets'} int32 arrays], vocabulary size, description).
+
+  Each example is drawn as the mixture draws them (a task by the mixture's
+  rate, then one of its training examples) from the tokenized-example cache
+  the pipeline reads, and gets seqio's append_eos_after_trim: trimmed to the
+  feature length less one, then EOS.
+  """
   from flanjax.data import registry, tasks, vocab  # pylint: disable=g-import-not-at-top
   voc = vocab.corpus_vocabulary(mixture, vocab_size=vocab_size)
   # Few-shot prompts drop exemplars until they fit, as in training.
   tasks.set_input_budget(lengths["inputs"])
   registry.register_all(voc)
   mix = registry.get_task_or_mixture(mixture)
-  ds = mix.get_dataset(dict(lengths), split="train", shuffle=True, seed=seed,
-                       use_cached=False, shard_info=seqio.ShardInfo(0, 1))
+  members = getattr(mix, "tasks", [mix])
+  rates = np.array([mix.get_rate(t) if hasattr(mix, "get_rate") else 1.0 for t in members],
+                   np.float64)
+  toks = [tasks.tokenized_split(tasks.DEFS[t.name][0], "train", tasks.DEFS[t.name][1])
+          for t in members]
+  rng = np.random.default_rng(seed)
+  which = rng.choice(len(members), size=n, p=rates / rates.sum())
+  eos = voc.eos_id if voc.eos_id is not None else EOS
+
+  def trimmed(flat, splits, i, length):
+    x = np.asarray(flat[splits[i]:splits[i + 1]], np.int32)[:length - 1]
+    return np.append(x, np.int32(eos)).astype(np.int32)
+
   out = []
-  for ex in ds.take(n).as_numpy_iterator():
-    out.append({"inputs": np.asarray(ex["inputs"], np.int32),
-                "targets": np.asarray(ex["targets"], np.int32)})
+  for t in which:
+    tok = toks[t]
+    i = int(rng.integers(len(tok.texts)))
+    out.append({"inputs": trimmed(tok.inputs, tok.inputs_splits, i, lengths["inputs"]),
+                "targets": trimmed(tok.targets, tok.targets_splits, i, lengths["targets"])})
   return out, voc.vocab_size, f"{mixture} train (vocabulary {voc.vocab_size} pieces)"
 
 

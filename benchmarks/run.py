@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import sys
@@ -327,6 +328,8 @@ def main(argv=None):
     flan_config.parse_gin(gargs, finalize=False)
     settings = benchmark()
     log = common.Log(opts.quiet)
+    # seqio warns on every in-memory source it builds; the benchmark reads them once.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     command = "python -m benchmarks.run " + " ".join(argv)
     result = run(settings, log, command.strip())
     name = opts.name or result["machine"]["platform"]
