@@ -29,7 +29,9 @@ import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 
 from flanjax import config as flan_config  # noqa: E402
-from flanjax import evaluation  # noqa: E402
+from flanjax import decoding, evaluation  # noqa: E402
+# run holds gin's `evaluate`: imported before gin locks its config.
+from flanjax.evaluation import harness, run as eval_run  # noqa: E402
 # vocab is imported for its gin configurables (builtin_vocabulary, sentencepiece_vocabulary).
 from flanjax.data import mixtures, packing, pipeline, registry, tasks as task_lib, vocab as vocab_lib  # noqa: E402,F401
 from flanjax.errors import UserError  # noqa: E402
@@ -207,6 +209,7 @@ def train(
     summary_every_steps: int = 10,
     validation_every_steps: int = 0,
     validation_batches: int = 4,
+    eval_every_steps: int = 0,
     max_nonfinite_in_row: int = 5,
     peak_flops: float | None = None,
     eval_at_end: bool = True,
@@ -395,6 +398,11 @@ def train(
             print(f"step {step}: checkpoint not saved during non-finite steps", flush=True)
           else:
             ckpt.save(step, state, stream.position)
+        if eval_every_steps and step % eval_every_steps == 0 and (step < num_steps or not eval_at_end):
+          _evaluate_during_training(model, state["params"], vocab, kind, mixture, eval_tasks,
+                                    eval_max_examples, lengths,
+                                    max_decode_len or lengths["targets"], writer, step,
+                                    model_dir)
         if validation_every_steps and step % validation_every_steps == 0:
           val = _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack,
                                  validation_batches, state, mesh, kind)
@@ -473,6 +481,31 @@ def train(
     print(f"done in {time.time() - t_start:.0f}s: {losses}; summary in "
           f"{os.path.join(model_dir, 'summary.json')}", flush=True)
     return summary
+
+
+def _evaluate_during_training(model, params, vocab, kind, mixture, eval_tasks, max_examples,
+                              lengths, max_decode_len, writer, step, model_dir):
+  """train.eval_every_steps: the evaluation harness on eval_tasks (default: the mixture's
+  tasks, their evaluation splits); console table, eval/... scalars at this step, and one
+  line per evaluation in <model_dir>/eval_during_training.jsonl."""
+  if jax.process_count() > 1:
+    return  # decoding runs on one host's inputs; see the note at the end of train()
+  names = (eval_run.resolve_tasks(eval_tasks) if eval_tasks else evaluation.tasks_of(mixture))
+  t0 = time.time()
+  results = harness.evaluate_suite(
+      model, params, vocab, "t5" if kind == "enc_dec" else "decoder", kind == "decoder", names,
+      input_length=lengths["inputs"],
+      decode=decoding.DecodeConfig(max_decode_len=max_decode_len), max_examples=max_examples,
+      writer=writer, step=step, progress_every_secs=30.0, num_samples=0,
+      log=lambda line: print(line, flush=True))
+  secs = time.time() - t0
+  print(f"step {step}: evaluation ({secs:.0f}s)\n{harness.format_results(results)}",
+        flush=True)
+  writer.flush()
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "eval_during_training.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, "seconds": round(secs, 1),
+                          "results": [r.to_json() for r in results]}) + "\n")
 
 
 def _validation_loss(eval_step, mixture, lengths, batch_size, seed, pack, num_batches,

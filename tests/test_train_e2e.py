@@ -28,6 +28,17 @@ def losses(model_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+def _scalar_tags(logdir):
+  """step -> the scalar tags written at it, read back from the event files."""
+  import tensorflow as tf
+  tags = {}
+  for path in glob.glob(str(logdir / "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        tags.setdefault(event.step, set()).add(v.tag)
+  return tags
+
+
 def test_default_job_end_to_end_and_exact_resume(tmp_path, builtin_vocab):
   straight = tmp_path / "straight"
   out = run(straight, "--gin.train.num_steps=10")
@@ -44,8 +55,21 @@ def test_default_job_end_to_end_and_exact_resume(tmp_path, builtin_vocab):
   assert summary["step"] == 10 and len(summary["eval"]) == 12
 
   # Stop at 6, then resume to 10: the same batches, the same losses.
+  # Its first part also evaluates every 3 steps, which must not change the losses.
   resumed = tmp_path / "resumed"
-  run(resumed, "--gin.train.num_steps=6", "--gin.train.eval_at_end=False")
+  out = run(resumed, "--gin.train.num_steps=6", "--gin.train.eval_at_end=False",
+            "--gin.train.eval_every_steps=3", "--gin.train.eval_tasks=['builtin_parity']",
+            eval_examples=4)
+  assert "step 3: evaluation" in out and "step 6: evaluation" in out
+  with open(resumed / "eval_during_training.jsonl") as f:
+    evals = [json.loads(l) for l in f]
+  assert [e["step"] for e in evals] == [3, 6]
+  for e in evals:
+    assert {(r["task"], r["split"]) for r in e["results"]} == {
+        ("builtin_parity", "validation"), ("builtin_parity", "heldout_templates")}
+    assert all(r["examples"] == 4 and 0 <= r["score"] <= 100 for r in e["results"])
+  tags = _scalar_tags(resumed / "tensorboard")
+  assert "eval/builtin_parity/validation/accuracy" in tags.get(3, set()), tags
   out = run(resumed, "--gin.train.num_steps=10", "--gin.train.eval_at_end=False")
   assert "resumed from step 6" in out
   a, b = losses(straight), losses(resumed)
