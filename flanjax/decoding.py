@@ -294,7 +294,10 @@ def greedy(model, params, encoder_input_tokens, max_len: int, eos_id: int = 1):
 # ---------------------------------------------------------------- text in, text out
 
 def _bucket(n: int, cap: int) -> int:
-  """Padded prompt length: a power of two (>= 16), at most cap, so jit compiles rarely."""
+  """Padded prompt length, at most cap: a power of two (>= 16) up to 512, then a multiple
+  of 256, so jit compiles rarely and long prompts (attention is quadratic) pad little."""
+  if n > 512:
+    return min(cap, -(-n // 256) * 256)
   return min(cap, max(16, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
 
 
@@ -352,10 +355,13 @@ class Generator:
   def generate_ids(self, inputs: Sequence[np.ndarray], with_scores: bool = False):
     """inputs: id arrays (EOS included for T5 and prefix-LM) -> new ids, EOS stripped."""
     rows = self._prompt_rows(inputs)
-    out, scores = [], []
+    out, scores = [None] * len(rows), [None] * len(rows)
     extra = 1 if self.prefix_lm else 0
+    # Longest first: a batch holds prompts of like length, so little of it is padding.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for start in range(0, len(rows), self.batch_size):
-      chunk = rows[start:start + self.batch_size]
+      which = order[start:start + self.batch_size]
+      chunk = [rows[i] for i in which]
       width = _bucket(max(len(r) for r in chunk), self.input_length + extra)
       prompts = np.zeros((self.batch_size, width), np.int32)
       lengths = np.ones((self.batch_size,), np.int32)
@@ -364,8 +370,9 @@ class Generator:
         lengths[j] = max(len(r), 1)
       ids, sc = generate_with_scores(self.model, self.params, prompts, lengths, self.config,
                                      self.eos_id, self.prefix_lm)
-      out.extend(strip_eos(row.tolist(), self.eos_id) for row in ids[:len(chunk)])
-      scores.extend(float(s) for s in sc[:len(chunk)])
+      for j, i in enumerate(which):
+        out[i] = strip_eos(ids[j].tolist(), self.eos_id)
+        scores[i] = float(sc[j])
     return (out, scores) if with_scores else out
 
   def generate_text(self, prompts: Sequence[str], with_scores: bool = False):
