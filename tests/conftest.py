@@ -6,6 +6,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+# Every module that defines gin configurables, imported before any test: a test
+# that parses gin locks its config, and a module first imported after that
+# could not register its configurables, whatever order the tests run in.
+import benchmarks.run  # noqa: E402,F401
+import flanjax.evaluate  # noqa: E402,F401
+import flanjax.infer  # noqa: E402,F401
+import flanjax.train  # noqa: E402,F401
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
