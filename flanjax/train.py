@@ -493,7 +493,7 @@ def _evaluate_during_training(model, params, vocab, kind, mixture, eval_tasks, m
   names = (eval_run.resolve_tasks(eval_tasks) if eval_tasks else evaluation.tasks_of(mixture))
   t0 = time.time()
   results = harness.evaluate_suite(
-      model, params, vocab, "t5" if kind == "enc_dec" else "decoder", kind == "decoder", names,
+      model, params, vocab, "t5" if kind == "enc_dec" else "decoder", kind == "prefix_lm", names,
       input_length=lengths["inputs"],
       decode=decoding.DecodeConfig(max_decode_len=max_decode_len), max_examples=max_examples,
       writer=writer, step=step, progress_every_secs=30.0, num_samples=0,

@@ -256,13 +256,11 @@ def _mask_bias(mask: Array) -> Array:
   return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
-def _segments_and_positions(tokens, segment_ids, positions):
+def _segments(tokens, segment_ids):
   if segment_ids is None:
     # Unpacked: one example per row, padding is segment 0.
     segment_ids = (tokens > 0).astype(jnp.int32)
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  return segment_ids, positions
+  return segment_ids
 
 
 class T5(nn.Module):
@@ -307,7 +305,7 @@ class T5(nn.Module):
   def encode(self, encoder_input_tokens, encoder_segment_ids=None,
              encoder_positions=None, deterministic=True):
     del encoder_positions  # distances inside an example are index distances
-    seg, _ = _segments_and_positions(encoder_input_tokens, encoder_segment_ids, None)
+    seg = _segments(encoder_input_tokens, encoder_segment_ids)
     mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
     idx = jnp.arange(encoder_input_tokens.shape[1])
     bias = (_mask_bias(mask), self.encoder_relpos(idx, idx))
@@ -319,14 +317,14 @@ class T5(nn.Module):
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
              decoder_target_tokens=None, encoder_segment_ids=None,
              decoder_segment_ids=None, decoder_positions=None, deterministic=True):
-    enc_seg, _ = _segments_and_positions(encoder_input_tokens, encoder_segment_ids, None)
+    enc_seg = _segments(encoder_input_tokens, encoder_segment_ids)
     if decoder_segment_ids is None:
       # Unpacked: every decoder position belongs to the row's single example.
       decoder_segment_ids = jnp.ones_like(decoder_input_tokens)
       if decoder_target_tokens is not None:
         decoder_segment_ids = (decoder_target_tokens > 0).astype(jnp.int32)
     del decoder_positions  # as in encode
-    dec_seg, _ = _segments_and_positions(decoder_input_tokens, decoder_segment_ids, None)
+    dec_seg = _segments(decoder_input_tokens, decoder_segment_ids)
     length = decoder_input_tokens.shape[1]
     idx = jnp.arange(length)
     causal = idx[:, None] >= idx[None, :]
