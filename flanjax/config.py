@@ -21,7 +21,26 @@ import gin
 
 from flanjax.errors import UserError
 
-PACKAGED_GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin_configs")
+
+def _packaged_gin_dir() -> str:
+  """The gin_configs/ folder that bare --gin_file names resolve against.
+
+  The files live at the repository's top level (gin_configs/); an installed
+  package (`pip install .`) carries them as flanjax/gin_configs (pyproject.toml
+  maps the one to the other). A source checkout or an editable install has no
+  flanjax/gin_configs, so the top-level folder beside the package is used.
+  """
+  package = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package, "gin_configs")
+  if os.path.isfile(os.path.join(installed, "flan.gin")):
+    return installed
+  checkout = os.path.join(os.path.dirname(package), "gin_configs")
+  if os.path.isfile(os.path.join(checkout, "flan.gin")):
+    return checkout
+  return installed  # neither holds them: the error then names the installed place
+
+
+PACKAGED_GIN_DIR = _packaged_gin_dir()
 
 
 @dataclasses.dataclass

@@ -458,7 +458,7 @@ def test_convert_checkpoint_round_trip_t5(tmp_path):
 def test_convert_training_run_with_gin_config(tmp_path):
   from flanjax.training.checkpoints import Checkpointer
   import gin
-  gin_file = os.path.join(REPO, "flanjax", "gin_configs", "models", "llama_tiny.gin")
+  gin_file = os.path.join(REPO, "gin_configs", "models", "llama_tiny.gin")
   gin.parse_config_file(gin_file)
   cfg = dataclasses.replace(decoder.DecoderConfig(), vocab_size=256)
   gin.clear_config()
