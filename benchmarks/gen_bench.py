@@ -26,18 +26,10 @@ def _flanjax_generate(fj):
 
     def fn(prompts, n):
       return np.asarray(generate(model, params, prompts, None,
-                                 DecodeConfig(method="greedy", max_decode_len=n), eos_id=-1,
-                                 prefix_lm=False))
+                                 DecodeConfig(method="greedy", max_decode_len=n), eos_id=-1))
     return "flanjax.decoding.generate", fn
   except ImportError:
     pass
-  if stacks.family(fj.cfg) == "t5":
-    from flanjax.decoding import greedy  # pylint: disable=g-import-not-at-top
-    return "flanjax.decoding.greedy", lambda p, n: np.asarray(
-        greedy(model, params, p, max_len=n, eos_id=-1))
-  from flanjax.models.decoder import greedy  # pylint: disable=g-import-not-at-top
-  return "flanjax.models.decoder.greedy", lambda p, n: np.asarray(
-      greedy(model, params, p, max_len=n, eos_id=-1))
 
 
 def _hf_generate(th, kind):

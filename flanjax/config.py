@@ -217,3 +217,15 @@ def run_main(main_fn, argv=None, require_gin_file=True):
 def run_plain_main(main_fn, prog: str, argv=None):
   """For argparse tools: user errors -> one line on stderr, exit 2, no traceback."""
   _guarded(lambda: sys.exit(main_fn(argv)), prog)
+
+
+def bound_value(selector: str):
+  """The value gin binds to `selector`, macros followed; None if unbound."""
+  try:
+    value = gin.query_parameter(selector)
+    for _ in range(8):  # %MIXTURE -> its value (macros may name macros)
+      if isinstance(value, gin.config.ConfigurableReference) and str(value).startswith("%"):
+        value = gin.query_parameter(str(value))
+  except ValueError:
+    return None
+  return value

@@ -5,11 +5,11 @@ once and projects the cross-attention keys and values once; a decoder-only
 model runs its prompt once (prefill) and then one token per step. Beam search
 reorders the cache rows of each example's beams after every step.
 
-The loops only ask two things of a model (`_start`, `_step`), so the three
-methods are written once for both kinds:
+The loops only ask two things of a model kind (`flanjax.models.kinds`), so the
+three methods are written once for every kind:
 
-  start(prompts)   -> logits of the first new token, cache state
-  step(state, tok) -> logits of the next token, cache state
+  kind.decode_start(prompts)   -> logits of the first new token, cache state
+  kind.decode_step(state, tok) -> logits of the next token, cache state
 
 Beam search is a port of transformers' vectorised beam search (the version
 with `early_stopping` and `length_penalty` applied to finished hypotheses as
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flanjax.errors import UserError
-from flanjax.models import decoder as decoder_lib
+from flanjax.models import kinds as kinds_lib
 
 Array = Any
 NEG = -1.0e9  # the "impossible" score transformers' beam search uses
@@ -69,38 +69,6 @@ class DecodeConfig:
         raise UserError(f"DecodeConfig.top_k={self.top_k}: must be >= 0 (0 keeps all)")
 
 
-# ---------------------------------------------------------------- model adapters
-
-def _is_decoder(model) -> bool:
-  return isinstance(model, decoder_lib.Decoder)
-
-
-def _start(model, variables, prompts, lengths, max_len: int, prefix_lm: bool):
-  """(logits [b, vocab] of the first new token, state)."""
-  if _is_decoder(model):
-    b, p = prompts.shape
-    state = model.apply(variables, b, p + max_len, method=model.init_decode_state)
-    causal = ((jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
-              if prefix_lm else None)
-    return model.apply(variables, state, prompts, lengths, causal, method=model.prefill)
-  encoded = model.apply(variables, prompts, method=model.encode)
-  cache = model.apply(variables, encoded, prompts, max_len, method=model.init_decode_state)
-  b = prompts.shape[0]
-  # T5 starts the decoder from the pad id, 0, at position 0.
-  logits, cache = model.apply(variables, cache, prompts, jnp.zeros((b,), jnp.int32), 0,
-                              method=model.decode_step)
-  return logits, {"t5": cache, "encoder_input_tokens": prompts}
-
-
-def _step(model, variables, state, token, i):
-  """Feeds token [b], the i-th new token (from 0) -> (logits of the next, state)."""
-  if _is_decoder(model):
-    return model.apply(variables, state, token, method=model.decode_step)
-  logits, cache = model.apply(variables, state["t5"], state["encoder_input_tokens"], token,
-                              i + 1, method=model.decode_step)
-  return logits, {"t5": cache, "encoder_input_tokens": state["encoder_input_tokens"]}
-
-
 # ---------------------------------------------------------------- logits warpers
 
 def warp_logits(logits: Array, temperature: float = 1.0, top_k: int = 0,
@@ -130,12 +98,12 @@ def warp_logits(logits: Array, temperature: float = 1.0, top_k: int = 0,
 
 # ---------------------------------------------------------------- the loops
 
-def _token_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: int,
-                prefix_lm: bool, rng):
+def _token_loop(model, kind, variables, prompts, lengths, cfg: DecodeConfig, eos_id: int,
+                rng):
   """Greedy or sampling: one token per row per step, until every row has EOS."""
   b = prompts.shape[0]
   max_len = cfg.max_decode_len
-  logits, state = _start(model, variables, prompts, lengths, max_len, prefix_lm)
+  logits, state = kind.decode_start(model, variables, prompts, lengths, max_len)
   out = jnp.zeros((b, max_len), jnp.int32)
   scores = jnp.zeros((b,), jnp.float32)
   done = jnp.zeros((b,), bool)
@@ -159,7 +127,7 @@ def _token_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: i
     tok = jnp.where(done, 0, tok)
     out = out.at[:, i].set(tok)
     done = done | (tok == eos_id)
-    logits, state = _step(model, variables, state, tok, i)
+    logits, state = kind.decode_step(model, variables, state, tok, i)
     return i + 1, logits, state, out, scores, done
 
   carry = (0, logits, state, out, scores, done)
@@ -167,13 +135,12 @@ def _token_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: i
   return out, scores
 
 
-def _beam_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: int,
-               prefix_lm: bool):
+def _beam_loop(model, kind, variables, prompts, lengths, cfg: DecodeConfig, eos_id: int):
   """transformers' beam search (early_stopping True or False) on our cache."""
   b = prompts.shape[0]
   k, max_len, alpha = cfg.num_beams, cfg.max_decode_len, cfg.length_penalty
   keep = 2 * k  # candidates per step: enough that k stay alive even if k end here
-  logits, state = _start(model, variables, prompts, lengths, max_len, prefix_lm)
+  logits, state = kind.decode_start(model, variables, prompts, lengths, max_len)
   # The prompt is encoded once; each example's cache rows are copied to its beams.
   logits = jnp.repeat(logits, k, axis=0)
   state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), state)
@@ -230,7 +197,8 @@ def _beam_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: in
     # Each running beam continues from the cache row of the beam it extends.
     rows = (jnp.arange(b)[:, None] * k + run_src).reshape(-1)
     state = jax.tree.map(lambda x: x[rows], state)
-    logits, state = _step(model, variables, state, run_seq[:, :, i].reshape(-1), i)
+    logits, state = kind.decode_step(model, variables, state, run_seq[:, :, i].reshape(-1),
+                                      i)
 
     # transformers' heuristic (early_stopping=False): the best running beam,
     # scored at its current length, against the worst finished one.
@@ -245,26 +213,28 @@ def _beam_loop(model, variables, prompts, lengths, cfg: DecodeConfig, eos_id: in
   return fin_seq[:, 0], fin_score[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "eos_id", "prefix_lm"))
-def _generate(model, params, prompts, lengths, rng, *, config: DecodeConfig, eos_id: int,
-              prefix_lm: bool):
+@functools.partial(jax.jit, static_argnames=("model", "kind", "config", "eos_id"))
+def _generate(model, params, prompts, lengths, rng, *, kind, config: DecodeConfig, eos_id: int):
   variables = {"params": params}
   if config.method == "beam":
-    return _beam_loop(model, variables, prompts, lengths, config, eos_id, prefix_lm)
-  return _token_loop(model, variables, prompts, lengths, config, eos_id, prefix_lm, rng)
+    return _beam_loop(model, kind, variables, prompts, lengths, config, eos_id)
+  return _token_loop(model, kind, variables, prompts, lengths, config, eos_id, rng)
 
 
 def generate_with_scores(model, params, prompts, prompt_lengths=None,
                          config: DecodeConfig = DecodeConfig(), eos_id: int = 1,
-                         prefix_lm: bool = False, rng=None):
+                         kind=None, rng=None):
   """(ids [b, max_decode_len] with 0 after each row's EOS, scores [b]).
 
   prompts [b, p]: T5's encoder inputs (0-padded), or a decoder's prompts,
-  right-padded to `prompt_lengths` (default: all of p). prefix_lm: the prompt
-  attends to itself both ways, as flanjax trains a decoder-only model.
+  right-padded to `prompt_lengths` (default: all of p). kind: a
+  `kinds.ModelKind` or its name (default: the module's own, a Decoder read
+  causally); kinds.PREFIX_LM lets the prompt attend to itself both ways, as
+  flanjax trains a decoder-only model.
   Scores: the sum of the chosen tokens' log-probabilities (greedy, sample),
   or the beam's score (that sum / length ** length_penalty).
   """
+  kind = kinds_lib.get(kind) if kind is not None else kinds_lib.for_module(model)
   prompts = jnp.asarray(prompts, jnp.int32)
   b, p = prompts.shape
   lengths = (jnp.full((b,), p, jnp.int32) if prompt_lengths is None
@@ -272,23 +242,16 @@ def generate_with_scores(model, params, prompts, prompt_lengths=None,
   if rng is None:
     rng = jax.random.PRNGKey(config.seed)
   # The seed only makes rng: leaving it out of the static config spares a recompile.
-  ids, scores = _generate(model, params, prompts, lengths, rng,
-                          config=dataclasses.replace(config, seed=0),
-                          eos_id=int(eos_id), prefix_lm=bool(prefix_lm))
+  ids, scores = _generate(model, params, prompts, lengths, rng, kind=kind,
+                          config=dataclasses.replace(config, seed=0), eos_id=int(eos_id))
   return np.asarray(ids), np.asarray(scores)
 
 
 def generate(model, params, prompts, prompt_lengths=None, config: DecodeConfig = DecodeConfig(),
-             eos_id: int = 1, prefix_lm: bool = False, rng=None) -> np.ndarray:
+             eos_id: int = 1, kind=None, rng=None) -> np.ndarray:
   """[b, max_decode_len] new token ids, 0 after each row's EOS (see generate_with_scores)."""
-  return generate_with_scores(model, params, prompts, prompt_lengths, config, eos_id,
-                              prefix_lm, rng)[0]
-
-
-def greedy(model, params, encoder_input_tokens, max_len: int, eos_id: int = 1):
-  """T5 greedy decoding, [b, max_len] ids (kept for callers of the first API)."""
-  return generate(model, params, encoder_input_tokens,
-                  config=DecodeConfig(max_decode_len=max_len), eos_id=eos_id)
+  return generate_with_scores(model, params, prompts, prompt_lengths, config, eos_id, kind,
+                              rng)[0]
 
 
 # ---------------------------------------------------------------- text in, text out
@@ -309,32 +272,25 @@ def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
 class Generator:
   """Batched generation over lists of prompts, for infer, evaluation and harnesses.
 
-  input_length: the longest prompt in tokens. A longer T5 or prefix-LM prompt
-  keeps its first `input_length - 1` tokens and EOS, as training saw it
-  (seqio's trim); a causal LM keeps its last tokens, which it continues.
+  input_length: the longest prompt in tokens. A longer prompt is cut by the
+  kind's rule (`ModelKind.fit_prompt`): T5 and prefix-LM keep the first
+  `input_length - 1` tokens and EOS, as training saw them (seqio's trim); a
+  causal LM keeps its last tokens, which it continues.
   Batches have a fixed size and prompts are padded to a few bucketed lengths,
   so one compilation serves many batches.
   """
 
   def __init__(self, model, params, vocab, input_length: int, config: DecodeConfig,
-               batch_size: int = 16, prefix_lm: bool = False, add_bos: bool = False):
+               batch_size: int = 16, kind=None):
     self.model, self.params, self.vocab = model, params, vocab
+    self.kind = kinds_lib.get(kind) if kind is not None else kinds_lib.for_module(model)
     self.input_length, self.config, self.batch_size = input_length, config, batch_size
-    self.prefix_lm = prefix_lm and _is_decoder(model)
-    self.add_bos = add_bos
     self.eos_id = vocab.eos_id
     self.truncated = 0  # prompts cut to input_length so far
 
   def encode(self, text: str) -> np.ndarray:
     """A prompt's ids as the model was trained to read them."""
-    ids = list(self.vocab.encode(text))
-    if _is_decoder(self.model) and not self.prefix_lm:
-      # A causal LM continues the text: BOS (when the tokenizer has one), no EOS.
-      bos = _bos_id(self.vocab)
-      if self.add_bos and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-      return np.asarray(ids, np.int32)
-    return np.asarray(ids + [self.eos_id], np.int32)
+    return np.asarray(self.kind.prompt_ids(self.vocab, text), np.int32)
 
   def _prompt_rows(self, inputs: Sequence[np.ndarray]):
     rows = []
@@ -342,21 +298,15 @@ class Generator:
       r = np.asarray(r, np.int32)
       if len(r) > self.input_length:
         self.truncated += 1
-        if _is_decoder(self.model) and not self.prefix_lm:
-          r = r[-self.input_length:]  # a causal LM continues the end of its prompt
-        else:
-          r = np.concatenate([r[:self.input_length - 1], [self.eos_id]]).astype(np.int32)
-      if self.prefix_lm:
-        # A packed prefix-LM row starts with 0, then the inputs and their EOS.
-        r = np.concatenate([[0], r]).astype(np.int32)
-      rows.append(r)
+        r = self.kind.fit_prompt(r, self.input_length, self.eos_id)
+      rows.append(self.kind.decode_prompt(r))
     return rows
 
   def generate_ids(self, inputs: Sequence[np.ndarray], with_scores: bool = False):
-    """inputs: id arrays (EOS included for T5 and prefix-LM) -> new ids, EOS stripped."""
+    """inputs: prompt id arrays (from `encode`) -> new ids, EOS stripped."""
     rows = self._prompt_rows(inputs)
     out, scores = [None] * len(rows), [None] * len(rows)
-    extra = 1 if self.prefix_lm else 0
+    extra = self.kind.prompt_extra()
     # Longest first: a batch holds prompts of like length, so little of it is padding.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for start in range(0, len(rows), self.batch_size):
@@ -369,7 +319,7 @@ class Generator:
         prompts[j, :len(r)] = r
         lengths[j] = max(len(r), 1)
       ids, sc = generate_with_scores(self.model, self.params, prompts, lengths, self.config,
-                                     self.eos_id, self.prefix_lm)
+                                     self.eos_id, self.kind)
       for j, i in enumerate(which):
         out[i] = strip_eos(ids[j].tolist(), self.eos_id)
         scores[i] = float(sc[j])
@@ -381,10 +331,3 @@ class Generator:
       ids, scores = ids
       return [self.vocab.decode(x) for x in ids], scores
     return [self.vocab.decode(x) for x in ids]
-
-
-def _bos_id(vocab):
-  try:
-    return vocab.bos_id
-  except (NotImplementedError, AttributeError):
-    return None

@@ -105,11 +105,10 @@ def run(argv) -> int:
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top  (imports jax)
   t0 = time.time()
   loaded = loading.load(args.checkpoint, step=args.step)
-  print(f"infer: {loaded.source} ({loaded.kind}); {len(prompts)} prompts; {cfg.method} "
+  print(f"infer: {loaded.source} ({loaded.kind.name}); {len(prompts)} prompts; {cfg.method} "
         f"decoding, up to {cfg.max_decode_len} new tokens", file=sys.stderr, flush=True)
   gen = decoding.Generator(loaded.model, loaded.params, loaded.vocab, args.max_input_length,
-                           cfg, batch_size=args.batch_size, prefix_lm=loaded.prefix_lm,
-                           add_bos=True)
+                           cfg, batch_size=args.batch_size, kind=loaded.kind)
   encoded = [gen.encode(p) for p, _ in prompts]
   gen.input_length = max(1, min(args.max_input_length, max(len(e) for e in encoded)))
   out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout

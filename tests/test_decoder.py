@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from flanjax.errors import UserError
-from flanjax.models import decoder, hf
+from flanjax import decoding
+from flanjax.models import decoder, hf, kinds
 from flanjax.training.losses import cross_entropy
 
 torch = pytest.importorskip("torch")
@@ -115,8 +116,8 @@ def test_cached_greedy_equals_transformers_generate(name):
   for r, n in enumerate(lengths):
     prompts[r, :n] = rng.integers(3, V, n)
   eos = tmodel.generation_config.eos_token_id
-  ours = np.asarray(decoder.greedy(decoder.Decoder(cfg), params, prompts, np.array(lengths),
-                                   max_len=10, eos_id=eos))
+  ours = np.asarray(decoding.generate(decoder.Decoder(cfg), params, prompts, np.array(lengths),
+                                      decoding.DecodeConfig(max_decode_len=10), eos_id=eos))
   for r, n in enumerate(lengths):
     with torch.no_grad():
       gen = tmodel.generate(torch.tensor(prompts[r:r + 1, :n]).long(), do_sample=False,
@@ -203,10 +204,11 @@ def test_cached_greedy_equals_brute_force(bidirectional):
   prompts = np.zeros((3, 7), np.int32)
   for r, n in enumerate(lengths):
     prompts[r, :n] = rng.integers(3, V, n)
-  kw = dict(max_len=7, bidirectional_prompt=bidirectional)
-  first = np.asarray(decoder.greedy(model, params, prompts, lengths, eos_id=-1, **kw))
+  kw = dict(config=decoding.DecodeConfig(max_decode_len=7),
+            kind=kinds.PREFIX_LM if bidirectional else kinds.DECODER)
+  first = np.asarray(decoding.generate(model, params, prompts, lengths, eos_id=-1, **kw))
   eos = int(first[0, 3])  # some row stops early
-  out = np.asarray(decoder.greedy(model, params, prompts, lengths, eos_id=eos, **kw))
+  out = np.asarray(decoding.generate(model, params, prompts, lengths, eos_id=eos, **kw))
   for r, n in enumerate(lengths):
     seq = list(prompts[r, :n])
     for i in range(7):

@@ -213,7 +213,7 @@ def test_generator_batches_and_buckets_like_one_call():
 
   texts = ["abc", "a much longer prompt than the others", "xy", "hello there", "q"]
   gen = decoding.Generator(model, params, Vocab(), input_length=20, batch_size=2,
-                           config=decoding.DecodeConfig(max_decode_len=5), prefix_lm=True)
+                           config=decoding.DecodeConfig(max_decode_len=5), kind="prefix_lm")
   out = gen.generate_ids([gen.encode(t) for t in texts])
   assert gen.truncated == 1
   for t, got in zip(texts, out):
@@ -221,7 +221,7 @@ def test_generator_batches_and_buckets_like_one_call():
     ids = ids if len(ids) <= 20 else ids[:19] + [1]
     row = np.array([[0] + ids], np.int32)
     want = decoding.generate(model, params, row, config=decoding.DecodeConfig(
-        max_decode_len=5), eos_id=1, prefix_lm=True)[0].tolist()
+        max_decode_len=5), eos_id=1, kind="prefix_lm")[0].tolist()
     assert got == decoding.strip_eos(want, 1)
 
 

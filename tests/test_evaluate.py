@@ -87,7 +87,7 @@ def test_t5_loglikelihood_equals_transformers(tiny_t5):
   hf_model, model, params = tiny_t5
   ctx, cont = _requests()
   cont = [c + [1] for c in cont]  # EOS-terminated, as seqio targets
-  got, greedy = scoring.loglikelihood(model, params, "t5", ctx, cont, batch_size=4)
+  got, greedy = scoring.loglikelihood(model, params, "enc_dec", ctx, cont, batch_size=4)
   for i, (c, y) in enumerate(zip(ctx, cont)):
     with torch.no_grad():
       logits = hf_model(input_ids=torch.tensor([c]),
@@ -99,7 +99,7 @@ def test_t5_loglikelihood_equals_transformers(tiny_t5):
   with torch.no_grad():
     out = hf_model.generate(torch.tensor([ctx[0]]), max_new_tokens=4, do_sample=False,
                             num_beams=1, eos_token_id=None)[0, 1:].tolist()
-  _, g = scoring.loglikelihood(model, params, "t5", [ctx[0]], [out], batch_size=4)
+  _, g = scoring.loglikelihood(model, params, "enc_dec", [ctx[0]], [out], batch_size=4)
   assert g[0]
 
 
@@ -107,8 +107,8 @@ def test_t5_loglikelihood_equals_transformers(tiny_t5):
 def test_decoder_loglikelihood_equals_transformers(tiny_llama, prefix_lm):
   hf_model, model, params = tiny_llama
   ctx, cont = _requests(1)
-  got, greedy = scoring.loglikelihood(model, params, "decoder", ctx, cont, prefix_lm=prefix_lm,
-                                      batch_size=4)
+  got, greedy = scoring.loglikelihood(model, params, "prefix_lm" if prefix_lm else "decoder",
+                                      ctx, cont, batch_size=4)
   for i, (c, y) in enumerate(zip(ctx, cont)):
     row = ([0] if prefix_lm else []) + c + y
     n_ctx = len(row) - len(y)
@@ -251,7 +251,7 @@ def test_options_parsed_from_every_bbh_multiple_choice_input(eval_tasks):
 # ---------------------------------------------------------------- rank classification
 
 def _hf_scores(hf_model, kind, ctx, cont):
-  if kind == "t5":
+  if kind == "enc_dec":
     with torch.no_grad():
       logits = hf_model(input_ids=torch.tensor([ctx]),
                         decoder_input_ids=torch.tensor([[0] + cont[:-1]])).logits[0]
@@ -262,14 +262,14 @@ def _hf_scores(hf_model, kind, ctx, cont):
   return _ref_logprobs(logits[len(ctx) - 1:len(row) - 1], cont)[0]
 
 
-@pytest.mark.parametrize("kind", ["t5", "decoder"])
+@pytest.mark.parametrize("kind", ["enc_dec", "decoder"])
 def test_rank_classification_equals_brute_force_transformers(kind, eval_tasks, builtin_vocab):
   """BBH direct (letters) and a built-in task (option texts) on a tiny random model."""
   from flanjax.evaluation import harness
   global V
   old, V = V, 1024  # the built-in vocabulary's 1000 pieces
   try:
-    hf_model, model, params = _hf_t5(3) if kind == "t5" else _hf_llama(3)
+    hf_model, model, params = _hf_t5(3) if kind == "enc_dec" else _hf_llama(3)
   finally:
     V = old
   vocab = builtin_vocab
@@ -277,8 +277,8 @@ def test_rank_classification_equals_brute_force_transformers(kind, eval_tasks, b
     import seqio
     task = seqio.get_mixture_or_task(name)
     examples = harness.load_examples(name, split, vocab, input_length=256, max_examples=3)
-    golds = [harness._postprocess(task, e.targets, e.raw, True) for e in examples]
-    got = harness.rank_classify(model, params, vocab, kind, False, examples, golds,
+    golds = [harness.postprocess(task, e.targets, e.raw, True) for e in examples]
+    got = harness.rank_classify(model, params, vocab, kind, examples, golds,
                                 batch_size=4, input_length=256)
     assert got["examples"] == 3
     hits = 0
@@ -286,7 +286,7 @@ def test_rank_classification_equals_brute_force_transformers(kind, eval_tasks, b
       cands, gold_idx = harness.rank_candidates(e, g)
       assert gold_idx >= 0 and len(cands) >= 2
       ids = list(vocab.encode(e.inputs))
-      if kind == "t5":  # inputs + EOS; the option's tokens + EOS, as seqio trains targets
+      if kind == "enc_dec":  # inputs + EOS; the option's tokens + EOS, as seqio trains targets
         ctx, conts = ids + [vocab.eos_id], [list(vocab.encode(c)) + [vocab.eos_id] for c in cands]
       else:  # a causal LM continues the prompt with " option"
         ctx, conts = ids, [list(vocab.encode(" " + c)) for c in cands]

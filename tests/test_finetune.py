@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from flanjax import evaluation
+from flanjax import decoding
 from flanjax.data import packing, pipeline, registry
-from flanjax.models import decoder, hf, t5
+from flanjax.models import decoder, hf, kinds, t5
 from flanjax.training import trainer
 
 torch = pytest.importorskip("torch")
@@ -281,13 +281,15 @@ def test_evaluation_prompt_continues_exactly_as_training_rows(tiny_decoder):
   model, params, batch = tiny_decoder
   start, width, end = _segments(batch, 0)[0]
   inputs = batch["decoder_target_tokens"][0, start:start + width]  # EOS included
-  prompts, lengths = evaluation.prefix_lm_prompts([inputs], LEN["inputs"])
-  assert lengths[0] == width + 1
-  np.testing.assert_array_equal(prompts[0, :width + 1],
-                                batch["decoder_input_tokens"][0, start:start + width + 1])
+  prompt = kinds.PREFIX_LM.decode_prompt(inputs)
+  assert len(prompt) == width + 1
+  np.testing.assert_array_equal(prompt, batch["decoder_input_tokens"][0, start:start + width + 1])
   # Generated tokens, fed back into a training-layout row, are that row's argmaxes.
-  decode = evaluation.greedy_fn(model, params, LEN["inputs"], 6, eos_id=-1)
-  gen = decode([inputs, inputs[:3]])[0]
+  prompts = kinds.pad_rows([prompt, kinds.PREFIX_LM.decode_prompt(inputs[:3])],
+                           LEN["inputs"] + 1)
+  gen = decoding.generate(model, params, prompts, np.array([width + 1, 4]),
+                          decoding.DecodeConfig(max_decode_len=6), eos_id=-1,
+                          kind=kinds.PREFIX_LM)[0]
   row = np.concatenate([[0], inputs, gen[:-1]])[None]
   causal = (np.arange(row.shape[1]) <= width).astype(np.int32)[None]
   logits = model.apply({"params": params}, row, decoder_causal_attention=causal)

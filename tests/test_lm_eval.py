@@ -124,7 +124,7 @@ def test_simple_evaluate_on_local_tasks_matches_scoring(task_dir, checkpoint, bu
   from lm_eval.tasks import TaskManager
   from flanjax.evaluation import lm_eval_adapter, scoring
   lm = lm_eval_adapter.FlanjaxLM(checkpoint=checkpoint, batch_size=4, max_length=256)
-  assert lm.kind == "t5" and not lm.prefix_lm
+  assert lm.kind.name == "enc_dec"
   out = simple_evaluate(
       model=lm, tasks=["flanjax_tiny_gsm8k_mc", "flanjax_tiny_gsm8k_gen", "flanjax_tiny_gsm8k_ppl"],
       task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
@@ -145,7 +145,7 @@ def test_simple_evaluate_on_local_tasks_matches_scoring(task_dir, checkpoint, bu
       ctx.append(list(builtin_vocab.encode(context)) + [1])
       cont.append(list(builtin_vocab.encode(continuation)))
       got.append(float(resp[0][0]))
-  want, _ = scoring.loglikelihood(lm.model, lm.params, "t5", ctx, cont)
+  want, _ = scoring.loglikelihood(lm.model, lm.params, "enc_dec", ctx, cont)
   np.testing.assert_allclose(got, want, rtol=1e-5)  # batches padded differently
 
   # generate_until: the text is cut at the first stop string, and max_gen_toks holds.
@@ -163,7 +163,7 @@ def test_simple_evaluate_on_local_tasks_matches_scoring(task_dir, checkpoint, bu
   tokens = list(builtin_vocab.encode(q))
   windows = lm.rolling_windows(q)
   assert sum(len(c) for _, c in windows) == len(tokens)
-  ref, _ = scoring.loglikelihood(lm.model, lm.params, "t5", [w[0] for w in windows],
+  ref, _ = scoring.loglikelihood(lm.model, lm.params, "enc_dec", [w[0] for w in windows],
                                  [w[1] for w in windows])
   assert whole == pytest.approx(float(np.sum(ref)), rel=1e-5)
 

@@ -166,7 +166,8 @@ def test_cached_decoding_matches_full_decoder_and_remat():
   rng = np.random.default_rng(0)
   enc = rng.integers(2, 64, (3, 9))
   enc[1, 6:] = 0
-  out = np.asarray(decoding.greedy(model, params, enc, max_len=6, eos_id=1))
+  out = np.asarray(decoding.generate(model, params, enc, eos_id=1,
+                                     config=decoding.DecodeConfig(max_decode_len=6)))
   # Brute force: rerun the whole decoder on the growing prefix, take the argmax.
   for r in range(3):
     prefix = [0]

@@ -25,7 +25,8 @@ How text becomes tokens, per kind (lm_eval's conventions for seq2seq and causal 
              and split after the context's tokens
 
 A context's trailing spaces move to the continuation, and an empty context is
-BOS (or EOS). Over-long requests keep their last tokens. generate_until decodes
+BOS (or EOS). Over-long requests are cut by the model kind's one rule
+(flanjax.evaluation.scoring). generate_until decodes
 (greedy, or sampling when do_sample) up to max_gen_toks new tokens, then cuts
 the text at the first `until` string.
 """
@@ -39,6 +40,7 @@ import numpy as np
 
 from flanjax.errors import UserError
 from flanjax.evaluation import scoring
+from flanjax.models import kinds
 
 try:
   from lm_eval.api.model import LM
@@ -74,8 +76,8 @@ class FlanjaxLM(LM):
     self.loaded = loaded
     self.model, self.params, self.vocab = loaded.model, loaded.params, loaded.vocab
     self.kind = loaded.kind
-    self.prefix_lm = bool(loaded.prefix_lm) and self.kind == "decoder"
-    self.causal = self.kind == "decoder" and not self.prefix_lm
+    # lm_eval's own conventions for causal LMs (BOS, the join of context and continuation).
+    self.causal = self.kind is kinds.DECODER
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> 16
     self.max_length = int(max_length)
     self.max_gen_toks = int(max_gen_toks)
@@ -129,9 +131,8 @@ class FlanjaxLM(LM):
 
   def _score(self, contexts, continuations):
     return scoring.loglikelihood(
-        self.model, self.params, self.kind, contexts, continuations, prefix_lm=self.prefix_lm,
-        batch_size=self.batch_size, max_length=self.max_length,
-        max_target_length=self.max_length if self.kind == "t5" else None)
+        self.model, self.params, self.kind, contexts, continuations,
+        batch_size=self.batch_size, max_length=self.max_length, max_target_length=self.max_length)
 
   # ---------------------------------------------------------------- lm_eval's interface
 
@@ -151,7 +152,7 @@ class FlanjaxLM(LM):
     tokens = self.tok_encode(text)
     if not tokens:
       return []
-    window = self.max_length - (1 if self.prefix_lm else 0)
+    window = self.max_length - self.kind.prompt_extra()
     wins = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
         token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=window, context_len=1)]
     if self.causal:
@@ -189,7 +190,7 @@ class FlanjaxLM(LM):
     if cfg not in self._generators:
       self._generators[cfg] = decoding.Generator(
           self.model, self.params, self.vocab, self.max_length, cfg, batch_size=self.batch_size,
-          prefix_lm=self.prefix_lm)
+          kind=self.kind)
     return self._generators[cfg]
 
   def prompt_ids(self, context: str) -> np.ndarray:

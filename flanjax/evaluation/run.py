@@ -102,8 +102,7 @@ def evaluate(
   t0 = time.time()
   loaded = loading.load(checkpoint, step=step)
   step_no = _step_of(loaded, step)
-  log(f"checkpoint: {loaded.source} ({loaded.kind}"
-      f"{', prefix-LM' if loaded.prefix_lm else ''}), loaded in {time.time() - t0:.0f}s")
+  log(f"checkpoint: {loaded.source} ({loaded.kind.name}), loaded in {time.time() - t0:.0f}s")
   for fn in register_fns:
     fn(loaded.vocab)  # the tasks tokenize with the checkpoint's vocabulary
   out_dir = os.path.abspath(out_dir or os.path.join(checkpoint, "eval"))
@@ -117,7 +116,7 @@ def evaluate(
   writer = metrics_lib.SummaryWriter(os.path.join(out_dir, "tensorboard"))
   t1 = time.time()
   results = evaluate_suite(
-      loaded.model, loaded.params, loaded.vocab, loaded.kind, loaded.prefix_lm, names,
+      loaded.model, loaded.params, loaded.vocab, loaded.kind, names,
       splits=splits, input_length=input_length, decode=decode, batch_size=batch_size,
       max_examples=max_examples, rank_classification=rank_classification, writer=writer,
       step=step_no, num_samples=num_samples, log=log)
@@ -125,8 +124,8 @@ def evaluate(
   table = format_results(results)
   log(f"\nevaluation of {loaded.source} ({secs:.0f}s, {decode.method} decoding):\n{table}\n")
   report = {
-      "checkpoint": os.path.abspath(checkpoint), "source": loaded.source, "kind": loaded.kind,
-      "prefix_lm": bool(loaded.prefix_lm), "step": step_no, "input_length": input_length,
+      "checkpoint": os.path.abspath(checkpoint), "source": loaded.source,
+      "kind": loaded.kind.name, "step": step_no, "input_length": input_length,
       "decode": dataclasses.asdict(decode), "max_examples": max_examples,
       "seconds": round(secs, 1), "tasks": [r.to_json() for r in results],
       "summary": harness.summary_rows(results),

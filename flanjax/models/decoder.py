@@ -319,15 +319,6 @@ class Decoder(nn.Module):
     return self._logits(x)[:, 0], {"cache": caches, "index": index + 1}
 
 
-def greedy(model: Decoder, params, prompt_tokens, prompt_lengths=None, *, max_len: int,
-           eos_id: int = 1, bidirectional_prompt: bool = False):
-  """Greedy continuation of right-padded prompts [b, p] -> [b, max_len] ids (flanjax.decoding)."""
-  from flanjax import decoding  # pylint: disable=g-import-not-at-top  (decoding imports us)
-  return decoding.generate(model, params, prompt_tokens, prompt_lengths,
-                           decoding.DecodeConfig(max_decode_len=max_len), eos_id,
-                           prefix_lm=bidirectional_prompt)
-
-
 def model_inputs(batch: dict) -> dict:
   """The model's keyword arguments out of a seqio decoder-only or prefix-LM batch."""
   keys = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",

@@ -1,8 +1,9 @@
 """Loading any checkpoint flanjax can read, for inference and evaluation.
 
 Three kinds of folder hold a model:
-  - a training run (runs/<mixture>/: checkpoints/<step>/state, run_info.json
-    for the model config, vocab/ for the tokenizer),
+  - a training run (runs/<mixture>/, read through `flanjax.run_folder`:
+    checkpoints/<step>/state, run_info.json for the model config and kind,
+    vocab/ for the tokenizer),
   - a converted orbax checkpoint (params/, model_config.json, hf_files/), as
     tools/convert_checkpoint.py hf-to-orbax writes it,
   - a Hugging Face T5 or Llama folder (config.json, weights, tokenizer).
@@ -25,21 +26,21 @@ HF_FILES_DIR = "hf_files"
 
 
 def config_classes():
-  from flanjax.models.decoder import DecoderConfig  # pylint: disable=g-import-not-at-top
-  from flanjax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top
-  return {"t5": T5Config, "decoder": DecoderConfig}
+  from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
+  return kinds.config_classes()
 
 
 def config_to_json(cfg) -> dict:
-  kind = next(k for k, c in config_classes().items() if isinstance(cfg, c))
-  return {"type": kind, "config": dataclasses.asdict(cfg)}
+  from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
+  return {"type": kinds.config_type(cfg), "config": dataclasses.asdict(cfg)}
 
 
 def _config_from_fields(fields: dict, source: str, kind: str | None = None):
+  from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
   classes = config_classes()
   if kind is None:
     # T5 has encoder layers; a decoder has num_kv_heads.
-    kind = "t5" if "num_encoder_layers" in fields else "decoder"
+    kind = (kinds.ENC_DEC if "num_encoder_layers" in fields else kinds.DECODER).config_type
   if kind not in classes:
     raise UserError(f"{source}: model type {kind!r} is not one of {', '.join(classes)}")
   cls = classes[kind]
@@ -130,21 +131,12 @@ def restore_numpy(path: str, subtree: str | None = None):
 
 
 def training_checkpoint(ckpt_dir: str, step: int | None):
-  """(step folder's state item, run folder) of a training run, or None."""
-  for root in (os.path.join(ckpt_dir, "checkpoints"), ckpt_dir):
-    if not os.path.isdir(root):
-      continue
-    steps = sorted(int(n) for n in os.listdir(root)
-                   if n.isdigit() and os.path.isdir(os.path.join(root, n, "state")))
-    if not steps:
-      continue
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise UserError(f"{root}: no step {step} (steps: {', '.join(map(str, steps))})")
-    run_dir = ckpt_dir if root != ckpt_dir else os.path.dirname(os.path.abspath(root))
-    return os.path.join(root, str(step), "state"), run_dir
-  return None
+  """(step folder's state item, RunFolder) of a training run, or None."""
+  from flanjax.run_folder import RunFolder  # pylint: disable=g-import-not-at-top
+  run = RunFolder.find(ckpt_dir)
+  if run is None:
+    return None
+  return run.state_dir(run.resolve_step(step)), run
 
 
 def read_orbax(ckpt_dir: str, config: str | None = None, step: int | None = None):
@@ -170,10 +162,10 @@ def read_orbax(ckpt_dir: str, config: str | None = None, step: int | None = None
     if found is None:
       raise UserError(f"{ckpt_dir}: neither a converted checkpoint ({PARAMS_DIR}/ and "
                       f"{CONFIG_FILE}) nor a training run (checkpoints/<step>/state)")
-    state_dir, run_dir = found
+    state_dir, run = found
     params = restore_numpy(state_dir, subtree="params")
     if config is None:
-      config = os.path.join(run_dir, "run_info.json")
+      config = run.run_info_path
       if not os.path.isfile(config):
         raise UserError(f"{config} not found: give the model config with --config")
   cfg = config_from_file(config)
@@ -189,63 +181,28 @@ def read_orbax(ckpt_dir: str, config: str | None = None, step: int | None = None
 
 def check_params(cfg, params, source: str):
   """Params and config describe the same model: same names, same shapes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from flanjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
-  if isinstance(cfg, t5.T5Config):
-    model, dummy = t5.T5(cfg), t5.dummy_batch(1, 2, 2)
-  else:
-    model, dummy = decoder.Decoder(cfg), decoder.dummy_batch(1, 2)
-  want = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **dummy))["params"])
-  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  want, have = flat(want), flat(params)
-  for name in sorted(set(want) | set(have)):
-    if name not in have:
-      raise UserError(f"parameter {name} is missing from the checkpoint ({source} describes it)")
-    if name not in want:
-      raise UserError(f"parameter {name} of the checkpoint is not in the model {source} "
-                      "describes")
-    if tuple(have[name].shape) != tuple(want[name].shape):
-      raise UserError(f"parameter {name} has shape {tuple(have[name].shape)}, {source} "
-                      f"implies {tuple(want[name].shape)}")
+  from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
+  kinds.check_params_fit(kinds.abstract_params(cfg), params,
+                         f"the checkpoint (with the model {source} describes)")
 
 
 # ---------------------------------------------------------------- any checkpoint
 
 @dataclasses.dataclass
 class Loaded:
-  """A model ready to run: module, host parameters, vocabulary and how to prompt it."""
+  """A model ready to run: module, host parameters, vocabulary and its kind."""
   model: Any  # t5.T5 or decoder.Decoder
   config: Any
   params: Any
   vocab: Any  # a seqio.Vocabulary
-  kind: str  # "t5" or "decoder"
-  prefix_lm: bool  # a flanjax-trained decoder reads [0, inputs..., EOS] both ways
+  kind: Any  # a kinds.ModelKind: how to prompt, score and decode it
   source: str  # what was read, for reports
   step: int | None = None  # the training step of a run's checkpoint
 
 
-def _run_vocabulary(run_dir: str, run_info: dict):
-  """The tokenizer a training run saved in its vocab/ folder."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  folder = os.path.join(run_dir, "vocab")
-  spiece = os.path.join(folder, "spiece.model")
-  if os.path.isfile(spiece):
-    # run_info's fingerprint ends in "/x<extra_ids>" for a SentencePiece vocabulary.
-    fp = str(run_info.get("vocabulary", ""))
-    extra = int(fp.rsplit("/x", 1)[1]) if "/x" in fp and fp.rsplit("/x", 1)[1].isdigit() else 0
-    return seqio.SentencePieceVocabulary(spiece, extra_ids=extra)
-  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-    from flanjax.data import hf_vocab  # pylint: disable=g-import-not-at-top
-    return hf_vocab.HFTokenizerVocabulary.from_directory(folder, model_config={})
-  raise UserError(f"{run_dir}: the run has no tokenizer in {folder} (runs from before it was "
-                  "kept there): copy the run's spiece.model or tokenizer.json into it")
-
-
 def load(path: str, step: int | None = None, config: str | None = None) -> Loaded:
   """Reads a training run, a converted orbax checkpoint or a Hugging Face folder."""
-  from flanjax.models import decoder, hf, t5  # pylint: disable=g-import-not-at-top
+  from flanjax.models import hf, kinds  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise UserError(f"{path} is not a directory: give a training run (runs/<mixture>), a "
@@ -261,7 +218,9 @@ def load(path: str, step: int | None = None, config: str | None = None) -> Loade
     if vocab is None:
       raise UserError(f"{path} has no spiece.model or tokenizer.json: add the model's "
                       "tokenizer files there")
-    source, prefix_lm, at = f"Hugging Face folder {path}", False, None
+    # An imported model reads its prompt as it was pretrained: a decoder causally.
+    kind, source, at = kinds.for_config(cfg, trained_by_flanjax=False), \
+        f"Hugging Face folder {path}", None
   else:
     cfg, params, hf_config, files_dir = read_orbax(path, config, step)
     if is_orbax:
@@ -269,15 +228,12 @@ def load(path: str, step: int | None = None, config: str | None = None) -> Loade
       if vocab is None:
         raise UserError(f"{path} has no tokenizer ({HF_FILES_DIR}/spiece.model or "
                         "tokenizer.json): convert the model again from a folder that has one")
-      source, prefix_lm, at = f"converted checkpoint {path}", False, None
+      kind, source, at = kinds.for_config(cfg, trained_by_flanjax=False), \
+          f"converted checkpoint {path}", None
     else:
-      state_dir, run_dir = run
-      with open(os.path.join(run_dir, "run_info.json")) as f:
-        run_info = json.load(f)
-      vocab = _run_vocabulary(run_dir, run_info)
+      state_dir, run_folder = run
+      run_info = run_folder.read_run_info() or {}
+      vocab = run_folder.load_vocabulary(run_info)
       at = int(os.path.basename(os.path.dirname(state_dir)))
-      # flanjax trains a decoder-only model as a prefix-LM (train._model_for).
-      source, prefix_lm = f"training run {run_dir}, step {at}", True
-  if isinstance(cfg, t5.T5Config):
-    return Loaded(t5.T5(cfg), cfg, params, vocab, "t5", False, source, at)
-  return Loaded(decoder.Decoder(cfg), cfg, params, vocab, "decoder", prefix_lm, source, at)
+      kind, source = run_folder.model_kind(run_info), f"training run {run_folder.path}, step {at}"
+  return Loaded(kind.build(cfg), cfg, params, vocab, kind, source, at)

@@ -1,4 +1,4 @@
-"""Train state, the pure train step, and the loop around it."""
+"""Train state, its shardings, and the pure train and eval steps (the loop: loop.py)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flanjax.errors import UserError
+from flanjax.models import kinds
 from flanjax.training import partitioning
 from flanjax.training.losses import cross_entropy
-
-
-def model_inputs_fn(model: nn.Module) -> Callable:
-  """The batch -> keyword arguments function of a T5 or a decoder-only model."""
-  from flanjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
-  if isinstance(model, decoder.Decoder):
-    return decoder.model_inputs
-  if isinstance(model, t5.T5):
-    return t5.model_inputs
-  raise TypeError(f"no batch layout known for {type(model).__name__}; pass model_inputs")
 
 
 # ------------------------------------------------------------------ state
@@ -81,24 +71,6 @@ def state_shardings(abstract_state, mesh, rules):
   return {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
 
 
-def _flat(tree) -> dict:
-  return {"/".join(str(k) for k in _key_names(path)): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_params_fit(want, params, source: str = "the loaded parameters"):
-  """Loaded params have exactly the model's names and shapes; else a one-line UserError."""
-  w, h = _flat(want), _flat(params)
-  for name in sorted(set(w) | set(h)):
-    if name not in h:
-      raise UserError(f"{source}: parameter {name} is missing")
-    if name not in w:
-      raise UserError(f"{source}: parameter {name} is not in the model")
-    if tuple(np.shape(h[name])) != tuple(w[name].shape):
-      raise UserError(f"{source}: parameter {name} has shape {tuple(np.shape(h[name]))}, "
-                      f"the model needs {tuple(w[name].shape)}")
-
-
 def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rules,
                          seed: int, dummy: dict, params=None):
   """Initialises the state directly into its shardings; returns (state, shardings).
@@ -111,11 +83,11 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation, mes
   shardings = state_shardings(abstract, mesh, rules)
   if params is not None:
     want = nn.unbox(abstract["params"])
-    check_params_fit(want, params)
+    kinds.check_params_fit(want, params)
     # The model's tree structure (the loaded one may use other mapping types).
-    have = _flat(params)
+    have = kinds.flat_params(params)
     params = jax.tree.unflatten(jax.tree.structure(want), [
-        np.asarray(have[k], w.dtype) for k, w in _flat(want).items()])
+        np.asarray(have[k], w.dtype) for k, w in kinds.flat_params(want).items()])
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if params is None:
       state = jax.jit(lambda rng: nn.unbox(init_fn(rng)),
@@ -145,15 +117,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
                     dropout: bool = False, model_inputs: Callable | None = None):
   """A pure (state, batch) -> (state, metrics) function.
 
-  model_inputs: batch -> the model's keyword arguments; by default chosen from
-  the model's type (a T5's encoder-decoder batch, a Decoder's prefix-LM batch).
+  model_inputs: batch -> the model's keyword arguments; by default the model
+  kind's (`kinds.ModelKind.model_inputs`).
 
   Gradients of the summed loss are accumulated over microbatches and divided
   once by the batch's total loss weight, so k microbatches give exactly the
   step of one batch k times larger. A step whose loss or gradient is not
   finite is not applied (metrics["applied"] = 0).
   """
-  model_inputs = model_inputs or model_inputs_fn(model)
+  model_inputs = model_inputs or kinds.for_module(model).model_inputs
 
   def summed_loss(params, mb, rng):
     rngs = {"dropout": rng} if dropout else {}
@@ -209,7 +181,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
 
 def make_eval_step(model: nn.Module, model_inputs: Callable | None = None):
   """(params, batch) -> (summed loss, summed loss weight), for either model kind."""
-  model_inputs = model_inputs or model_inputs_fn(model)
+  model_inputs = model_inputs or kinds.for_module(model).model_inputs
 
   def step(params, batch):
     logits = model.apply({"params": params}, **model_inputs(batch))

@@ -1,0 +1,258 @@
+"""The run folder: every path and file of a training run, written and read here only.
+
+    <model_dir>/
+      run_info.json               what the folder's checkpoints are a run of (vocabulary,
+                                  model shape, optimizer, mixture); checked on resume
+      vocab/                      the run's tokenizer (spiece.model or tokenizer.json)
+      checkpoints/<step>/         orbax: state (params, optimizer, step, rng) + data position
+      train_losses.jsonl          one line per step (a resumed run appends; last wins)
+      eval_during_training.jsonl  one line per evaluation during training
+      summary.json                the end-of-run summary
+      tensorboard/                scalars and tables
+      .lock                       held by the one process training in this folder
+
+The trainer writes through a RunFolder; `models.loading`, `infer` and
+`evaluate` read through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from flanjax.errors import UserError
+
+RUN_INFO = "run_info.json"
+VOCAB_DIR = "vocab"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_ITEM = "state"
+TRAIN_LOSSES = "train_losses.jsonl"
+EVAL_LOG = "eval_during_training.jsonl"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+
+# What a resumed run may change: none of it shapes the parameters or the optimizer state.
+TRAINING_FIELDS = ("dtype", "remat", "dropout_rate")
+
+
+def _is_main() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def _write_json(path: str, data: Any) -> None:
+  """Whole or not at all: a temporary file renamed into place."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=1, ensure_ascii=False)
+  os.replace(tmp, path)
+
+
+class RunFolder:
+  """One training run's folder (see the module docstring for its layout)."""
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(os.path.expanduser(path))
+
+  # ---------------------------------------------------------------- paths
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  @property
+  def run_info_path(self) -> str:
+    return self.file(RUN_INFO)
+
+  @property
+  def vocab_dir(self) -> str:
+    return self.file(VOCAB_DIR)
+
+  @property
+  def checkpoints_dir(self) -> str:
+    return self.file(CHECKPOINTS_DIR)
+
+  @property
+  def tensorboard_dir(self) -> str:
+    return self.file(TENSORBOARD)
+
+  @property
+  def losses_path(self) -> str:
+    return self.file(TRAIN_LOSSES)
+
+  @property
+  def eval_log_path(self) -> str:
+    return self.file(EVAL_LOG)
+
+  @property
+  def summary_path(self) -> str:
+    return self.file(SUMMARY)
+
+  def state_dir(self, step: int) -> str:
+    return os.path.join(self.checkpoints_dir, str(step), STATE_ITEM)
+
+  # ---------------------------------------------------------------- finding runs
+  @classmethod
+  def find(cls, path: str) -> "RunFolder | None":
+    """The run of a run folder or of its checkpoints/ folder; None if neither holds steps."""
+    run = cls(path)
+    if run.checkpoint_steps():
+      return run
+    if os.path.basename(run.path) == CHECKPOINTS_DIR:
+      parent = cls(os.path.dirname(run.path))
+      if parent.checkpoint_steps():
+        return parent
+    return None
+
+  def checkpoint_steps(self) -> list[int]:
+    """Complete checkpoint steps (an orbax step folder holding its state item)."""
+    root = self.checkpoints_dir
+    if not os.path.isdir(root):
+      return []
+    return sorted(int(n) for n in os.listdir(root)
+                  if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM)))
+
+  def resolve_step(self, step: int | None) -> int:
+    steps = self.checkpoint_steps()
+    if not steps:
+      raise UserError(f"{self.checkpoints_dir}: no checkpoint steps")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise UserError(f"{self.checkpoints_dir}: no step {step} "
+                      f"(steps: {', '.join(map(str, steps))})")
+    return step
+
+  # ---------------------------------------------------------------- writing
+  def check_writable(self) -> None:
+    """Fails before training if the folder cannot be written."""
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      probe = self.file(f".write_test.{os.getpid()}")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f"model directory {self.path} is not writable ({e.strerror}); "
+                      "set --gin.train.model_dir to a writable folder") from None
+
+  def read_run_info(self) -> dict | None:
+    if not os.path.exists(self.run_info_path):
+      return None
+    try:
+      with open(self.run_info_path, encoding="utf-8") as f:
+        return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise UserError(f"{self.run_info_path} is not valid JSON, so the run in {self.path} "
+                      "cannot be checked against this one; restore that file, or set "
+                      "--gin.train.model_dir to a new folder") from None
+
+  def check_run_info(self, info: dict) -> None:
+    """A folder belongs to one run: resuming with another vocabulary, model or optimizer
+    is refused, naming the fields that differ. Only checks; write_run_info records."""
+    old = self.read_run_info()
+    if old is None:
+      return
+    for key, what in (("vocabulary", "vocabulary"), ("model", "model config"),
+                      ("optimizer", "optimizer"), ("adapter", "adapter config")):
+      if key not in info or (key not in old and key in ("optimizer", "adapter")):
+        continue  # runs from before the field was recorded are checked by their checkpoint
+      was, now = old.get(key), info[key]
+      if was == now:
+        continue
+      if isinstance(was, dict) and isinstance(now, dict):  # name the fields that differ
+        diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        was, now = ({k: d.get(k) for k in diff} for d in (was, now))
+      raise UserError(
+          f"{self.path} holds a run with a different {what} ({self.run_info_path}: {was!r}, "
+          f"now {now!r}); its checkpoints cannot be resumed with this one: set "
+          "--gin.train.model_dir to a new folder")
+    if old.get("mixture") != info.get("mixture"):
+      print(f"note: {self.path} was trained on {old.get('mixture')!r}; continuing on "
+            f"{info.get('mixture')!r}", flush=True)
+
+  def write_run_info(self, info: dict) -> None:
+    if _is_main():
+      _write_json(self.run_info_path, info)
+
+  def save_vocabulary(self, vocab) -> None:
+    """Keeps the run's tokenizer beside its checkpoints, so an export is self-contained."""
+    if not _is_main():
+      return
+    import seqio  # pylint: disable=g-import-not-at-top
+    os.makedirs(self.vocab_dir, exist_ok=True)
+    if isinstance(vocab, seqio.SentencePieceVocabulary):
+      tmp = os.path.join(self.vocab_dir, f"spiece.model.tmp{os.getpid()}")
+      with open(tmp, "wb") as f:
+        f.write(vocab.sp_model)
+      os.replace(tmp, os.path.join(self.vocab_dir, "spiece.model"))
+    elif hasattr(vocab, "save_tokenizer"):
+      vocab.save_tokenizer(self.vocab_dir)
+
+  def open_losses_log(self):
+    """The per-step log for appending (process 0; else None), a last line cut short by a
+    kill dropped. A resumed run appends the steps after its checkpoint again; readers
+    take the last record of each step (`read_losses`)."""
+    if not _is_main():
+      return None
+    path = self.losses_path
+    if os.path.exists(path):
+      with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+          f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+  def append_eval(self, record: dict) -> None:
+    if _is_main():
+      with open(self.eval_log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def write_summary(self, summary: dict) -> None:
+    if _is_main():
+      _write_json(self.summary_path, summary)
+
+  # ---------------------------------------------------------------- reading
+  def read_losses(self) -> list[dict]:
+    """The per-step records, the last record of each step kept, in step order."""
+    by_step = {}
+    if os.path.exists(self.losses_path):
+      with open(self.losses_path, encoding="utf-8") as f:
+        for line in f:
+          line = line.strip()
+          if line:
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+  def read_summary(self) -> dict | None:
+    if not os.path.exists(self.summary_path):
+      return None
+    with open(self.summary_path, encoding="utf-8") as f:
+      return json.load(f)
+
+  def load_vocabulary(self, run_info: dict | None = None):
+    """The tokenizer the run saved in its vocab/ folder."""
+    import seqio  # pylint: disable=g-import-not-at-top
+    run_info = run_info if run_info is not None else (self.read_run_info() or {})
+    spiece = os.path.join(self.vocab_dir, "spiece.model")
+    if os.path.isfile(spiece):
+      # run_info's fingerprint ends in "/x<extra_ids>" for a SentencePiece vocabulary.
+      fp = str(run_info.get("vocabulary", ""))
+      tail = fp.rsplit("/x", 1)[1] if "/x" in fp else ""
+      return seqio.SentencePieceVocabulary(spiece, extra_ids=int(tail) if tail.isdigit() else 0)
+    if os.path.isfile(os.path.join(self.vocab_dir, "tokenizer.json")):
+      from flanjax.data import hf_vocab  # pylint: disable=g-import-not-at-top
+      return hf_vocab.HFTokenizerVocabulary.from_directory(self.vocab_dir, model_config={})
+    raise UserError(f"{self.path}: the run has no tokenizer in {self.vocab_dir} (runs from "
+                    "before it was kept there): copy the run's spiece.model or tokenizer.json "
+                    "into it")
+
+  def model_kind(self, run_info: dict | None = None):
+    """The kind the run trained: recorded in run_info.json (older runs: enc_dec for a T5
+    config, prefix_lm for a decoder config, as flanjax trained them)."""
+    from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
+    run_info = run_info if run_info is not None else (self.read_run_info() or {})
+    if run_info.get("kind"):
+      return kinds.get(run_info["kind"])
+    model = run_info.get("model") or {}
+    return kinds.ENC_DEC if "num_encoder_layers" in model else kinds.PREFIX_LM
