@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Sequence
 
 import gin
@@ -256,14 +255,6 @@ def generate(model, params, prompts, prompt_lengths=None, config: DecodeConfig =
 
 # ---------------------------------------------------------------- text in, text out
 
-def _bucket(n: int, cap: int) -> int:
-  """Padded prompt length, at most cap: a power of two (>= 16) up to 512, then a multiple
-  of 256, so jit compiles rarely and long prompts (attention is quadratic) pad little."""
-  if n > 512:
-    return min(cap, -(-n // 256) * 256)
-  return min(cap, max(16, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
-
-
 def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
   ids = list(ids)
   return ids[:ids.index(eos_id)] if eos_id in ids else ids
@@ -312,7 +303,7 @@ class Generator:
     for start in range(0, len(rows), self.batch_size):
       which = order[start:start + self.batch_size]
       chunk = [rows[i] for i in which]
-      width = _bucket(max(len(r) for r in chunk), self.input_length + extra)
+      width = kinds_lib.bucket(max(len(r) for r in chunk), cap=self.input_length + extra)
       prompts = np.zeros((self.batch_size, width), np.int32)
       lengths = np.ones((self.batch_size,), np.int32)
       for j, r in enumerate(chunk):

@@ -140,7 +140,7 @@ def test_scoring_edge_cases(tiny_llama):
   assert cut[0] == pytest.approx(same[0], abs=1e-5)
   with pytest.raises(ValueError, match="non-empty context"):
     scoring.loglikelihood(model, params, "decoder", [[]], [[3]])
-  assert [scoring.bucket(n) for n in (1, 16, 17, 1000, 1025, 3000)] == [16, 16, 32, 1024, 1536, 3072]
+  assert [scoring.bucket(n) for n in (1, 16, 17, 513, 1000, 1025, 3000)] == [16, 16, 32, 768, 1024, 1280, 3072]
 
 
 # ---------------------------------------------------------------- answers and metrics on real data

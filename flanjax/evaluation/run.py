@@ -130,16 +130,23 @@ def evaluate(
       "seconds": round(secs, 1), "tasks": [r.to_json() for r in results],
       "summary": harness.summary_rows(results),
   }
+  json_path, md_path = _write_report(report, results, out_dir, name, loaded.source, decode,
+                                     input_length, max_examples)
+  writer.flush()
+  log(f"wrote {json_path}, {md_path} and {os.path.join(out_dir, 'tensorboard')}")
+  return report
+
+
+def _write_report(report, results, out_dir, name, source, decode, input_length, max_examples):
+  """<out_dir>/<name>.json (whole or not at all) and <name>.md; returns their paths."""
   json_path = os.path.join(out_dir, f"{name}.json")
   md_path = os.path.join(out_dir, f"{name}.md")
   with open(json_path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1, ensure_ascii=False)
   os.replace(json_path + ".tmp", json_path)
   with open(md_path, "w", encoding="utf-8") as f:
-    f.write(f"# Evaluation of `{loaded.source}`\n\n{decode.method} decoding, at most "
+    f.write(f"# Evaluation of `{source}`\n\n{decode.method} decoding, at most "
             f"{decode.max_decode_len} new tokens; inputs up to {input_length} tokens"
             f"{f'; at most {max_examples} examples per task' if max_examples else ''}.\n\n"
             f"{format_results(results, markdown=True)}\n")
-  writer.flush()
-  log(f"wrote {json_path}, {md_path} and {os.path.join(out_dir, 'tensorboard')}")
-  return report
+  return json_path, md_path

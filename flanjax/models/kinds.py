@@ -354,12 +354,13 @@ def pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- scoring helpers
 
-def bucket(n: int, minimum: int = 16) -> int:
-  """A padded length for n tokens: powers of two up to 1024, then multiples of 512."""
+def bucket(n: int, minimum: int = 16, cap: int | None = None) -> int:
+  """The padded length of a row of n tokens, for decoding and scoring alike: a power of
+  two (at least `minimum`) up to 512, then a multiple of 256, so jit compiles rarely and
+  long rows (attention is quadratic) pad little; at most `cap` when given."""
   n = max(int(n), 1)
-  if n <= 1024:
-    return max(minimum, 1 << (n - 1).bit_length())
-  return -(-n // 512) * 512
+  out = max(minimum, 1 << (n - 1).bit_length()) if n <= 512 else -(-n // 256) * 256
+  return min(out, cap) if cap is not None else out
 
 
 def left_trim(ctx: list, cont: list, budget: int):
