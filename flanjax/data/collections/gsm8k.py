@@ -16,7 +16,9 @@ from flanjax.data.tasks import TaskDef
 
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 _CALC = re.compile(r"<<[^>]*>>")
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# A number, with commas only as thousands separators (groups of three digits):
+# "1,234" is one number, "3,4" two.
+_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 
 
 def normalize_number(text: str) -> str:

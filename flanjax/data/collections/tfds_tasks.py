@@ -299,7 +299,11 @@ def load(src: Source, split: str) -> list[dict]:
   try:
     ds = tfds.load(src.dataset, split=_tfds_split(src, split), data_dir=tfds_data_dir(),
                    download=False)
-  except AssertionError:  # TFDS asserts that prepared data exists
+  except AssertionError as e:
+    # TFDS asserts that prepared data exists ("Dataset x: could not find data in
+    # <dir>"); any other assertion (a bad version, a builder bug) surfaces as it is.
+    if "could not find data in" not in str(e):
+      raise
     raise missing_error(src.dataset, builder) from None
   out, skipped = [], collections.Counter()
   for raw in tfds.as_numpy(ds):
