@@ -150,4 +150,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  flan_config.as_command(main)

@@ -231,5 +231,10 @@ def main(argv=None):
   flan_config.run_main(lambda args: (distributed(), check_mixture_early(), train())[2], argv)
 
 
+def command():
+  """The console script `flanjax-train`."""
+  flan_config.as_command(main)
+
+
 if __name__ == "__main__":
-  main()
+  flan_config.as_command(main)

@@ -77,7 +77,8 @@ class Evaluator:
     what = ("score: each task's metric (exact match of the answer for the built-in tasks); "
             "baseline: always the train split's most common answer" if final else
             "score: each task's metric")
-    self.log(f"step {step}: evaluation ({secs:.0f}s, greedy decoding; {what})\n"
+    head = f"evaluation at step {step}" if final else f"step {step}: evaluation"
+    self.log(f"{head} ({secs:.0f}s, greedy decoding; {what})\n"
              f"{harness.format_results(results)}\n")
     run.append_eval({"step": step, "seconds": round(secs, 1), "final": final,
                      "results": [r.to_json() for r in results]})
