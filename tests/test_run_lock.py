@@ -70,7 +70,7 @@ def test_a_live_holder_on_this_host_is_refused_naming_it(tmp_path, sleeper):
   assert "\n" not in msg
   assert f"{tmp_path} is in use by another run on this host ({socket.gethostname()}, " \
          f"pid {sleeper.pid}, started 2024-01-02 03:04:05 +0000" in msg
-  assert "python -m flanjax.train --gin_file=flan.gin" in msg
+  assert f"python -m flanjax.train --gin_file=flan.gin; lock {tmp_path}/.lock)" in msg
   assert msg.endswith("wait for it, or stop it, or use another --gin.train.model_dir")
   assert path.read_bytes() == before and os.listdir(tmp_path) == [".lock"]
 

@@ -209,8 +209,8 @@ class RunLock:
           "again, or use another --gin.train.model_dir")
     return UserError(
         f"{self.model_dir} is in use by another run on this host ({host}, pid {pid}, started "
-        f"{started}" + (f": {cmd}" if cmd else "") + "); wait for it, or stop it, or use "
-        "another --gin.train.model_dir")
+        f"{started}" + (f": {cmd}" if cmd else "") + f"; lock {self.model_dir}/{LOCK_NAME}); "
+        "wait for it, or stop it, or use another --gin.train.model_dir")
 
 
 def _create(path: str, record: dict) -> bool:
