@@ -26,14 +26,12 @@ def mixture_examples(mixture: str, lengths: dict, n: int, seed: int, vocab_size:
   from flanjax.data import registry, tasks, vocab  # pylint: disable=g-import-not-at-top
   voc = vocab.corpus_vocabulary(mixture, vocab_size=vocab_size)
   # Few-shot prompts drop exemplars until they fit, as in training.
-  tasks.set_input_budget(lengths["inputs"])
-  registry.register_all(voc)
+  registry.register_all(voc, input_length=lengths["inputs"])
   mix = registry.get_task_or_mixture(mixture)
   members = getattr(mix, "tasks", [mix])
   rates = np.array([mix.get_rate(t) if hasattr(mix, "get_rate") else 1.0 for t in members],
                    np.float64)
-  toks = [tasks.tokenized_split(tasks.DEFS[t.name][0], "train", tasks.DEFS[t.name][1])
-          for t in members]
+  toks = [tasks.DEFS[t.name].tokenized("train") for t in members]
   rng = np.random.default_rng(seed)
   which = rng.choice(len(members), size=n, p=rates / rates.sum())
   eos = voc.eos_id if voc.eos_id is not None else EOS

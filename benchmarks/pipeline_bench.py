@@ -26,8 +26,7 @@ def run(mixture: str, lengths: dict, batch_size: int, batches: int, vocab_size: 
         cold: bool, seed: int, kind: str, log) -> dict:
   from flanjax.data import pipeline, registry, tasks, vocab  # pylint: disable=g-import-not-at-top
   voc = vocab.corpus_vocabulary(mixture, vocab_size=vocab_size)
-  tasks.set_input_budget(lengths["inputs"])
-  registry.register_all(voc)
+  registry.register_all(voc, input_length=lengths["inputs"])
   mix = registry.get_task_or_mixture(mixture)
   out = {"mixture": mixture, "batch_rows": batch_size, "kind": kind}
   if cold:
@@ -40,8 +39,7 @@ def run(mixture: str, lengths: dict, batch_size: int, batches: int, vocab_size: 
       for task in getattr(mix, "tasks", [mix]):
         if task.name not in tasks.DEFS:
           continue
-        defn, v = tasks.DEFS[task.name]
-        n += len(tasks.tokenized_split(defn, "train", v).texts)
+        n += len(tasks.DEFS[task.name].tokenized("train").texts)
       secs = time.perf_counter() - t0
     finally:
       if old is None:

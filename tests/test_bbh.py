@@ -221,7 +221,7 @@ def test_registered_dataset_and_eval_only_guard(registered, bbh_dir):
       assert row["targets_pretokenized"].decode() == ex["target"]
       assert f"Q: {ex['input']}\nA:" in inputs
       assert vocab.decode(row["targets"].tolist()[:-1]) == ex["target"]
-      assert len(row["inputs"]) <= tasks.input_budget()
+      assert len(row["inputs"]) <= tasks.DEFS[name].input_length
     post = functools.partial(task.postprocess_fn, example=None)
     assert post(f"So the answer is {examples[0]['target']}.", is_target=False) \
         == post(examples[0]["target"], is_target=True)

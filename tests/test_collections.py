@@ -12,7 +12,7 @@ import pytest
 import seqio
 
 from conftest import REPO, shared_data
-from flanjax.data import mixtures, registry, sources, tasks, templates
+from flanjax.data import cache, mixtures, registry, sources, tasks, templates
 from flanjax.data.collections import flan_cot, gsm8k, self_instruct, user
 from flanjax.errors import UserError
 
@@ -65,7 +65,7 @@ def test_flan_cot_sets_on_real_files():
     with open(flan_cot.path_of(name), encoding="utf-8") as f:
       rows = sum(1 for line in f if line.strip())
     d = defs[flan_cot.PREFIX + name]
-    train, val = tasks._raw(d, "train"), tasks._raw(d, "validation")
+    train, val = tasks.raw_examples(d, "train"), tasks.raw_examples(d, "validation")
     assert len(train) + len(val) == rows
     assert 0 < len(val) <= flan_cot.MAX_VALIDATION
     assert not {r["question"] for r in val} & {r["question"] for r in train}
@@ -80,7 +80,7 @@ def test_flan_cot_sets_on_real_files():
 def test_few_shot_exemplars_never_include_the_question():
   shared_data("flan_cot")
   d = _flan_defs()["flan_cot_creak_direct"]
-  train = tasks._raw(d, "train")
+  train = tasks.raw_examples(d, "train")
   few = 0
   for i, rec in enumerate(tasks.render_split(d, "train", limit=1500)):
     q = train[i]["question"]
@@ -115,7 +115,7 @@ def test_gsm8k_on_real_files():
   shared_data("gsm8k")
   defs = {d.name: d for d in gsm8k.task_defs()}
   d = defs["gsm8k"]
-  train, test = tasks._raw(d, "train"), tasks._raw(d, "test")
+  train, test = tasks.raw_examples(d, "train"), tasks.raw_examples(d, "test")
   assert (len(train), len(test)) == (7473, 1319)
   with open(sources.data_path("gsm8k", "test.jsonl"), encoding="utf-8") as f:
     raw = [json.loads(line) for line in f]
@@ -140,7 +140,7 @@ def test_self_instruct_seed_tasks():
     raw = [json.loads(line) for line in f]
   assert len(raw) == 175
   d = self_instruct.task_defs()[0]
-  exs = tasks._raw(d, "train")
+  exs = tasks.raw_examples(d, "train")
   assert len(exs) == sum(len(r["instances"]) for r in raw)
   for rec, ex in zip(tasks.render_split(d, "train"), exs):
     assert ex["instruction"] in rec["inputs"] and rec["targets"] == ex["answer"]
@@ -232,13 +232,13 @@ def test_bad_records_raise_or_are_counted(tmp_path, fmt, line, needle):
           "prompt_completion": '{"prompt": "a", "completion": "b"}',
           "chat": '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'}[fmt]
   path = _write(tmp_path / f"{fmt}.jsonl", [good, line, good])
-  user._read_file.cache_clear()
+  cache.clear_caches()
   with pytest.raises(sources.BadRecord, match=needle) as e:
-    tasks._raw(_user({"name": "u", "path": path, "format": fmt})[0][0], "train")
+    tasks.raw_examples(_user({"name": "u", "path": path, "format": fmt})[0][0], "train")
   assert f"{path}:2:" in str(e.value) and "bad_records.policy='skip'" in str(e.value)
   # With the skip policy the bad line is counted and reported, the others kept.
   reader = sources.Reader(path, "skip")
-  kept = list(user._READERS[fmt](reader))
+  kept = list(user.read_records(reader, fmt))
   rep = reader.done()
   assert len(kept) == 2 and rep.num_skipped == 1 and f"{path}:2" in rep.summary()
 
@@ -247,11 +247,11 @@ def test_non_utf8_empty_and_wrong_fields(tmp_path):
   p = tmp_path / "bytes.jsonl"
   p.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "c"}\n')
   with pytest.raises(sources.BadRecord, match=r"bytes.jsonl:2: bytes that are not UTF-8"):
-    list(user._prompt_completion(sources.Reader(str(p), "raise")))
+    list(user.read_records(sources.Reader(str(p), "raise"), "prompt_completion"))
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   with pytest.raises(UserError, match="is empty"):
-    list(user._prompt_completion(sources.Reader(str(empty), "raise")))
+    list(user.read_records(sources.Reader(str(empty), "raise"), "prompt_completion"))
   tsv = _write(tmp_path / "x.tsv", ["q\ta\tr", "only two\tfields"])
   with pytest.raises(sources.BadRecord, match=r"x.tsv:2: 2 tab-separated fields, expected 3"):
     list(sources.read_tsv(sources.Reader(tsv, "raise"), flan_cot.COLUMNS))
@@ -286,17 +286,16 @@ register_all.mixtures = [{{'name': 'user_and_builtin', 'tasks': [('my_alpaca', 1
 
 @pytest.fixture(scope="module")
 def all_registered(builtin_vocab):
-  tasks.set_input_budget(512)
-  registry.register_all(builtin_vocab)
+  registry.register_all(builtin_vocab, input_length=512)
   yield builtin_vocab
-  tasks.set_input_budget(1024)
+  registry.register_all(builtin_vocab)  # the session's input length again
 
 
 def test_mixture_rates_hold_over_10000_draws(all_registered):
   shared_data("flan_cot")
   names = ["flan_cot_qasc", "flan_cot_creak_direct", "flan_cot_aqua_direct"]
   mixtures.add_mixture("rates_test", names, maximum=3000, temperature=2.0)
-  sizes = {n: len(tasks._raw(tasks.DEFS[n][0], "train")) for n in names}
+  sizes = {n: len(tasks.raw_examples(tasks.DEFS[n].defn, "train")) for n in names}
   w = {n: min(s, 3000) ** 0.5 for n, s in sizes.items()}
   expected = {n: v / sum(w.values()) for n, v in w.items()}
   assert mixtures.mixture_rates("rates_test") == pytest.approx(expected)
@@ -334,30 +333,96 @@ def test_eval_only_tasks_are_refused_in_training_mixtures(all_registered):
 
 # ------------------------------------------------------------------ cache
 
-def test_cache_is_reused_and_keyed_by_template_and_vocab(tmp_path, monkeypatch, builtin_vocab):
+def test_cache_is_reused_and_keyed_by_template_and_vocab(builtin_vocab):
   data = [dict(question=f"What is {i} plus {i}?", answer=str(2 * i), rationale="Add.")
           for i in range(40)]
   d = tasks.TaskDef(name="cache_probe", load=lambda s: data, splits=("train",),
                     templates="cot_qa", fingerprint="v1")
-  first = tasks.tokenized_split(d, "train", builtin_vocab)
-  tasks._MEMO.clear()
+  first = tasks.tokenized_split(d, "train", builtin_vocab, 1024)
+  cache.clear_caches()
 
-  def boom(*a, **k):
-    raise AssertionError("tokenized again")
+  class NoTokenizer:
+    """The same vocabulary for the cache key, but tokenizing anything fails."""
+    fingerprint = tasks.vocab_fingerprint(builtin_vocab)
 
-  monkeypatch.setattr(tasks, "_encode_all", boom)
-  again = tasks.tokenized_split(d, "train", builtin_vocab)  # from disk, no tokenizer
+    def encode(self, text):
+      raise AssertionError("tokenized again")
+
+  again = tasks.tokenized_split(d, "train", NoTokenizer(), 1024)  # from disk, no tokenizer
   np.testing.assert_array_equal(first.inputs, again.inputs)
   assert first.texts == again.texts
   other_templates = tasks.TaskDef(name="cache_probe", load=lambda s: data, splits=("train",),
                                   templates=[templates.Template("Sum: {question}")], fingerprint="v1")
   other_data = tasks.TaskDef(name="cache_probe", load=lambda s: data, splits=("train",),
                              templates="cot_qa", fingerprint="v2")
-  keys = {tasks.cache_key(x, "train", builtin_vocab) for x in (d, other_templates, other_data)}
-  keys.add(tasks.cache_key(d, "train", seqio.ByteVocabulary()))
-  assert len(keys) == 4
+  keys = {tasks.cache_key(x, "train", builtin_vocab, 1024) for x in (d, other_templates, other_data)}
+  keys.add(tasks.cache_key(d, "train", seqio.ByteVocabulary(), 1024))
+  keys.add(tasks.cache_key(d, "train", builtin_vocab, 512))  # the input budget
+  assert len(keys) == 5
   with pytest.raises(AssertionError, match="tokenized again"):
-    tasks.tokenized_split(other_templates, "train", builtin_vocab)
+    tasks.tokenized_split(other_templates, "train", NoTokenizer(), 1024)
+
+
+def _budget_probe():
+  data = [dict(question=f"Question {i}: " + " ".join(["what is the sum"] * 6) + "?", answer=str(i),
+               rationale="Add.") for i in range(40)]
+  return tasks.TaskDef(name="budget_probe", load=lambda s: data, splits=("train",),
+                       templates="cot_qa", train_formats=("few_shot",), fingerprint="b1")
+
+
+@pytest.fixture
+def budget_probe(builtin_vocab):
+  d = _budget_probe()
+  yield d
+  if d.name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(d.name)
+  tasks.DEFS.pop(d.name, None)
+
+
+def test_the_input_length_is_part_of_a_tasks_registration(budget_probe, builtin_vocab):
+  d, v = budget_probe, builtin_vocab
+  for length in (64, 1024):
+    tasks.register(d, v, input_length=length)
+    reg = tasks.DEFS[d.name]
+    assert (reg.defn, reg.vocabulary, reg.input_length) == (d, v, length)
+    tok = reg.tokenized("train")
+    fits = lambda text, n=length: len(v.encode(text)) + 1 <= n  # noqa: E731
+    want = tasks.render_split(d, "train", fits, input_budget=length)
+    assert [t["inputs_pretokenized"] for t in tok.texts] == [r["inputs"] for r in want]
+    if length == 64:
+      assert max(tok.lengths("inputs")) + 1 <= 64
+    else:
+      assert max(tok.lengths("inputs")) + 1 > 64  # the 3 exemplars fit now
+  with pytest.raises(UserError, match="input_length must be a positive number of tokens"):
+    tasks.register(d, v, input_length=0)
+
+
+def test_register_functions_are_given_the_input_length(budget_probe, builtin_vocab):
+  d, seen = budget_probe, []
+
+  def mine(vocabulary, input_length):
+    seen.append(input_length)
+    tasks.register(d, vocabulary, input_length)
+
+  def old_without_flanjax_tasks(vocabulary):
+    seen.append("old")
+
+  def old_with_flanjax_tasks(vocabulary):
+    tasks.register(d, vocabulary)
+
+  registry.call_register_fns([mine, old_without_flanjax_tasks], builtin_vocab, input_length=96)
+  assert seen == [96, "old"] and tasks.DEFS[d.name].input_length == 96
+  with pytest.raises(UserError, match=r"old_with_flanjax_tasks registered budget_probe for 1024 "
+                     r"input tokens, not this run's 96: .*fn\(vocabulary, input_length=N\)"):
+    registry.call_register_fns([old_with_flanjax_tasks], builtin_vocab, input_length=96)
+  # The gin configurable takes it too (bound in gin as train.register_fns = [@register_all]).
+  try:
+    registry.call_register_fns([registry.register_builtin, registry.register_all], builtin_vocab,
+                               input_length=96)
+    some = ("flan_cot_aqua", "gsm8k", "bbh_snarks", "self_instruct_seed", "tfds_rte")
+    assert [tasks.DEFS[n].input_length for n in some] == [96] * len(some)
+  finally:
+    registry.register_all(builtin_vocab)  # the session's input length again
 
 
 # ------------------------------------------------------------------ tools
@@ -369,7 +434,7 @@ def test_show_task_prints_what_the_model_sees(tmp_path):
                         "-n", "2", "--format", "cot"], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
   assert out.returncode == 0, out.stderr
-  first = tasks._raw(_flan_defs()["flan_cot_strategyqa"], "train")[0]
+  first = tasks.raw_examples(_flan_defs()["flan_cot_strategyqa"], "train")[0]
   assert first["question"] in out.stdout and f"So the answer is {first['answer']}." in out.stdout
   assert out.stdout.count("--- inputs ---") == 2
   bad = subprocess.run([sys.executable, str(REPO / "tools" / "show_task.py"), "no_such_task"],
@@ -382,7 +447,6 @@ def test_show_task_prints_what_the_model_sees(tmp_path):
 def restore_registry(builtin_vocab):
   """Tests that register tasks with another vocabulary put the session's back."""
   yield
-  tasks.set_input_budget(1024)
   registry.register_all(builtin_vocab)
 
 
@@ -392,8 +456,7 @@ def test_flan_cot_mixture_packs_over_90_percent_and_beats_seqio(restore_registry
   from flanjax.data import packing, pipeline, vocab
   lengths = {"inputs": 1024, "targets": 256}
   v = vocab.corpus_vocabulary(mixture="flan_cot", vocab_size=8000)
-  tasks.set_input_budget(1024)
-  registry.register_all(v)
+  registry.register_all(v, input_length=1024)
   shares = {}
   for pack in (True, False):
     st = packing.PackingStats()

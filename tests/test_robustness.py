@@ -37,9 +37,8 @@ TINY = ["--gin.train.batch_size=4",
 def _restore_session(builtin_vocab):
   """In-process runs register tasks with their own vocabulary; put the session's back."""
   yield
-  from flanjax.data import registry, tasks
+  from flanjax.data import registry
   gin.clear_config()
-  tasks.set_input_budget(1024)
   registry.register_all(builtin_vocab)
 
 
@@ -243,7 +242,7 @@ def test_skip_policy_counts_each_bad_record_and_trains_on_the_rest(first_run):
 
 def test_malformed_tsv_row_of_a_flan_cot_file(tmp_path):
   """A real FLAN CoT TSV with one row that lost a tab: named by file and line, or skipped."""
-  from flanjax.data.collections import flan_cot
+  from flanjax.data import cache
   rows = (shared_data("flan_cot") / "aqua_train.tsv").read_text(encoding="utf-8").splitlines()
   data = tmp_path / "data"
   (data / "flan_cot").mkdir(parents=True)
@@ -254,12 +253,12 @@ def test_malformed_tsv_row_of_a_flan_cot_file(tmp_path):
   argv = ["--gin_file=flan.gin", "--gin.MIXTURE='flan_cot_aqua_direct'",
           f"--gin.data_dir.path='{data}'", *TINY, f"--gin.train.model_dir={tmp_path / 'run'}",
           "--gin.train.num_steps=1"]
-  flan_cot._rows.cache_clear()  # cached by set name; this file is not the shared one
+  cache.clear_caches()  # flan_cot rows are cached by set name; this file is not the shared one
   try:
     line = one_error_line(*run_train(argv)[::2])
     assert f"{tsv}:7: 2 tab-separated fields, expected 3 (question, answer, rationale)" in line
   finally:
-    flan_cot._rows.cache_clear()
+    cache.clear_caches()
 
 
 def test_broken_niv2_task_file(tmp_path):

@@ -28,7 +28,7 @@ def mocked():
     yield
 
 
-# One set of TaskDefs for the module: tasks._raw caches each split per TaskDef.
+# One set of TaskDefs for the module: tasks.raw_examples caches each split per TaskDef.
 DEFS = {d.name: d for d in tfds_tasks.task_defs()}
 SOURCES = {s.task: s for s in tfds_tasks.SOURCES}
 
@@ -55,7 +55,7 @@ def test_at_least_ten_tasks_each_with_a_family_of_eight_templates():
 def test_every_template_and_format_renders(name, mocked):
   d = DEFS[name]
   for split in d.splits:
-    examples = tasks._raw(d, split)
+    examples = tasks.raw_examples(d, split)
     assert len(examples) == NUM_EXAMPLES, split
     for i, ex in enumerate(examples):
       opts = ex.get("options")
@@ -73,7 +73,7 @@ def test_every_template_and_format_renders(name, mocked):
               block = templates.render_options(opts, layout)
               assert (block in inputs) == fmt.endswith("options"), (fmt, inputs)
   if not any(f.endswith("options") for f in _formats(d)):
-    assert all("options" not in ex for ex in tasks._raw(d, "train"))
+    assert all("options" not in ex for ex in tasks.raw_examples(d, "train"))
 
 
 def _markers(pool, fields):
@@ -87,7 +87,7 @@ def _markers(pool, fields):
 @pytest.mark.parametrize("name", sorted(DEFS))
 def test_few_shot_exemplars_never_repeat_the_example_asked(name, mocked):
   d = DEFS[name]
-  pool = tasks._raw(d, "train")
+  pool = tasks.raw_examples(d, "train")
   temps = d.template_list()
   for fmt in (f for f in d.train_formats if f.startswith("few_shot")):
     for i, rec in enumerate(tasks.render_split(d, "train", fmt=fmt)):

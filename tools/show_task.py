@@ -43,7 +43,7 @@ def main(argv=None) -> int:
   if args.list:
     registry.list_tasks()
     for name in registry.list_tasks():
-      defn = tasks.DEFS.get(name, (None,))[0]
+      defn = tasks.DEFS[name].defn if name in tasks.DEFS else None
       about = defn.description if defn else "built-in generated task"
       print(f"{name:48s} {about}")
     print("\nmixtures: " + ", ".join(registry.list_mixtures()))
@@ -53,8 +53,7 @@ def main(argv=None) -> int:
   if args.format and args.format not in templates.FORMATS:
     raise UserError(f"unknown --format {args.format!r}; choose one of {templates.FORMATS}")
   v = vocab.sentencepiece_vocabulary(args.spm) if args.spm else vocab.builtin_vocabulary(1000)
-  tasks.set_input_budget(args.input_length)
-  registry.register_all(v)
+  registry.register_all(v, input_length=args.input_length)
   if args.name not in tasks.DEFS:
     if args.name.startswith(registry.BUILTIN_PREFIX):
       from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
@@ -63,9 +62,10 @@ def main(argv=None) -> int:
       registry.get_task_or_mixture(args.name)  # the unknown-name error, with the known names
       raise UserError(f"{args.name} is a mixture; show one of its tasks")
   else:
-    defn = tasks.DEFS[args.name][0]
+    defn = tasks.DEFS[args.name].defn
     fits = lambda text: len(v.encode(text)) + 1 <= args.input_length  # noqa: E731
-    recs = tasks.render_split(defn, args.split, fits, limit=args.n, fmt=args.format)
+    recs = tasks.render_split(defn, args.split, fits, limit=args.n, fmt=args.format,
+                              input_budget=args.input_length)
   bar = "=" * 78
   for i, r in enumerate(recs):
     n_in, n_out = len(v.encode(r["inputs"])) + 1, len(v.encode(r["targets"])) + 1

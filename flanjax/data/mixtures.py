@@ -55,8 +55,8 @@ def check_trainable(name: str, split: str = "train", within: str | None = None) 
     raise UserError(unknown_name(name)) from None
   bad = []
   for t in leaves:
-    defn = task_lib.DEFS.get(t.name, (None,))[0]
-    if defn is not None and defn.is_eval_only(split):
+    reg = task_lib.DEFS.get(t.name)
+    if reg is not None and reg.defn.is_eval_only(split):
       bad.append(t.name)
   if bad:
     them = "them" if len(bad) > 1 else "it"

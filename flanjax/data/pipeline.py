@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data import packing, registry
+from flanjax.data import tasks as task_lib
 from flanjax.errors import UserError
 
 ENC_DEC_FEATURES = (
@@ -89,13 +90,11 @@ def length_report(name: str, split: str, lengths: Mapping[str, int],
   tasks = getattr(task_or_mix, "tasks", [task_or_mix])
   rep = LengthReport()
   seen = collections.defaultdict(list)  # feature -> arrays of lengths
-  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
   for task in tasks:
     if split not in task.splits:
       continue
     if task.name in task_lib.DEFS:  # token lengths are in the cache: no pass over the data
-      defn, vocab = task_lib.DEFS[task.name]
-      tok = task_lib.tokenized_split(defn, split, vocab)
+      tok = task_lib.DEFS[task.name].tokenized(split)
       for k in lengths:
         if k not in task.output_features:
           continue
@@ -147,7 +146,6 @@ def task_names(name: str, split: str = "train") -> list[str] | None:
   None if some task does not carry a "task" feature (one registered outside
   flanjax), so its rows cannot say which task they came from.
   """
-  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
   task_or_mix = registry.get_task_or_mixture(name)
   leaves = [t for t in getattr(task_or_mix, "tasks", [task_or_mix]) if split in t.splits]
   if not all(t.name in task_lib.DEFS or t.name.startswith(registry.BUILTIN_PREFIX)

@@ -1,14 +1,17 @@
 """Registers flanjax's collections as seqio Tasks and Mixtures.
 
-Registration is an explicit call with the vocabulary to use, never a side
-effect of importing a module: the same task can be rebuilt for another
-vocabulary (say, a pretrained checkpoint's) by calling again.
+Registration is an explicit call with the vocabulary and the input length to
+use, never a side effect of importing a module: the same task can be rebuilt
+for another vocabulary (say, a pretrained checkpoint's) or length by calling
+again. A register function (``train.register_fns``, ``evaluate.register_fns``)
+is called as ``fn(vocabulary, input_length=N)``; see ``call_register_fns``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
+import inspect
+from typing import Callable, Mapping, Sequence
 
 import gin
 import seqio
@@ -45,8 +48,13 @@ def _replace(name: str, registry) -> None:
 
 
 @gin.configurable
-def register_builtin(vocabulary: seqio.Vocabulary) -> list[str]:
-  """Registers every built-in family as a Task and the default Mixture."""
+def register_builtin(vocabulary: seqio.Vocabulary, input_length: int | None = None) -> list[str]:
+  """Registers every built-in family as a Task and the default Mixture.
+
+  input_length is accepted for the register-function signature and unused:
+  built-in prompts are rendered without an input budget.
+  """
+  del input_length
   names = []
   for fam in builtin.FAMILIES:
     name = BUILTIN_PREFIX + fam.name
@@ -80,13 +88,17 @@ FLAN_COT_CAP = 5000
 
 
 @gin.configurable
-def register_all(vocabulary: seqio.Vocabulary,
-                 mixtures: Sequence[Mapping] = ()) -> list[str]:
+def register_all(vocabulary: seqio.Vocabulary, mixtures: Sequence[Mapping] = (),
+                 input_length: int = task_lib.DEFAULT_INPUT_LENGTH) -> list[str]:
   """Registers every collection as seqio Tasks, the named mixtures, and the user's.
 
   Nothing is read here: a task loads its files the first time it is used, so
   registering collections whose data is absent costs nothing and fails only
   if the task is used (with a message naming the missing path).
+
+  input_length: the input feature length the tasks' examples are made for
+  (few-shot prompts drop exemplars until they fit it); part of each task's
+  registration and of its cache key.
 
   `mixtures` (gin) adds the user's own, one dict each: {'name', 'tasks': [names
   or (name, rate)], 'maximum', 'temperature'} for examples-proportional, or
@@ -101,7 +113,7 @@ def register_all(vocabulary: seqio.Vocabulary,
     if d.name in taken:
       raise UserError(f"user task name {d.name!r} is already taken by a built-in task; rename it")
   for d in defs + user_defs:
-    names.append(task_lib.register(d, vocabulary))
+    names.append(task_lib.register(d, vocabulary, input_length))
   mix_lib.add_mixture(FLAN_COT_MIXTURE, [d.name for d in flan_cot.task_defs()],
                       maximum=FLAN_COT_CAP)
   # FLAN 2021 capped each training set at 30k examples.
@@ -121,6 +133,45 @@ def register_all(vocabulary: seqio.Vocabulary,
       mix_lib.add_mixture(spec["name"], [t if isinstance(t, str) else tuple(t) for t in spec["tasks"]],
                           maximum=spec.get("maximum"), temperature=spec.get("temperature", 1.0))
   return names
+
+
+def _takes_input_length(fn: Callable) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # no signature to read (a builtin): called the old way
+    return False
+  return any(p.name == "input_length" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _fn_name(fn) -> str:
+  fn = getattr(fn, "func", fn)  # functools.partial
+  return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def call_register_fns(register_fns: Sequence[Callable], vocabulary: seqio.Vocabulary,
+                      input_length: int) -> None:
+  """Calls each register function as ``fn(vocabulary, input_length=input_length)``.
+
+  A function written for the older ``fn(vocabulary)`` is called that way; if it
+  registered flanjax tasks (tasks.register) for another input length than
+  `input_length`, that is a UserError naming the fix.
+  """
+  input_length = task_lib.check_input_length(input_length)
+  for fn in register_fns:
+    if _takes_input_length(fn):
+      fn(vocabulary, input_length=input_length)
+      continue
+    before = dict(task_lib.DEFS)
+    fn(vocabulary)
+    stale = sorted(n for n, reg in task_lib.DEFS.items()
+                   if before.get(n) is not reg and reg.input_length != input_length)
+    if stale:
+      more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+      raise UserError(
+          f"register function {_fn_name(fn)} registered {stale[0]}{more} for "
+          f"{task_lib.DEFS[stale[0]].input_length} input tokens, not this run's {input_length}: "
+          "register functions are called as fn(vocabulary, input_length=N); add that "
+          "parameter and pass it on to tasks.register(defn, vocabulary, input_length)")
 
 
 def list_tasks() -> list[str]:

@@ -83,7 +83,8 @@ class Reader:
     return self.report
 
 
-def _check_file(path: str) -> None:
+def check_file(path: str) -> None:
+  """A UserError unless `path` is a non-empty file."""
   if not os.path.exists(path):
     raise UserError(f"{path} does not exist; give the path of an existing data file")
   if os.path.isdir(path):
@@ -107,7 +108,7 @@ def _lines(reader: Reader) -> Iterator[tuple[int, str]]:
 
 def read_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
   """One JSON object per line; blank lines are allowed."""
-  _check_file(reader.path)
+  check_file(reader.path)
   for n, line in _lines(reader):
     if not line.strip():
       continue
@@ -127,7 +128,7 @@ def read_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
 
 def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
   """A JSON array of objects (Alpaca's own files) or JSON lines."""
-  _check_file(reader.path)
+  check_file(reader.path)
   with open(reader.path, "rb") as f:
     head = f.read(4096).lstrip()
   if not head.startswith(b"["):
@@ -153,7 +154,7 @@ def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
 
 def read_tsv(reader: Reader, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
   """Tab-separated rows with exactly len(columns) fields; literal '\\n' means newline."""
-  _check_file(reader.path)
+  check_file(reader.path)
   for n, line in _lines(reader):
     if not line.strip():
       continue
@@ -168,7 +169,7 @@ def read_tsv(reader: Reader, columns: Sequence[str]) -> Iterator[tuple[str, dict
 
 
 def read_csv(reader: Reader) -> Iterator[tuple[str, dict]]:
-  _check_file(reader.path)
+  check_file(reader.path)
   with open(reader.path, encoding="utf-8", newline="") as f:
     for i, row in enumerate(csv.DictReader(f), 2):
       yield f"{reader.path}:{i}", row

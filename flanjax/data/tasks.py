@@ -1,11 +1,14 @@
 """Templated tasks: raw examples -> rendered text -> cached tokens -> seqio.Task.
 
 A ``TaskDef`` says where a task's examples come from and how they are phrased
-(templates, formats, shots). ``register`` turns it into a ``seqio.Task``. The
-rendered and tokenized examples of a split are computed once and cached on
-disk, keyed by everything they depend on (source files, templates, formats,
-vocabulary, input budget), so a changed template or vocabulary never reads a
-stale cache, and a second run over the same mixture tokenizes nothing.
+(templates, formats, shots). ``register`` turns it into a ``seqio.Task`` for a
+vocabulary and an input length (the input budget: few-shot prompts drop
+exemplars until they fit it). The rendered and tokenized examples of a split
+are computed once and cached on disk, keyed by everything they depend on
+(source files, templates, formats, vocabulary, input budget), so a changed
+template or vocabulary never reads a stale cache, and a second run over the
+same mixture tokenizes nothing. An entry is checked on read (sizes and
+SHA-256 of its files): a damaged one is rebuilt, with a note.
 """
 
 from __future__ import annotations
@@ -19,34 +22,27 @@ import os
 import random
 import shutil
 import time
-from typing import Callable, Mapping, Sequence
+import zipfile
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from flanjax.data import cache
 from flanjax.data import templates as tmpl
-from flanjax.data.vocab import default_cache_dir
 from flanjax.errors import UserError
 
 # Bump when rendering or the cache layout changes: old caches are then ignored.
-CACHE_VERSION = 3
+# 4: DONE is a manifest (sizes and SHA-256 of the entry's files), checked on read.
+CACHE_VERSION = 4
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "template_data")
 
-# Inputs longer than this are few-shot candidates for dropping exemplars.
-_INPUT_BUDGET = {"inputs": 1024}
+# The input length a task is registered for when none is given.
+DEFAULT_INPUT_LENGTH = 1024
 
 
-def set_input_budget(tokens: int) -> None:
-  """The input feature length: few-shot prompts drop exemplars until they fit it."""
-  _INPUT_BUDGET["inputs"] = int(tokens)
-
-
-def input_budget() -> int:
-  return _INPUT_BUDGET["inputs"]
-
-
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def load_templates(family: str) -> tuple[tmpl.Template, ...]:
   """The templates of a family, from ``template_data/<family>.json``."""
   path = family if family.endswith(".json") else os.path.join(TEMPLATE_DIR, f"{family}.json")
@@ -88,7 +84,8 @@ class TaskDef:
   # Identity of the source data for cache keys (see sources.fingerprint_paths).
   fingerprint: str | Callable[[], str] = ""
   options_layouts: Sequence[str] = ("dash", "letters", "inline")
-  # Overrides the template rendering: (example, index, split, fits) -> (inputs, targets).
+  # Overrides the template rendering:
+  # (example, index, split, fits, input_budget=None) -> (inputs, targets).
   render_fn: Callable | None = None
   key: Callable[[Mapping], str] = _default_key
   metric_fns: Sequence[Callable] | None = None
@@ -104,28 +101,41 @@ class TaskDef:
     return "*" in self.eval_only_splits or split in self.eval_only_splits
 
 
-# name -> (TaskDef, vocabulary) of every task registered through this module.
-DEFS: dict[str, tuple[TaskDef, seqio.Vocabulary]] = {}
+class Registered(NamedTuple):
+  """A task as registered: its definition, vocabulary and input length (the input budget)."""
+  defn: TaskDef
+  vocabulary: seqio.Vocabulary
+  input_length: int
+
+  def tokenized(self, split: str) -> "Tokenized":
+    return tokenized_split(self.defn, split, self.vocabulary, self.input_length)
 
 
-@functools.lru_cache(maxsize=None)
-def _raw(defn: TaskDef, split: str) -> tuple[dict, ...]:
+# name -> Registered, for every task registered through this module.
+DEFS: dict[str, Registered] = {}
+
+
+@cache.in_process
+def raw_examples(defn: TaskDef, split: str) -> tuple[dict, ...]:
+  """The examples of a split as field dicts, before rendering (read once per process)."""
   if split not in defn.splits:
     raise UserError(f"task {defn.name} has no split {split!r}; it has {list(defn.splits)}")
   return tuple(defn.load(split))
 
 
 def render_split(defn: TaskDef, split: str, fits: Callable[[str], bool] | None = None,
-                 limit: int | None = None, fmt: str | None = None) -> list[dict]:
+                 limit: int | None = None, fmt: str | None = None, *,
+                 input_budget: int | None = None) -> list[dict]:
   """Rendered records of a split: inputs, targets, answer, options, template, format.
 
   Training splits draw a template and a format per example (seeded by task,
   split and index, so the same every run); other splits cycle through the
   templates in the task's eval format. Few-shot exemplars come from the
   exemplar split, never repeat the example asked (compared by content), and
-  are dropped one by one, first first, until the input fits.
+  are dropped one by one, first first, until ``fits(inputs)``. input_budget:
+  the token count ``fits`` checks against, named in notes (render_fn gets it).
   """
-  examples = _raw(defn, split)
+  examples = raw_examples(defn, split)
   if limit is not None:
     examples = examples[:limit]
   temps = defn.template_list()
@@ -135,7 +145,7 @@ def render_split(defn: TaskDef, split: str, fits: Callable[[str], bool] | None =
   for i, ex in enumerate(examples):
     rng = random.Random(f"{defn.name}/{split}/{i}")
     if defn.render_fn is not None:
-      inputs, targets = defn.render_fn(ex, i, split, fits)
+      inputs, targets = defn.render_fn(ex, i, split, fits, input_budget=input_budget)
       t_idx, f = -1, fmt or (defn.train_formats[0] if train else defn.eval_format)
     else:
       if train:
@@ -147,7 +157,7 @@ def render_split(defn: TaskDef, split: str, fits: Callable[[str], bool] | None =
       exemplars = []
       if f.startswith("few_shot") and defn.num_shots:
         if pool is None:
-          pool = _raw(defn, defn.exemplar_split)
+          pool = raw_examples(defn, defn.exemplar_split)
         key = defn.key(ex)
         candidates = rng.sample(range(len(pool)), min(len(pool), 4 * defn.num_shots + 4))
         for j in candidates:
@@ -187,20 +197,21 @@ def _render_fingerprint(fn) -> str:
   return getattr(fn, "__qualname__", type(fn).__qualname__)
 
 
-def cache_key(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> str:
+def cache_key(defn: TaskDef, split: str, vocab: seqio.Vocabulary, input_budget: int) -> str:
   h = hashlib.sha256()
   temps = [dataclasses.astuple(t) for t in defn.template_list()] if defn.render_fn is None \
       else _render_fingerprint(defn.render_fn)
   fp = defn.fingerprint() if callable(defn.fingerprint) else defn.fingerprint
   for part in (CACHE_VERSION, defn.name, split, fp, temps,
                tuple(defn.train_formats), defn.eval_format, defn.num_shots,
-               tuple(defn.options_layouts), vocab_fingerprint(vocab), input_budget()):
+               tuple(defn.options_layouts), vocab_fingerprint(vocab), int(input_budget)):
     h.update(repr(part).encode() + b"\0")
   return h.hexdigest()[:16]
 
 
-def _cache_dir(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> str:
-  return os.path.join(default_cache_dir(), "tasks", defn.name, f"{split}-{cache_key(defn, split, vocab)}")
+def _cache_dir(defn: TaskDef, split: str, vocab: seqio.Vocabulary, input_budget: int) -> str:
+  return os.path.join(cache.default_cache_dir(), "tasks", defn.name,
+                      f"{split}-{cache_key(defn, split, vocab, input_budget)}")
 
 
 @dataclasses.dataclass
@@ -215,27 +226,96 @@ class Tokenized:
     return np.diff(getattr(self, f"{feature}_splits"))
 
 
-_MEMO: dict[str, Tokenized] = {}
+_MEMO: dict[str, Tokenized] = cache.in_process_dict()
+_ARRAYS = ("inputs", "inputs_splits", "targets", "targets_splits")
+_FILES = ("tokens.npz", "texts.jsonl")
 
 
-def tokenized_split(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> Tokenized:
-  """The split rendered and tokenized, read from the cache or built and written there."""
-  path = _cache_dir(defn, split, vocab)
-  if path in _MEMO:
-    return _MEMO[path]
-  if os.path.exists(os.path.join(path, "DONE")):
-    arrays = np.load(os.path.join(path, "tokens.npz"))
+def _read_entry(path: str) -> Tokenized:
+  """A cached split, checked against its manifest; raises cache.Damaged."""
+  meta = cache.read_manifest(os.path.join(path, "DONE"))
+  try:
+    with np.load(os.path.join(path, "tokens.npz"), allow_pickle=False) as arrays:
+      parts = [np.asarray(arrays[k]) for k in _ARRAYS]
     with open(os.path.join(path, "texts.jsonl"), encoding="utf-8") as f:
       texts = [json.loads(line) for line in f]
-    tok = Tokenized(arrays["inputs"], arrays["inputs_splits"], arrays["targets"],
-                    arrays["targets_splits"], texts)
-    _MEMO[path] = tok
-    return tok
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise cache.Damaged(f"unreadable: {type(e).__name__}") from None
+  tok = Tokenized(*parts, texts)
+  n = meta.get("examples")
+  if not isinstance(n, int):
+    raise cache.Damaged("DONE records no example count")
+  for feature in ("inputs", "targets"):
+    flat, splits = getattr(tok, feature), getattr(tok, f"{feature}_splits")
+    if (n != len(texts) or splits.ndim != 1 or len(splits) != n + 1 or splits[0] != 0
+        or splits[-1] != len(flat) or np.any(np.diff(splits) < 0)):
+      raise cache.Damaged(f"{feature} do not match the {n} examples recorded")
+  return tok
+
+
+def _discard(path: str) -> None:
+  """Moves a damaged entry out of the way (atomically), then deletes it."""
+  aside = f"{path}.damaged{os.getpid()}"
+  try:
+    os.replace(path, aside)
+  except FileNotFoundError:
+    return  # another process took it away first
+  if os.path.isdir(aside):
+    shutil.rmtree(aside, ignore_errors=True)
+  else:
+    os.remove(aside)
+
+
+def _write_entry(tmp: str, tok: Tokenized) -> None:
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  np.savez(os.path.join(tmp, "tokens.npz"), **{k: getattr(tok, k) for k in _ARRAYS})
+  with open(os.path.join(tmp, "texts.jsonl"), "w", encoding="utf-8") as f:
+    for t in tok.texts:
+      f.write(json.dumps(t, ensure_ascii=False) + "\n")
+  for name in _FILES:
+    cache.fsync_file(os.path.join(tmp, name))
+  # Written last: an entry with a valid DONE has complete files.
+  done = cache.manifest(tmp, _FILES, examples=len(tok.texts))
+  with open(os.path.join(tmp, "DONE"), "w", encoding="utf-8") as f:
+    json.dump(done, f)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _install(tmp: str, path: str) -> None:
+  try:
+    os.replace(tmp, path)
+  except OSError:
+    if not os.path.isdir(path):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; theirs is identical
+
+
+def tokenized_split(defn: TaskDef, split: str, vocab: seqio.Vocabulary,
+                    input_budget: int) -> Tokenized:
+  """The split rendered and tokenized, read from the cache or built and written there.
+
+  input_budget: the input feature length; few-shot prompts drop exemplars until
+  their tokens and EOS fit it.
+  """
+  path = _cache_dir(defn, split, vocab, input_budget)
+  if path in _MEMO:
+    return _MEMO[path]
+  if os.path.exists(path):
+    try:
+      tok = _read_entry(path)
+    except cache.Damaged as e:
+      cache.note_damaged(f"tokenized {defn.name}/{split}", path, str(e))
+      _discard(path)
+    else:
+      _MEMO[path] = tok
+      return tok
   t0 = time.time()
-  budget = input_budget()
+  budget = int(input_budget)
   # EOS takes one position of the budget.
   fits = lambda text: len(vocab.encode(text)) + 1 <= budget  # noqa: E731
-  records = render_split(defn, split, fits)
+  records = render_split(defn, split, fits, input_budget=budget)
   ins = _encode_all(vocab, [r["inputs"] for r in records])
   tgs = _encode_all(vocab, [r["targets"] for r in records])
   keep = [i for i, t in enumerate(tgs) if len(t)]
@@ -254,30 +334,18 @@ def tokenized_split(defn: TaskDef, split: str, vocab: seqio.Vocabulary) -> Token
 
   inputs, in_splits = flat([ins[i] for i in keep])
   targets, tg_splits = flat([tgs[i] for i in keep])
+  tok = Tokenized(inputs, in_splits, targets, tg_splits, texts)
   tmp = f"{path}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  np.savez(os.path.join(tmp, "tokens.npz"), inputs=inputs, inputs_splits=in_splits,
-           targets=targets, targets_splits=tg_splits)
-  with open(os.path.join(tmp, "texts.jsonl"), "w", encoding="utf-8") as f:
-    for t in texts:
-      f.write(json.dumps(t, ensure_ascii=False) + "\n")
-  with open(os.path.join(tmp, "DONE"), "w") as f:
-    f.write(f"{len(texts)}\n")
-  if os.path.exists(path):  # another process finished first; theirs is identical
-    shutil.rmtree(tmp, ignore_errors=True)
-  else:
-    os.replace(tmp, path)
+  _write_entry(tmp, tok)
+  _install(tmp, path)
   logging.info("data: %s/%s: rendered and tokenized %d examples in %.1fs -> %s",
                defn.name, split, len(texts), time.time() - t0, path)
-  tok = Tokenized(inputs, in_splits, targets, tg_splits, texts)
   _MEMO[path] = tok
   return tok
 
 
 def _dataset_fn(split, shuffle_files, seed=None, *, name):
-  defn, vocab = DEFS[name]
-  tok = tokenized_split(defn, split, vocab)
+  tok = DEFS[name].tokenized(split)
   ds = tf.data.Dataset.from_tensor_slices({
       "inputs": tf.RaggedTensor.from_row_splits(tok.inputs, tok.inputs_splits),
       "targets": tf.RaggedTensor.from_row_splits(tok.targets, tok.targets_splits),
@@ -307,7 +375,7 @@ class _Source(seqio.FunctionDataSource):
     self._defn = defn
 
   def num_input_examples(self, split: str) -> int:
-    return len(_raw(self._defn, split))
+    return len(raw_examples(self._defn, split))
 
 
 def answer_accuracy(targets, predictions):
@@ -329,15 +397,29 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   }
 
 
-def register(defn: TaskDef, vocabulary: seqio.Vocabulary) -> str:
-  """Registers (or re-registers, for another vocabulary) `defn` as a seqio.Task."""
+def check_input_length(input_length, what: str = "input_length") -> int:
+  """A positive int, or a UserError naming `what`."""
+  if isinstance(input_length, bool) or not isinstance(input_length, (int, np.integer)) \
+      or input_length <= 0:
+    raise UserError(f"{what} must be a positive number of tokens, not {input_length!r}")
+  return int(input_length)
+
+
+def register(defn: TaskDef, vocabulary: seqio.Vocabulary,
+             input_length: int = DEFAULT_INPUT_LENGTH) -> str:
+  """Registers (or re-registers, for another vocabulary or length) `defn` as a seqio.Task.
+
+  input_length: the input feature length the examples are made for; few-shot
+  prompts drop exemplars until their tokens and EOS fit it.
+  """
+  input_length = check_input_length(input_length)
   if defn.name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(defn.name)
   if defn.name in seqio.MixtureRegistry.names():
     # Left by an earlier registration in this process (a user's NIv2 folder was a
     # mixture of this name); the mixture would shadow the task.
     seqio.MixtureRegistry.remove(defn.name)
-  DEFS[defn.name] = (defn, vocabulary)
+  DEFS[defn.name] = Registered(defn, vocabulary, input_length)
   seqio.TaskRegistry.add(
       defn.name,
       source=_Source(defn),

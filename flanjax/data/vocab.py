@@ -1,4 +1,11 @@
-"""Vocabularies: a SentencePiece model trained locally and cached, or one given by path."""
+"""Vocabularies: a SentencePiece model trained locally and cached, or one given by path.
+
+A trained model is cached as ``<cache>/vocab/<name>-<size>-<digest>.model``, the
+digest hashing its training text and settings, with its SHA-256 beside it in
+``<model>.sha256`` (sha256sum's format). A model that does not match its
+checksum, or (written before checksums were kept) does not load, is trained
+again with a one-line note.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +18,11 @@ from typing import Iterable
 import gin
 import seqio
 
+from flanjax.data import cache, registry, tasks
+from flanjax.data.collections import builtin
+
 # T5's conventions: pad 0, eos 1, unk 2, no bos.
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-
-
-def default_cache_dir() -> str:
-  return os.environ.get(
-      "FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
 
 
 TRAINER_SETTINGS = dict(
@@ -43,12 +48,52 @@ def train_sentencepiece(lines: Iterable[str], path: str, vocab_size: int) -> str
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
       num_threads=os.cpu_count() or 1, minloglevel=2, **TRAINER_SETTINGS)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)  # atomic: a reader never sees half a model
+  data = model.getvalue()
+  cache.write_atomic(path, data)  # a reader never sees half a model
+  # Written second: a model without its checksum is checked by loading it.
+  cache.write_atomic(_checksum_path(path), _checksum_line(path, data))
   return path
+
+
+def _checksum_path(path: str) -> str:
+  return path + ".sha256"
+
+
+def _checksum_line(path: str, data: bytes) -> bytes:
+  return f"{hashlib.sha256(data).hexdigest()}  {os.path.basename(path)}\n".encode()
+
+
+def check_cached_model(path: str) -> None:
+  """Raises cache.Damaged unless `path` is a whole SentencePiece model.
+
+  Checked against `<path>.sha256`; a model without one (cached by an older
+  version, or its writer stopped between the two files) must load, and then
+  gets its checksum.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise cache.Damaged(f"unreadable: {e.strerror}") from None
+  try:
+    with open(_checksum_path(path), "rb") as f:
+      want = f.read().split()[:1]
+  except FileNotFoundError:
+    want = None
+  if want is not None:
+    if [hashlib.sha256(data).hexdigest().encode()] != want:
+      raise cache.Damaged("it does not match its checksum")
+    return
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  try:
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(data)
+    ok = sp.GetPieceSize() > UNK_ID and sp.eos_id() == EOS_ID
+  except Exception:  # pylint: disable=broad-except
+    ok = False
+  if not ok:
+    raise cache.Damaged("not a SentencePiece model")
+  cache.write_atomic(_checksum_path(path), _checksum_line(path, data))
 
 
 @gin.configurable
@@ -59,7 +104,6 @@ def builtin_vocabulary(vocab_size: int = 2000, cache_dir: str | None = None,
   The cache key hashes the training text and settings, so a change to any
   template or generator trains a new vocabulary instead of reusing a stale one.
   """
-  from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
   return _trained("builtin", builtin.all_text(), vocab_size, cache_dir, extra_ids)
 
 
@@ -69,8 +113,18 @@ def _trained(name: str, text: list[str], vocab_size: int, cache_dir: str | None,
   for line in text:
     digest.update(line.encode("utf-8") + b"\0")
   digest.update(repr(sorted(TRAINER_SETTINGS.items())).encode() + f"/{vocab_size}".encode())
-  path = os.path.join(cache_dir or default_cache_dir(), "vocab",
+  path = os.path.join(cache_dir or cache.default_cache_dir(), "vocab",
                       f"{name}-{vocab_size}-{digest.hexdigest()[:12]}.model")
+  if os.path.exists(path):
+    try:
+      check_cached_model(path)
+    except cache.Damaged as e:
+      cache.note_damaged(f"vocabulary {name}", path, str(e))
+      for p in (path, _checksum_path(path)):
+        try:
+          os.remove(p)
+        except FileNotFoundError:
+          pass
   if not os.path.exists(path):
     t0 = time.time()
     train_sentencepiece(text, path, vocab_size)
@@ -90,7 +144,6 @@ def corpus_vocabulary(mixture: str = "flanjax_builtin", vocab_size: int = 8000,
   and at most `max_texts` of their strings, drawn evenly, train the model. The
   cache key hashes that text, so new data or templates train a new one.
   """
-  from flanjax.data import registry, tasks  # pylint: disable=g-import-not-at-top
   if mixture == registry.BUILTIN_MIXTURE:
     return builtin_vocabulary(vocab_size=vocab_size, cache_dir=cache_dir, extra_ids=extra_ids)
   registry.register_all(seqio.ByteVocabulary())  # names and definitions, read nothing
@@ -98,10 +151,9 @@ def corpus_vocabulary(mixture: str = "flanjax_builtin", vocab_size: int = 8000,
   text = []
   for task in getattr(obj, "tasks", [obj]):
     if task.name.startswith(registry.BUILTIN_PREFIX):
-      from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
       recs = builtin.rendered_examples(task.name[len(registry.BUILTIN_PREFIX):], "train")
     else:
-      defn = tasks.DEFS[task.name][0]
+      defn = tasks.DEFS[task.name].defn
       if "train" not in defn.splits or defn.is_eval_only("train"):
         continue
       recs = tasks.render_split(defn, "train")

@@ -37,8 +37,8 @@ import os
 import re
 from typing import Callable, Sequence
 
-from flanjax.data import sources
-from flanjax.data.tasks import TaskDef, input_budget
+from flanjax.data import cache, sources
+from flanjax.data.tasks import TaskDef
 from flanjax.errors import UserError
 
 # Fixed by the benchmark; listed here so task_defs() needs no files (a user's
@@ -119,7 +119,7 @@ def parse_prompt(path: str) -> Prompt:
   return _parse_prompt(path, st.st_size, st.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def _parse_prompt(path: str, size: int, mtime_ns: int) -> Prompt:
   del size, mtime_ns  # cache keys only: an edited file is parsed again
   with open(path, "rb") as f:
@@ -191,7 +191,7 @@ def load(task: str, split: str = SPLIT) -> tuple[dict, ...]:
   return _read_examples(path, st.st_size, st.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def _read_examples(path: str, size: int, mtime_ns: int) -> tuple[dict, ...]:
   del size, mtime_ns  # cache keys only
   try:
@@ -246,7 +246,9 @@ class _Render:
     self.__qualname__ = f"{type(self).__qualname__}[{self.fingerprint}]"
 
   def __call__(self, example: dict, index: int, split: str,
-               fits: Callable[[str], bool] | None) -> tuple[str, str]:
+               fits: Callable[[str], bool] | None,
+               input_budget: int | None = None) -> tuple[str, str]:
+    """input_budget: the token count `fits` checks against, named in the note."""
     del index, split
     p = prompt(self.task)
     build = cot_input if self.cot else direct_input
@@ -257,8 +259,9 @@ class _Render:
       text = build(p, example["input"], shots)
     if shots < len(p.exemplars) and self.name not in _WARNED:
       _WARNED.add(self.name)
-      print(f"data: {self.name}: the {len(p.exemplars)}-shot prompt exceeds the input budget of "
-            f"{input_budget()} tokens for some examples; those get fewer exemplars (first "
+      budget = "" if input_budget is None else f" of {input_budget} tokens"
+      print(f"data: {self.name}: the {len(p.exemplars)}-shot prompt exceeds the input budget"
+            f"{budget} for some examples; those get fewer exemplars (first "
             "dropped first). BBH is specified 3-shot: raise the input length to score it as "
             "published", flush=True)
     return text, example["target"]

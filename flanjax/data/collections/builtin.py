@@ -13,10 +13,10 @@ formats it trains on. Splits:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 from typing import Callable, Sequence
 
+from flanjax.data import cache
 from flanjax.data.templates import Template, render
 
 NUM_HELDOUT_TEMPLATES = 2
@@ -241,7 +241,7 @@ FAMILIES_BY_NAME = {f.name: f for f in FAMILIES}
 
 # ---------------------------------------------------------------- rendering
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def raw_examples(family: str, split: str) -> tuple[dict, ...]:
   """Structured examples of one split; eval splits share nothing with train."""
   fam = FAMILIES_BY_NAME[family]
@@ -268,7 +268,7 @@ def raw_examples(family: str, split: str) -> tuple[dict, ...]:
   return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def rendered_examples(family: str, split: str) -> tuple[dict, ...]:
   """(inputs, targets, answer, template, format) records for a split."""
   fam = FAMILIES_BY_NAME[family]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from flanjax.data import sources
+from flanjax.data import cache, sources
 from flanjax.data.tasks import TaskDef
 
 SETS = ("aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking", "strategyqa")
@@ -25,7 +25,7 @@ def path_of(name: str) -> str:
   return sources.data_path("flan_cot", f"{name}_train.tsv")
 
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def _rows(name: str) -> tuple[dict, ...]:
   reader = sources.Reader(path_of(name))
   out = []

@@ -8,10 +8,9 @@ its text and drops the annotations; the target is the number.
 
 from __future__ import annotations
 
-import functools
 import re
 
-from flanjax.data import sources, templates
+from flanjax.data import cache, sources, templates
 from flanjax.data.tasks import TaskDef
 
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
@@ -56,7 +55,7 @@ def parse(rec: dict) -> dict:
               answer=normalize_number(final))
 
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def load(split: str) -> tuple[dict, ...]:
   reader = sources.Reader(sources.data_path("gsm8k", SPLIT_FILES[split]))
   out = []

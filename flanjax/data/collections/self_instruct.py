@@ -7,9 +7,7 @@ Every instance is one example.
 
 from __future__ import annotations
 
-import functools
-
-from flanjax.data import sources
+from flanjax.data import cache, sources
 from flanjax.data.tasks import TaskDef
 
 NAME = "self_instruct_seed"
@@ -19,7 +17,7 @@ def path() -> str:
   return sources.data_path("alpaca_seed_tasks", "seed_tasks.jsonl")
 
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def load(split: str) -> tuple[dict, ...]:
   del split  # one split
   reader = sources.Reader(path())

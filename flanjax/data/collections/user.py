@@ -26,7 +26,6 @@ Bad records follow `bad_records.policy`.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -34,7 +33,7 @@ from typing import Mapping, Sequence
 
 import gin
 
-from flanjax.data import sources
+from flanjax.data import cache, sources
 from flanjax.data.tasks import TaskDef, load_templates
 from flanjax.data.templates import Template
 from flanjax.errors import UserError
@@ -113,6 +112,13 @@ def _chat(reader):
 _READERS = {"alpaca": _alpaca, "prompt_completion": _prompt_completion, "chat": _chat}
 
 
+def read_records(reader: sources.Reader, fmt: str):
+  """Example dicts (prompt or instruction fields, answer) of a file in format `fmt` (not niv2)."""
+  if fmt not in _READERS:
+    raise UserError(f"unknown record format {fmt!r}; choose one of {sorted(_READERS)}")
+  return _READERS[fmt](reader)
+
+
 def _split_records(records: Sequence[dict], split: str, share: float) -> list[dict]:
   if not share:
     return list(records)
@@ -126,16 +132,13 @@ def _read_file(path: str, fmt: str, policy: str) -> tuple[dict, ...]:
   return _read_file_once(path, fmt, policy, stamp)
 
 
-@functools.lru_cache(maxsize=None)
+@cache.in_process
 def _read_file_once(path: str, fmt: str, policy: str, stamp: str) -> tuple[dict, ...]:
   del stamp  # part of the cache key only
   reader = sources.Reader(path, policy)
-  out = tuple(_READERS[fmt](reader))
+  out = tuple(read_records(reader, fmt))
   reader.done()
   return out
-
-
-_read_file.cache_clear = _read_file_once.cache_clear
 
 
 # ------------------------------------------------------------------ NIv2
@@ -143,7 +146,7 @@ _read_file.cache_clear = _read_file_once.cache_clear
 def read_niv2_file(path: str, policy: str | None = None) -> dict:
   """One NIv2 task file -> {definition, positives: [(input, output)], instances: [...]}."""
   reader = sources.Reader(path, policy)
-  sources._check_file(path)  # pylint: disable=protected-access
+  sources.check_file(path)
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
@@ -188,7 +191,8 @@ def read_niv2_file(path: str, policy: str | None = None) -> dict:
 def _niv2_render(num_shots: int, family: str):
   temps = load_templates(family)
 
-  def render(ex, index, split, fits):
+  def render(ex, index, split, fits, input_budget=None):
+    del input_budget  # `fits` is the budget
     data = ex["_task"]
     rng = random.Random(f"niv2/{ex['_name']}/{split}/{index}")
     t = temps[rng.randrange(len(temps))] if split == "train" else temps[index % len(temps)]
