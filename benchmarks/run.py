@@ -341,7 +341,7 @@ def main(argv=None):
     print(f"\nwritten: {out}")
     return 0
 
-  flan_config._guarded(go, "benchmarks.run")  # pylint: disable=protected-access
+  flan_config.guarded(go, "benchmarks.run")
 
 
 if __name__ == "__main__":

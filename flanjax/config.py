@@ -256,3 +256,8 @@ def as_command(main_fn, argv=None) -> None:
   except BaseException:  # pylint: disable=broad-except
     traceback.print_exc()
     _hard_exit(1)
+
+
+# Public names for the other commands (lm_eval adapter, benchmarks, loading).
+guarded = _guarded
+one_line = _one_line

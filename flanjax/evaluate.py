@@ -58,7 +58,7 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   prog = "flanjax.evaluate"
   # Our flags here, gin's (--gin_file, --gin.X=Y, ...) to run_main; both fail in one line.
-  args, rest = flan_config._guarded(  # pylint: disable=protected-access
+  args, rest = flan_config.guarded(
       lambda: _parser().parse_known_args(argv), prog)
 
   def run(_):

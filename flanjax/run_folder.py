@@ -87,6 +87,13 @@ class RunFolder:
   def summary_path(self) -> str:
     return self.file(SUMMARY)
 
+  def lock(self):
+    """The folder's run lock (`<path>/.lock`; process 0 of a multi-process run holds it):
+    `with run.lock(): ...` refuses a second run on the folder with one line."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from flanjax.training.run_lock import RunLock  # pylint: disable=g-import-not-at-top
+    return RunLock(self.path, process_index=jax.process_index())
+
   def state_dir(self, step: int) -> str:
     return os.path.join(self.checkpoints_dir, str(step), STATE_ITEM)
 
@@ -153,8 +160,8 @@ class RunFolder:
     if old is None:
       return
     for key, what in (("vocabulary", "vocabulary"), ("model", "model config"),
-                      ("optimizer", "optimizer"), ("adapter", "adapter config")):
-      if key not in info or (key not in old and key in ("optimizer", "adapter")):
+                      ("kind", "model kind"), ("adapter", "adapter config")):
+      if key not in info or (key not in old and key in ("kind", "adapter")):
         continue  # runs from before the field was recorded are checked by their checkpoint
       was, now = old.get(key), info[key]
       if was == now:
@@ -166,9 +173,25 @@ class RunFolder:
           f"{self.path} holds a run with a different {what} ({self.run_info_path}: {was!r}, "
           f"now {now!r}); its checkpoints cannot be resumed with this one: set "
           "--gin.train.model_dir to a new folder")
+    self._check_optimizer(old.get("optimizer"), info.get("optimizer"))
     if old.get("mixture") != info.get("mixture"):
       print(f"note: {self.path} was trained on {old.get('mixture')!r}; continuing on "
             f"{info.get('mixture')!r}", flush=True)
+
+  def _check_optimizer(self, was: dict | None, now: dict | None) -> None:
+    """Another optimizer (its state has another tree) is refused; new values are a note."""
+    if not was or not now:
+      return
+    from flanjax.training import optimizers  # pylint: disable=g-import-not-at-top
+    state, other = optimizers.compare(was, now)
+    if state:
+      raise UserError(
+          f"{self.path} holds a run trained with another optimizer ({'; '.join(state)}); its "
+          "checkpoints' optimizer state does not fit this one: train with the run's optimizer "
+          "settings, or set --gin.train.model_dir to a new folder")
+    if other:
+      print(f"note: {self.path}: optimizer settings changed since the run began "
+            f"({'; '.join(other)})", flush=True)
 
   def write_run_info(self, info: dict) -> None:
     if _is_main():

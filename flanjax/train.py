@@ -38,6 +38,7 @@ from flanjax.errors import UserError  # noqa: E402
 from flanjax.models import decoder, hf, kinds, t5  # noqa: E402,F401
 from flanjax.run_folder import TRAINING_FIELDS, RunFolder  # noqa: E402
 from flanjax.training import checkpoints, loop, optimizers  # noqa: E402
+from flanjax.training.partitioning import check_divisible  # noqa: E402
 from flanjax.training.data import TrainData  # noqa: E402
 
 
@@ -101,9 +102,7 @@ def _model_and_vocab(model_config, vocabulary, init_from, resuming: bool):
 
 def _register_data(vocab, register_fns, mixture: str, lengths: dict) -> None:
   # Few-shot prompts drop exemplars until they fit the input length.
-  task_lib.set_input_budget(lengths["inputs"])
-  for fn in register_fns:
-    fn(vocab)
+  registry.call_register_fns(register_fns, vocab, input_length=lengths["inputs"])
   registry.get_task_or_mixture(mixture)  # unknown name -> clear error
   mixtures.check_trainable(mixture, "train")  # BBH, GSM8K test: never trained on
   print(f"vocabulary: {vocab.vocab_size} pieces", flush=True)
@@ -142,43 +141,47 @@ def train(
   # One folder per mixture by default, so switching mixture never resumes another run.
   run = RunFolder(model_dir or os.path.join("runs", mixture))
   run.check_writable()
-  ckpt = checkpoints.Checkpointer(run.path, cleanup_tmp=True)
-  cfg, init_params, vocab = _model_and_vocab(model_config, vocabulary, init_from,
-                                             resuming=ckpt.latest_step() is not None)
-  _register_data(vocab, register_fns, mixture, lengths)
-  cfg = _vocab_size_for(cfg, vocab)
-  kind = kinds.for_config(cfg)
-  # Only what shapes the parameters: dtype, remat and dropout may change on resume.
-  run_info = {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
-              "model": {k: v for k, v in dataclasses.asdict(cfg).items()
-                        if k not in TRAINING_FIELDS}, "kind": kind.name}
-  run.check_run_info(run_info)
-  run.save_vocabulary(vocab)
-  tx, lr_fn = optimizers.optimizer()
-  evaluator = evaluator_lib.Evaluator(
-      tasks=list(eval_tasks or ()), splits=eval_splits, input_length=lengths["inputs"],
-      max_decode_len=max_decode_len or lengths["targets"], max_examples=eval_max_examples,
-      batch_size=eval_batch_size, rank_classification=eval_rank_classification,
-      every_steps=eval_every_steps, at_end=eval_at_end,
-      validation_every_steps=validation_every_steps, validation_batches=validation_batches)
-  trainer = loop.Trainer(
-      model=kind.build(cfg), kind=kind, partitioner=loop.Partitioner.create(mesh_shape),
-      optimizer=loop.Optimizer(tx, lr_fn), checkpointer=ckpt,
-      data=TrainData(mixture, lengths, batch_size, seed, pack, kind), evaluator=evaluator,
-      run=run, vocab=vocab, mixture=mixture, seed=seed,
-      losses=loop.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, microbatches),
-      log=loop.LogConfig(log_every_secs, summary_every_steps, peak_flops, max_nonfinite_in_row),
-      run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0)
-  state = trainer.init_state(init_params)
-  del init_params  # the state holds them now
-  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  mesh = trainer.partitioner.mesh
-  print(f"model: {kind.describe(cfg)}, {n_params / 1e6:.2f}M parameters; mesh "
-        f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
-        flush=True)
-  if init_from and ckpt.latest_step() is None:
-    print(f"initialised from {os.path.abspath(init_from)}", flush=True)
-  return trainer.fit(state, num_steps, stop_signal)
+  with run.lock():  # one run per folder; released at the end, also on failure
+    ckpt = checkpoints.Checkpointer(run.path, cleanup_tmp=True)
+    cfg, init_params, vocab = _model_and_vocab(model_config, vocabulary, init_from,
+                                               resuming=ckpt.latest_step() is not None)
+    _register_data(vocab, register_fns, mixture, lengths)
+    cfg = _vocab_size_for(cfg, vocab)
+    kind = kinds.for_config(cfg)
+    # Only what shapes the parameters: dtype, remat and dropout may change on resume.
+    run_info = {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
+                "model": {k: v for k, v in dataclasses.asdict(cfg).items()
+                          if k not in TRAINING_FIELDS}, "kind": kind.name,
+                "optimizer": optimizers.describe()}
+    run.check_run_info(run_info)
+    run.save_vocabulary(vocab)
+    tx, lr_fn = optimizers.optimizer()
+    evaluator = evaluator_lib.Evaluator(
+        tasks=list(eval_tasks or ()), splits=eval_splits, input_length=lengths["inputs"],
+        max_decode_len=max_decode_len or lengths["targets"], max_examples=eval_max_examples,
+        batch_size=eval_batch_size, rank_classification=eval_rank_classification,
+        every_steps=eval_every_steps, at_end=eval_at_end,
+        validation_every_steps=validation_every_steps, validation_batches=validation_batches)
+    trainer = loop.Trainer(
+        model=kind.build(cfg), kind=kind, partitioner=loop.Partitioner.create(mesh_shape),
+        optimizer=loop.Optimizer(tx, lr_fn), checkpointer=ckpt,
+        data=TrainData(mixture, lengths, batch_size, seed, pack, kind), evaluator=evaluator,
+        run=run, vocab=vocab, mixture=mixture, seed=seed,
+        losses=loop.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, microbatches),
+        log=loop.LogConfig(log_every_secs, summary_every_steps, peak_flops, max_nonfinite_in_row),
+        run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0)
+    check_divisible(trainer.partitioner.mesh, batch_size, microbatches,
+                    trainer.abstract_params(), trainer.partitioner.rules)
+    state = trainer.init_state(init_params)
+    del init_params  # the state holds them now
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    mesh = trainer.partitioner.mesh
+    print(f"model: {kind.describe(cfg)}, {n_params / 1e6:.2f}M parameters; mesh "
+          f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
+          flush=True)
+    if init_from and ckpt.latest_step() is None:
+      print(f"initialised from {os.path.abspath(init_from)}", flush=True)
+    return trainer.fit(state, num_steps, stop_signal)
 
 
 @gin.configurable

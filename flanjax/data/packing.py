@@ -56,6 +56,12 @@ def row_lengths(lengths: Mapping[str, int], kind: str) -> tuple[int, ...]:
   raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
+def input_features(kind: str) -> tuple[str, ...]:
+  """The task features a row of this layout is built from (a causal row: targets only)."""
+  row_lengths({"inputs": 1, "targets": 1}, kind)  # validates kind
+  return ("targets",) if kind == "decoder" else ("inputs", "targets")
+
+
 def model_lengths(lengths: Mapping[str, int], kind: str = "enc_dec",
                   pack: bool = True) -> dict[str, int]:
   """Output feature -> length, as seqio's get_model_feature_lengths gives them."""
@@ -390,7 +396,7 @@ def pack_dataset(ds, lengths: Mapping[str, int], kind: str = "enc_dec",
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   row_lengths(lengths, kind)  # validates kind
-  keys = ("targets",) if kind == "decoder" else ("inputs", "targets")
+  keys = input_features(kind)
   for k in keys:
     if k not in ds.element_spec:
       raise ValueError(f"dataset lacks feature {k!r}: has {list(ds.element_spec)}")

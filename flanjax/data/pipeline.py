@@ -30,7 +30,7 @@ ENC_DEC_FEATURES = (
 
 def check_lengths(lengths: Mapping[str, int], kind: str = "enc_dec") -> dict[str, int]:
   """task_feature_lengths as {feature: positive int}; anything else is a UserError."""
-  need = ("inputs", "targets") if kind in ("enc_dec", "prefix_lm") else ("targets",)
+  need = packing.input_features(kind)
   if not isinstance(lengths, Mapping):
     raise UserError(f"train.task_feature_lengths must be a dict like {{'inputs': 256, "
                     f"'targets': 64}}, not {lengths!r}")
@@ -195,7 +195,7 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
 
 def _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names: Sequence[str]):
   """packing.pack_dataset's rows, each with its examples counted per task (TASK_COUNTS)."""
-  keys = ("targets",) if kind == "decoder" else ("inputs", "targets")
+  keys = packing.input_features(kind)
   index = {n.encode(): i for i, n in enumerate(names)}
   src = ds.map(lambda ex: {**{k: ex[k] for k in keys}, "task": ex["task"]})
   signature = {k: tf.TensorSpec((n,), tf.int32)

@@ -87,12 +87,9 @@ def load_examples(name: str, split: str, vocab, input_length: int,
   if name in task_lib.DEFS:
     defn = task_lib.DEFS[name][0]
     fits = lambda text: len(vocab.encode(text)) + 1 <= input_length  # noqa: E731
-    old = task_lib.input_budget()
-    task_lib.set_input_budget(input_length)  # named in the "exemplars dropped" notes
-    try:
-      records = task_lib.render_split(defn, split, fits, limit=max_examples)
-    finally:
-      task_lib.set_input_budget(old)
+    # input_budget is named in the "exemplars dropped" notes.
+    records = task_lib.render_split(defn, split, fits, limit=max_examples,
+                                    input_budget=input_length)
     out = []
     for r in records:
       raw = {"inputs_pretokenized": r["inputs"].encode("utf-8"),

@@ -53,24 +53,26 @@ def _metric_values(out) -> dict:
   return vals
 
 
-def _takes_example(fn) -> bool:
-  """Whether a postprocess_fn accepts seqio's `example` and `is_target` keywords."""
+def _seqio_kwargs(fn, **available) -> dict:
+  """Those of `available` (seqio's `example`, `is_target`) that fn's signature accepts by
+  keyword; all of them for **kwargs or an unreadable signature (seqio passes both)."""
   try:
-    params = inspect.signature(fn).parameters.values()
+    params = inspect.signature(fn).parameters
   except (TypeError, ValueError):
-    return True
-  names = {p.name for p in params}
-  return (any(p.kind is p.VAR_KEYWORD for p in params)
-          or {"example", "is_target"} <= names)
+    return available
+  if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    return available
+  by_kw = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+  return {k: v for k, v in available.items() if k in params and params[k].kind in by_kw}
 
 
-def postprocess(task: seqio.Task, text: str, example: dict, is_target: bool):
+def postprocess(task: seqio.Task, text: str, example: dict | None, is_target: bool):
+  """The task's postprocess_fn on `text` (decided by its signature, so a TypeError raised
+  inside it is never mistaken for a signature mismatch)."""
   fn = task.postprocess_fn
   if fn is None:
     return text
-  if _takes_example(fn):
-    return fn(text, example=example, is_target=is_target)
-  return fn(text)
+  return fn(text, **_seqio_kwargs(fn, example=example, is_target=is_target))
 
 
 def answer_fn(task: seqio.Task):

@@ -259,7 +259,7 @@ def main(argv=None):
     sys.argv = ["lm_eval"] + (sub or ["run"]) + rest
     return cli_evaluate()
 
-  flan_config._guarded(run, "flanjax.evaluation.lm_eval_adapter")  # pylint: disable=protected-access
+  flan_config.guarded(run, "flanjax.evaluation.lm_eval_adapter")
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ def evaluate(
   loaded = loading.load(checkpoint, step=step)
   step_no = _step_of(loaded, step)
   log(f"checkpoint: {loaded.source} ({loaded.kind.name}), loaded in {time.time() - t0:.0f}s")
-  for fn in register_fns:
-    fn(loaded.vocab)  # the tasks tokenize with the checkpoint's vocabulary
+  # The tasks tokenize with the checkpoint's vocabulary.
+  registry.call_register_fns(register_fns, loaded.vocab, input_length=input_length)
   out_dir = os.path.abspath(out_dir or os.path.join(checkpoint, "eval"))
   try:
     os.makedirs(out_dir, exist_ok=True)

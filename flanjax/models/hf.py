@@ -404,7 +404,7 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
   return _read_checkpoint(path)[0]
 
 
-def _vocabulary(path: str, cfg, hf_cfg: Mapping):
+def vocabulary(path: str, cfg, hf_cfg: Mapping):
   """spiece.model if the directory has one, else tokenizer.json, else None."""
   import seqio  # pylint: disable=g-import-not-at-top
   spiece = os.path.join(path, "spiece.model")
@@ -426,7 +426,7 @@ def load_config(path: str):
     raise UserError(f"{path} is not a directory: give the folder of a Hugging Face model")
   hf_cfg = read_config(path)
   cfg = config_from_hf(hf_cfg, os.path.join(path, "config.json"))
-  return cfg, _vocabulary(path, cfg, hf_cfg)
+  return cfg, vocabulary(path, cfg, hf_cfg)
 
 
 def load(path: str):
@@ -445,7 +445,7 @@ def load(path: str):
     raise UserError(f"{where}: parameter lm_head.weight is missing, but config.json says the "
                     "output is untied (tie_word_embeddings=false)")
   params = params_from_hf(weights, cfg, source=where, origin=origin)
-  return cfg, params, _vocabulary(path, cfg, hf_cfg)
+  return cfg, params, vocabulary(path, cfg, hf_cfg)
 
 
 def _sp_size(path: str) -> int:

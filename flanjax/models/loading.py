@@ -88,7 +88,7 @@ def _config_from_gin(path: str):
     # Only the model config matters: the trainer's other bindings are skipped.
     gin.parse_config_file(path, skip_unknown=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"gin file {path}: {flan_config._one_line(e)}") from None  # pylint: disable=protected-access
+    raise UserError(f"gin file {path}: {flan_config.one_line(e)}") from None
   bound = []
   for kind, cls in classes.items():
     for field in dataclasses.fields(cls):
@@ -224,7 +224,7 @@ def load(path: str, step: int | None = None, config: str | None = None) -> Loade
   else:
     cfg, params, hf_config, files_dir = read_orbax(path, config, step)
     if is_orbax:
-      vocab = hf._vocabulary(files_dir, cfg, hf_config or {}) if files_dir else None  # pylint: disable=protected-access
+      vocab = hf.vocabulary(files_dir, cfg, hf_config or {}) if files_dir else None
       if vocab is None:
         raise UserError(f"{path} has no tokenizer ({HF_FILES_DIR}/spiece.model or "
                         "tokenizer.json): convert the model again from a folder that has one")

@@ -156,6 +156,11 @@ class Trainer:
   dropout: bool = False
 
   # ---------------------------------------------------------------- state
+  def abstract_params(self):
+    """The parameters' shapes with their logical axis names (no memory used)."""
+    dummy = self.kind.dummy_batch(1, 8, 8)
+    return jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), **dummy))["params"]
+
   def init_state(self, params=None):
     """The train state, initialised directly into its shardings (params: start from these)."""
     p = self.partitioner

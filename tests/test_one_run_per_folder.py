@@ -1,0 +1,36 @@
+"""Two `python -m flanjax.train` on one model folder: the second is refused, the first finishes."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from test_train_e2e import TINY
+
+
+def test_second_run_on_a_folder_exits_2_and_the_first_finishes(tmp_path, builtin_vocab):
+  model_dir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "flanjax.train", *TINY, f"--gin.train.model_dir={model_dir}",
+         "--gin.train.num_steps=12", "--gin.train.eval_at_end=False"]
+  first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while not (model_dir / ".lock").exists():
+      assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+      time.sleep(0.05)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out, err = first.communicate(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+  last = second.stderr.strip().splitlines()[-1]
+  assert f"pid {first.pid}" in last and ".lock" in last, last
+  assert "training:" not in second.stdout  # refused before any work on the folder
+  assert first.returncode == 0, out[-2000:] + err[-2000:]
+  # Every step once: the second run wrote nothing.
+  with open(model_dir / "train_losses.jsonl") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, 13))
+  assert not os.path.exists(model_dir / ".lock")  # released at the end
