@@ -302,11 +302,15 @@ def rendered_examples(family: str, split: str) -> tuple[dict, ...]:
   return tuple(out)
 
 
-def all_text() -> list[str]:
-  """Every rendered string of the collection: what the vocabulary is trained on."""
+def all_text(splits=("train",)) -> list[str]:
+  """The rendered strings of the collection's `splits`: what the vocabulary is trained on.
+
+  Training text only by default: a vocabulary fitted to the validation and
+  held-out-template text would leak them into the model's tokenization.
+  """
   text = []
   for fam in FAMILIES:
-    for split in SPLIT_SIZES:
+    for split in splits:
       for r in rendered_examples(fam.name, split):
         text.extend([r["inputs"], r["targets"]])
   return text
