@@ -40,7 +40,12 @@ METHODS = ("greedy", "beam", "sample")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-  """How to decode. `max_decode_len` counts new tokens, EOS included."""
+  """How to decode. `max_decode_len` counts new tokens, EOS included.
+
+  stop: strings that end a generation: its text is cut before the first
+  occurrence of any of them (after decoding; the loop itself runs to EOS or
+  max_decode_len). A single string is one stop string.
+  """
   method: str = "greedy"  # greedy | beam | sample
   max_decode_len: int = 64
   num_beams: int = 4  # beam
@@ -50,8 +55,14 @@ class DecodeConfig:
   top_k: int = 0  # sample: keep the k most likely tokens (0: all)
   top_p: float = 1.0  # sample: keep the smallest set with this much probability
   seed: int = 0  # sample
+  stop: tuple[str, ...] = ()  # cut the text before the first of these
 
   def __post_init__(self):
+    stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+    if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) and x for x in stop):
+      raise UserError(f"DecodeConfig.stop={self.stop!r}: give a tuple of non-empty strings, "
+                      "e.g. ('\\n\\nQ:',)")
+    object.__setattr__(self, "stop", tuple(stop))  # hashable: the config is a jit static
     if self.method not in METHODS:
       raise UserError(f"DecodeConfig.method={self.method!r}: use one of {', '.join(METHODS)}")
     if self.max_decode_len < 1:
@@ -240,9 +251,11 @@ def generate_with_scores(model, params, prompts, prompt_lengths=None,
              else jnp.asarray(prompt_lengths, jnp.int32))
   if rng is None:
     rng = jax.random.PRNGKey(config.seed)
-  # The seed only makes rng: leaving it out of the static config spares a recompile.
+  # The seed only makes rng, and stop strings act on the text afterwards: leaving them
+  # out of the static config spares a recompile.
   ids, scores = _generate(model, params, prompts, lengths, rng, kind=kind,
-                          config=dataclasses.replace(config, seed=0), eos_id=int(eos_id))
+                          config=dataclasses.replace(config, seed=0, stop=()),
+                          eos_id=int(eos_id))
   return np.asarray(ids), np.asarray(scores)
 
 
@@ -258,6 +271,42 @@ def generate(model, params, prompts, prompt_lengths=None, config: DecodeConfig =
 def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
   ids = list(ids)
   return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def stop_at(text: str, stop: Sequence[str]) -> int | None:
+  """Where the first stop string in `text` starts, or None if there is none."""
+  found = [at for at in (text.find(s) for s in stop if s) if at >= 0]
+  return min(found) if found else None
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+  """The text before the first occurrence of any stop string (all of it if none occurs)."""
+  at = stop_at(text, stop)
+  return text if at is None else text[:at]
+
+
+def cut_ids_at_stop(ids: Sequence[int], vocab, stop: Sequence[str]) -> list[int]:
+  """The fewest leading ids whose text holds everything before the first stop string.
+
+  What the text cut keeps, at token granularity: when a token straddles the
+  start of the stop string, it is kept, so its text may end in the first
+  characters of the stop string (never in the text after it); `cut_at_stop` on
+  the decoded ids gives the exact text.
+  """
+  ids = list(ids)
+  if not stop:
+    return ids
+  at = stop_at(vocab.decode(ids), stop)
+  if at is None:
+    return ids
+  lo, hi = 0, len(ids)  # the smallest k with len(decode(ids[:k])) >= at
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if len(vocab.decode(ids[:mid])) >= at:
+      hi = mid
+    else:
+      lo = mid + 1
+  return ids[:lo]
 
 
 class Generator:
@@ -294,7 +343,12 @@ class Generator:
     return rows
 
   def generate_ids(self, inputs: Sequence[np.ndarray], with_scores: bool = False):
-    """inputs: prompt id arrays (from `encode`) -> new ids, EOS stripped."""
+    """inputs: prompt id arrays (from `encode`) -> new ids, EOS stripped.
+
+    With stop strings (DecodeConfig.stop), each row's ids end where its text
+    reaches the first stop string (`cut_ids_at_stop`); `decode` gives the exact
+    text. Scores are those of the whole generation, before the cut.
+    """
     rows = self._prompt_rows(inputs)
     out, scores = [None] * len(rows), [None] * len(rows)
     extra = self.kind.prompt_extra()
@@ -312,13 +366,18 @@ class Generator:
       ids, sc = generate_with_scores(self.model, self.params, prompts, lengths, self.config,
                                      self.eos_id, self.kind)
       for j, i in enumerate(which):
-        out[i] = strip_eos(ids[j].tolist(), self.eos_id)
+        out[i] = cut_ids_at_stop(strip_eos(ids[j].tolist(), self.eos_id), self.vocab,
+                                 self.config.stop)
         scores[i] = float(sc[j])
     return (out, scores) if with_scores else out
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """The text of generated ids, cut before the first stop string."""
+    return cut_at_stop(self.vocab.decode(list(ids)), self.config.stop)
 
   def generate_text(self, prompts: Sequence[str], with_scores: bool = False):
     ids = self.generate_ids([self.encode(p) for p in prompts], with_scores=with_scores)
     if with_scores:
       ids, scores = ids
-      return [self.vocab.decode(x) for x in ids], scores
-    return [self.vocab.decode(x) for x in ids]
+      return [self.decode(x) for x in ids], scores
+    return [self.decode(x) for x in ids]

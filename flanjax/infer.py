@@ -12,7 +12,8 @@ of each record; the record's other fields are copied to the output). Output:
 one JSON object per prompt, {"prompt", "generation", "score", ...}, to
 --output or stdout, written as each batch finishes so an interrupted run
 keeps what it produced. Decoding settings are flags or gin bindings of
-DecodeConfig (--gin.DecodeConfig.top_p=0.9).
+DecodeConfig (--gin.DecodeConfig.top_p=0.9). --stop TEXT (repeatable) cuts each
+generation before the first occurrence of TEXT ('\\n\\nQ:' is read with its escapes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 
 from flanjax import config as flan_config
 from flanjax import decoding
-from flanjax.data import sources
+from flanjax.data import chat, sources
 from flanjax.errors import UserError
 
 PROMPT_FIELDS = ("prompt", "inputs", "input", "question", "instruction", "text")
@@ -51,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--top_k", type=int)
   ap.add_argument("--top_p", type=float)
   ap.add_argument("--seed", type=int)
+  ap.add_argument("--stop", action="append", metavar="TEXT",
+                  help="cut each generation before the first occurrence of TEXT (repeatable; "
+                  "escapes such as \\n are read as in Python: --stop '\\n\\nQ:')")
   ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--prompt_format", choices=chat.NAMES,
+                  help="wrap each prompt in this format (default: the one a training run "
+                  "recorded, else plain: the prompt as given)")
   ap.add_argument("--max_input_length", type=int, default=2048,
                   help="longer prompts are cut to this many tokens (and counted)")
   return ap
@@ -86,12 +93,38 @@ def read_prompts(path: str, field: str | None):
   return prompts
 
 
+def prompt_format(checkpoint: str, name: str | None) -> chat.PromptFormat:
+  """The format of --prompt_format, else the one the run recorded, else plain.
+  hf_chat_template given by name: the run's recorded template, else the checkpoint's
+  (or its vocab/ folder's) tokenizer_config.json."""
+  from flanjax.run_folder import RunFolder  # pylint: disable=g-import-not-at-top
+  run = RunFolder.find(checkpoint)
+  recorded = run.read_prompt_format() if run else None
+  if recorded and name in (None, recorded.get("name")):
+    return chat.from_record(recorded)
+  if name != "hf_chat_template":
+    return chat.get(name or "plain")
+  folders = [checkpoint] + ([run.vocab_dir] if run else [])
+  return chat.load_hf_template(next((f for f in folders if os.path.isfile(
+      os.path.join(f, "tokenizer_config.json"))), checkpoint))
+
+
 def _decode_config(args) -> decoding.DecodeConfig:
   base = decoding.DecodeConfig()  # gin bindings, else the defaults
   flags = {k: getattr(args, k) for k in ("method", "max_decode_len", "num_beams",
                                          "length_penalty", "temperature", "top_k", "top_p",
                                          "seed") if getattr(args, k) is not None}
+  if args.stop is not None:
+    flags["stop"] = tuple(_unescape(s) for s in args.stop)
   return decoding.DecodeConfig(**{**base.__dict__, **flags})
+
+
+def _unescape(text: str) -> str:
+  """'\\n\\nQ:' as typed in a shell -> the string with two newlines."""
+  try:
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+  except UnicodeDecodeError:
+    raise UserError(f"--stop {text!r}: a malformed escape; write e.g. '\\n\\nQ:'") from None
 
 
 def run(argv) -> int:
@@ -102,14 +135,16 @@ def run(argv) -> int:
   if not prompts:
     raise UserError("no prompts: give them as arguments or with --input FILE")
   cfg = _decode_config(args)
+  fmt = prompt_format(args.checkpoint, args.prompt_format)
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top  (imports jax)
   t0 = time.time()
   loaded = loading.load(args.checkpoint, step=args.step)
-  print(f"infer: {loaded.source} ({loaded.kind.name}); {len(prompts)} prompts; {cfg.method} "
-        f"decoding, up to {cfg.max_decode_len} new tokens", file=sys.stderr, flush=True)
+  print(f"infer: {loaded.source} ({loaded.kind.name}); {len(prompts)} prompts in the "
+        f"{fmt.name} prompt format; {cfg.method} decoding, up to {cfg.max_decode_len} new "
+        "tokens", file=sys.stderr, flush=True)
   gen = decoding.Generator(loaded.model, loaded.params, loaded.vocab, args.max_input_length,
                            cfg, batch_size=args.batch_size, kind=loaded.kind)
-  encoded = [gen.encode(p) for p, _ in prompts]
+  encoded = [gen.encode(fmt.wrap(p)) for p, _ in prompts]
   gen.input_length = max(1, min(args.max_input_length, max(len(e) for e in encoded)))
   out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
   done, new_tokens, t1 = 0, 0, time.time()
@@ -118,7 +153,7 @@ def run(argv) -> int:
       chunk = slice(start, start + args.batch_size)
       ids, scores = gen.generate_ids(encoded[chunk], with_scores=True)
       for (prompt, extra), row, score in zip(prompts[chunk], ids, scores):
-        rec = {**extra, "prompt": prompt, "generation": loaded.vocab.decode(row),
+        rec = {**extra, "prompt": prompt, "generation": fmt.cut(gen.decode(row)),
                "score": round(score, 6), "new_tokens": len(row)}
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         new_tokens += len(row)

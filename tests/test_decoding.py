@@ -1,5 +1,5 @@
 """Decoding against transformers' generate: greedy and beam search for T5 and Llama,
-and the sampling filters against transformers' logits warpers."""
+and the sampling filters against transformers' logits warpers; stop strings."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from conftest import shared_data
 from flanjax import decoding
 from flanjax.errors import UserError
 from flanjax.models import decoder, hf, t5
@@ -231,3 +232,118 @@ def test_bad_decode_configs_name_the_field():
                     (dict(method="sample", top_p=1.5), "top_p")]:
     with pytest.raises(UserError, match=field):
       decoding.DecodeConfig(**kw)
+
+
+# ---------------------------------------------------------------- stop strings
+
+INVENTED = ("There are 3 apples and 15 pears. So the answer is 18. That is 2 more than 16."
+            "\n\nQ: How many pears are there?\nA: Let's think step by step. So the answer is 16.")
+
+
+def _scripted(monkeypatch, vocab, reply):
+  """decoding.generate_with_scores answers each prompt row with vocab.encode(reply(prompt))."""
+  def fake(model, params, prompts, lengths, config, eos_id, kind):
+    del model, params, config
+    rows = []
+    for p, n in zip(np.asarray(prompts), np.asarray(lengths)):
+      text = vocab.decode([int(t) for t in kind.decode_prompt(p[:n])])
+      rows.append(list(vocab.encode(reply(text))) + [eos_id])
+    width = max(len(r) for r in rows)
+    out = np.array([r + [0] * (width - len(r)) for r in rows], np.int32)
+    return out, np.zeros([len(rows)], np.float32)
+  monkeypatch.setattr(decoding, "generate_with_scores", fake)
+
+
+def test_stop_strings_cut_generations_at_the_first_occurrence(monkeypatch):
+  import seqio
+  from flanjax.data.collections import bbh
+  seen = []
+  monkeypatch.setattr(decoding, "_generate", lambda *a, config, **kw: seen.append(config) or (
+      np.zeros([1, 2], np.int32), np.zeros([1], np.float32)))
+  decoding.generate_with_scores(None, None, np.ones([1, 3]), config=decoding.DecodeConfig(
+      stop=("x",)), kind="enc_dec")
+  assert seen[0].stop == ()  # the compiled loop never sees stop strings: no recompiles
+  vocab = seqio.ByteVocabulary()
+  _scripted(monkeypatch, vocab, lambda prompt: INVENTED)
+  cfg = decoding.DecodeConfig(stop=("\n\nQ:", "###"))
+  gen = decoding.Generator(None, None, vocab, 64, cfg, batch_size=2, kind="enc_dec")
+  texts = gen.generate_text(["a prompt", "another"])
+  first = INVENTED[:INVENTED.index("\n\nQ:")]
+  assert texts == [first, first]
+  ids = gen.generate_ids([gen.encode("a prompt")])[0]
+  assert vocab.decode(ids) == first  # the ids end where the text does
+  assert bbh.extract_answer(texts[0], "bbh_object_counting") == "18"
+  plain = decoding.Generator(None, None, vocab, 64, decoding.DecodeConfig(), kind="enc_dec")
+  assert bbh.extract_answer(plain.generate_text(["x"])[0], "bbh_object_counting") == "16"
+  assert decoding.cut_at_stop("ab###c\n\nQ:", ("\n\nQ:", "###")) == "ab"
+  assert decoding.cut_at_stop("\n\nQ: at once", ("\n\nQ:",)) == ""
+  assert decoding.cut_at_stop("nothing", ("\n\nQ:",)) == "nothing"
+  assert decoding.DecodeConfig(stop="\n\nQ:").stop == ("\n\nQ:",)
+  assert decoding.DecodeConfig(stop=["a", "b"]).stop == ("a", "b")
+  with pytest.raises(UserError, match="stop"):
+    decoding.DecodeConfig(stop=("",))
+
+
+def test_stop_cut_on_tokens_that_straddle_the_stop_string():
+  class Pieces:  # one token per piece: "18." then ".\n" straddles the stop "\n\n"
+    pieces = ["", "", "So", " 18", ".\n", "\nQ:", " 16"]
+
+    def decode(self, ids):
+      return "".join(self.pieces[i] for i in ids)
+  ids = decoding.cut_ids_at_stop([2, 3, 4, 5, 6], Pieces(), ("\n\nQ:",))
+  assert ids == [2, 3, 4]  # the text before the stop is kept whole; its tail may show
+  assert Pieces().decode(ids) == "So 18.\n"  # the first character of the stop string
+  assert decoding.cut_ids_at_stop([2, 3], Pieces(), ("\n\nQ:",)) == [2, 3]
+
+
+def test_bbh_cot_scores_the_models_own_answer_not_an_invented_one(monkeypatch):
+  """Through the harness: outputs answering each question, then inventing a next question
+  with another answer. The suite's stop string scores the first answer; without it, the
+  invented one is read."""
+  shared_data("bbh")
+  import collections
+  import gin
+  import seqio
+  from flanjax import config
+  from flanjax.data import tasks as task_lib
+  from flanjax.data.collections import bbh
+  from flanjax.evaluation import harness
+  for suite in ("eval/bbh.gin", "eval/gsm8k.gin", "eval/bbh_gsm8k.gin"):
+    config.parse_gin(config.parse_args([f"--gin_file={suite}"]), finalize=False)
+    try:
+      assert decoding.DecodeConfig().stop == ("\n\nQ:",), suite
+    finally:
+      gin.clear_config()
+  name = "bbh_object_counting"
+  vocab = seqio.ByteVocabulary()
+  before = task_lib.DEFS.get(name)
+  task_lib.register(next(d for d in bbh.task_defs() if d.name == name), vocab, 8192)
+  try:
+    examples = harness.load_examples(name, "test", vocab, 8192, max_examples=3)
+    gold = collections.defaultdict(lambda: "0", {e.inputs: e.targets for e in examples})
+    wrong = lambda g: str(int(g) + 2)  # noqa: E731
+    _scripted(monkeypatch, vocab, lambda prompt: (
+        f"Counting them one by one. So the answer is {gold[prompt]}. That is 2 more than "
+        f"{int(gold[prompt]) - 2}.\n\nQ: I have two more.\nA: Let's think step by step. "
+        f"So the answer is {wrong(gold[prompt])}."))
+    scores = {}
+    for stop in ((), ("\n\nQ:",)):
+      gen = decoding.Generator(None, None, vocab, 8192, decoding.DecodeConfig(stop=stop),
+                               batch_size=2, kind="enc_dec")
+      r = harness.evaluate_one(None, None, vocab, "enc_dec", name, "test", gen,
+                               input_length=8192, examples=examples, rank_classification=False)
+      scores[stop] = r.metrics["exact_match"]
+    assert scores == {(): 0.0, ("\n\nQ:",): 100.0}
+  finally:
+    if before is not None:
+      task_lib.register(before.defn, before.vocabulary, before.input_length)
+
+
+def test_infer_takes_stop_strings():
+  from flanjax import infer
+  args = infer._parser().parse_args(  # pylint: disable=protected-access
+      ["--checkpoint", "x", "--stop", "\\n\\nQ:", "--stop", "###", "--stop", "é"])
+  assert infer._decode_config(args).stop == ("\n\nQ:", "###", "é")  # pylint: disable=protected-access
+  args = infer._parser().parse_args(["--checkpoint", "x", "--stop", ""])  # pylint: disable=protected-access
+  with pytest.raises(UserError, match="stop"):
+    infer._decode_config(args)  # pylint: disable=protected-access
