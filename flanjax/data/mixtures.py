@@ -3,7 +3,7 @@
 Rates follow FLAN and T5: a task's weight is ``min(n, cap) ** (1 / temperature)``
 (n = its training examples), so large tasks do not drown small ones. A blend
 mixes submixtures with their own caps and fixed shares of the whole.
-Evaluation-only tasks (BBH, GSM8K test) are refused in any training mixture.
+Evaluation-only tasks (BBH, GSM8K test, MMLU) are refused in any training mixture.
 """
 
 from __future__ import annotations

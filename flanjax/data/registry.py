@@ -23,7 +23,7 @@ from flanjax.data import tasks as task_lib
 # Imported here so their gin configurables exist before any config is parsed.
 from flanjax.data import sources  # noqa: F401  pylint: disable=unused-import
 from flanjax.data.collections import (
-    bbh, builtin, flan_cot, gsm8k, self_instruct, tfds_tasks, user)
+    bbh, builtin, flan_cot, gsm8k, mmlu, self_instruct, tfds_tasks, user)
 from flanjax.errors import UserError
 
 BUILTIN_PREFIX = "builtin_"
@@ -83,6 +83,8 @@ def register_builtin(vocabulary: seqio.Vocabulary, input_length: int | None = No
 FLAN_COT_MIXTURE = "flan_cot"
 BLEND = "flanjax_blend"
 TFDS_MIXTURE = "flan2021_tfds"
+MMLU_MIXTURE = "mmlu"
+MMLU_0SHOT_MIXTURE = "mmlu_0shot"
 # FLAN caps each task's examples when computing rates so big sets do not drown small ones.
 FLAN_COT_CAP = 5000
 
@@ -106,7 +108,7 @@ def register_all(vocabulary: seqio.Vocabulary, mixtures: Sequence[Mapping] = (),
   """
   names = register_builtin(vocabulary)
   defs = flan_cot.task_defs() + gsm8k.task_defs() + self_instruct.task_defs()
-  defs += bbh.task_defs() + tfds_tasks.task_defs()
+  defs += bbh.task_defs() + mmlu.task_defs() + tfds_tasks.task_defs()
   user_defs, user_mixtures = user.user_data()
   taken = {d.name for d in defs} | set(names)
   for d in user_defs:
@@ -118,6 +120,10 @@ def register_all(vocabulary: seqio.Vocabulary, mixtures: Sequence[Mapping] = (),
                       maximum=FLAN_COT_CAP)
   # FLAN 2021 capped each training set at 30k examples.
   mix_lib.add_mixture(TFDS_MIXTURE, [d.name for d in tfds_tasks.task_defs()], maximum=30_000)
+  # Evaluation-only: `--tasks=mmlu` names the 57 subjects (5-shot), mmlu_0shot the zero-shot ones.
+  for mixture, members in ((MMLU_MIXTURE, mmlu.FIVE_SHOT_TASKS),
+                           (MMLU_0SHOT_MIXTURE, mmlu.ZERO_SHOT_TASKS)):
+    mix_lib.add_mixture(mixture, [(t, 1.0) for t in members], training=False)
   mix_lib.add_blend(BLEND, [(FLAN_COT_MIXTURE, 0.5), (BUILTIN_MIXTURE, 0.3),
                             ("gsm8k", 0.15), ("self_instruct_seed", 0.05)])
   for name, members in user_mixtures.items():

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from flanjax.data.collections import mmlu
 from flanjax.training import metrics as metrics_lib
 
 
@@ -59,31 +60,56 @@ class Progress:
              f"ETA {metrics_lib.format_duration(eta)}  ({what})")
 
 
-def _group(r: TaskResult) -> str:
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """A summary row: the mean of its tasks' scores, or (by_examples) the mean over all their
+  examples, each task weighted by its example count (MMLU's categories and overall score)."""
+  name: str
+  by_examples: bool = False
+
+
+def _groups(r: TaskResult) -> list[Group]:
+  """The summary groups a task's result counts in (besides "all")."""
   if r.task.startswith("bbh_"):
-    return "BBH direct" if r.task.endswith("_direct") else "BBH CoT"
-  return ""
+    return [Group("BBH direct" if r.task.endswith("_direct") else "BBH CoT")]
+  return [Group(name, by_examples=True) for name in mmlu.summary_groups(r.task)]
+
+
+def _mean(values, weights, by_examples: bool):
+  pairs = [(v, w) for v, w in zip(values, weights) if v is not None]
+  if not pairs:
+    return None
+  if by_examples:
+    total = sum(w for _, w in pairs)
+    return float(sum(v * w for v, w in pairs) / total) if total else None
+  return float(np.mean([v for v, _ in pairs]))
 
 
 def summary_rows(results: Sequence[TaskResult]) -> list[dict]:
-  """Means of the headline score (and rank classification) per BBH variant and per split."""
+  """Means of the headline score (and rank classification) per group and split.
+
+  Groups: BBH CoT / direct (means over tasks), MMLU and its four categories (means
+  over examples, as the MMLU paper and lm-evaluation-harness report them), and
+  "all" (the mean over tasks, when there are two or more).
+  """
   out = []
   groups: dict = {}
   for r in results:
-    g = _group(r)
-    if g:
+    for g in _groups(r):
       groups.setdefault((g, r.split), []).append(r)
   for r in results:
-    groups.setdefault(("all", r.split), []).append(r)
+    groups.setdefault((Group("all"), r.split), []).append(r)
   for (g, split), rs in groups.items():
-    if g == "all" and len(rs) < 2:
+    if g.name == "all" and len(rs) < 2:
       continue
-    ranks = [r.rank_classification for r in rs if r.rank_classification is not None]
-    bases = [r.baseline for r in rs if r.baseline is not None]
-    out.append(dict(group=g, split=split, tasks=len(rs), examples=sum(r.examples for r in rs),
-                    score=float(np.mean([r.score for r in rs])),
-                    rank_classification=float(np.mean(ranks)) if ranks else None,
-                    baseline=float(np.mean(bases)) if bases else None))
+    by = g.by_examples
+    out.append(dict(
+        group=g.name, split=split, tasks=len(rs), examples=sum(r.examples for r in rs),
+        mean_over="examples" if by else "tasks",
+        score=_mean([r.score for r in rs], [r.examples for r in rs], by),
+        rank_classification=_mean([r.rank_classification for r in rs],
+                                  [r.rank_examples for r in rs], by),
+        baseline=_mean([r.baseline for r in rs], [r.examples for r in rs], by)))
   return out
 
 
@@ -101,7 +127,8 @@ def _table_rows(results: Sequence[TaskResult]):
                 (other or "", f"{r.seconds:.0f}"))
   for s in summary_rows(results):
     name = "MEAN" if s["group"] == "all" else f"MEAN {s['group']}"
-    tasks = f"{s['tasks']} task{'s' if s['tasks'] != 1 else ''}"
+    tasks = f"{s['tasks']} task{'s' if s['tasks'] != 1 else ''}" + (
+        ", over examples" if s["mean_over"] == "examples" else "")
     rows.append((f"{name} ({tasks})", s["split"], str(s["examples"]), "", pct(s["score"]),
                  pct(s["rank_classification"])) + ((pct(s["baseline"]),) if with_base else ())
                 + ("", ""))
