@@ -3,6 +3,8 @@
 So a model imported from a Hugging Face directory without spiece.model (Llama,
 most recent models) can tokenize seqio Tasks. encode never adds special tokens
 (seqio appends EOS itself); decode stops at EOS and drops special tokens.
+`add_bos` says whether the tokenizer's post-processor starts a text with BOS
+(model kinds add BOS to a causal prompt only then).
 The TensorFlow methods call the Python tokenizer through tf.py_function: fine
 for seqio's tokenize-and-cache preprocessing, not for a graph exported
 without Python.
@@ -79,6 +81,11 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     self._pad = pad_id if pad_id is not None else by_name(_PAD_NAMES)
     self._unk = unk_id if unk_id is not None else self._model_unk()
     super().__init__(extra_ids=extra_ids)
+    # Whether a text starts with BOS is the tokenizer's to say: its post-processor
+    # (transformers 5 ignores tokenizer_config.json's add_bos_token when tokenizer.json
+    # is there, and so do we).
+    probe = self._tokenizer.encode("a", add_special_tokens=True).ids
+    self._add_bos = self._bos is not None and bool(probe) and probe[0] == self._bos
 
   def _model_unk(self):
     token = getattr(self._tokenizer.model, "unk_token", None)
@@ -144,6 +151,11 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
   @property
   def bos_id(self):
     return self._bos
+
+  @property
+  def add_bos(self) -> bool:
+    """True when the tokenizer itself starts every text with BOS (its post-processor)."""
+    return self._add_bos
 
   @property
   def pad_id(self) -> int:

@@ -39,6 +39,13 @@ def bos_id(vocab) -> int | None:
   return bos if isinstance(bos, (int, np.integer)) and bos >= 0 else None
 
 
+def adds_bos(vocab) -> bool:
+  """Whether a text starts with BOS, as the tokenizer says (a tokenizer.json vocabulary:
+  its post-processor, `add_bos`); a vocabulary that does not say adds one if it has one."""
+  flag = getattr(vocab, "add_bos", None)
+  return bos_id(vocab) is not None and (flag is None or bool(flag))
+
+
 def trim_end(ids: np.ndarray, length: int, eos_id: int) -> np.ndarray:
   """At most `length` tokens ending in EOS: the start kept, as seqio's
   append_eos_after_trim feeds training (few-shot prompts drop exemplars first)."""
@@ -277,12 +284,13 @@ class CausalDecoder(_DecoderOnly):
     return ("targets",)
 
   def prompt_ids(self, vocab, text):
-    # A causal LM continues BOS + text (or the text alone).
+    # A causal LM continues BOS + text when its tokenizer adds BOS (not twice: a chat
+    # template may have written it), else the text alone.
     ids = [int(i) for i in vocab.encode(text)]
     bos = bos_id(vocab)
-    if bos is not None:
-      return ids if ids and ids[0] == bos else [bos] + ids
-    return ids or [int(vocab.eos_id)]
+    if adds_bos(vocab) and not (ids and ids[0] == bos):
+      ids = [bos] + ids
+    return ids or [int(vocab.eos_id) if bos is None else bos]
 
   def continuation_ids(self, vocab, text, context):
     sep = "" if not context or context[-1].isspace() else " "
