@@ -4,6 +4,8 @@
       run_info.json               what the folder's checkpoints are a run of (vocabulary,
                                   model shape, optimizer, mixture); checked on resume
       vocab/                      the run's tokenizer (spiece.model or tokenizer.json)
+      prompt_format.json          the prompt format of its user-data tasks (and the chat
+                                  template), applied by infer to this run's prompts
       checkpoints/<step>/         orbax: state (params, optimizer, step, rng) + data position
       train_losses.jsonl          one line per step (a resumed run appends; last wins)
       eval_during_training.jsonl  one line per evaluation during training
@@ -30,6 +32,7 @@ STATE_ITEM = "state"
 TRAIN_LOSSES = "train_losses.jsonl"
 EVAL_LOG = "eval_during_training.jsonl"
 SUMMARY = "summary.json"
+PROMPT_FORMAT = "prompt_format.json"
 TENSORBOARD = "tensorboard"
 
 # What a resumed run may change: none of it shapes the parameters or the optimizer state.
@@ -196,6 +199,34 @@ class RunFolder:
   def write_run_info(self, info: dict) -> None:
     if _is_main():
       _write_json(self.run_info_path, info)
+
+  def record_prompt_format(self, mixture: str) -> None:
+    """Writes prompt_format.json when `mixture` holds user-data tasks (their prompt
+    format; see flanjax/data/chat.py), with a note when it differs from the one before."""
+    from flanjax.data.collections import user  # pylint: disable=g-import-not-at-top
+    fmt = user.prompt_format_of(mixture)
+    if fmt is None or not _is_main():
+      return
+    old = self.read_prompt_format()
+    if old is not None and old != fmt.record():
+      print(f"note: {self.path} was trained with prompt format {old.get('name')!r} (or "
+            f"another template); continuing with {fmt.name!r}", flush=True)
+    _write_json(self.file(PROMPT_FORMAT), fmt.record())
+
+  def read_prompt_format(self) -> dict | None:
+    """What record_prompt_format wrote, or None (runs without user data, older runs)."""
+    path = self.file(PROMPT_FORMAT)
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise UserError(f"{path} is not valid JSON; restore it, or give infer "
+                      "--prompt_format") from None
+    if not isinstance(data, dict) or not data.get("name"):
+      raise UserError(f"{path} names no prompt format; restore it, or give infer --prompt_format")
+    return data
 
   def save_vocabulary(self, vocab) -> None:
     """Keeps the run's tokenizer beside its checkpoints, so an export is self-contained."""

@@ -155,6 +155,7 @@ def train(
                 "optimizer": optimizers.describe()}
     run.check_run_info(run_info)
     run.save_vocabulary(vocab)
+    run.record_prompt_format(mixture)  # user data's prompt format, for infer
     tx, lr_fn = optimizers.optimizer()
     evaluator = evaluator_lib.Evaluator(
         tasks=list(eval_tasks or ()), splits=eval_splits, input_length=lengths["inputs"],

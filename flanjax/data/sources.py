@@ -9,6 +9,7 @@ a ``ReadReport`` that the caller prints, so nothing is dropped silently.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import csv
 import dataclasses
@@ -94,16 +95,23 @@ def check_file(path: str) -> None:
 
 
 def _lines(reader: Reader) -> Iterator[tuple[int, str]]:
+  """(line number, text) of a file; \n, \r\n and a lone \r all end a line (one file may
+  mix them), a UTF-8 byte-order mark is dropped."""
   with open(reader.path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        reader.bad(f"{reader.path}:{n}", "non-UTF-8 lines",
-                   f"bytes that are not UTF-8 at column {e.start + 1}",
-                   "re-encode the file as UTF-8")
-        continue
-      yield n, line.rstrip("\r\n")
+    n = 0
+    for raw in f:
+      if n == 0 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+      for part in raw.rstrip(b"\r\n").split(b"\r") if b"\r" in raw else [raw]:
+        n += 1
+        try:
+          line = part.decode("utf-8")
+        except UnicodeDecodeError as e:
+          reader.bad(f"{reader.path}:{n}", "non-UTF-8 lines",
+                     f"bytes that are not UTF-8 at column {e.start + 1}",
+                     "re-encode the file as UTF-8")
+          continue
+        yield n, line.rstrip("\r\n")
 
 
 def read_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
@@ -119,6 +127,10 @@ def read_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
       reader.bad(where, "malformed JSON lines", f"not valid JSON ({e.msg} at column {e.colno})",
                  "fix or remove that line")
       continue
+    except RecursionError:
+      reader.bad(where, "malformed JSON lines", "JSON nested too deeply to read",
+                 "fix or remove that line")
+      continue
     if not isinstance(rec, dict):
       reader.bad(where, "non-object lines", f"a JSON {type(rec).__name__}, not an object",
                  "write one JSON object per line")
@@ -126,16 +138,44 @@ def read_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
     yield where, rec
 
 
+def _head(path: str, size: int = 4096) -> bytes:
+  with open(path, "rb") as f:
+    return f.read(size).removeprefix(codecs.BOM_UTF8).lstrip()
+
+
+def _one_object(path: str, limit: int = 64 << 20) -> dict | None:
+  """The file's JSON object when the whole file is one (pretty-printed) object whose
+  first line is not JSON by itself; else None."""
+  with open(path, "rb") as f:
+    first = f.readline()
+  try:
+    json.loads(first)
+    return None  # a JSON-lines file
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    pass
+  if os.path.getsize(path) > limit:
+    return None
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    return None
+  return data if isinstance(data, dict) else None
+
+
 def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
-  """A JSON array of objects (Alpaca's own files) or JSON lines."""
+  """A JSON array of objects (Alpaca's own files, ShareGPT dumps) or JSON lines."""
   check_file(reader.path)
-  with open(reader.path, "rb") as f:
-    head = f.read(4096).lstrip()
+  head = _head(reader.path)
+  if head.startswith(b"{") and (obj := _one_object(reader.path)) is not None:
+    keys = ", ".join(sorted(obj)[:8])
+    raise UserError(f"{reader.path}: one JSON object (keys: {keys}), not records; write one "
+                    "record per line (JSON lines) or a JSON array of records")
   if not head.startswith(b"["):
     yield from read_jsonl(reader)
     return
   try:
-    with open(reader.path, encoding="utf-8") as f:
+    with open(reader.path, encoding="utf-8-sig") as f:
       data = json.load(f)
   except UnicodeDecodeError as e:
     raise UserError(f"{reader.path}: bytes that are not UTF-8 at offset {e.start}; "
@@ -143,6 +183,10 @@ def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
   except json.JSONDecodeError as e:
     raise UserError(f"{reader.path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                     "fix the file (a JSON array must parse as a whole)") from None
+  except RecursionError:
+    raise UserError(f"{reader.path}: JSON nested too deeply to read; fix the file") from None
+  if not isinstance(data, list):
+    raise UserError(f"{reader.path}: a JSON {type(data).__name__}, not an array of records")
   for i, rec in enumerate(data):
     where = f"{reader.path}[{i}]"
     if not isinstance(rec, dict):
@@ -150,6 +194,51 @@ def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
                  "make every array element an object")
       continue
     yield where, rec
+
+
+def _first_array_element(path: str) -> dict | None:
+  """The first element of a JSON array, read from as much of the file as it takes."""
+  size, total = 1 << 16, os.path.getsize(path)
+  decoder = json.JSONDecoder()
+  while True:
+    with open(path, "rb") as f:
+      text = f.read(size).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
+    i = text.index("[") + 1
+    while i < len(text) and text[i].isspace():
+      i += 1
+    if text[i:i + 1] == "]":
+      return None
+    try:
+      rec = decoder.raw_decode(text, i)[0]
+      return rec if isinstance(rec, dict) else None
+    except (json.JSONDecodeError, RecursionError):
+      if size >= total:
+        return None
+      size *= 4
+
+
+def first_record(path: str, max_lines: int = 1000) -> tuple[str, dict | None, str]:
+  """(where, the first JSON object of a JSON-lines file or array, the first problem met
+  before it); the object is None when none is found in the first `max_lines` lines."""
+  check_file(path)
+  if _head(path).startswith(b"["):
+    rec = _first_array_element(path)
+    return f"{path}[0]", rec, "" if rec is not None else "its first element is not an object"
+  reader = Reader(path, "skip")
+  for n, line in _lines(reader):
+    if n > max_lines:
+      break
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+      reader.bad(f"{path}:{n}", "malformed", "not valid JSON", "")
+      continue
+    if isinstance(rec, dict):
+      return f"{path}:{n}", rec, ""
+  first = next(iter(reader.report.first.values()), "no JSON object")
+  return path, None, first.rstrip("; ")
 
 
 def read_tsv(reader: Reader, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:

@@ -1,31 +1,45 @@
-"""The user's own data, by path: Alpaca, prompt/completion, chat and NIv2 task folders.
+"""The user's own data, by path: Alpaca, prompt/completion, chat, ShareGPT and NIv2 folders.
 
 Bound in gin, one dict per task::
 
     user_data.tasks = [
         {'name': 'my_alpaca', 'path': '/data/alpaca.json', 'format': 'alpaca'},
-        {'name': 'my_chat', 'path': '/data/chat.jsonl', 'format': 'chat'},
+        {'name': 'my_chat', 'path': '/data/chat.jsonl'},            # format: auto
         {'name': 'my_niv2', 'path': '/data/niv2_tasks/', 'format': 'niv2'},
     ]
+    user_data.prompt_format = 'chatml'   # plain | alpaca | phi3 | chatml | hf_chat_template
 
-Formats (records are JSON lines, or a JSON array for alpaca):
+Formats (every one reads JSON lines or a JSON array of records):
 
+  auto               (the default) the first record decides, and the choice is printed
   alpaca             {"instruction", "input" (may be empty), "output"}
   prompt_completion  {"prompt", "completion"}
-  chat               {"messages": [{"role": "system"|"user"|"assistant", "content"}]};
-                     every assistant turn is a target, the conversation before it the input
+  chat               {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
+  sharegpt           {"conversations": [{"from": "system"|"human"|"user"|"gpt"|"assistant",
+                     "value"}]}
   niv2               a folder of Super-NaturalInstructions task files (Definition,
                      Positive Examples, Instances); one task per file, and a mixture
                      of them under `name`
 
+Conversations (chat, sharegpt): every assistant turn is one example, its input
+the conversation before it, its target the turn (see flanjax/data/chat.py); a
+validation share holds out whole conversations. The prompt format
+(`user_data.prompt_format`, chat.NAMES) renders every user task: `plain` is
+flanjax's own (Alpaca records through the template family 'instruction',
+prompts as given, conversations as "User: ...\nAssistant:"); the others render
+each record as a conversation, with no template family. hf_chat_template reads
+the chat template of `user_data.chat_template` (a tokenizer folder), else of
+train.init_from.
+
 Optional keys: 'templates' (a template family, or 'none' for the text as given;
-alpaca defaults to the 'instruction' family), 'num_shots', 'validation_share'
-(a stable share of records held out as the validation split), 'train_formats'.
-Bad records follow `bad_records.policy`.
+alpaca defaults to the 'instruction' family; plain prompt format only),
+'num_shots', 'validation_share' (a stable share of records held out as the
+validation split), 'train_formats'. Bad records follow `bad_records.policy`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -33,14 +47,21 @@ from typing import Mapping, Sequence
 
 import gin
 
-from flanjax.data import cache, sources
+from flanjax import config as flan_config
+from flanjax.data import cache, chat, sources
+from flanjax.data import templates as tmpl
 from flanjax.data.tasks import TaskDef, load_templates
 from flanjax.data.templates import Template
 from flanjax.errors import UserError
 
-FORMATS = ("alpaca", "prompt_completion", "chat", "niv2")
-ROLES = ("system", "user", "assistant")
-ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+FORMATS = ("auto", "alpaca", "prompt_completion", "chat", "sharegpt", "niv2")
+ROLES = chat.ROLES
+ROLE_NAMES = chat.Plain.ROLE_NAMES
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+# How `auto` tells the formats apart: the keys of a record.
+SIGNATURES = (("sharegpt", ("conversations",)), ("chat", ("messages",)),
+              ("alpaca", ("instruction", "output")), ("prompt_completion", ("prompt", "completion")))
 RAW = {"alpaca": Template("{instruction}\n\n{input}"),
        "prompt_completion": Template("{prompt}"),
        "chat": Template("{prompt}")}
@@ -62,7 +83,7 @@ def _alpaca(reader):
 
 
 def _prompt_completion(reader):
-  for where, rec in sources.read_jsonl(reader):
+  for where, rec in sources.read_json_or_jsonl(reader):
     if not sources.require(reader, where, rec, ("prompt", "completion"),
                            non_empty=("prompt", "completion")):
       continue
@@ -72,44 +93,81 @@ def _prompt_completion(reader):
 
 
 def render_turns(turns: Sequence[Mapping]) -> str:
-  """A conversation so far, ending with the cue for the assistant's next turn."""
-  lines = [f"{ROLE_NAMES[t['role']]}: {t['content'].strip()}" for t in turns]
-  return "\n".join(lines + ["Assistant:"])
+  """A conversation so far, ending with the cue for the assistant's next turn (plain)."""
+  return chat.Plain().render_prompt(turns)
+
+
+def _check_conversation(msgs) -> tuple[str, str, str] | None:
+  """None, or (reason, detail, fix) of what makes a list of messages unusable."""
+  if not msgs:
+    return ("chats without messages", "the conversation is empty",
+            "give a list of messages with at least one assistant turn")
+  for k, m in enumerate(msgs):
+    if m["role"] == "assistant" and not m["content"].strip():
+      return ("empty assistant turns", f"message {k} is an empty assistant turn",
+              "remove it or give it text (it would be an empty target)")
+  if not any(m["role"] == "assistant" for m in msgs):
+    return ("chats without an assistant turn", "no assistant message, so nothing to learn",
+            "add the assistant's reply")
+  return None
+
+
+def _conversation_examples(reader, where, msgs):
+  """One example per assistant turn; the messages are shared, not copied, so a long
+  conversation costs its own size once (see chat.fit_example for its rendering)."""
+  problem = _check_conversation(msgs)
+  if problem:
+    reader.bad(where, *problem)
+    return
+  reader.report.kept += 1
+  msgs = tuple({"role": m["role"], "content": m["content"].strip()} for m in msgs)
+  conv = hashlib.sha256(json.dumps(msgs, ensure_ascii=False).encode()).hexdigest()[:16]
+  for k, m in enumerate(msgs):
+    if m["role"] == "assistant":
+      yield dict(messages=msgs, turn=k, answer=m["content"], _conv=conv, _where=where)
 
 
 def _chat(reader):
-  for where, rec in sources.read_jsonl(reader):
+  for where, rec in sources.read_json_or_jsonl(reader):
     if not sources.require(reader, where, rec, ("messages",)):
       continue
     msgs = rec["messages"]
-    problem = None
     if not isinstance(msgs, list) or not msgs:
-      problem = ("chats without messages", "'messages' is not a non-empty list",
+      reader.bad(where, "chats without messages", "'messages' is not a non-empty list",
                  "give a list of {role, content} messages")
-    else:
-      for k, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-          problem = ("malformed messages", f"message {k} is not {{role: {'|'.join(ROLES)}, content: str}}",
-                     "fix that message")
-          break
-        if m["role"] == "assistant" and not m["content"].strip():
-          problem = ("empty assistant turns", f"message {k} is an empty assistant turn",
-                     "remove it or give it text (it would be an empty target)")
-          break
-      else:
-        if not any(m["role"] == "assistant" for m in msgs):
-          problem = ("chats without an assistant turn", "no assistant message, so nothing to learn",
-                     "add the assistant's reply")
-    if problem:
-      reader.bad(where, *problem)
       continue
-    reader.report.kept += 1
-    for k, m in enumerate(msgs):
-      if m["role"] == "assistant":
-        yield dict(prompt=render_turns(msgs[:k]), answer=m["content"].strip())
+    bad = next((k for k, m in enumerate(msgs) if not isinstance(m, dict)
+                or m.get("role") not in ROLES or not isinstance(m.get("content"), str)), None)
+    if bad is not None:
+      reader.bad(where, "malformed messages",
+                 f"message {bad} is not {{role: {'|'.join(ROLES)}, content: str}}", "fix that message")
+      continue
+    yield from _conversation_examples(reader, where, msgs)
 
 
-_READERS = {"alpaca": _alpaca, "prompt_completion": _prompt_completion, "chat": _chat}
+def _sharegpt(reader):
+  for where, rec in sources.read_json_or_jsonl(reader):
+    if not sources.require(reader, where, rec, ("conversations",)):
+      continue
+    turns = rec["conversations"]
+    if not isinstance(turns, list) or not turns:
+      reader.bad(where, "chats without messages", "'conversations' is not a non-empty list",
+                 "give a list of {from, value} turns")
+      continue
+    bad = next((k for k, t in enumerate(turns) if not isinstance(t, dict)
+                or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str)),
+               None)
+    if bad is not None:
+      reader.bad(where, "malformed turns",
+                 f"turn {bad} is not {{from: {'|'.join(SHAREGPT_ROLES)}, value: str}}",
+                 "fix that turn")
+      continue
+    yield from _conversation_examples(
+        reader, where, [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns])
+
+
+_READERS = {"alpaca": _alpaca, "prompt_completion": _prompt_completion, "chat": _chat,
+            "sharegpt": _sharegpt}
 
 
 def read_records(reader: sources.Reader, fmt: str):
@@ -119,10 +177,42 @@ def read_records(reader: sources.Reader, fmt: str):
   return _READERS[fmt](reader)
 
 
+def _expected() -> str:
+  return "; ".join(f"{f} ({', '.join(repr(k) for k in keys)})" for f, keys in SIGNATURES)
+
+
+@cache.in_process
+def _detect_once(path: str, stamp: str) -> str:
+  del stamp  # part of the cache key only: a file changed in place is looked at again
+  where, rec, problem = sources.first_record(path)
+  if rec is None:
+    raise UserError(f"{path}: no record to detect the format from ({problem}); fix the file, "
+                    f"or name its format, one of {', '.join(_READERS)}")
+  for fmt, keys in SIGNATURES:
+    if all(k in rec for k in keys):
+      print(f"data: {path}: format {fmt} (detected from its first record; name another with "
+            "the task's 'format')", flush=True)
+      return fmt
+  raise UserError(f"{where}: a record with keys {sorted(rec)[:8]} matches no format; expected "
+                  f"{_expected()}")
+
+
+def detect_format(path: str) -> str | None:
+  """The format of a user file from its first record (niv2 for a folder); None when the
+  path does not exist (its task then fails when used, naming the path)."""
+  if os.path.isdir(path):
+    return "niv2"
+  if not os.path.isfile(path):
+    return None
+  return _detect_once(path, sources.fingerprint_paths([path]))
+
+
 def _split_records(records: Sequence[dict], split: str, share: float) -> list[dict]:
   if not share:
     return list(records)
-  held = [sources.holdout(json.dumps(r, sort_keys=True), share) for r in records]
+  # A conversation is held out whole (its key is its turns'); other records one by one.
+  held = [sources.holdout(r["_conv"] if "_conv" in r else json.dumps(r, sort_keys=True), share)
+          for r in records]
   return [r for r, h in zip(records, held) if h == (split == "validation")]
 
 
@@ -210,63 +300,159 @@ def _niv2_render(num_shots: int, family: str):
   return render
 
 
+# ------------------------------------------------------------------ prompt formats
+
+def _as_conversation(ex: Mapping) -> tuple[Sequence[Mapping], int]:
+  """(messages, index of the target turn) of any user example."""
+  if "messages" in ex:
+    return ex["messages"], ex["turn"]
+  if "instruction" in ex:
+    user = {"role": "user", "content": ex["instruction"], "input": ex["input"]}
+  else:
+    user = {"role": "user", "content": ex["prompt"]}
+  return [user, {"role": "assistant", "content": ex["answer"]}], 1
+
+
+def _render_in(fmt: chat.PromptFormat):
+  """A render_fn: the example as a conversation in prompt format `fmt`, fitted to the budget."""
+
+  def render(ex, index, split, fits, input_budget=None):
+    del split
+    msgs, k = _as_conversation(ex)
+    return chat.fit_example(fmt, msgs, k, fits, input_budget,
+                            where=ex.get("_where") or f"example {index}")
+
+  render.fingerprint = f"user/v2/{fmt.fingerprint}"
+  return render
+
+
+def _niv2_in(render_fn, fmt: chat.PromptFormat):
+  """An NIv2 render_fn whose rendered task becomes one user turn in prompt format `fmt`."""
+
+  def render(ex, index, split, fits, input_budget=None):
+    inner = None if fits is None else (lambda text: fits(fmt.render_prompt(
+        [{"role": "user", "content": text}])))
+    inputs, target = render_fn(ex, index, split, inner, input_budget=input_budget)
+    msgs = [{"role": "user", "content": inputs}, {"role": "assistant", "content": target}]
+    return chat.fit_example(fmt, msgs, 1, fits, input_budget, where=f"example {index}")
+
+  render.fingerprint = f"{render_fn.fingerprint}/{fmt.fingerprint}"
+  return render
+
+
+def _postprocess(fmt: chat.PromptFormat):
+  """The task's postprocess_fn: the answer of a generation cut at the end of its turn.
+  Carries the format, so a run can record what its user tasks were trained with."""
+
+  def postprocess(text, **_):
+    return tmpl.extract_answer(fmt.cut(text))
+
+  postprocess.prompt_format = fmt
+  return postprocess
+
+
+def prompt_format_of(name: str) -> chat.PromptFormat | None:
+  """The prompt format of the user tasks of a registered task or mixture; None without any."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from flanjax.data import tasks as task_lib  # pylint: disable=g-import-not-at-top
+  try:
+    task_or_mix = seqio.get_mixture_or_task(name)
+  except ValueError:
+    return None
+  for leaf in getattr(task_or_mix, "tasks", [task_or_mix]):
+    reg = task_lib.DEFS.get(leaf.name)
+    fmt = getattr(reg.defn.postprocess_fn, "prompt_format", None) if reg else None
+    if fmt is not None:
+      return fmt
+  return None
+
+
 # ------------------------------------------------------------------ gin entry
 
-def _task_defs_of(spec: Mapping) -> tuple[list[TaskDef], list[str]]:
+def _niv2_defs(spec: Mapping, path: str, splits, share: float, shots: int,
+               fmt: chat.PromptFormat) -> list[TaskDef]:
+  name, family, policy = spec["name"], spec.get("templates") or "niv2", sources.bad_records()
+  defs = []
+  for file in sources.files_in(path, "*.json"):
+    stem = os.path.splitext(os.path.basename(file))[0]
+
+    def load(split, file=file, stem=stem):
+      data = read_niv2_file(file, policy)
+      return [dict(r, _task=data, _name=stem) for r in _split_records(data["instances"], split, share)]
+
+    render = _niv2_render(shots, family)
+    defs.append(TaskDef(
+        name=f"{name}_{stem}", load=load, splits=splits, templates=family,
+        render_fn=render if fmt.name == "plain" else _niv2_in(render, fmt),
+        fingerprint=lambda f=file: sources.fingerprint_paths([f]) + f"/{share}",
+        key=lambda ex: ex["input"], postprocess_fn=_postprocess(fmt),
+        description=f"NIv2 {stem} from {file}"))
+  return defs
+
+
+def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef], list[str]]:
   """TaskDefs of one user spec, and the mixture members if it is a folder."""
   unknown = set(spec) - {"name", "path", "format", "templates", "num_shots",
                          "validation_share", "train_formats"}
   if unknown:
     raise UserError(f"user_data.tasks entry {spec.get('name')!r}: unknown keys {sorted(unknown)}")
-  for key in ("name", "path", "format"):
+  for key in ("name", "path"):
     if not spec.get(key):
       raise UserError(f"user_data.tasks entry {dict(spec)}: needs '{key}'")
-  name, path, fmt = spec["name"], os.path.expanduser(spec["path"]), spec["format"]
-  if fmt not in FORMATS:
-    raise UserError(f"user_data.tasks entry {name!r}: unknown format {fmt!r}; choose one of {FORMATS}")
+  name, path, kind = spec["name"], os.path.expanduser(spec["path"]), spec.get("format") or "auto"
+  if kind not in FORMATS:
+    raise UserError(f"user_data.tasks entry {name!r}: unknown format {kind!r}; choose one of {FORMATS}")
+  if spec.get("templates") and fmt.name != "plain":
+    raise UserError(f"user_data.tasks entry {name!r}: 'templates' apply to the plain prompt "
+                    f"format only, not {fmt.name!r}; drop one of them")
   share = float(spec.get("validation_share", 0.0))
   splits = ("train", "validation") if share else ("train",)
   shots = int(spec.get("num_shots", 2))
   policy = sources.bad_records()
-  if fmt == "niv2":
-    defs = []
-    for file in sources.files_in(path, "*.json"):
-      stem = os.path.splitext(os.path.basename(file))[0]
-      task_name = f"{name}_{stem}"
-
-      def load(split, file=file, stem=stem):
-        data = read_niv2_file(file, policy)
-        return [dict(r, _task=data, _name=stem) for r in _split_records(data["instances"], split, share)]
-
-      defs.append(TaskDef(
-          name=task_name, load=load, splits=splits, templates=spec.get("templates") or "niv2",
-          render_fn=_niv2_render(shots, spec.get("templates") or "niv2"),
-          fingerprint=lambda f=file: sources.fingerprint_paths([f]) + f"/{share}",
-          key=lambda ex: ex["input"], description=f"NIv2 {stem} from {file}"))
+  kind = detect_format(path) if kind == "auto" else kind
+  if kind == "niv2":
+    defs = _niv2_defs(spec, path, splits, share, shots, fmt)
     return defs, [d.name for d in defs]
-  family = spec.get("templates") or ("instruction" if fmt == "alpaca" else "none")
-  templates = [RAW[fmt]] if family == "none" else family
   if os.path.isdir(path):
-    raise UserError(f"{path} is a folder; format {fmt!r} reads one file (folders are for 'niv2')")
+    raise UserError(f"{path} is a folder; format {kind!r} reads one file (folders are for 'niv2')")
 
   def load(split):
-    return _split_records(_read_file(path, fmt, policy), split, share)
+    if kind is None:  # auto, and the path did not exist at registration
+      sources.check_file(path)
+    return _split_records(_read_file(path, kind or detect_format(path), policy), split, share)
 
+  conversation = kind in ("chat", "sharegpt", None) or fmt.name != "plain"
+  family = spec.get("templates") or ("instruction" if kind == "alpaca" else "none")
+  templates = [RAW.get(kind, RAW["chat"])] if family == "none" or conversation else family
   formats = tuple(spec.get("train_formats") or (("zero_shot", "few_shot") if shots else ("zero_shot",)))
-  if fmt == "chat":
+  if conversation:
     formats = ("zero_shot",)  # the conversation is the context; no exemplars
   return [TaskDef(name=name, load=load, splits=splits, templates=templates,
                   train_formats=formats, num_shots=shots,
+                  render_fn=_render_in(fmt) if conversation else None,
                   fingerprint=lambda: sources.fingerprint_paths([path]) + f"/{share}",
-                  description=f"{fmt} records from {path}")], []
+                  postprocess_fn=_postprocess(fmt),
+                  description=f"{kind or 'auto'} records from {path} ({fmt.name} prompts)")], []
 
 
 @gin.configurable
-def user_data(tasks: Sequence[Mapping] = ()) -> tuple[list[TaskDef], dict[str, list[str]]]:
-  """TaskDefs of the user's files, and the mixtures of NIv2 folders (name -> tasks)."""
+def user_data(tasks: Sequence[Mapping] = (), prompt_format: str = "plain",
+              chat_template: str | None = None) -> tuple[list[TaskDef], dict[str, list[str]]]:
+  """TaskDefs of the user's files, and the mixtures of NIv2 folders (name -> tasks).
+
+  prompt_format: one of chat.NAMES, for every user task. chat_template: for
+  hf_chat_template, a tokenizer folder (or its tokenizer_config.json, or a .jinja
+  file); unset, the folder of train.init_from.
+  """
+  if not tasks:
+    return [], {}
+  source = chat_template
+  if prompt_format == "hf_chat_template" and not source:
+    source = flan_config.bound_value("train.init_from")
+  fmt = chat.get(prompt_format, source)
   defs, mixtures = [], {}
   for spec in tasks:
-    d, members = _task_defs_of(spec)
+    d, members = _task_defs_of(spec, fmt)
     defs.extend(d)
     if members:
       mixtures[spec["name"]] = members

@@ -1,0 +1,360 @@
+"""Prompt formats (flanjax/data/chat.py) and the readers of user data behind them.
+
+Layouts of plain / alpaca / phi3 / chatml; hf_chat_template equal to transformers'
+apply_chat_template on two real-world templates (Llama 3 Instruct's and Qwen2
+Instruct's ChatML); on packed prefix-LM rows the loss covers exactly each response,
+its end-of-turn marker and EOS; every format read from JSON lines and a JSON array,
+`auto` detection; the run records its format and infer applies it; the BOS rule.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_data
+from flanjax import config
+from flanjax.data import cache, chat, hf_vocab, pipeline, sources, tasks
+from flanjax.data.collections import user
+from flanjax.errors import UserError
+from flanjax.models import kinds
+
+# Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template (2024-05 revision).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ "
+    "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Qwen2-7B-Instruct's (ChatML, with a default system turn).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "What colour is the sky?"},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "And grass?"},
+     {"role": "assistant", "content": "Green."}],
+    [{"role": "user", "content": "Name a prime number."},
+     {"role": "assistant", "content": "Seven is one."},
+     {"role": "user", "content": "A larger one?"},
+     {"role": "assistant", "content": "Eleven."},
+     {"role": "user", "content": "Thanks. Now say hello."},
+     {"role": "assistant", "content": "Hello!"}],
+]
+SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def _tokenizer_dir(path, specials, config, post_bos=None):
+  """A byte-level BPE tokenizer folder with these special tokens and tokenizer_config."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  os.makedirs(path, exist_ok=True)
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  text = [m["content"] for c in CONVERSATIONS for m in c] * 10
+  tok.train_from_iterator(text, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  if post_bos:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{post_bos} $A", special_tokens=[(post_bos, tok.token_to_id(post_bos))])
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+  # As Llama 3 Instruct: the post-processor adds <|begin_of_text|>, EOS is <|eot_id|>.
+  return _tokenizer_dir(
+      tmp_path_factory.mktemp("llama3"),
+      ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+       "<|eot_id|>"],
+      {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+       "chat_template": LLAMA3_TEMPLATE}, post_bos="<|begin_of_text|>")
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+  # As Qwen2: no BOS; EOS <|endoftext|>, so <|im_end|> is an end-of-turn marker of its own.
+  return _tokenizer_dir(
+      tmp_path_factory.mktemp("chatml"), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+       "chat_template": CHATML_TEMPLATE})
+
+
+def _auto(folder):
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------ layouts
+
+def test_formats_render_the_documented_layouts():
+  conv = CONVERSATIONS[0]
+  expected = {
+      "plain": ("System: You answer in one word.\nUser: What colour is the sky?\nAssistant: Blue."
+                "\nUser: And grass?\nAssistant:", "Green."),
+      "alpaca": ("You answer in one word.\n\n### Instruction:\nWhat colour is the sky?\n\n"
+                 "### Response:\nBlue.\n\n### Instruction:\nAnd grass?\n\n### Response:\n", "Green."),
+      "phi3": ("<|system|>\nYou answer in one word.<|end|>\n<|user|>\nWhat colour is the sky?<|end|>\n"
+               "<|assistant|>\nBlue.<|end|>\n<|user|>\nAnd grass?<|end|>\n<|assistant|>\n",
+               "Green.<|end|>"),
+      "chatml": ("<|im_start|>system\nYou answer in one word.<|im_end|>\n<|im_start|>user\n"
+                 "What colour is the sky?<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"
+                 "<|im_start|>user\nAnd grass?<|im_end|>\n<|im_start|>assistant\n", "Green.<|im_end|>"),
+  }
+  for name, want in expected.items():
+    fmt = chat.get(name)
+    assert fmt.example(conv, 4) == want, name
+    # Every earlier example is the start of the later one: one conversation, one layout.
+    for conv_ in CONVERSATIONS:
+      turns = [k for k, m in enumerate(conv_) if m["role"] == "assistant"]
+      for a, b in zip(turns, turns[1:]):
+        inputs, target = fmt.example(conv_, a)
+        later = fmt.example(conv_, b)[0]
+        assert later.startswith(inputs) and later[len(inputs):].lstrip(" ").startswith(target)
+  alpaca = chat.get("alpaca").example(
+      [{"role": "user", "content": "Add the numbers.", "input": "2, 3"},
+       {"role": "assistant", "content": "5"}], 1)
+  assert alpaca == ("Below is an instruction that states a task, together with an input that "
+                    "gives further context. Write a response that carries out the request.\n\n"
+                    "### Instruction:\nAdd the numbers.\n\n### Input:\n2, 3\n\n### Response:\n", "5")
+  assert chat.get("plain").wrap("Hi") == "Hi"  # plain runs were never wrapped at inference
+  assert chat.get("chatml").wrap("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+  assert chat.get("chatml").cut("Blue.<|im_end|>\n<|im_start|>user") == "Blue."
+  with pytest.raises(UserError, match="unknown prompt format 'vicuna'; choose one of plain"):
+    chat.get("vicuna")
+
+
+# ------------------------------------------------------------------ transformers' templates
+
+@pytest.mark.parametrize("which", ["llama3", "chatml"])
+def test_hf_chat_template_equals_apply_chat_template(which, llama3_dir, chatml_dir):
+  folder = {"llama3": llama3_dir, "chatml": chatml_dir}[which]
+  tok, fmt = _auto(folder), chat.load_hf_template(folder)
+  for conv in CONVERSATIONS:
+    for n in range(1, len(conv) + 1):
+      for gen in (True, False):
+        assert fmt.render(conv[:n], gen) == tok.apply_chat_template(
+            conv[:n], tokenize=False, add_generation_prompt=gen), (which, n, gen)
+    for k, m in enumerate(conv):
+      if m["role"] != "assistant":
+        continue
+      inputs, target = fmt.example(conv, k)
+      assert inputs == tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True)
+      full = tok.apply_chat_template(conv[:k + 1], tokenize=False)
+      # The response and its end of turn; the EOS token (Llama 3: <|eot_id|>) closes the target.
+      assert full.rstrip() == inputs + target + ("<|eot_id|>" if which == "llama3" else "")
+      assert target == m["content"] + fmt.end_of_turn
+  assert fmt.end_of_turn == {"llama3": "", "chatml": "<|im_end|>"}[which]
+  # Recorded and read back (the run folder's prompt_format.json) it renders the same.
+  again = chat.from_record(json.loads(json.dumps(fmt.record())))
+  assert again.render(CONVERSATIONS[1], True) == fmt.render(CONVERSATIONS[1], True)
+
+
+def test_hf_template_errors_are_one_line(tmp_path):
+  strict = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.first %}"
+            "{{ raise_exception('Conversations must start with a user turn') }}{% endif %}"
+            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{{ strftime_now('%Y') }}")
+  fmt = chat.HFChatTemplate(strict, {}, "strict.jinja")
+  with pytest.raises(UserError, match=r"^rec\.jsonl:3: the chat template of strict.jinja failed: "
+                                      r"Conversations must start with a user turn$"):
+    fmt.example([{"role": "assistant", "content": "x"}], 0, "rec.jsonl:3")
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+  with pytest.raises(UserError, match="no chat template"):
+    chat.load_hf_template(str(tmp_path))
+
+
+# ------------------------------------------------------------------ the loss mask, packed
+
+LEN = {"inputs": 256, "targets": 64}
+
+
+def _sharegpt_file(path):
+  with open(path, "w", encoding="utf-8") as f:
+    for conv in CONVERSATIONS:
+      turns = [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in conv]
+      f.write(json.dumps({"id": len(turns), "conversations": turns}) + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("name", ["plain", "alpaca", "phi3", "chatml", "hf_llama3", "hf_chatml"])
+def test_packed_rows_train_exactly_each_response_and_its_end_of_turn(
+    name, tmp_path, builtin_vocab, llama3_dir, chatml_dir):
+  folder = {"hf_llama3": llama3_dir, "hf_chatml": chatml_dir}.get(name)
+  fmt_name = "hf_chat_template" if folder else name
+  vocab = hf_vocab.HFTokenizerVocabulary.from_directory(llama3_dir) if name == "hf_llama3" \
+      else builtin_vocab
+  (d,), _ = user.user_data([{"name": f"mask_{name}", "path": _sharegpt_file(tmp_path / "c.jsonl")}],
+                           prompt_format=fmt_name, chat_template=folder)
+  tasks.register(d, vocab, input_length=LEN["inputs"])
+  fmt = chat.get(fmt_name, folder)
+  tok = _auto(folder) if folder else None
+  expected = []  # (input ids, response ids) of every assistant turn, from the conversations
+  for conv in CONVERSATIONS:
+    for k, m in enumerate(conv):
+      if m["role"] == "assistant":
+        prompt = (tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True)
+                  if tok else fmt.render_prompt(conv[:k]))
+        expected.append((vocab.encode(prompt) + [vocab.eos_id],
+                         vocab.encode(m["content"] + fmt.end_of_turn) + [vocab.eos_id]))
+  stats = pipeline.packing.PackingStats()
+  found = []
+  for batch in pipeline.get_dataset(d.name, LEN, "train", batch_size=1, shuffle=False,
+                                    num_epochs=1, kind="prefix_lm", stats=stats).as_numpy_iterator():
+    seg, toks, w = (batch[k][0] for k in ("decoder_segment_ids", "decoder_target_tokens",
+                                          "decoder_loss_weights"))
+    for s in set(seg.tolist()) - {0}:
+      m = seg == s
+      found.append((list(toks[m][w[m] == 0]), list(toks[m][w[m] == 1])))
+      assert np.all(np.diff(w[m]) >= 0)  # the prompt carries no loss, the response all of it
+  assert sorted(found) == sorted(expected) and len(found) == 5
+  assert stats.violations == 0
+
+
+# ------------------------------------------------------------------ readers
+
+RECORDS = {
+    "alpaca": [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+               {"instruction": "Reverse the word.", "input": "stop", "output": "pots"}],
+    "prompt_completion": [{"prompt": "Capital of France?", "completion": " Paris"},
+                          {"prompt": "Capital of Peru?", "completion": " Lima"}],
+    "chat": [{"messages": c} for c in CONVERSATIONS],
+    "sharegpt": [{"conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]}
+                                    for m in c]} for c in CONVERSATIONS],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(RECORDS))
+def test_every_format_reads_json_lines_and_a_json_array_and_is_detected(fmt, tmp_path, capsys):
+  lines = tmp_path / f"{fmt}.jsonl"
+  lines.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[fmt]), encoding="utf-8")
+  array = tmp_path / f"{fmt}.json"
+  array.write_text(json.dumps(RECORDS[fmt], indent=4), encoding="utf-8")  # pretty-printed
+  rendered = []
+  for path in (lines, array):
+    for given in (fmt, "auto"):
+      cache.clear_caches()
+      (d,), _ = user.user_data([{"name": "u", "path": str(path), "format": given, "num_shots": 0}])
+      rendered.append([(r["inputs"], r["targets"]) for r in tasks.render_split(d, "train")])
+  assert all(r == rendered[0] for r in rendered) and len(rendered[0]) in (2, 5)
+  assert f"{array}: format {fmt} (detected from its first record" in capsys.readouterr().out
+
+
+def test_sharegpt_on_real_files_and_the_wrong_format_named_truly():
+  path = shared_data("instruction_pool") / "fastchat_lima_1k.json"
+  (d,), _ = user.user_data([{"name": "lima", "path": str(path)}], prompt_format="chatml")
+  records = tasks.render_split(d, "train")
+  raw = json.loads(path.read_text(encoding="utf-8"))
+  assert len(records) == 1000 == len(raw)
+  assert records[0]["inputs"] == ("<|im_start|>user\n" + raw[0]["conversations"][0]["value"].strip()
+                                  + "<|im_end|>\n<|im_start|>assistant\n")
+  assert records[0]["targets"] == raw[0]["conversations"][1]["value"].strip() + "<|im_end|>"
+  # Named as chat, the JSON array is read as one (not ":1: not valid JSON") and the
+  # record says what it lacks.
+  cache.clear_caches()
+  (d,), _ = user.user_data([{"name": "lima", "path": str(path), "format": "chat"}])
+  with pytest.raises(sources.BadRecord, match=r"fastchat_lima_1k.json\[0\]: no field 'messages' "
+                                              r"\(has \['conversations', 'id', 'score'\]\)"):
+    tasks.raw_examples(d, "train")
+
+
+def test_a_file_of_no_format_is_one_line_naming_file_record_and_formats(tmp_path):
+  path = tmp_path / "odd.jsonl"
+  path.write_text('\n{"question": "q", "answer": "a"}\n')
+  with pytest.raises(UserError) as e:
+    user.user_data([{"name": "odd", "path": str(path)}])
+  msg = config.one_line(e.value)  # as the commands print it (gin adds a line)
+  assert msg.startswith(f"{path}:2: a record with keys ['answer', 'question'] matches no format")
+  assert "sharegpt ('conversations')" in msg and "alpaca ('instruction', 'output')" in msg
+  one_object = tmp_path / "one.json"
+  one_object.write_text(json.dumps({"data": RECORDS["alpaca"]}, indent=2))
+  with pytest.raises(UserError, match=r"one.json: one JSON object \(keys: data\), not records"):
+    list(user.read_records(sources.Reader(str(one_object), "raise"), "alpaca"))
+  with pytest.raises(UserError, match="'templates' apply to the plain prompt format only"):
+    user.user_data([{"name": "t", "path": str(path), "format": "alpaca", "templates": "none"}],
+                   prompt_format="chatml")
+
+
+def test_a_conversation_is_held_out_whole(tmp_path):
+  convs = [[{"role": "user", "content": f"Count to {i}."}, {"role": "assistant", "content": "1"},
+            {"role": "user", "content": "Go on."}, {"role": "assistant", "content": "2"}]
+           for i in range(60)]
+  path = tmp_path / "c.jsonl"
+  path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+  (d,), _ = user.user_data([{"name": "held", "path": str(path), "validation_share": 0.3}])
+  splits = {s: tasks.raw_examples(d, s) for s in ("train", "validation")}
+  assert len(splits["train"]) + len(splits["validation"]) == 120 and splits["validation"]
+  firsts = {s: {ex["messages"][0]["content"] for ex in exs} for s, exs in splits.items()}
+  assert not firsts["train"] & firsts["validation"]
+
+
+# ------------------------------------------------------------------ BOS, as the tokenizer says
+
+def test_causal_prompts_start_with_bos_only_when_the_tokenizer_adds_it(tmp_path, llama3_dir):
+  specials = ["<unk>", "<s>", "</s>"]
+  cases = {"post_bos": ("<s>", {}), "none": (None, {}),
+           # transformers 5 ignores add_bos_token beside tokenizer.json; so do we.
+           "flag_only": (None, {"add_bos_token": True}), "flag_off": ("<s>", {"add_bos_token": False})}
+  for name, (post, extra) in cases.items():
+    folder = _tokenizer_dir(tmp_path / name, specials,
+                            {"bos_token": "<s>", "eos_token": "</s>", **extra}, post_bos=post)
+    vocab = hf_vocab.HFTokenizerVocabulary.from_directory(folder)
+    for text in ("Name a prime number.", ""):
+      want = _auto(folder)(text).input_ids or [vocab.bos_id]
+      assert kinds.DECODER.prompt_ids(vocab, text) == want, (name, text)
+    assert vocab.add_bos == (post is not None)
+  # A chat template that writes BOS itself: not doubled, as apply_chat_template(tokenize=True).
+  vocab = hf_vocab.HFTokenizerVocabulary.from_directory(llama3_dir)
+  text = chat.load_hf_template(llama3_dir).wrap("Name a prime number.")
+  ids = _auto(llama3_dir).apply_chat_template(
+      [{"role": "user", "content": "Name a prime number."}], add_generation_prompt=True,
+      tokenize=True, return_dict=True)["input_ids"]
+  assert kinds.DECODER.prompt_ids(vocab, text) == ids and ids.count(vocab.bos_id) == 1
+
+
+# ------------------------------------------------------------------ end to end
+
+def test_a_run_records_its_format_and_infer_applies_it(tmp_path, llama3_dir, monkeypatch, capsys):
+  """python -m flanjax.train on LIMA (ShareGPT, detected) with a decoder and the Llama 3
+  chat template; infer wraps prompts in that template without being told."""
+  data = shared_data("instruction_pool") / "fastchat_lima_1k.json"
+  run = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "flanjax.train", "--gin_file=runs/user_data.gin",
+       "--gin_file=models/llama_tiny.gin", "--gin.train.model_config=@DecoderConfig()",
+       f"--gin.USER_FILE={data}", "--gin.PROMPT_FORMAT=hf_chat_template",
+       f"--gin.user_data.chat_template={llama3_dir}", "--gin.MIXTURE='user_data'",
+       f"--gin.train.model_dir={run}", "--gin.train.num_steps=2", "--gin.train.batch_size=2",
+       "--gin.train.task_feature_lengths={'inputs': 96, 'targets': 32}",
+       "--gin.DecoderConfig.d_model=32", "--gin.DecoderConfig.num_layers=1",
+       "--gin.train.log_every_secs=0", "--gin.train.eval_at_end=False"],
+      capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert f"{data}: format sharegpt (detected" in proc.stdout
+  recorded = json.loads((run / "prompt_format.json").read_text())
+  assert recorded["name"] == "hf_chat_template" and recorded["template"] == LLAMA3_TEMPLATE
+  from flanjax import decoding, infer
+  seen = []
+  real_encode = decoding.Generator.encode
+  monkeypatch.setattr(decoding.Generator, "encode",
+                      lambda self, text: seen.append(text) or real_encode(self, text))
+  assert infer.run(["--checkpoint", str(run), "Can brain cells move?", "--max_decode_len", "4"]) == 0
+  want = _auto(llama3_dir).apply_chat_template(
+      [{"role": "user", "content": "Can brain cells move?"}], tokenize=False,
+      add_generation_prompt=True)
+  assert seen == [want]
+  assert "in the hf_chat_template prompt format" in capsys.readouterr().err
+  seen.clear()
+  infer.run(["--checkpoint", str(run), "Can brain cells move?", "--max_decode_len", "2",
+             "--prompt_format", "plain"])
+  assert seen == ["Can brain cells move?"]
