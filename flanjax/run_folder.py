@@ -7,10 +7,13 @@
       prompt_format.json          the prompt format of its user-data tasks (and the chat
                                   template), applied by infer to this run's prompts
       checkpoints/<step>/         orbax: state (params, optimizer, step, rng) + data position
+      checkpoints/best/           the best state by train.early_stopping's metric (state/,
+                                  best.json: step, metric, value); never rotated
       train_losses.jsonl          one line per step (a resumed run appends; last wins)
       eval_during_training.jsonl  one line per evaluation during training
       summary.json                the end-of-run summary
       tensorboard/                scalars and tables
+      curves.png                  training and validation loss, evaluation metrics, best step
       .lock                       held by the one process training in this folder
 
 The trainer writes through a RunFolder; `models.loading`, `infer` and
@@ -34,6 +37,9 @@ EVAL_LOG = "eval_during_training.jsonl"
 SUMMARY = "summary.json"
 PROMPT_FORMAT = "prompt_format.json"
 TENSORBOARD = "tensorboard"
+BEST_DIR = "best"  # checkpoints/best/
+BEST_INFO = "best.json"
+CURVES = "curves.png"
 
 # What a resumed run may change: none of it shapes the parameters or the optimizer state.
 TRAINING_FIELDS = ("dtype", "remat", "dropout_rate")
@@ -90,6 +96,18 @@ class RunFolder:
   def summary_path(self) -> str:
     return self.file(SUMMARY)
 
+  @property
+  def best_dir(self) -> str:
+    return os.path.join(self.checkpoints_dir, BEST_DIR)
+
+  @property
+  def best_info_path(self) -> str:
+    return os.path.join(self.best_dir, BEST_INFO)
+
+  @property
+  def curves_path(self) -> str:
+    return self.file(CURVES)
+
   def lock(self):
     """The folder's run lock (`<path>/.lock`; process 0 of a multi-process run holds it):
     `with run.lock(): ...` refuses a second run on the folder with one line."""
@@ -97,8 +115,10 @@ class RunFolder:
     from flanjax.training.run_lock import RunLock  # pylint: disable=g-import-not-at-top
     return RunLock(self.path, process_index=jax.process_index())
 
-  def state_dir(self, step: int) -> str:
-    return os.path.join(self.checkpoints_dir, str(step), STATE_ITEM)
+  def state_dir(self, step: int | str) -> str:
+    """A step's state item; step 'best' is checkpoints/best/state."""
+    return os.path.join(self.checkpoints_dir, BEST_DIR if step == BEST_DIR else str(step),
+                        STATE_ITEM)
 
   # ---------------------------------------------------------------- finding runs
   @classmethod
@@ -107,6 +127,8 @@ class RunFolder:
     run = cls(path)
     if run.checkpoint_steps():
       return run
+    if cls.is_best_dir(path):  # <run>/checkpoints/best
+      return cls(os.path.dirname(os.path.dirname(run.path)))
     if os.path.basename(run.path) == CHECKPOINTS_DIR:
       parent = cls(os.path.dirname(run.path))
       if parent.checkpoint_steps():
@@ -121,7 +143,21 @@ class RunFolder:
     return sorted(int(n) for n in os.listdir(root)
                   if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM)))
 
-  def resolve_step(self, step: int | None) -> int:
+  @staticmethod
+  def is_best_dir(path: str) -> bool:
+    """Whether `path` is a run's checkpoints/best folder holding a state."""
+    path = os.path.abspath(os.path.expanduser(path))
+    return (os.path.basename(path) == BEST_DIR and
+            os.path.basename(os.path.dirname(path)) == CHECKPOINTS_DIR and
+            os.path.isdir(os.path.join(path, STATE_ITEM)))
+
+  def resolve_step(self, step: int | str | None) -> int | str:
+    """The newest step for None; 'best' (checkpoints/best) if the run keeps one."""
+    if step == BEST_DIR:
+      if self.read_best() is None:
+        raise UserError(f"{self.best_dir}: no best checkpoint (kept only by runs with "
+                        "train.early_stopping)")
+      return BEST_DIR
     steps = self.checkpoint_steps()
     if not steps:
       raise UserError(f"{self.checkpoints_dir}: no checkpoint steps")
@@ -277,6 +313,30 @@ class RunFolder:
             rec = json.loads(line)
             by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
+
+  def read_evals(self) -> list[dict]:
+    """The evaluations during training, the last record of each step kept, in step order
+    (a resumed run evaluates the steps after its checkpoint again)."""
+    by_step = {}
+    if os.path.exists(self.eval_log_path):
+      with open(self.eval_log_path, encoding="utf-8") as f:
+        for line in f:
+          line = line.strip()
+          if line:
+            try:
+              rec = json.loads(line)
+            except json.JSONDecodeError:
+              continue  # a line cut short by a kill
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+  def read_best(self) -> dict | None:
+    """checkpoints/best/best.json ({step, metric, value, mode}), or None."""
+    try:
+      with open(self.best_info_path, encoding="utf-8") as f:
+        return json.load(f)
+    except (OSError, json.JSONDecodeError):
+      return None
 
   def read_summary(self) -> dict | None:
     if not os.path.exists(self.summary_path):

@@ -130,16 +130,21 @@ def restore_numpy(path: str, subtree: str | None = None):
   return out if subtree is None else out[subtree]
 
 
-def training_checkpoint(ckpt_dir: str, step: int | None):
-  """(step folder's state item, RunFolder) of a training run, or None."""
-  from flanjax.run_folder import RunFolder  # pylint: disable=g-import-not-at-top
+def training_checkpoint(ckpt_dir: str, step: int | str | None):
+  """(step folder's state item, RunFolder) of a training run, or None.
+
+  step 'best', or ckpt_dir a run's checkpoints/best folder: the best checkpoint
+  (kept by runs with train.early_stopping)."""
+  from flanjax.run_folder import BEST_DIR, RunFolder  # pylint: disable=g-import-not-at-top
   run = RunFolder.find(ckpt_dir)
   if run is None:
     return None
+  if step is None and RunFolder.is_best_dir(ckpt_dir):
+    step = BEST_DIR
   return run.state_dir(run.resolve_step(step)), run
 
 
-def read_orbax(ckpt_dir: str, config: str | None = None, step: int | None = None):
+def read_orbax(ckpt_dir: str, config: str | None = None, step: int | str | None = None):
   """(model config, params, original HF config or None, folder of HF files or None)."""
   ckpt_dir = os.path.abspath(ckpt_dir)
   if not os.path.isdir(ckpt_dir):
@@ -200,8 +205,10 @@ class Loaded:
   step: int | None = None  # the training step of a run's checkpoint
 
 
-def load(path: str, step: int | None = None, config: str | None = None) -> Loaded:
-  """Reads a training run, a converted orbax checkpoint or a Hugging Face folder."""
+def load(path: str, step: int | str | None = None, config: str | None = None) -> Loaded:
+  """Reads a training run, a converted orbax checkpoint or a Hugging Face folder.
+
+  A run's best checkpoint: step='best', or path <run>/checkpoints/best."""
   from flanjax.models import hf, kinds  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
@@ -234,6 +241,9 @@ def load(path: str, step: int | None = None, config: str | None = None) -> Loade
       state_dir, run_folder = run
       run_info = run_folder.read_run_info() or {}
       vocab = run_folder.load_vocabulary(run_info)
-      at = int(os.path.basename(os.path.dirname(state_dir)))
-      kind, source = run_folder.model_kind(run_info), f"training run {run_folder.path}, step {at}"
+      name = os.path.basename(os.path.dirname(state_dir))
+      at = int(name) if name.isdigit() else int(run_folder.read_best()["step"])
+      kind, source = run_folder.model_kind(run_info), (
+          f"training run {run_folder.path}, step {at}" + ("" if name.isdigit() else
+                                                          " (its best checkpoint)"))
   return Loaded(kind.build(cfg), cfg, params, vocab, kind, source, at)

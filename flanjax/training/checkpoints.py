@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from flanjax.errors import UserError
+from flanjax.run_folder import BEST_DIR, BEST_INFO
 
 # Orbax's per-checkpoint metadata, and room for the logs beside the checkpoints.
 _OVERHEAD_BYTES = 1 << 20
@@ -92,6 +93,8 @@ class Checkpointer:
     except OSError as e:
       raise StorageError(f"cannot use {self.directory} for checkpoints ({e.strerror or e}); "
                          "set --gin.train.model_dir to a writable folder") from None
+    if cleanup_tmp:
+      self._recover_best()
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -143,6 +146,77 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore()))
     return restored["state"], int(restored["data"]["position"])
+
+  # ---------------------------------------------------------------- the best checkpoint
+  # checkpoints/best/ (state/ as orbax writes a step's state item, and best.json) sits
+  # beside the step folders; orbax lists only numbered steps, so it is never rotated.
+  # It is replaced whole: written to best.saving/, then renamed over best/ (the old one
+  # passing through best.old/, which a run started after a kill puts back).
+
+  @property
+  def best_dir(self) -> str:
+    return os.path.join(self.directory, BEST_DIR)
+
+  def _recover_best(self) -> None:
+    if jax.process_index() != 0:
+      return
+    best, old = self.best_dir, self.best_dir + ".old"
+    if os.path.isdir(old):
+      if os.path.isdir(best):
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        os.replace(old, best)
+    shutil.rmtree(best + ".saving", ignore_errors=True)
+
+  def save_best(self, step: int, state, info: dict) -> None:
+    """Saves `state` (synchronously) as the best checkpoint, with `info` (metric, value,
+    ...) and the step in best.json; a failure is a StorageError naming what is kept."""
+    new, old = self.best_dir + ".saving", self.best_dir + ".old"
+    main = jax.process_index() == 0
+    try:
+      if main:
+        shutil.rmtree(new, ignore_errors=True)
+      _sync_hosts("flanjax_best_clear")
+      writer = ocp.StandardCheckpointer()
+      writer.save(os.path.join(new, "state"), state)
+      writer.wait_until_finished()
+      writer.close()
+      if main:
+        with open(os.path.join(new, BEST_INFO), "w", encoding="utf-8") as f:
+          json.dump({"step": int(step), **info}, f, indent=1)
+        if os.path.isdir(self.best_dir):
+          os.replace(self.best_dir, old)
+        os.replace(new, self.best_dir)
+        shutil.rmtree(old, ignore_errors=True)
+      _sync_hosts("flanjax_best_done")
+    except Exception as e:  # pylint: disable=broad-except
+      have = self.read_best()
+      kept = (f"the best checkpoint of step {have['step']} is kept" if have else
+              "no best checkpoint is kept")
+      raise StorageError(f"saving the best checkpoint (step {step}) in {self.best_dir} failed "
+                         f"({_first_line(e)}); {kept}; free disk space or fix the folder, then "
+                         "run the same command again to resume") from None
+
+  def read_best(self) -> dict | None:
+    """best.json of the best checkpoint ({step, metric, value, ...}), or None."""
+    try:
+      with open(os.path.join(self.best_dir, BEST_INFO), encoding="utf-8") as f:
+        info = json.load(f)
+    except (OSError, ValueError):
+      return None
+    return info if isinstance(info, dict) and "step" in info else None
+
+  def restore_best(self, abstract_state):
+    """(state, best.json) of the best checkpoint onto `abstract_state`'s shardings, or None."""
+    info = self.read_best()
+    if info is None:
+      return None
+    reader = ocp.StandardCheckpointer()
+    try:
+      state = reader.restore(os.path.join(self.best_dir, "state"), abstract_state)
+    finally:
+      reader.close()
+    return state, info
 
   def check_fits(self, step: int, abstract_state, meta=None) -> None:
     """Raises a UserError if checkpoint `step` holds another model's or optimizer's state.
@@ -288,18 +362,21 @@ class Checkpointer:
           f"({damage}); moved to {os.path.basename(dst)}", flush=True)
     self.manager.reload()
 
-  def check_free_space(self, state, saves_left: int) -> None:
+  def check_free_space(self, state, saves_left: int, best: bool = False) -> None:
     """Fails before training when the disk cannot hold the checkpoints this run will write.
 
     Peak use is keep + 1 checkpoints (the oldest goes once a new one is
     complete); those already on disk count as written. Sizes are the state's
     bytes plus orbax's metadata, or the newest existing checkpoint's if larger.
+    best: the run keeps a best checkpoint too (two while one replaces the other).
     """
     per = state_bytes(state) + _OVERHEAD_BYTES
     existing = self.all_steps()
     if existing:
       per = max(per, _du(os.path.join(self.directory, str(existing[-1]))))
     new = max(min(self.keep + 1, len(existing) + max(saves_left, 1)) - len(existing), 1)
+    if best:
+      new += 2 - (self.read_best() is not None)
     need = new * per + _LOG_HEADROOM_BYTES
     free = shutil.disk_usage(self.directory).free
     if free < need:
@@ -318,6 +395,12 @@ class Checkpointer:
   def close(self):
     self.wait()
     self.manager.close()
+
+
+def _sync_hosts(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def state_bytes(state) -> int:
