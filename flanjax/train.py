@@ -125,7 +125,7 @@ def train(
     eval_tasks: Sequence[str] | None = None, eval_splits: Sequence[str] | None = None,
     eval_max_examples: int | None = None, eval_batch_size: int = 64,
     eval_rank_classification: bool = False, max_decode_len: int | None = None,
-    stop_signal=None, on_step: Callable | None = None,
+    early_stopping=None, stop_signal=None, on_step: Callable | None = None,
 ) -> dict:
   """Trains and evaluates; returns a summary dict (also written to model_dir).
 
@@ -135,6 +135,7 @@ def train(
   checkpoint. Only dtype, remat and dropout_rate of `model_config` apply then.
   eval_tasks: task specs (names, mixtures, patterns such as 'bbh_*', 'task:split'),
   default the mixture's tasks; eval_splits: default each task's evaluation splits.
+  early_stopping: @EarlyStopping() (training/early_stopping.py) on the evaluations.
   """
   _hide_accelerators_from_tf()
   lengths = pipeline.check_lengths(task_feature_lengths or {"inputs": 256, "targets": 64})
@@ -170,7 +171,8 @@ def train(
         run=run, vocab=vocab, mixture=mixture, seed=seed,
         losses=loop.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, microbatches),
         log=loop.LogConfig(log_every_secs, summary_every_steps, peak_flops, max_nonfinite_in_row),
-        run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0)
+        run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0,
+        early_stopping=early_stopping)
     check_divisible(trainer.partitioner.mesh, batch_size, microbatches,
                     trainer.abstract_params(), trainer.partitioner.rules)
     state = trainer.init_state(init_params)

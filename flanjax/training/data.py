@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import jax
+import numpy as np
 
-from flanjax.data import packing, pipeline, registry
+from flanjax.data import packing, pipeline
 from flanjax.models import kinds as kinds_lib
 
 
@@ -31,6 +32,7 @@ class TrainData:
     self.stats = packing.PackingStats()
     # Each row counts its examples per task, so a bad batch names its tasks.
     self.task_names = pipeline.task_names(self.mixture, "train")
+    self._eval_cache: dict = {}
 
   @property
   def row_length(self) -> int:
@@ -59,18 +61,29 @@ class TrainData:
     real = float(pipeline.real_tokens(batch)) * jax.process_count()
     return batch, tasks_in_batch, real
 
-  def validation_batches(self, per_task: int) -> Iterator[dict]:
-    """The first `per_task` batches of each task's validation split (full batches only)."""
-    task_or_mix = registry.get_task_or_mixture(self.mixture)
-    for task in getattr(task_or_mix, "tasks", [task_or_mix]):
-      if "validation" not in task.splits:
-        continue
-      ds = pipeline.get_dataset(task.name, self.lengths, "validation", self.batch_size,
-                                self.seed, self.pack, shuffle=False, num_epochs=1,
+  def eval_batches(self, task: str, split: str, max_batches: int) -> list[dict]:
+    """The first `max_batches` batches of a task's split, packed as training packs, in order.
+
+    Drawn once and kept (the same batches at every evaluation; the training
+    stream is another pipeline and never sees them). A short last batch is
+    filled with rows without loss weight, so it shards evenly; in a
+    multi-process run every host gives exactly `max_batches` (empty ones if its
+    share ran out), so all take the same number of steps.
+    """
+    key = (task, split, max_batches)
+    if key not in self._eval_cache:
+      ds = pipeline.get_dataset(task, self.lengths, split, self.batch_size, self.seed,
+                                self.pack, shuffle=False, num_epochs=1,
                                 kind=self.kind.packing_kind)
-      for batch in ds.take(per_task).as_numpy_iterator():
-        if batch["decoder_target_tokens"].shape[0] * jax.process_count() == self.batch_size:
-          yield batch  # a short last batch would not shard evenly
+      rows = self.batch_size // jax.process_count()
+      empty = {k: np.zeros((rows,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
+               for k, v in ds.element_spec.items()}
+      batches = [{k: np.concatenate([v, empty[k][:rows - len(v)]]) for k, v in b.items()}
+                 for b in ds.take(max_batches).as_numpy_iterator()]
+      if jax.process_count() > 1:
+        batches += [empty] * (max_batches - len(batches))
+      self._eval_cache[key] = batches
+    return self._eval_cache[key]
 
   def packing_summary(self) -> dict:
     """Fill of every row the packer built (a few batches run ahead in prefetch)."""

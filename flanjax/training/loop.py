@@ -8,13 +8,15 @@
 `python -m flanjax.train` builds these from gin (flanjax/train.py); a Python
 user builds them directly. The step itself is pure (trainer.make_train_step);
 this module is the loop around it: resume, checkpoints, non-finite steps,
-progress, evaluations, the summary.
+progress, evaluations (with the overfitting warning, early stopping and the
+best checkpoint), the summary and curves.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ import optax
 from flanjax.errors import UserError
 from flanjax.models import kinds as kinds_lib
 from flanjax.training import checkpoints, partitioning, trainer as step_lib
+from flanjax.training import early_stopping as stopping_lib
 from flanjax.training import metrics as metrics_lib
 
 
@@ -79,6 +82,7 @@ class _StepRecorder:
   def __init__(self, trainer: "Trainer", num_steps: int, start_step: int, writer, n_params):
     self.t, self.num_steps, self.writer = trainer, num_steps, writer
     self.history, self.nonfinite_in_row = [], 0
+    self._window_start = 0  # history index after the last evaluation
     self.losses_file = trainer.run.open_losses_log()
     cfg = trainer.log
     # 6 N flops per token for the matmuls of forward and backward.
@@ -89,6 +93,12 @@ class _StepRecorder:
   def close(self):
     if self.losses_file:
       self.losses_file.close()
+
+  def train_loss_window(self) -> float | None:
+    """Mean finite training loss of the steps since the last call (the last evaluation)."""
+    recent = [x for x in self.history[self._window_start:] if math.isfinite(x)]
+    self._window_start = len(self.history)
+    return float(np.mean(recent)) if recent else None
 
   def record(self, step_no: int, m, real: float, tasks_in_batch: dict) -> None:
     m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -154,6 +164,7 @@ class Trainer:
   run_info: dict | None = None  # written once the folder's checkpoint restored
   on_step: Callable | None = None
   dropout: bool = False
+  early_stopping: stopping_lib.EarlyStopping | None = None
 
   # ---------------------------------------------------------------- state
   def abstract_params(self):
@@ -191,24 +202,42 @@ class Trainer:
         loss_normalizing_factor=lc.loss_normalizing_factor, dropout=self.dropout,
         model_inputs=self.kind.model_inputs)
     jit_step = step_lib.jit_train_step(step_fn, self.state_shardings, p.mesh)
-    eval_step = jax.jit(step_lib.make_eval_step(self.model, self.kind.model_inputs),
+    eval_step = jax.jit(step_lib.make_eval_step(self.model, self.kind.model_inputs,
+                                                token_accuracy=True),
                         in_shardings=(self.state_shardings["params"],
                                       partitioning.batch_sharding(p.mesh)))
-    return jit_step, eval_step
+    return jit_step, self._loss_probe(eval_step)
+
+  def _loss_probe(self, eval_step):
+    """(params, task, split, max_batches) -> (summed loss, weight, correct tokens; batches)
+    over the first batches of a split: the evaluator's teacher-forced measure."""
+    mesh = self.partitioner.mesh
+
+    def probe(params, task, split, max_batches):
+      batches = self.data.eval_batches(task, split, max_batches)
+      sums = [eval_step(params, partitioning.global_batch(b, mesh)) for b in batches]
+      if not sums:
+        return np.zeros(3), 0
+      return np.asarray(jax.device_get(sums), np.float64).sum(0), len(batches)
+
+    return probe
 
   # ---------------------------------------------------------------- the loop
   def fit(self, state, num_steps: int, stop_signal=None) -> dict:
     """Trains to `num_steps` (resuming the folder's run), evaluates, returns the summary."""
     t_start = time.time()
+    self._check_early_stopping()
     with self.partitioner.scope():
       state, position = self.resume(state)
       start_step = int(jax.device_get(state["step"]))
       # A disk too small for this run's checkpoints is known now, before any step.
       every = self.checkpointer.every_steps
       self.checkpointer.check_free_space(
-          state, (num_steps - start_step) // every + 1 if every > 0 else 1)
+          state, (num_steps - start_step) // every + 1 if every > 0 else 1,
+          best=self.early_stopping is not None)
+      self._watch_from(state, start_step)
       stream = self.data.stream(position)
-      jit_step, eval_step = self._compile()
+      jit_step, self._probe = self._compile()
       writer = metrics_lib.SummaryWriter(self.run.tensorboard_dir)
       n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
       rec = _StepRecorder(self, num_steps, start_step, writer, n_params)
@@ -219,7 +248,7 @@ class Trainer:
       # SIGTERM from here to the final save asks the loop to stop and save instead.
       stop.__enter__()
       try:
-        state = self._steps(state, stream, jit_step, eval_step, rec, writer, num_steps, stop)
+        state = self._steps(state, stream, jit_step, rec, writer, num_steps, stop)
       except BaseException:
         # A save in flight completes, so the newest checkpoint is whole; a failure of
         # that save must not hide the error that stopped the run.
@@ -240,13 +269,13 @@ class Trainer:
         print(f"stopped by SIGTERM at step {final_step}; checkpoint saved in "
               f"{self.checkpointer.directory}", flush=True)
         return {"step": final_step, "stopped": True}
-      return self._finish(state, final_step, rec.history, writer, t_start)
+      return self._finish(state, final_step, rec, writer, t_start)
 
-  def _steps(self, state, stream, jit_step, eval_step, rec, writer, num_steps, stop):
+  def _steps(self, state, stream, jit_step, rec, writer, num_steps, stop):
     step = int(jax.device_get(state["step"]))
     pending = None  # (step, metrics, real tokens, tasks) of the step in flight
     mesh = self.partitioner.mesh
-    while step < num_steps and not stop.requested:
+    while step < num_steps and not stop.requested and self.stopped_early is None:
       try:
         batch, tasks_in_batch, real = self.data.take(stream)
       except StopIteration:
@@ -264,25 +293,120 @@ class Trainer:
           print(f"step {step}: checkpoint not saved during non-finite steps", flush=True)
         else:
           self.checkpointer.save(step, state, stream.position)
-      self._periodic(state, step, num_steps, eval_step, writer)
+      if pending and self._eval_due(step, num_steps):
+        rec.record(*pending)  # the evaluation sees this step's training loss
+        pending = None
+      self._periodic(state, step, num_steps, writer, rec)
     if pending:
       rec.record(*pending)
     return state
 
-  def _periodic(self, state, step, num_steps, eval_step, writer):
+  # ---------------------------------------------------------------- evaluations
+  def _eval_due(self, step, num_steps) -> bool:
     ev = self.evaluator
-    if ev.due(step, num_steps):
-      ev.evaluate(self.model, self.kind, state["params"], self.vocab, self.mixture, step,
-                  writer, self.run)
-      writer.flush()
-    if ev.validation_due(step):
-      val = ev.validation_loss(eval_step, state["params"], self.data, self.partitioner.mesh)
-      if val is not None:
-        print(f"step {step}: validation loss {val:.4f}", flush=True)
-        writer.scalars(step, {"validation/loss": val})
+    return ev.due(step, num_steps) or ev.validation_due(step, num_steps)
 
-  def _finish(self, state, final_step, history, writer, t_start) -> dict:
+  def _check_early_stopping(self) -> None:
+    es, ev = self.early_stopping, self.evaluator
+    if es is None:
+      return
+    if not (ev.every_steps or (ev.validation_every_steps and ev.validation_batches)):
+      raise UserError("train.early_stopping watches evaluations, and none is set: set "
+                      "train.eval_every_steps (or train.validation_every_steps for loss-only "
+                      "evaluations)")
+    if es.metric in ("eval/loss", "eval/token_accuracy") and not ev.validation_batches:
+      raise UserError(f"train.early_stopping watches {es.metric}, and "
+                      "train.validation_batches=0 measures no validation loss: raise it")
+
+  def _counts(self, evaluation) -> bool:
+    """Whether an evaluation counts toward patience and the overfitting warning: periodic
+    ones, and end-of-run ones at a step a longer run would evaluate too (an end-of-run
+    report off that grid may still become the best)."""
+    return not evaluation.final or self._eval_due(evaluation.step, evaluation.step + 1)
+
+  def _periodic(self, state, step, num_steps, writer, rec):
+    """The evaluation due at `step` (generation and loss, or loss only), then what
+    follows from it: the overfitting warning, a new best checkpoint, early stopping."""
+    if not self._eval_due(step, num_steps):
+      return
+    generate = self.evaluator.due(step, num_steps)  # else a loss-only evaluation
+    evaluation = self._evaluate(state, step, writer, generate=generate,
+                                train_loss=rec.train_loss_window())
+    if self._observe(evaluation, state):
+      es = self.early_stopping
+      self.stopped_early = f"stopped early at step {step}: {es.reason()}"
+      print(f"{self.stopped_early}; the best checkpoint (step {es.best_step}) is in "
+            f"{self.checkpointer.best_dir}; saving, then the end-of-run evaluation", flush=True)
+
+  def _evaluate(self, state, step, writer, final=False, generate=True, train_loss=None):
+    evaluation = self.evaluator.evaluate(
+        self.model, self.kind, state["params"], self.vocab, self.mixture, step, writer, self.run,
+        final=final, probe=self._probe, generate=generate, train_loss=train_loss)
+    writer.flush()
+    return evaluation
+
+  def _observe(self, evaluation, state, final: bool = False) -> bool:
+    """Feeds an evaluation to the overfitting watch and early stopping, and saves the
+    state as the best checkpoint when it is the new best. True: stop now."""
+    if evaluation is None:
+      return False
+    es, counts = self.early_stopping, self._counts(evaluation)
+    warning = counts and self._overfit.update(evaluation.step, evaluation.loss,
+                                              evaluation.train_loss)
+    if warning:
+      print(warning + ("" if es else "; train.early_stopping = @EarlyStopping() would stop "
+                       "there and keep the best checkpoint"), flush=True)
+    if es is None:
+      return False
+    value = evaluation.scalars().get(es.metric)
+    if value is None:
+      if not self._metric_noted:
+        self._metric_noted = True
+        print(f"note: early stopping watches {es.metric}, which the evaluation at step "
+              f"{evaluation.step} does not report (tags like eval/loss, "
+              "eval/<task>/<split>/<metric>, eval/mean/<split>/score)", flush=True)
+      return False
+    if es.update(evaluation.step, value, counts=counts):
+      self.checkpointer.save_best(evaluation.step, state, {
+          "metric": es.metric, "value": float(value), "mode": es.direction})
+      print(f"step {evaluation.step}: best {es.metric} so far, {value:.4f}; kept in "
+            f"{self.checkpointer.best_dir}", flush=True)
+    return not final and es.should_stop
+
+  def _watch_from(self, state, start_step: int) -> None:
+    """The overfitting watch and early stopping as they stood at `start_step`: a resumed
+    run replays the evaluations it recorded up to its checkpoint."""
+    es = self.early_stopping
+    self.stopped_early, self._metric_noted = None, False
+    self._overfit = stopping_lib.OverfitWatch(
+        (es.patience if es and es.patience else None) or stopping_lib.DEFAULT_PATIENCE)
+    if es is not None:
+      es.reset()
+    if not start_step:
+      return
+    for evaluation in self.evaluator.recorded(self.run, start_step):
+      counts = self._counts(evaluation)
+      if counts:
+        self._overfit.update(evaluation.step, evaluation.loss, evaluation.train_loss)
+      if es is not None:
+        es.update(evaluation.step, evaluation.scalars().get(es.metric), counts=counts)
+    if es is None or es.best_step is None:
+      return
+    kept = (self.checkpointer.read_best() or {}).get("step")
+    if kept != es.best_step and es.best_step == start_step:
+      self.checkpointer.save_best(start_step, state, {"metric": es.metric, "value": es.best,
+                                                      "mode": es.direction})
+    elif kept != es.best_step:
+      print(f"note: {self.checkpointer.best_dir} holds step {kept}, the evaluations up to the "
+            f"resumed step {start_step} have their best at step {es.best_step}; it is "
+            "replaced at the next new best", flush=True)
+    if es.should_stop:
+      self.stopped_early = f"stopped early at step {es.last_step}: {es.reason()}"
+      print(f"{self.stopped_early} (before this resume); not training further", flush=True)
+
+  def _finish(self, state, final_step, rec, writer, t_start) -> dict:
     train_secs = time.time() - t_start
+    history = rec.history
     print(f"packing: {self.data.stats.summary()}", flush=True)
     summary = {"packing": self.data.packing_summary(), "model": type(self.model.config).__name__,
                "kind": self.kind.name, "step": final_step, "train_seconds": round(train_secs, 1),
@@ -290,16 +414,35 @@ class Trainer:
                "last_loss": float(np.mean(history[-10:])) if history else None,
                "model_dir": self.run.path, "checkpoint_dir": self.checkpointer.directory}
     if self.evaluator.at_end:
-      results = self.evaluator.evaluate(self.model, self.kind, state["params"], self.vocab,
-                                        self.mixture, final_step, writer, self.run, final=True)
-      if results is not None:
-        summary.update(self.evaluator.summary(results))
+      evaluation = self._evaluate(state, final_step, writer, final=True,
+                                  train_loss=rec.train_loss_window())
+      if evaluation is not None:
+        summary.update(self.evaluator.summary(evaluation))
+        self._observe(evaluation, state, final=True)
+    if self.early_stopping is not None:
+      summary["best"] = self.checkpointer.read_best()
+      summary["early_stopping"] = dict(self.early_stopping.describe(),
+                                       stopped_early=self.stopped_early)
     writer.flush()
     self.checkpointer.close()
     self.run.write_summary(summary)
+    self._plot()
     # No steps when resuming a run that already reached num_steps.
     losses = (f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if history
               else "no steps run")
-    print(f"done in {time.time() - t_start:.0f}s: {losses}; summary in "
+    why = f" ({self.stopped_early})" if self.stopped_early else ""
+    print(f"done in {time.time() - t_start:.0f}s{why}: {losses}; summary in "
           f"{self.run.summary_path}", flush=True)
     return summary
+
+  def _plot(self) -> None:
+    """curves.png; a failure to draw is a note, never a failed run."""
+    if jax.process_index() != 0:
+      return
+    try:
+      from flanjax import plot  # pylint: disable=g-import-not-at-top
+      print(f"curves: {plot.write_curves(self.run)}", flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      text = (str(e).strip().splitlines() or [""])[0][:200]
+      print(f"note: {self.run.curves_path} was not drawn ({type(e).__name__}: {text}); "
+            f"python -m flanjax.plot {self.run.path} draws it", flush=True)

@@ -179,15 +179,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
   return step
 
 
-def make_eval_step(model: nn.Module, model_inputs: Callable | None = None):
-  """(params, batch) -> (summed loss, summed loss weight), for either model kind."""
+def make_eval_step(model: nn.Module, model_inputs: Callable | None = None,
+                   token_accuracy: bool = False):
+  """(params, batch) -> (summed loss, summed loss weight), for either model kind.
+
+  token_accuracy: also the summed weight of the target tokens the model's argmax
+  predicts (teacher-forced), as a third value. Positions without weight count
+  nothing, whatever their logits (an all-padding row included).
+  """
   model_inputs = model_inputs or kinds.for_module(model).model_inputs
 
   def step(params, batch):
     logits = model.apply({"params": params}, **model_inputs(batch))
-    _, aux = cross_entropy(logits, batch["decoder_target_tokens"],
-                           batch["decoder_loss_weights"], normalize_by=1.0)
-    return aux["loss_sum"], aux["weight_sum"]
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    if not token_accuracy:
+      _, aux = cross_entropy(logits, targets, weights, normalize_by=1.0)
+      return aux["loss_sum"], aux["weight_sum"]
+    logits, weights = logits.astype(jnp.float32), weights.astype(jnp.float32)
+    token_loss = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
+        logits, targets[..., None], axis=-1)[..., 0]
+    counted = weights > 0
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return (jnp.sum(jnp.where(counted, token_loss * weights, 0.0)), jnp.sum(weights),
+            jnp.sum(jnp.where(counted & correct, weights, 0.0)))
 
   return step
 
