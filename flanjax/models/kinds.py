@@ -212,10 +212,10 @@ class _DecoderOnly(ModelKind):
 
   def describe(self, cfg):
     return (f"decoder-only {cfg.d_model}d x {cfg.num_layers} layers, {cfg.num_heads} heads "
-            f"({cfg.num_kv_heads} kv), {self.name.replace('_', '-')}")
+            f"({cfg.num_kv_heads} kv), {self.label}")
 
   def rows_text(self, lengths):
-    return (f"{lengths['inputs'] + lengths['targets']} ({self.name}: {lengths['inputs']} "
+    return (f"{lengths['inputs'] + lengths['targets']} ({self.label}: {lengths['inputs']} "
             f"inputs + {lengths['targets']} targets)")
 
   def score_request(self, ctx, cont, max_length, max_target_length):
@@ -260,6 +260,7 @@ class _DecoderOnly(ModelKind):
 
 class PrefixLM(_DecoderOnly):
   name = "prefix_lm"
+  label = "prefix-LM"
   _bidirectional_prompt = True
 
   def decode_prompt(self, ids):
@@ -279,6 +280,7 @@ class PrefixLM(_DecoderOnly):
 
 class CausalDecoder(_DecoderOnly):
   name = "decoder"
+  label = "causal"
 
   def required_lengths(self):
     return ("targets",)
