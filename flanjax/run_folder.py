@@ -338,12 +338,6 @@ class RunFolder:
     except (OSError, json.JSONDecodeError):
       return None
 
-  def read_summary(self) -> dict | None:
-    if not os.path.exists(self.summary_path):
-      return None
-    with open(self.summary_path, encoding="utf-8") as f:
-      return json.load(f)
-
   def load_vocabulary(self, run_info: dict | None = None):
     """The tokenizer the run saved in its vocab/ folder."""
     import seqio  # pylint: disable=g-import-not-at-top

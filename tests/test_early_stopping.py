@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flanjax.training.early_stopping import EarlyStopping, OverfitWatch
+from test_train_e2e import _scalar_tags
 
 
 def brute_force_stop(values, patience, min_delta, maximize=False):
@@ -149,17 +150,6 @@ def test_a_run_that_overfits_stops_keeps_the_best_and_draws_its_curves(tmp_path,
   tags = _scalar_tags(run / "tensorboard")
   assert {"eval/loss", "eval/token_accuracy", "eval/overfit/validation/loss",
           "eval/overfit/validation/token_accuracy"} <= tags.get(best_step, set())
-
-
-def _scalar_tags(logdir):
-  import glob
-  import tensorflow as tf
-  tags = {}
-  for path in glob.glob(str(logdir / "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        tags.setdefault(event.step, set()).add(v.tag)
-  return tags
 
 
 def test_plot_command_draws_from_the_run_folder(tmp_path):

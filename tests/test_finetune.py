@@ -285,8 +285,9 @@ def test_evaluation_prompt_continues_exactly_as_training_rows(tiny_decoder):
   assert len(prompt) == width + 1
   np.testing.assert_array_equal(prompt, batch["decoder_input_tokens"][0, start:start + width + 1])
   # Generated tokens, fed back into a training-layout row, are that row's argmaxes.
-  prompts = kinds.pad_rows([prompt, kinds.PREFIX_LM.decode_prompt(inputs[:3])],
-                           LEN["inputs"] + 1)
+  short = kinds.PREFIX_LM.decode_prompt(inputs[:3])
+  prompts = np.zeros((2, LEN["inputs"] + 1), np.int32)
+  prompts[0, :len(prompt)], prompts[1, :len(short)] = prompt, short
   gen = decoding.generate(model, params, prompts, np.array([width + 1, 4]),
                           decoding.DecodeConfig(max_decode_len=6), eos_id=-1,
                           kind=kinds.PREFIX_LM)[0]

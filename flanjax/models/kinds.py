@@ -354,14 +354,6 @@ def config_type(cfg) -> str:
   return for_config(cfg).config_type
 
 
-def pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
-  out = np.zeros((len(rows), length), np.int32)
-  for i, r in enumerate(rows):
-    r = np.asarray(r)[:length]
-    out[i, :len(r)] = r
-  return out
-
-
 # ---------------------------------------------------------------- scoring helpers
 
 def bucket(n: int, minimum: int = 16, cap: int | None = None) -> int:
@@ -409,13 +401,15 @@ def _decoder_scores(model, params, tokens, causal_attention, targets, weights):
 
 # ---------------------------------------------------------------- parameters
 
-def abstract_params(cfg):
-  """The parameter tree (ShapeDtypeStructs, unboxed) a config's model has."""
+def abstract_params(cfg, unbox: bool = True):
+  """The parameter tree (ShapeDtypeStructs) a config's model has; unbox=False keeps the
+  logical axis names (what the partitioner reads)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   kind = for_config(cfg)
   model = kind.build(cfg)
   dummy = kind.dummy_batch(1, 2, 2)
-  return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **dummy))["params"])
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **dummy))["params"]
+  return nn.unbox(params) if unbox else params
 
 
 def _key_name(k):

@@ -14,6 +14,7 @@ best checkpoint), the summary and curves.png.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,7 +46,6 @@ class Partitioner:
 
   def scope(self):
     """The context in which jitted code sees the mesh and the rules."""
-    import contextlib  # pylint: disable=g-import-not-at-top
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
@@ -169,13 +169,11 @@ class Trainer:
   # ---------------------------------------------------------------- state
   def abstract_params(self):
     """The parameters' shapes with their logical axis names (no memory used)."""
-    dummy = self.kind.dummy_batch(1, 8, 8)
-    return jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), **dummy))["params"]
+    return kinds_lib.abstract_params(self.model.config, unbox=False)
 
   def init_state(self, params=None):
     """The train state, initialised directly into its shardings (params: start from these)."""
     p = self.partitioner
-    self.state_shardings = None
     state, self.state_shardings = step_lib.create_sharded_state(
         self.model, self.optimizer.tx, p.mesh, p.rules, self.seed,
         self.kind.dummy_batch(1, 8, 8), params=params)
