@@ -40,6 +40,8 @@ from flanjax.run_folder import TRAINING_FIELDS, RunFolder  # noqa: E402
 from flanjax.training import checkpoints, loop, optimizers  # noqa: E402
 from flanjax.training.partitioning import check_divisible  # noqa: E402
 from flanjax.training.data import TrainData  # noqa: E402
+# distributed is gin's `distributed` (multi-process start-up).
+from flanjax.training.distributed import distributed  # noqa: E402
 
 
 def _hide_accelerators_from_tf():
@@ -185,33 +187,6 @@ def train(
     if init_from and ckpt.latest_step() is None:
       print(f"initialised from {os.path.abspath(init_from)}", flush=True)
     return trainer.fit(state, num_steps, stop_signal)
-
-
-@gin.configurable
-def distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                process_id: int | None = None, auto: bool = False) -> None:
-  """Joins a multi-process run through jax.distributed, before JAX touches a device.
-
-  auto=True lets JAX detect the cluster (Cloud TPU VMs, SLURM, ...). Otherwise a
-  coordinator address (gin, or $FLANJAX_COORDINATOR with $FLANJAX_NUM_PROCESSES
-  and $FLANJAX_PROCESS_ID) starts one; with neither this is a single process.
-  """
-  coordinator_address = coordinator_address or os.environ.get("FLANJAX_COORDINATOR")
-  if num_processes is None and os.environ.get("FLANJAX_NUM_PROCESSES"):
-    num_processes = int(os.environ["FLANJAX_NUM_PROCESSES"])
-  if process_id is None and os.environ.get("FLANJAX_PROCESS_ID"):
-    process_id = int(os.environ["FLANJAX_PROCESS_ID"])
-  if auto:
-    jax.distributed.initialize()
-  elif coordinator_address:
-    if num_processes is None or process_id is None:
-      raise UserError("distributed.coordinator_address needs num_processes and process_id "
-                      "(or $FLANJAX_NUM_PROCESSES and $FLANJAX_PROCESS_ID)")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  else:
-    return
-  print(f"distributed: process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
 
 
 def check_mixture_early() -> None:
