@@ -67,8 +67,13 @@ RAW = {"alpaca": Template("{instruction}\n\n{input}"),
        "chat": Template("{prompt}")}
 
 
-def _alpaca(reader):
-  for where, rec in sources.read_json_or_jsonl(reader):
+def _records(reader, records):
+  """The (where, record) pairs given, else those of the reader's file."""
+  return sources.read_json_or_jsonl(reader) if records is None else records
+
+
+def _alpaca(reader, records=None):
+  for where, rec in _records(reader, records):
     if not sources.require(reader, where, rec, ("instruction", "output"),
                            non_empty=("instruction", "output")):
       continue
@@ -82,8 +87,8 @@ def _alpaca(reader):
                answer=rec["output"].strip())
 
 
-def _prompt_completion(reader):
-  for where, rec in sources.read_json_or_jsonl(reader):
+def _prompt_completion(reader, records=None):
+  for where, rec in _records(reader, records):
     if not sources.require(reader, where, rec, ("prompt", "completion"),
                            non_empty=("prompt", "completion")):
       continue
@@ -127,8 +132,8 @@ def _conversation_examples(reader, where, msgs):
       yield dict(messages=msgs, turn=k, answer=m["content"], _conv=conv, _where=where)
 
 
-def _chat(reader):
-  for where, rec in sources.read_json_or_jsonl(reader):
+def _chat(reader, records=None):
+  for where, rec in _records(reader, records):
     if not sources.require(reader, where, rec, ("messages",)):
       continue
     msgs = rec["messages"]
@@ -145,8 +150,8 @@ def _chat(reader):
     yield from _conversation_examples(reader, where, msgs)
 
 
-def _sharegpt(reader):
-  for where, rec in sources.read_json_or_jsonl(reader):
+def _sharegpt(reader, records=None):
+  for where, rec in _records(reader, records):
     if not sources.require(reader, where, rec, ("conversations",)):
       continue
     turns = rec["conversations"]
@@ -175,6 +180,14 @@ def read_records(reader: sources.Reader, fmt: str):
   if fmt not in _READERS:
     raise UserError(f"unknown record format {fmt!r}; choose one of {sorted(_READERS)}")
   return _READERS[fmt](reader)
+
+
+def record_examples(reader: sources.Reader, fmt: str, where: str, rec: dict) -> list[dict]:
+  """The examples one raw record of format `fmt` gives ([] when the reader's policy skips it
+  as bad), for tools that keep records whole (flanjax.curate)."""
+  if fmt not in _READERS:
+    raise UserError(f"unknown record format {fmt!r}; choose one of {sorted(_READERS)}")
+  return list(_READERS[fmt](reader, [(where, rec)]))
 
 
 def _expected() -> str:
