@@ -1,10 +1,9 @@
 """Model FLOPs utilisation of flanjax's train step on a GPU, bf16 compute.
 
-FLOPs are counted analytically per step: every matmul of the forward pass
-(2 x multiply-adds, attention scores and mixing over the full row as the
-packed-row kernels compute them), times 3 for forward + backward; embedding
-lookups are not counted. MFU = those FLOPs / step time / the device's dense
-bf16 peak (flanjax.training.metrics.KNOWN_PEAK_FLOPS).
+FLOPs per step are flanjax.training.flops.step_flops, the count the trainer's
+console and TensorBoard MFU use (every matmul of forward + backward,
+attention included, embedding lookups not). MFU = those FLOPs / step time /
+the device's dense bf16 peak (flanjax.training.flops.PEAK_FLOPS, by device_kind).
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import time
 
 from benchmarks import examples as ex_lib
 from benchmarks import stacks
+from flanjax.data import packing
+from flanjax.training import flops
 
 # The shapes of gin_configs/models/t5_base.gin and t5_large.gin (T5 v1.1), and a
 # 1.1B Llama-style decoder (TinyLlama's shape).
@@ -31,36 +32,19 @@ SIZES = {
 
 
 def train_flops(cfg, lengths: dict, batch: int) -> float:
-  """Matmul FLOPs of one training step (forward x 3) on full rows."""
-  if stacks.family(cfg) == "t5":
-    d, f, hk, v = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv, cfg.vocab_size
-    n_ff = 3 if cfg.feed_forward.startswith("gated") else 2
-    s_in, s_tg = lengths["inputs"], lengths["targets"]
-    enc_tok = cfg.num_encoder_layers * (4 * d * hk + n_ff * d * f + 2 * s_in * hk)
-    # Cross-attention keys and values are projected once per encoder token per layer.
-    enc_tok += cfg.num_decoder_layers * 2 * d * hk
-    dec_tok = cfg.num_decoder_layers * (6 * d * hk + n_ff * d * f + 2 * s_tg * hk
-                                        + 2 * s_in * hk) + d * v
-    fwd = 2 * batch * (s_in * enc_tok + s_tg * dec_tok)
-  else:
-    d, f, k, v = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.vocab_size
-    s = lengths["inputs"] + lengths["targets"]
-    tok = cfg.num_layers * (d * k * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
-                            + 2 * s * cfg.num_heads * k) + d * v
-    fwd = 2 * batch * s * tok
-  return 3.0 * fwd
+  """Training FLOPs of one step on full rows: flanjax.training.flops, the trainer's count."""
+  return flops.step_flops(cfg, packing.row_lengths(lengths, stacks.packing_kind(cfg)), batch)
 
 
 def run(sizes, steps: int, warmup: int, force: bool, log, overrides=None) -> dict:
   """MFU per size on a GPU; {"skipped": "no GPU"} elsewhere (unless `force`, for tests)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flanjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
-  from flanjax.training import metrics  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   if dev.platform != "gpu" and not force:
     log("MFU: no GPU")
     return {"skipped": "no GPU"}
-  peak = metrics.device_peak_flops(dev)
+  peak = flops.device_peak_flops(dev)
   out = {"device": getattr(dev, "device_kind", str(dev)), "peak_flops": peak, "dtype": "bfloat16"}
   for name in sizes:
     fam, shape, lengths, batch = SIZES[name]

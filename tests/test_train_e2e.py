@@ -39,13 +39,40 @@ def _scalar_tags(logdir):
   return tags
 
 
+def _scalars(logdir, tag):
+  """step -> value of one scalar tag, read back from the event files."""
+  import tensorflow as tf
+  out = {}
+  for path in glob.glob(str(logdir / "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == tag:
+          out[event.step] = float(tf.make_ndarray(v.tensor))
+  return out
+
+
+def _check_mfu(run_dir, out, peak):
+  """The trainer's MFU is tokens/s x training/flops.py's count per token / the peak."""
+  from flanjax.models import loading
+  from flanjax.training import flops
+  cfg = loading.config_from_file(str(run_dir / "run_info.json"))
+  devices = int(out.split(" cpu device(s)")[0].rsplit(" ", 1)[-1])
+  per_token = flops.flops_per_token(cfg, (160, 48))
+  mfu = _scalars(run_dir / "tensorboard", "train/mfu")
+  tok = _scalars(run_dir / "tensorboard", "train/tokens_per_sec")
+  assert mfu and set(mfu) == set(tok)
+  for s in mfu:
+    assert mfu[s] == pytest.approx(tok[s] * per_token / (peak * devices), rel=1e-4)
+
+
 def test_default_job_end_to_end_and_exact_resume(tmp_path, builtin_vocab):
   straight = tmp_path / "straight"
-  out = run(straight, "--gin.train.num_steps=10")
+  out = run(straight, "--gin.train.num_steps=10", "--gin.train.peak_flops=1e12")
   step_lines = [l for l in out.splitlines() if l.startswith("step ")]
   assert len(step_lines) >= 5
-  for needle in ("loss", "lr", "steps/s", "tok/s", "ETA"):
+  for needle in ("loss", "lr", "steps/s", "tok/s", "MFU", "ETA"):
     assert needle in step_lines[-1]
+  _check_mfu(straight, out, 1e12)
   assert "exact match" in out and "baseline" in out and "heldout_templates" in out
   assert glob.glob(str(straight / "tensorboard" / "events.out.tfevents.*"))
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(straight / "checkpoints" / "*"))

@@ -35,9 +35,14 @@ class TrainData:
     self._eval_cache: dict = {}
 
   @property
+  def row_lengths(self) -> tuple[int, ...]:
+    """Positions of a row per packing dimension ((encoder, decoder) or (decoder,))."""
+    return packing.row_lengths(self.lengths, self.kind.packing_kind)
+
+  @property
   def row_length(self) -> int:
     """Positions per row: inputs + targets either way (a prefix-LM row holds both)."""
-    return sum(packing.row_lengths(self.lengths, self.kind.packing_kind))
+    return sum(self.row_lengths)
 
   @property
   def tokens_per_step(self) -> int:

@@ -30,6 +30,7 @@ from flanjax.errors import UserError
 from flanjax.models import kinds as kinds_lib
 from flanjax.training import checkpoints, partitioning, trainer as step_lib
 from flanjax.training import early_stopping as stopping_lib
+from flanjax.training import flops as flops_lib
 from flanjax.training import metrics as metrics_lib
 
 
@@ -79,16 +80,17 @@ class _StepRecorder:
   """Logs each finished step: console progress, train_losses.jsonl, TensorBoard, and the
   streak of non-finite steps (which stops the run, naming the intact checkpoint)."""
 
-  def __init__(self, trainer: "Trainer", num_steps: int, start_step: int, writer, n_params):
+  def __init__(self, trainer: "Trainer", num_steps: int, start_step: int, writer):
     self.t, self.num_steps, self.writer = trainer, num_steps, writer
     self.history, self.nonfinite_in_row = [], 0
     self._window_start = 0  # history index after the last evaluation
     self.losses_file = trainer.run.open_losses_log()
     cfg = trainer.log
-    # 6 N flops per token for the matmuls of forward and backward.
+    # The benchmarks' FLOP count (training/flops.py): matmuls and attention, no embeddings.
     self.progress = metrics_lib.Progress(
-        num_steps, start_step, cfg.log_every_secs, flops_per_token=6 * n_params,
-        peak_flops=cfg.peak_flops or metrics_lib.device_peak_flops())
+        num_steps, start_step, cfg.log_every_secs,
+        flops_per_token=flops_lib.model_flops_per_token(trainer.model, trainer.data.row_lengths),
+        peak_flops=cfg.peak_flops or flops_lib.device_peak_flops())
 
   def close(self):
     if self.losses_file:
@@ -237,8 +239,7 @@ class Trainer:
       stream = self.data.stream(position)
       jit_step, self._probe = self._compile()
       writer = metrics_lib.SummaryWriter(self.run.tensorboard_dir)
-      n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-      rec = _StepRecorder(self, num_steps, start_step, writer, n_params)
+      rec = _StepRecorder(self, num_steps, start_step, writer)
       stop = stop_signal or step_lib.StopSignal()
       print(f"training: {num_steps} steps of {self.data.batch_size} rows x "
             f"{self.kind.rows_text(self.data.lengths)} tokens; logs and checkpoints in "

@@ -9,28 +9,6 @@ import time
 
 import jax
 
-# Dense bf16 peak FLOP/s per chip, for MFU where gin does not give one.
-KNOWN_PEAK_FLOPS = {
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-}
-
-
-def device_peak_flops(device=None) -> float | None:
-  device = device or jax.devices()[0]
-  kind = getattr(device, "device_kind", "")
-  for name, flops in KNOWN_PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops
-  return None
-
-
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
