@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flanjax.models import lora_hook as lora
 # Llama's MLP is T5's gated feed-forward with SiLU (SwiGLU): one module serves both.
 from flanjax.models.t5 import FeedForward, RMSNorm, _mask_bias, _param
 
@@ -154,9 +155,10 @@ class Attention(nn.Module):
     """
     c = self.config
     dt = c.compute_dtype
-    q = jnp.einsum("bld,dhk->blhk", x, self.wq.astype(dt))
-    kk = jnp.einsum("bld,dhk->blhk", x, self.wk.astype(dt))
-    v = jnp.einsum("bld,dhk->blhk", x, self.wv.astype(dt))
+    q = lora.add(self, "q", x, jnp.einsum("bld,dhk->blhk", x, self.wq.astype(dt)), deterministic)
+    kk = lora.add(self, "k", x, jnp.einsum("bld,dhk->blhk", x, self.wk.astype(dt)),
+                  deterministic)
+    v = lora.add(self, "v", x, jnp.einsum("bld,dhk->blhk", x, self.wv.astype(dt)), deterministic)
     q = nn.with_logical_constraint(apply_rope(q, rope), ("batch", "length", "heads", "kv"))
     kk = nn.with_logical_constraint(apply_rope(kk, rope), ("batch", "length", "kv_heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
@@ -171,7 +173,8 @@ class Attention(nn.Module):
     scores = scores * (c.head_dim ** -0.5) + bias[:, :, None]
     probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(dt), deterministic=deterministic)
     out = jnp.einsum("bngqt,btnk->bqngk", probs, v).reshape(b, length, c.num_heads, c.head_dim)
-    out = jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt))
+    out = lora.add(self, "o", out, jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt)),
+                   deterministic)
     return out if cache is None else (out, (kk, v))
 
 

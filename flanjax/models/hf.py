@@ -327,6 +327,19 @@ def llama_params_to_hf(params: Mapping, cfg: DecoderConfig) -> dict[str, np.ndar
   return _to_hf(params, _llama_mapping(cfg))
 
 
+def linear_modules(cfg):
+  """(our path, Hugging Face module name, input shape, output shape) of every projection
+  (what LoRA adapts: attention and feed-forward kernels, not embeddings or the head)."""
+  mapping = _t5_mapping(cfg) if isinstance(cfg, T5Config) else _llama_mapping(cfg)
+  out = []
+  for path, name, kind, _, ours in mapping:
+    if kind == "same" or path == ("lm_head",):
+      continue
+    n_in = 2 if kind == "attn_out" else 1
+    out.append((path, name[:-len(".weight")], tuple(ours[:n_in]), tuple(ours[n_in:])))
+  return out
+
+
 def params_from_hf(weights, cfg, source: str = "checkpoint", origin=None) -> dict:
   if isinstance(cfg, T5Config):
     return t5_params_from_hf(weights, cfg, source, origin)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flanjax.models import lora_hook as lora
 Array = Any
 NEG_INF = -1e10  # mask bias; finite so a fully masked row gives a uniform softmax, not NaN
 
@@ -146,10 +147,12 @@ class Attention(nn.Module):
     self.wo = _param(self, "o", (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
     self.dropout = nn.Dropout(c.dropout_rate)
 
-  def project_kv(self, x_kv):
+  def project_kv(self, x_kv, deterministic=True):
     dt = self.config.compute_dtype
-    return (jnp.einsum("bld,dhk->blhk", x_kv, self.wk.astype(dt)),
-            jnp.einsum("bld,dhk->blhk", x_kv, self.wv.astype(dt)))
+    k = jnp.einsum("bld,dhk->blhk", x_kv, self.wk.astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", x_kv, self.wv.astype(dt))
+    return (lora.add(self, "k", x_kv, k, deterministic),
+            lora.add(self, "v", x_kv, v, deterministic))
 
   def __call__(self, x_q, x_kv, bias, deterministic=True, kv=None, cache=None,
                cache_index=None):
@@ -162,9 +165,10 @@ class Attention(nn.Module):
     """
     dt = self.config.compute_dtype
     q = jnp.einsum("bld,dhk->blhk", x_q, self.wq.astype(dt))
+    q = lora.add(self, "q", x_q, q, deterministic)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     if kv is None:
-      kv = self.project_kv(x_kv)
+      kv = self.project_kv(x_kv, deterministic)
     kk, v = kv
     if cache is not None:
       kk = jax.lax.dynamic_update_slice(cache[0], kk.astype(cache[0].dtype),
@@ -180,7 +184,8 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     probs = self.dropout(probs, deterministic=deterministic)
     out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
-    out = jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt))
+    out = lora.add(self, "o", out, jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt)),
+                   deterministic)
     return out if cache is None else (out, (kk, v))
 
 
@@ -196,14 +201,15 @@ class FeedForward(nn.Module):
     if gated:
       wi0 = _param(self, "wi_0", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
       wi1 = _param(self, "wi_1", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
-      hidden = act(x @ wi0.astype(dt)) * (x @ wi1.astype(dt))
+      hidden = (act(lora.add(self, "wi_0", x, x @ wi0.astype(dt), deterministic))
+                * lora.add(self, "wi_1", x, x @ wi1.astype(dt), deterministic))
     else:
       wi = _param(self, "wi", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
-      hidden = act(x @ wi.astype(dt))
+      hidden = act(lora.add(self, "wi", x, x @ wi.astype(dt), deterministic))
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
     wo = _param(self, "wo", c.d_ff ** -0.5, (c.d_ff, c.d_model), ("mlp", "embed"))
-    return hidden @ wo.astype(dt)
+    return lora.add(self, "wo", hidden, hidden @ wo.astype(dt), deterministic)
 
 
 class EncoderLayer(nn.Module):

@@ -1,0 +1,245 @@
+"""LoRA (Hu et al., 2021) on the projections of T5 and the Llama-style decoder, as PEFT does it.
+
+Each adapted kernel W (flanjax's einsum layout: the input axes, then the output
+axes) gets A [*in, r] and B [r, *out]; the projection becomes
+x W + dropout(x) A B * alpha / r. The adapters travel beside the parameters in
+a second variable collection, "lora", nested like the params:
+{"encoder_layer_0": {"attention": {"q": {"a": A, "b": B}}}}. The models call
+`add` after each projection, so a model without that collection is unchanged;
+`variables` puts the scale into B (its gradient is still the scaled one).
+
+Modules are named as Hugging Face spells them (T5 q, k, v, o, wi_0, wi_1, wo; Llama
+q_proj ... down_proj) and chosen as PEFT chooses them: a list of names (a name
+matches a module whose dotted path ends with it) or one regular expression that
+must match the whole path, e.g. r".*encoder.*\\.(q|v)" or r".*EncDecAttention\\.(q|v)".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flanjax.errors import UserError
+# The models' hook; COLLECTION, add and dropout are part of this module's interface.
+from flanjax.models.lora_hook import COLLECTION, add, dropout  # noqa: F401
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """train.peft = @LoraConfig(): rank r, scale alpha / r, dropout on the adapter's input,
+  targets (names or one pattern; default q and v as PEFT's for T5 and Llama), and the
+  dtype the frozen base is held in while the adapters train in float32."""
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: Sequence[str] | str | None = None
+  base_dtype: str = "float32"
+
+  def __post_init__(self):
+    if not isinstance(self.targets, (str, type(None))):
+      object.__setattr__(self, "targets", tuple(self.targets))
+    if self.rank <= 0:
+      raise UserError(f"LoraConfig.rank={self.rank}: the rank must be a positive integer")
+    if self.alpha <= 0:
+      raise UserError(f"LoraConfig.alpha={self.alpha}: alpha must be positive (scale alpha/rank)")
+    if not 0 <= self.dropout < 1:
+      raise UserError(f"LoraConfig.dropout={self.dropout} must be in [0, 1)")
+    if self.base_dtype not in ("float32", "bfloat16"):
+      raise UserError(f"LoraConfig.base_dtype={self.base_dtype!r} is not float32 or bfloat16")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def describe(self) -> dict:
+    targets = self.targets if isinstance(self.targets, (str, type(None))) else list(self.targets)
+    return {"type": "lora", "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+            "targets": targets, "base_dtype": self.base_dtype}
+
+
+# ---------------------------------------------------------------- which modules
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """One adaptable projection: our param path, its Hugging Face module path, in/out shapes."""
+  path: tuple
+  hf_name: str
+  in_shape: tuple
+  out_shape: tuple
+
+  @property
+  def short(self) -> str:
+    return self.hf_name.rsplit(".", 1)[-1]
+
+
+def sites(cfg) -> list[Site]:
+  """Every projection of the model that LoRA can adapt."""
+  from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+  return [Site(tuple(path), name, tuple(i), tuple(o)) for path, name, i, o in hf.linear_modules(cfg)]
+
+
+def select(cfg, targets) -> list[Site]:
+  """The sites that `targets` names (PEFT's rule); an unknown name lists the model's."""
+  every = sites(cfg)
+  names = sorted({s.short for s in every})
+  if targets is None:
+    targets = ("q_proj", "v_proj") if "q_proj" in names else ("q", "v")
+  if isinstance(targets, str):
+    try:
+      pattern = re.compile(targets)
+    except re.error as e:
+      raise UserError(f"LoraConfig.targets {targets!r} is not a valid pattern ({e})") from None
+    chosen = [s for s in every if pattern.fullmatch(s.hf_name)]
+    if not chosen:
+      raise UserError(f"LoraConfig.targets {targets!r} matches no module; this model's modules: "
+                      f"{', '.join(names)} (e.g. {every[0].hf_name})")
+    return chosen
+  unknown = [t for t in targets if not any(s.hf_name == t or s.hf_name.endswith("." + t)
+                                           for s in every)]
+  if unknown:
+    raise UserError(f"LoraConfig.targets: {', '.join(map(repr, unknown))} not a module of this "
+                    f"model; its modules are {', '.join(names)}")
+  return [s for s in every
+          if any(s.hf_name == t or s.hf_name.endswith("." + t) for t in targets)]
+
+
+def check_rank(site: Site, rank: int) -> None:
+  width = min(math.prod(site.in_shape), math.prod(site.out_shape))
+  if rank > width:
+    raise UserError(f"LoraConfig.rank={rank} is larger than the width of {site.hf_name} "
+                    f"({width}); give a rank of at most {width}")
+
+
+# ---------------------------------------------------------------- adapter trees
+
+def _set(tree: dict, path, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def init(chosen: Sequence[Site], rank: int, rng) -> dict:
+  """A as PEFT initialises it (kaiming-uniform: U(-1/sqrt(in), 1/sqrt(in))), B zero."""
+  out: dict = {}
+  keys = jax.random.split(rng, max(len(chosen), 1))
+  for key, s in zip(keys, chosen):
+    bound = 1.0 / math.sqrt(math.prod(s.in_shape))
+    a = jax.random.uniform(key, s.in_shape + (rank,), jnp.float32, -bound, bound)
+    _set(out, s.path, {"a": a, "b": jnp.zeros((rank,) + s.out_shape, jnp.float32)})
+  return out
+
+
+def logical_axes(chosen: Sequence[Site], base_axes: dict) -> dict:
+  """The adapters' logical axis names: A the kernel's input axes, B its output axes, the
+  rank axis unsharded. base_axes: 'a/b/c' -> the kernel's names."""
+  out: dict = {}
+  for s in chosen:
+    names = tuple(base_axes["/".join(s.path)])
+    n_in = len(s.in_shape)
+    _set(out, s.path, {"a": names[:n_in] + (None,), "b": (None,) + names[n_in:]})
+  return out
+
+
+def variables(base, adapters, scale: float) -> dict:
+  """The variables a model applies with: the base params and the adapters, B scaled."""
+  lora = {k: _scaled(v, scale) for k, v in adapters.items()}
+  return {"params": base, COLLECTION: lora}
+
+
+def _scaled(node, scale):
+  if isinstance(node, dict) and set(node) == {"a", "b"}:
+    return {"a": node["a"], "b": node["b"] * scale}
+  return {k: _scaled(v, scale) for k, v in node.items()}
+
+
+def pairs(adapters, prefix=()):
+  """(path, {"a", "b"}) of every adapted kernel."""
+  for k, v in adapters.items():
+    if set(v) == {"a", "b"} and not isinstance(v["a"], dict):
+      yield prefix + (k,), v
+    else:
+      yield from pairs(v, prefix + (k,))
+
+
+def merge(base, adapters, scale: float, dtype=None):
+  """The base params with every adapted kernel replaced by W + A B * scale (float32 sum)."""
+  out = jax.tree.map(lambda x: x, base)  # a copy of the tree's containers
+  for path, ab in pairs(adapters):
+    w = _get(base, path)
+    a, b = ab["a"], ab["b"]
+    r = a.shape[-1]
+    delta = (a.reshape(-1, r).astype(jnp.float32) @ b.reshape(r, -1).astype(jnp.float32))
+    merged = w.astype(jnp.float32) + scale * delta.reshape(w.shape)
+    _set(out, path, merged.astype(dtype or w.dtype))
+  return out
+
+
+# ---------------------------------------------------------------- PEFT's files
+
+def peft_key(site_or_name, which: str) -> str:
+  name = site_or_name.hf_name if isinstance(site_or_name, Site) else site_or_name
+  return f"base_model.model.{name}.lora_{which}.weight"
+
+
+def to_peft(adapters, chosen: Sequence[Site]) -> dict:
+  """PEFT's tensors: lora_A.weight [r, in], lora_B.weight [out, r] (numpy float32)."""
+  out = {}
+  for s in chosen:
+    ab = _get(adapters, s.path)
+    a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
+    r = a.shape[-1]
+    out[peft_key(s, "A")] = np.ascontiguousarray(a.reshape(-1, r).T)
+    out[peft_key(s, "B")] = np.ascontiguousarray(b.reshape(r, -1).T)
+  return out
+
+
+def from_peft(tensors: dict, cfg, source: str) -> tuple[dict, list[Site], int]:
+  """(adapters, sites, rank) from PEFT's tensors; a base of other shapes is named."""
+  every = {s.hf_name: s for s in sites(cfg)}
+  found: dict = {}
+  for key, w in tensors.items():
+    m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+    if not m:
+      raise UserError(f"{source}: tensor {key} is not a LoRA weight flanjax reads "
+                      "(base_model.model.<module>.lora_A|lora_B.weight)")
+    found.setdefault(m.group(1), {})[m.group(2)] = np.asarray(w, np.float32)
+  adapters: dict = {}
+  chosen, ranks = [], set()
+  for name, ab in sorted(found.items()):
+    site = every.get(name)
+    if site is None:
+      raise UserError(f"{source}: module {name} is not in the base model (its modules look "
+                      f"like {next(iter(every))})")
+    if set(ab) != {"A", "B"}:
+      raise UserError(f"{source}: module {name} has lora_{''.join(ab)} only")
+    a, b = ab["A"], ab["B"]
+    n_in, n_out = math.prod(site.in_shape), math.prod(site.out_shape)
+    if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+      raise UserError(f"{source}: the adapter does not fit the base at {name}: lora_A "
+                      f"{tuple(a.shape)}, lora_B {tuple(b.shape)}; the base's layer is "
+                      f"{n_in} -> {n_out} (A [r, {n_in}], B [{n_out}, r])")
+    r = a.shape[0]
+    ranks.add(r)
+    _set(adapters, site.path, {"a": a.T.reshape(site.in_shape + (r,)),
+                               "b": b.T.reshape((r,) + site.out_shape)})
+    chosen.append(site)
+  if not chosen:
+    raise UserError(f"{source}: no LoRA weights found")
+  if len(ranks) != 1:
+    raise UserError(f"{source}: modules of different ranks {sorted(ranks)} (rank_pattern) are "
+                    "not supported")
+  return adapters, chosen, ranks.pop()

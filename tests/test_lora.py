@@ -1,0 +1,200 @@
+"""LoRA against PEFT: logits of both model kinds (PeftModel over transformers' model, the same
+adapter weights, B non-zero), PEFT's own adapters imported, the merged model equal to
+merge_and_unload(), and the one-line errors."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from flanjax.errors import UserError
+from flanjax.models import hf, kinds, lora
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import convert_checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
+
+V = 96
+T5_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _randomize(model, std=0.3):
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, std)
+  return model
+
+
+def tiny_t5():
+  torch.manual_seed(0)
+  cfg = transformers.T5Config(vocab_size=V, d_model=32, d_ff=48, num_layers=2,
+                              num_decoder_layers=2, num_heads=4, d_kv=8,
+                              feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  return _randomize(transformers.T5ForConditionalGeneration(cfg).eval())
+
+
+def tiny_llama():
+  torch.manual_seed(1)
+  cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False)
+  return _randomize(transformers.LlamaForCausalLM(cfg).eval(), std=0.2)
+
+
+def _peft_wrap(tmodel, targets, rank=4, alpha=8.0, task_type="SEQ_2_SEQ_LM"):
+  config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                           task_type=task_type)
+  model = peft.get_peft_model(tmodel, config).eval()
+  torch.manual_seed(7)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.2)  # B non-zero, so the adapters change the logits
+  return model
+
+
+def _save_base(tmodel, path):
+  tmodel.save_pretrained(str(path))
+  return hf.load(str(path))[:2]
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(2, V, size=(2, 9)), rng.integers(2, V, size=(2, 6))
+
+
+def _t5_logits_peft(model, enc, dec):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+
+
+def _llama_logits_peft(model, tok):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(tok)).logits.numpy()
+
+
+def _ours(cfg, variables, *args):
+  return np.asarray(kinds.for_config(cfg).build(cfg).apply(variables, *args))
+
+
+@pytest.fixture(scope="module")
+def t5_case(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("lora_t5")
+  base_t = tiny_t5()
+  cfg, base = _save_base(base_t, tmp / "base")
+  model = _peft_wrap(base_t, T5_TARGETS)
+  model.save_pretrained(str(tmp / "adapter"))
+  return cfg, base, model, tmp
+
+
+@pytest.fixture(scope="module")
+def llama_case(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("lora_llama")
+  base_t = tiny_llama()
+  cfg, base = _save_base(base_t, tmp / "base")
+  model = _peft_wrap(base_t, LLAMA_TARGETS, rank=8, alpha=4.0, task_type="CAUSAL_LM")
+  model.save_pretrained(str(tmp / "adapter"))
+  return cfg, base, model, tmp
+
+
+def _state_dict_adapters(model, cfg):
+  state = peft.get_peft_model_state_dict(model)
+  return lora.from_peft({k: v.numpy() for k, v in state.items()}, cfg, "peft state")
+
+
+def test_t5_lora_logits_equal_peft(t5_case):
+  cfg, base, model, _ = t5_case
+  adapters, chosen, rank = _state_dict_adapters(model, cfg)
+  # Every projection of both stacks and cross-attention: 2 x 7 + 2 x (4 + 4 + 3).
+  assert rank == 4 and len(chosen) == 2 * 7 + 2 * 11
+  enc, dec = _inputs()
+  ref = _t5_logits_peft(model, enc, dec)
+  ours = _ours(cfg, lora.variables(base, adapters, 8.0 / 4), enc, dec)
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+  plain = _ours(cfg, {"params": base}, enc, dec)
+  assert np.abs(plain - ref).max() > 1e-2  # the adapters matter
+  merged = lora.merge(base, adapters, 2.0)
+  np.testing.assert_allclose(_ours(cfg, {"params": merged}, enc, dec), ref, atol=1e-4, rtol=1e-4)
+  # Exported back, PEFT's tensors are exactly what it saved.
+  back = lora.to_peft(adapters, chosen)
+  state = peft.get_peft_model_state_dict(model)
+  assert set(back) == set(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(back[k], v.numpy())
+
+
+def test_llama_lora_logits_equal_peft(llama_case):
+  cfg, base, model, _ = llama_case
+  adapters, chosen, rank = _state_dict_adapters(model, cfg)
+  assert rank == 8 and len(chosen) == 2 * 7
+  tok, _ = _inputs(1)
+  ref = _llama_logits_peft(model, tok)
+  ours = _ours(cfg, lora.variables(base, adapters, 4.0 / 8), tok)
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+  assert np.abs(_ours(cfg, {"params": base}, tok) - ref).max() > 1e-2
+
+
+def test_targets_select_as_peft_does(t5_case):
+  cfg = t5_case[0]
+  names = lambda t: sorted(s.hf_name for s in lora.select(cfg, t))  # noqa: E731
+  assert len(names(None)) == 2 * 2 + 2 * 4  # q, v of self- and cross-attention
+  cross = names(r".*EncDecAttention\.(q|v)")
+  assert cross == ["decoder.block.0.layer.1.EncDecAttention.q",
+                   "decoder.block.0.layer.1.EncDecAttention.v",
+                   "decoder.block.1.layer.1.EncDecAttention.q",
+                   "decoder.block.1.layer.1.EncDecAttention.v"]
+  assert all(n.startswith("encoder.") for n in names(r"encoder\..*\.(q|k|v|o)"))
+  with pytest.raises(UserError, match="'q_proj' not a module of this model; its modules are "
+                     "k, o, q, v, wi_0, wi_1, wo$"):
+    lora.select(cfg, ["q", "q_proj"])
+  with pytest.raises(UserError, match="matches no module"):
+    lora.select(cfg, r"nothing\.here")
+
+
+def test_bad_rank_alpha_are_one_line_errors(t5_case):
+  cfg = t5_case[0]
+  for kw, what in (({"rank": 0}, "rank"), ({"rank": -2}, "rank"), ({"alpha": 0}, "alpha"),
+                   ({"alpha": -1.0}, "alpha")):
+    with pytest.raises(UserError, match=what) as e:
+      lora.LoraConfig(**kw)
+    assert what in str(e.value).splitlines()[0]
+  site = lora.select(cfg, ["q"])[0]
+  with pytest.raises(UserError, match="larger than the width of encoder.block.0.layer.0"
+                     r".SelfAttention.q \(32\)"):
+    lora.check_rank(site, 33)
+  lora.check_rank(site, 32)
+
+
+def test_adapter_for_another_base_names_the_shapes(t5_case):
+  cfg, _, model, _ = t5_case
+  state = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(model).items()}
+  import dataclasses
+  wider = dataclasses.replace(cfg, d_model=64)
+  with pytest.raises(UserError, match=r"does not fit the base at .*: lora_A \(4, 32\), "
+                     r"lora_B \(32, 4\); the base's layer is 64 -> 32"):
+    lora.from_peft(state, wider, "adapter_model.safetensors")
+
+
+def test_merged_weights_equal_peft_merge_and_unload(llama_case, tmp_path):
+  cfg, base, model, tmp = llama_case
+  adapters, _, _ = lora.from_peft(
+      {k: v.numpy() for k, v in peft.get_peft_model_state_dict(model).items()}, cfg, "peft")
+  merged = hf.params_to_hf(lora.merge(base, adapters, 4.0 / 8), cfg)
+  # A fresh PeftModel from the saved adapter folder: merge_and_unload() leaves `model` alone.
+  fresh = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp / "adapter"))
+  ref = {k: v.numpy() for k, v in fresh.merge_and_unload().state_dict().items()}
+  assert set(merged) == set(ref)
+  for k in ref:
+    np.testing.assert_allclose(merged[k], ref[k], atol=1e-5, rtol=0, err_msg=k)
