@@ -26,14 +26,14 @@ from flanjax.data.collections import (
     bbh, builtin, flan_cot, gsm8k, mmlu, self_instruct, tfds_tasks, user)
 from flanjax.errors import UserError
 
-BUILTIN_PREFIX = "builtin_"
+BUILTIN_PREFIX = builtin.TASK_PREFIX
 BUILTIN_MIXTURE = "flanjax_builtin"
 EVAL_SPLITS = ("validation", "heldout_templates")
 
 
-def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family):
+def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family, modes):
   del shuffle_files, seed  # the split is one in-memory shard; seqio shuffles it
-  records = builtin.rendered_examples(family, split)
+  records = builtin.rendered_examples(family, split, modes[0] if split == "train" else modes[1])
   return tf.data.Dataset.from_tensor_slices({
       "inputs": [r["inputs"] for r in records],
       "targets": [r["targets"] for r in records],
@@ -48,13 +48,16 @@ def _replace(name: str, registry) -> None:
 
 
 @gin.configurable
-def register_builtin(vocabulary: seqio.Vocabulary, input_length: int | None = None) -> list[str]:
+def register_builtin(vocabulary: seqio.Vocabulary, input_length: int | None = None,
+                     modes: tuple[str, str] | None = None) -> list[str]:
   """Registers every built-in family as a Task and the default Mixture.
 
   input_length is accepted for the register-function signature and unused:
-  built-in prompts are rendered without an input budget.
+  built-in prompts are rendered without an input budget. modes: (training,
+  evaluation) template modes, default gin's templates.template_mode.
   """
   del input_length
+  modes = tuple(modes) if modes is not None else templates.template_mode()
   names = []
   for fam in builtin.FAMILIES:
     name = BUILTIN_PREFIX + fam.name
@@ -62,7 +65,7 @@ def register_builtin(vocabulary: seqio.Vocabulary, input_length: int | None = No
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
-            functools.partial(_builtin_dataset_fn, family=fam.name),
+            functools.partial(_builtin_dataset_fn, family=fam.name, modes=modes),
             splits=list(builtin.SPLIT_SIZES),
             num_input_examples=dict(builtin.SPLIT_SIZES)),
         preprocessors=[
@@ -105,8 +108,13 @@ def register_all(vocabulary: seqio.Vocabulary, mixtures: Sequence[Mapping] = (),
   `mixtures` (gin) adds the user's own, one dict each: {'name', 'tasks': [names
   or (name, rate)], 'maximum', 'temperature'} for examples-proportional, or
   {'name', 'blend': [(submixture or task, share), ...]} for a FLAN 2022-style blend.
+
+  Every templated task (the built-in families and the TaskDefs with templates)
+  renders in gin's template mode (templates.template_mode: instructions,
+  no_template or dataset_name; its eval_mode for the evaluation splits).
   """
-  names = register_builtin(vocabulary)
+  modes = templates.template_mode()
+  names = register_builtin(vocabulary, modes=modes)
   defs = flan_cot.task_defs() + gsm8k.task_defs() + self_instruct.task_defs()
   defs += bbh.task_defs() + mmlu.task_defs() + tfds_tasks.task_defs()
   user_defs, user_mixtures = user.user_data()
@@ -115,7 +123,7 @@ def register_all(vocabulary: seqio.Vocabulary, mixtures: Sequence[Mapping] = (),
     if d.name in taken:
       raise UserError(f"user task name {d.name!r} is already taken by a built-in task; rename it")
   for d in defs + user_defs:
-    names.append(task_lib.register(d, vocabulary, input_length))
+    names.append(task_lib.register(d, vocabulary, input_length, modes=modes))
   mix_lib.add_mixture(FLAN_COT_MIXTURE, [d.name for d in flan_cot.task_defs()],
                       maximum=FLAN_COT_CAP)
   # FLAN 2021 capped each training set at 30k examples.

@@ -91,6 +91,13 @@ class TaskDef:
   metric_fns: Sequence[Callable] | None = None
   postprocess_fn: Callable | None = None
   description: str = ""
+  # Template modes (templates.MODES) of the training split and of the other splits;
+  # tasks.register sets them from gin. A render_fn task has no template: modes do not apply.
+  template_mode: str = tmpl.INSTRUCTIONS
+  eval_template_mode: str = tmpl.INSTRUCTIONS
+  # The raw inputs of the no_template and dataset_name modes (default: the fields the
+  # templates name, in order of first appearance).
+  input_fields: Sequence[str] | None = None
 
   def template_list(self) -> tuple[tmpl.Template, ...]:
     if isinstance(self.templates, str):
@@ -99,6 +106,16 @@ class TaskDef:
 
   def is_eval_only(self, split: str) -> bool:
     return "*" in self.eval_only_splits or split in self.eval_only_splits
+
+  def mode(self, split: str) -> str:
+    """The template mode `split` renders in (instructions for a render_fn task)."""
+    if self.render_fn is not None:
+      return tmpl.INSTRUCTIONS
+    train = split == "train" and not self.is_eval_only(split)
+    return self.template_mode if train else self.eval_template_mode
+
+  def fields(self) -> tuple[str, ...]:
+    return tuple(self.input_fields or tmpl.input_fields(self.template_list()))
 
 
 class Registered(NamedTuple):
@@ -141,6 +158,7 @@ def render_split(defn: TaskDef, split: str, fits: Callable[[str], bool] | None =
   temps = defn.template_list()
   train = split not in defn.eval_only_splits and split == "train"
   pool = None
+  mode, fields = defn.mode(split), (defn.fields() if defn.render_fn is None else ())
   out = []
   for i, ex in enumerate(examples):
     rng = random.Random(f"{defn.name}/{split}/{i}")
@@ -166,7 +184,8 @@ def render_split(defn: TaskDef, split: str, fits: Callable[[str], bool] | None =
           if defn.key(pool[j]) != key:
             exemplars.append(pool[j])
       while True:
-        inputs, targets = tmpl.render(temps[t_idx], ex, f, exemplars, options_layout=layout)
+        inputs, targets = tmpl.render(temps[t_idx], ex, f, exemplars, options_layout=layout,
+                                      mode=mode, task_name=defn.name, fields=fields)
         if not exemplars or fits is None or fits(inputs):
           break
         exemplars = exemplars[1:]
@@ -202,9 +221,12 @@ def cache_key(defn: TaskDef, split: str, vocab: seqio.Vocabulary, input_budget: 
   temps = [dataclasses.astuple(t) for t in defn.template_list()] if defn.render_fn is None \
       else _render_fingerprint(defn.render_fn)
   fp = defn.fingerprint() if callable(defn.fingerprint) else defn.fingerprint
-  for part in (CACHE_VERSION, defn.name, split, fp, temps,
-               tuple(defn.train_formats), defn.eval_format, defn.num_shots,
-               tuple(defn.options_layouts), vocab_fingerprint(vocab), int(input_budget)):
+  parts = [CACHE_VERSION, defn.name, split, fp, temps, tuple(defn.train_formats),
+           defn.eval_format, defn.num_shots, tuple(defn.options_layouts),
+           vocab_fingerprint(vocab), int(input_budget)]
+  if defn.mode(split) != tmpl.INSTRUCTIONS:  # instructions keeps the keys it always had
+    parts += [defn.mode(split), defn.fields()]
+  for part in parts:
     h.update(repr(part).encode() + b"\0")
   return h.hexdigest()[:16]
 
@@ -406,13 +428,19 @@ def check_input_length(input_length, what: str = "input_length") -> int:
 
 
 def register(defn: TaskDef, vocabulary: seqio.Vocabulary,
-             input_length: int = DEFAULT_INPUT_LENGTH) -> str:
+             input_length: int = DEFAULT_INPUT_LENGTH,
+             modes: tuple[str, str] | None = None) -> str:
   """Registers (or re-registers, for another vocabulary or length) `defn` as a seqio.Task.
 
   input_length: the input feature length the examples are made for; few-shot
-  prompts drop exemplars until their tokens and EOS fit it.
+  prompts drop exemplars until their tokens and EOS fit it. modes: the
+  (training, evaluation) template modes it renders in (default: the defn's).
   """
   input_length = check_input_length(input_length)
+  if modes is not None and defn.render_fn is None and (
+      defn.template_mode, defn.eval_template_mode) != tuple(modes):
+    defn = dataclasses.replace(defn, template_mode=tmpl.check_mode(modes[0]),
+                               eval_template_mode=tmpl.check_mode(modes[1]))
   if defn.name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(defn.name)
   if defn.name in seqio.MixtureRegistry.names():

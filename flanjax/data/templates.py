@@ -9,6 +9,19 @@ The *format* decides how the pattern is used:
   few_shot_options   the same, with options
   cot                target is the rationale, then the answer
   few_shot_cot       k exemplars with rationales, then the question
+
+The *template mode* decides how much of a template the model sees (the FLAN
+paper's ablation of instructions, its section 4.3); targets never change:
+
+  instructions   the template's wording (the default)
+  no_template    the raw input fields only, options as a plain list, one per line
+  dataset_name   the task's name in brackets, then the raw inputs
+
+One gin binding sets it for training (``template_mode.mode = 'no_template'``);
+evaluation splits have their own (``template_mode.eval_mode``, default
+'instructions': as in the paper, a model trained without instructions is
+still evaluated with them, since without a template a held-out task does not
+say what to do).
 """
 
 from __future__ import annotations
@@ -17,6 +30,10 @@ import dataclasses
 import re
 import string
 from typing import Mapping, Sequence
+
+import gin
+
+from flanjax.errors import UserError
 
 FORMATS = (
     "zero_shot",
@@ -37,6 +54,22 @@ OPTION_LAYOUTS = {
         f"({string.ascii_uppercase[i]}) {o}" for i, o in enumerate(opts)),
     "inline": lambda opts: "Choose from: " + ", ".join(opts) + ".",
 }
+
+
+MODES = ("instructions", "no_template", "dataset_name")
+INSTRUCTIONS = "instructions"
+
+
+def check_mode(mode: str, what: str = "template_mode.mode") -> str:
+  if mode not in MODES:
+    raise UserError(f"{what}={mode!r} is not a template mode; use one of {', '.join(MODES)}")
+  return mode
+
+
+@gin.configurable
+def template_mode(mode: str = INSTRUCTIONS, eval_mode: str = INSTRUCTIONS) -> tuple[str, str]:
+  """(training mode, evaluation mode) as gin binds them; see the module docstring."""
+  return check_mode(mode), check_mode(eval_mode, "template_mode.eval_mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,24 +120,57 @@ def _fill(pattern: str, example: Mapping[str, object], options_text: str) -> str
   return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+def input_fields(templates: Sequence[Template]) -> tuple[str, ...]:
+  """The fields the input patterns name (options aside), in order of first appearance:
+  the raw inputs of the no_template and dataset_name modes."""
+  out = []
+  for t in templates:
+    for _, f, _, _ in string.Formatter().parse(t.inputs):
+      if f and f != "options" and f not in out:
+        out.append(f)
+  return tuple(out)
+
+
+def raw_inputs(example: Mapping[str, object], fields: Sequence[str],
+               options: Sequence[str] | None) -> str:
+  """The example's input fields, one per line, then its options one per line: no
+  instruction words, no option header."""
+  parts = [str(example[f]).strip() for f in fields if example.get(f) not in ("", None, [])]
+  parts += [str(o) for o in options or ()]
+  return "\n".join(p for p in parts if p)
+
+
 def render(template: Template,
            example: Mapping[str, object],
            fmt: str,
            exemplars: Sequence[Mapping[str, object]] = (),
-           options_layout: str = "dash") -> tuple[str, str]:
-  """Renders one example in one format; returns (inputs, targets)."""
+           options_layout: str = "dash",
+           mode: str = INSTRUCTIONS,
+           task_name: str = "",
+           fields: Sequence[str] | None = None) -> tuple[str, str]:
+  """Renders one example in one format; returns (inputs, targets).
+
+  mode: the template mode (module docstring); no_template and dataset_name
+  read `fields` (default: those `template` names) and dataset_name `task_name`.
+  """
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+  check_mode(mode, "mode")
   with_options = fmt.endswith("options")
   cot = fmt in ("cot", "few_shot_cot")
   few_shot = fmt.startswith("few_shot")
+  if fields is None:
+    fields = input_fields([template])
 
   def one(ex):
     opts = ex.get("options") if with_options else None
-    options_text = render_options(opts, options_layout) if opts else ""
-    inputs = _fill(template.inputs, ex, options_text)
-    if opts and "{options}" not in template.inputs:
-      inputs = f"{inputs}\n\n{options_text}"
+    if mode == INSTRUCTIONS:
+      options_text = render_options(opts, options_layout) if opts else ""
+      inputs = _fill(template.inputs, ex, options_text)
+      if opts and "{options}" not in template.inputs:
+        inputs = f"{inputs}\n\n{options_text}"
+    else:
+      inputs = raw_inputs(ex, fields, opts)
     targets = _fill(template.cot_targets if cot else template.targets, ex, "")
     return inputs, targets
 
@@ -112,6 +178,8 @@ def render(template: Template,
   if few_shot and exemplars:
     shots = ["{}\n{}".format(*one(ex)) for ex in exemplars]
     inputs = "\n\n".join(shots + [inputs])
+  if mode == "dataset_name":
+    inputs = f"[{task_name}]\n{inputs}"
   return inputs, targets
 
 

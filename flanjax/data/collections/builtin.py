@@ -8,6 +8,10 @@ formats it trains on. Splits:
   train               examples for training, training templates, mixed formats
   validation          unseen examples, training templates, the eval format
   heldout_templates   unseen examples, held-out templates, the eval format
+
+Under a template mode other than instructions (templates.template_mode) the
+inputs are the family's raw input fields (Family.fields), options one per
+line, and for dataset_name the task's name first; targets are unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import random
 from typing import Callable, Sequence
 
 from flanjax.data import cache
+from flanjax.data import templates as tmpl
 from flanjax.data.templates import Template, render
+
+# The registered task of a family is TASK_PREFIX + its name (registry.BUILTIN_PREFIX).
+TASK_PREFIX = "builtin_"
 
 NUM_HELDOUT_TEMPLATES = 2
 SPLIT_SIZES = {"train": 4000, "validation": 150, "heldout_templates": 150}
@@ -56,6 +64,13 @@ class Family:
   eval_format: str
   # The string that identifies an example's content, for train/eval de-duplication.
   key: Callable[[dict], str] = lambda ex: repr(sorted(ex.items()))
+  # The raw inputs without a template (no_template, dataset_name modes); default: the
+  # fields the templates name, in order of first appearance.
+  input_fields: Sequence[str] | None = None
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return tuple(self.input_fields or tmpl.input_fields(self.templates))
 
   @property
   def train_templates(self):
@@ -149,6 +164,8 @@ FAMILIES = [
         ],
         train_formats=["cot", "few_shot_cot", "zero_shot"],
         eval_format="cot",
+        # The story holds the numbers; item and name are only the templates' question.
+        input_fields=["story"],
     ),
     Family(
         name="comparison",
@@ -268,9 +285,23 @@ def raw_examples(family: str, split: str) -> tuple[dict, ...]:
   return tuple(out)
 
 
+def split_mode(split: str, mode: str | None = None) -> str:
+  """The template mode of a split: `mode` if given, else gin's (template_mode: the
+  training mode for train, the evaluation mode for the others)."""
+  if mode is not None:
+    return tmpl.check_mode(mode, "mode")
+  train_mode, eval_mode = tmpl.template_mode()
+  return train_mode if split == "train" else eval_mode
+
+
+def rendered_examples(family: str, split: str, mode: str | None = None) -> tuple[dict, ...]:
+  """(inputs, targets, answer, template, format) records for a split, in a template mode
+  (default: gin's for the split, see split_mode)."""
+  return _rendered(family, split, split_mode(split, mode))
+
+
 @cache.in_process
-def rendered_examples(family: str, split: str) -> tuple[dict, ...]:
-  """(inputs, targets, answer, template, format) records for a split."""
+def _rendered(family: str, split: str, mode: str) -> tuple[dict, ...]:
   fam = FAMILIES_BY_NAME[family]
   examples = raw_examples(family, split)
   pool = raw_examples(family, "train")
@@ -296,21 +327,24 @@ def rendered_examples(family: str, split: str) -> tuple[dict, ...]:
         if fam.key(pool[j]) != fam.key(ex) and pool[j] not in exemplars:
           exemplars.append(pool[j])
     inputs, targets = render(template, ex, fmt, exemplars,
-                             options_layout=("dash", "letters", "inline")[i % 3])
+                             options_layout=("dash", "letters", "inline")[i % 3], mode=mode,
+                             task_name=TASK_PREFIX + family, fields=fam.fields)
     out.append(dict(inputs=inputs, targets=targets, answer=ex["answer"],
                     template=t_idx, format=fmt))
   return tuple(out)
 
 
-def all_text(splits=("train",)) -> list[str]:
+def all_text(splits=("train",), mode: str | None = None) -> list[str]:
   """The rendered strings of the collection's `splits`: what the vocabulary is trained on.
 
   Training text only by default: a vocabulary fitted to the validation and
-  held-out-template text would leak them into the model's tokenization.
+  held-out-template text would leak them into the model's tokenization. mode:
+  the template mode (default gin's for each split), so its vocabulary is keyed
+  by the text of that mode.
   """
   text = []
   for fam in FAMILIES:
     for split in splits:
-      for r in rendered_examples(fam.name, split):
+      for r in rendered_examples(fam.name, split, mode):
         text.extend([r["inputs"], r["targets"]])
   return text
