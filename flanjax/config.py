@@ -219,6 +219,19 @@ def run_plain_main(main_fn, prog: str, argv=None):
   _guarded(lambda: sys.exit(main_fn(argv)), prog)
 
 
+def run_gin_command(run_fn, prog: str, argv=None):
+  """An argparse command that also takes gin flags (--gin.DecodeConfig.top_p=0.9,
+  --gin_file): gin parsed first, run_fn(the other arguments) -> exit code."""
+  argv = sys.argv[1:] if argv is None else argv
+
+  def go():
+    gin_args = parse_args(argv)
+    parse_gin(gin_args)
+    return run_fn(gin_args.rest)
+
+  run_plain_main(lambda _: go(), prog, argv)
+
+
 def bound_value(selector: str):
   """The value gin binds to `selector`, macros followed; None if unbound."""
   try:

@@ -14,6 +14,9 @@ one JSON object per prompt, {"prompt", "generation", "score", ...}, to
 keeps what it produced. Decoding settings are flags or gin bindings of
 DecodeConfig (--gin.DecodeConfig.top_p=0.9). --stop TEXT (repeatable) cuts each
 generation before the first occurrence of TEXT ('\\n\\nQ:' is read with its escapes).
+--input mt_bench | alpaca_eval | lima | vicuna | koala | sinstruct | wizardlm (or the
+set's file) answers an open-ended prompt set for `python -m flanjax.judge`, MT-Bench's
+second turn after the model's own first answer (flanjax/evaluation/open_prompts.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flanjax import config as flan_config
 from flanjax import decoding
 from flanjax.data import chat, sources
 from flanjax.errors import UserError
+from flanjax.evaluation import open_prompts
 
 PROMPT_FIELDS = ("prompt", "inputs", "input", "question", "instruction", "text")
 
@@ -129,6 +133,11 @@ def _unescape(text: str) -> str:
 
 def run(argv) -> int:
   args = _parser().parse_args(argv)
+  if open_prompts.set_name(args.input):  # mt_bench, alpaca_eval ...: every turn, for the judge
+    return open_prompts.infer(
+        args.input, args.checkpoint, args.step, prompt_format(args.checkpoint, args.prompt_format),
+        _decode_config(args), batch_size=args.batch_size,
+        max_input_length=args.max_input_length, output=args.output)
   prompts = [(p, {}) for p in args.prompts]
   if args.input:
     prompts += read_prompts(args.input, args.field)
@@ -174,14 +183,7 @@ def run(argv) -> int:
 
 
 def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-
-  def go():
-    gin_args = flan_config.parse_args(argv)
-    flan_config.parse_gin(gin_args)
-    return run(gin_args.rest)
-
-  flan_config.run_plain_main(lambda _: go(), "flanjax.infer", argv)
+  flan_config.run_gin_command(run, "flanjax.infer", argv)
 
 
 if __name__ == "__main__":
