@@ -1,0 +1,267 @@
+"""Training examples that share an n-gram (13 words by default) with evaluation data.
+
+Evaluation data: every evaluation-only split of the registered collections (the
+TaskDefs' `eval_only_splits`: BBH, GSM8K test, MMLU, TFDS validation where
+prepared) and the open-ended evaluation files of the data folder that no task
+registers (MT-Bench, AlpacaEval, instruction_eval). Each example's text fields
+(inputs and targets: every string and list of strings) are lowercased into words
+(`\\w+`), and their n-grams hashed (a 64-bit polynomial over word ids, numpy);
+a hash hit is confirmed on the words themselves. An n-gram found in `common` or
+more evaluation examples is template text (a task's fixed wording), not an
+example's: it is ignored and listed in the report. Fields shorter than n words
+cannot match and are counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from flanjax.curate import records as rec_lib
+from flanjax.errors import UserError
+
+P = np.uint64(1_000_003)
+# Evaluation files of the data folder that no task registers (relative to data_dir()).
+OPEN_ENDED = {"mt_bench": "mt_bench/question.jsonl",
+              "mt_bench_reference": "mt_bench/reference_answer_gpt4.jsonl",
+              "alpaca_eval": "alpaca_eval/text_davinci_003_outputs.json",
+              "instruction_eval": "instruction_eval/*.jsonl"}
+
+
+def texts_of(example) -> list[str]:
+  """The text fields of a raw example: every string and list of strings, nested too."""
+  out = []
+  if isinstance(example, str):
+    out.append(example)
+  elif isinstance(example, dict):
+    for v in example.values():
+      if isinstance(v, (str, list, dict)):
+        out += texts_of(v)
+  elif isinstance(example, list):
+    for v in example:
+      out += texts_of(v)
+  return out
+
+
+@dataclasses.dataclass
+class EvalSet:
+  name: str  # task:split or file set
+  examples: Sequence
+
+
+def _registered_sets(names: Sequence[str] | None, notes: list) -> list[EvalSet]:
+  from flanjax.data.collections import bbh, gsm8k, mmlu, tfds_tasks  # pylint: disable=g-import-not-at-top
+  out, seen = [], set()
+  for defn in bbh.task_defs() + gsm8k.task_defs() + mmlu.task_defs() + tfds_tasks.task_defs():
+    for split in defn.splits:
+      name = f"{defn.name}:{split}"
+      if not defn.is_eval_only(split) or (names and not _wanted(defn.name, names)):
+        continue
+      try:
+        examples = defn.load(split)
+      except UserError as e:
+        notes.append(f"{name}: not checked ({str(e)[:120]})")
+        continue
+      except Exception as e:  # pylint: disable=broad-except  (TFDS without data, etc.)
+        notes.append(f"{name}: not checked ({type(e).__name__}: {str(e)[:100]})")
+        continue
+      if id(examples) in seen:  # e.g. bbh_x and bbh_x_direct read the same examples
+        continue
+      seen.add(id(examples))
+      out.append(EvalSet(name, examples))
+  return out
+
+
+def _wanted(name: str, names: Sequence[str]) -> bool:
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  return any(fnmatch.fnmatch(name, n) or name == n or name.startswith(n + "_") for n in names)
+
+
+def _open_ended_sets(names: Sequence[str] | None, notes: list) -> list[EvalSet]:
+  from flanjax.data import sources  # pylint: disable=g-import-not-at-top
+  out = []
+  for name, pattern in OPEN_ENDED.items():
+    if names and not _wanted(name, names):
+      continue
+    paths = sorted(glob.glob(os.path.join(sources.data_dir(), pattern)))
+    if not paths:
+      notes.append(f"{name}: not checked ({pattern} absent under {sources.data_dir()})")
+      continue
+    for path in paths:
+      reader = sources.Reader(path, "skip")
+      examples = [rec for _, rec in sources.read_json_or_jsonl(reader)]
+      label = name if len(paths) == 1 else f"{name}/{os.path.basename(path)}"
+      out.append(EvalSet(label, examples))
+  return out
+
+
+def eval_sets(names: Sequence[str] | None = None) -> tuple[list[EvalSet], list[str]]:
+  """The evaluation sets (all, or those whose task names match `names`), and notes."""
+  notes = []
+  sets = _registered_sets(names, notes) + _open_ended_sets(names, notes)
+  if not sets:
+    raise UserError(f"no evaluation data found{' for ' + ', '.join(names) if names else ''}; "
+                    "name registered evaluation tasks (bbh, gsm8k, mmlu_*, mt_bench, alpaca_eval, "
+                    "instruction_eval) whose data is present")
+  return sets, notes
+
+
+class _Words:
+  def __init__(self):
+    self.ids: dict[str, int] = {}
+
+  def __call__(self, text: str) -> np.ndarray:
+    return np.fromiter((self.ids.setdefault(w, len(self.ids) + 1) for w in rec_lib.words(text)),
+                       np.uint64)
+
+
+def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+  m = len(ids) - n + 1
+  if m <= 0:
+    return np.zeros(0, np.uint64)
+  h = np.zeros(m, np.uint64)
+  for k in range(n):
+    h = h * P + ids[k:k + m]
+  return h
+
+
+@dataclasses.dataclass
+class Match:
+  train_index: int
+  train_where: str
+  eval_set: str
+  eval_index: int
+  ngram: str
+  shared: int  # n-grams this pair shares
+
+  def as_dict(self, eval_text: str) -> dict:
+    return {"training_record": self.train_where, "evaluation_set": self.eval_set,
+            "evaluation_example": self.eval_index, "evaluation_text": eval_text[:200],
+            "ngram": self.ngram, "shared_ngrams": self.shared}
+
+
+class Index:
+  """The n-grams of evaluation sets, to look training texts up in."""
+
+  def __init__(self, sets: Sequence[EvalSet], n: int = 13, common: int = 20):
+    self.n, self.sets, self.words = n, list(sets), _Words()
+    hashes, owners = [], []
+    self.short_fields = 0
+    self.eval_examples = 0
+    for s_i, s in enumerate(self.sets):
+      for e_i, ex in enumerate(s.examples):
+        self.eval_examples += 1
+        h = []
+        for t in texts_of(ex):
+          ids = self.words(t)
+          if 0 < len(ids) < n:
+            self.short_fields += 1
+          h.append(ngram_hashes(ids, n))
+        h = np.unique(np.concatenate(h)) if h else np.zeros(0, np.uint64)
+        hashes.append(h)
+        owners.append(np.full((len(h), 2), (s_i, e_i), np.int64))
+    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    owners = np.concatenate(owners) if owners else np.zeros((0, 2), np.int64)
+    order = np.argsort(hashes, kind="stable")
+    self.hashes, self.owners = hashes[order], owners[order]
+    uniq, start, counts = np.unique(self.hashes, return_index=True, return_counts=True)
+    self.common = {int(u): int(c) for u, c in zip(uniq[counts >= common], counts[counts >= common])}
+    keep = counts < common
+    self.uniq, self.start, self.count = uniq[keep], start[keep], counts[keep]
+    self.common_threshold = common
+    self.ignored_hits = collections.Counter()  # common n-gram hash -> training texts hit
+
+  def _eval_words(self, s_i: int, e_i: int) -> list[list[str]]:
+    return [rec_lib.words(t) for t in texts_of(self.sets[s_i].examples[e_i])]
+
+  def _confirm(self, s_i, e_i, grams: set) -> str | None:
+    for w in self._eval_words(s_i, e_i):
+      for k in range(len(w) - self.n + 1):
+        g = " ".join(w[k:k + self.n])
+        if g in grams:
+          return g
+    return None
+
+  def find(self, texts: Sequence[str], wheres: Sequence[str], progress=None) -> list[Match]:
+    """Matches of training texts (one per training text and evaluation example)."""
+    all_h, owner = [], []
+    for i, t in enumerate(texts):
+      h = np.unique(ngram_hashes(self.words(t), self.n))
+      all_h.append(h)
+      owner.append(np.full(len(h), i, np.int64))
+      if progress:
+        progress.update()
+    if not all_h:
+      return []
+    all_h, owner = np.concatenate(all_h), np.concatenate(owner)
+    common = np.isin(all_h, np.fromiter(self.common, np.uint64, len(self.common)))
+    for h in all_h[common]:
+      self.ignored_hits[int(h)] += 1
+    pos = np.searchsorted(self.uniq, all_h)
+    pos = np.minimum(pos, max(len(self.uniq) - 1, 0))
+    hit = (self.uniq[pos] == all_h) if len(self.uniq) else np.zeros(len(all_h), bool)
+    pairs = collections.defaultdict(int)
+    for i, p in zip(owner[hit], pos[hit]):
+      s = self.start[p]
+      for s_i, e_i in self.owners[s:s + self.count[p]]:
+        pairs[(int(i), int(s_i), int(e_i))] += 1
+    out = []
+    for (i, s_i, e_i), shared in sorted(pairs.items()):
+      w = rec_lib.words(texts[i])
+      grams = {" ".join(w[k:k + self.n]) for k in range(len(w) - self.n + 1)}
+      g = self._confirm(s_i, e_i, grams)
+      if g is not None:  # else a hash collision
+        out.append(Match(i, wheres[i], self.sets[s_i].name, e_i, g, shared))
+    return out
+
+  def eval_text(self, m: Match) -> str:
+    ex = self.sets[[s.name for s in self.sets].index(m.eval_set)].examples[m.eval_index]
+    return " | ".join(texts_of(ex))
+
+  def describe(self) -> dict:
+    return {"n": self.n, "evaluation_sets": {s.name: len(s.examples) for s in self.sets},
+            "evaluation_examples": self.eval_examples, "evaluation_ngrams": int(len(self.uniq)),
+            "fields_shorter_than_n": self.short_fields,
+            "common_ngrams_ignored": len(self.common),
+            "common_threshold_examples": self.common_threshold}
+
+  def ignored_report(self, limit: int = 10) -> list[dict]:
+    """The template n-grams that training texts hit, with what they are (their text)."""
+    out = []
+    for h, hits in self.ignored_hits.most_common(limit):
+      p = int(np.searchsorted(self.hashes, np.uint64(h)))
+      s_i, e_i = self.owners[p]
+      w = [x for x in self._eval_words(s_i, e_i)]
+      text = next((" ".join(x[k:k + self.n]) for x in w for k in range(len(x) - self.n + 1)
+                   if ngram_hashes(self.words(" ".join(x[k:k + self.n])), self.n)[0] == h), "")
+      out.append({"ngram": text, "evaluation_examples": self.common[h], "training_texts": hits,
+                  "first_set": self.sets[s_i].name})
+    return out
+
+
+def check(index: Index, texts: Sequence[str], wheres: Sequence[str], progress=None):
+  """(matches, {training index: its matches})."""
+  matches = index.find(texts, wheres, progress)
+  by_record = collections.defaultdict(list)
+  for m in matches:
+    by_record[m.train_index].append(m)
+  return matches, by_record
+
+
+def training_texts(examples: Iterable) -> list[str]:
+  return ["\n".join(texts_of(ex)) for ex in examples]
+
+
+def to_jsonable(index: Index, matches: Sequence[Match], limit: int = 1000) -> list[dict]:
+  return [m.as_dict(index.eval_text(m)) for m in matches[:limit]]
+
+
+def save(path: str, data) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=1, ensure_ascii=False)

@@ -1,0 +1,92 @@
+"""Duplicates: exact (normalised text), near (MinHash LSH over word 5-gram shingles), and
+ROUGE-L of the instructions as Self-Instruct filters them. The first of a group is kept.
+
+Near duplicates are what the LSH proposes and an exact Jaccard of the shingle sets
+confirms (LSH alone has false positives), so the threshold means what it says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Sequence
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+from flanjax.curate import records as rec_lib
+from flanjax.curate.report import Progress, Report
+from flanjax.curate.rouge import RougePool
+
+
+def normalised(text: str) -> str:
+  return " ".join(rec_lib.words(text))
+
+
+def shingles(text: str, n: int = 5) -> set[bytes]:
+  w = rec_lib.words(text)
+  if len(w) <= n:
+    return {" ".join(w).encode()} if w else set()
+  return {" ".join(w[i:i + n]).encode() for i in range(len(w) - n + 1)}
+
+
+def _hash32(b: bytes) -> int:
+  return struct.unpack("<I", hashlib.sha1(b).digest()[:4])[0]
+
+
+def minhash(sh: set[bytes], num_perm: int) -> MinHash:
+  m = MinHash(num_perm=num_perm, hashfunc=_hash32)
+  if sh:
+    m.update_batch(list(sh))
+  return m
+
+
+def jaccard(a: set, b: set) -> float:
+  return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def dedup(records: Sequence[rec_lib.Record], report: Report, *, jaccard_threshold: float = 0.8,
+          num_perm: int = 128, shingle: int = 5, rouge: float | None = 0.7) -> list:
+  """The records that are not duplicates of an earlier one; drops counted by reason."""
+  seen: dict[str, str] = {}
+  lsh = MinHashLSH(threshold=jaccard_threshold, num_perm=num_perm) if jaccard_threshold else None
+  shingle_sets: dict[int, set] = {}
+  pool = RougePool() if rouge else None
+  pool_where: list[str] = []
+  kept, near_pairs = [], []
+  prog = Progress(len(records), "dedup")
+  for i, r in enumerate(records):
+    prog.update()
+    key = hashlib.sha256(normalised(r.text).encode()).hexdigest()
+    if key in seen:
+      report.drop("exact duplicate", r.where, f"same text as {seen[key]}")
+      continue
+    if lsh is not None:
+      sh = shingles(r.text, shingle)
+      m = minhash(sh, num_perm)
+      hits = [(jaccard(sh, shingle_sets[j]), j) for j in lsh.query(m)]
+      hits = [h for h in hits if h[0] >= jaccard_threshold]
+      if hits:
+        score, j = max(hits)
+        report.drop("near duplicate (MinHash LSH)", r.where,
+                    f"Jaccard {score:.2f} of word {shingle}-grams with {records[j].where}")
+        near_pairs.append(score)
+        continue
+    if pool is not None:
+      score, j = pool.max_score(r.instruction, above=rouge)
+      if score > rouge:
+        report.drop(f"instruction ROUGE-L > {rouge}", r.where,
+                    f"ROUGE-L {score:.2f} with {pool_where[j]}")
+        continue
+      pool.add(r.instruction)
+      pool_where.append(r.where)
+    seen[key] = r.where
+    if lsh is not None:
+      lsh.insert(i, m)
+      shingle_sets[i] = sh
+    kept.append(r)
+  report.figures["dedup"] = {
+      "jaccard_threshold": jaccard_threshold, "num_perm": num_perm, "shingle_words": shingle,
+      "rouge_threshold": rouge,
+      "near_duplicate_jaccard_mean": round(float(np.mean(near_pairs)), 3) if near_pairs else None}
+  return kept

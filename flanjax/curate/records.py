@@ -1,0 +1,166 @@
+"""Records of any format flanjax trains on, kept whole, and written back so they still train.
+
+Reading goes through the readers of `flanjax.data.collections.user` (format
+detection, per-format checks, bad records counted by reason), one raw record at
+a time, so a record's extra fields (`id`, `score`) survive curation. Also read:
+Self-Instruct seed task files (`instances`), one record per instance.
+
+What curation compares: `instruction` (the user's request; the Alpaca preamble
+that some ShareGPT dumps wrap it in is taken off), `input`, `response` (the
+assistant's turns). Written back: the raw record, when every input had one
+format; else every record as chat `messages`. Generated records are Alpaca.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Iterable, Sequence
+
+from flanjax.data import sources
+from flanjax.data.collections import user
+from flanjax.errors import UserError
+
+SEED_TASKS = "seed_tasks"
+# "Below is an instruction that describes a task. ... ### Instruction: X ### Input: Y ### Response:"
+_PREAMBLE = re.compile(r"^\s*Below is an instruction that describes a task[^#]*###\s*Instruction:\s*",
+                       re.S)
+_INPUT = re.compile(r"\s*###\s*Input:\s*")
+_RESPONSE = re.compile(r"\s*###\s*Response:\s*$")
+
+
+@dataclasses.dataclass
+class Record:
+  raw: dict
+  fmt: str
+  where: str
+  instruction: str
+  input: str
+  response: str
+  task: dict | None = None  # a seed task file's whole task, for self-instruct
+
+  @property
+  def prompt(self) -> str:
+    return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
+
+  @property
+  def text(self) -> str:
+    """The whole example, for near-duplicate and overlap checks."""
+    return f"{self.prompt}\n\n{self.response}"
+
+  @property
+  def key(self) -> str:
+    return hashlib.sha256(json.dumps(self.raw, sort_keys=True, ensure_ascii=False)
+                          .encode()).hexdigest()[:20]
+
+
+def split_preamble(text: str) -> tuple[str, str]:
+  """(instruction, input) of a user turn, without the Alpaca preamble if it has one."""
+  if not _PREAMBLE.match(text):
+    return text.strip(), ""
+  body = _RESPONSE.sub("", _PREAMBLE.sub("", text, count=1))
+  parts = _INPUT.split(body, maxsplit=1)
+  return parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
+
+
+def alpaca(instruction: str, input_: str, output: str, **extra) -> Record:
+  raw = {"instruction": instruction, "input": input_, "output": output, **extra}
+  return Record(raw, "alpaca", "generated", instruction, input_, output)
+
+
+def _from_examples(fmt: str, where: str, rec: dict, examples: list[dict]) -> Record:
+  ex = examples[0]
+  if "messages" in ex:
+    msgs = ex["messages"]
+    first_user = next((m["content"] for m in msgs[:ex["turn"]] if m["role"] == "user"), "")
+    inst, inp = split_preamble(first_user)
+    response = "\n\n".join(m["content"] for m in msgs if m["role"] == "assistant")
+    return Record(rec, fmt, where, inst, inp, response)
+  if "instruction" in ex:
+    return Record(rec, fmt, where, ex["instruction"], ex["input"], ex["answer"])
+  inst, inp = split_preamble(ex["prompt"])
+  return Record(rec, fmt, where, inst, inp, ex["answer"])
+
+
+def _seed_records(reader: sources.Reader) -> Iterable[Record]:
+  for where, rec in sources.read_jsonl(reader):
+    if not sources.require(reader, where, rec, ("instruction", "instances"),
+                           non_empty=("instruction",)):
+      continue
+    insts = rec["instances"] if isinstance(rec["instances"], list) else []
+    good = [i for i in insts if isinstance(i, dict) and isinstance(i.get("input"), str)
+            and isinstance(i.get("output"), str) and i["output"].strip()]
+    if not good:
+      reader.bad(where, "tasks without usable instances", "no {input, output} instance with an output",
+                 "give each task at least one instance")
+      continue
+    reader.report.kept += 1
+    for k, inst in enumerate(good):
+      raw = {"instruction": rec["instruction"].strip(), "input": inst["input"].strip(),
+             "output": inst["output"].strip()}
+      yield Record(raw, SEED_TASKS, f"{where} instance {k}", raw["instruction"], raw["input"],
+                   raw["output"], task=rec)
+
+
+def detect(path: str) -> str:
+  where, rec, _ = sources.first_record(path)
+  if rec is not None and "instances" in rec and "instruction" in rec:
+    return SEED_TASKS
+  return user.detect_format(path)
+
+
+def read(path: str) -> tuple[list[Record], sources.ReadReport]:
+  """The records of one file, any format; bad ones counted by reason in the report."""
+  if os.path.isdir(path):
+    raise UserError(f"{path} is a folder; curate reads files (JSON, JSON lines)")
+  sources.check_file(path)
+  fmt = detect(path)
+  reader = sources.Reader(path, "skip")
+  if fmt == SEED_TASKS:
+    out = list(_seed_records(reader))
+  else:
+    out = []
+    for where, rec in sources.read_json_or_jsonl(reader):
+      examples = user.record_examples(reader, fmt, where, rec)
+      if examples:
+        out.append(_from_examples(fmt, where, rec, examples))
+  return out, reader.done()
+
+
+def read_all(paths: Sequence[str]) -> tuple[list[Record], list[sources.ReadReport]]:
+  records, reports = [], []
+  for p in paths:
+    r, rep = read(p)
+    records += r
+    reports.append(rep)
+  return records, reports
+
+
+def as_messages(r: Record) -> dict:
+  return {"messages": [{"role": "user", "content": r.prompt},
+                       {"role": "assistant", "content": r.response}]}
+
+
+def to_json(r: Record, mixed: bool) -> dict:
+  if r.fmt == SEED_TASKS:
+    return dict(r.raw)
+  return as_messages(r) if mixed else r.raw
+
+
+def write(path: str, records: Sequence[Record]) -> None:
+  """JSON lines that runs/user_data.gin trains on as they are; written whole, then renamed."""
+  fmts = {"alpaca" if r.fmt == SEED_TASKS else r.fmt for r in records}
+  mixed = len(fmts) > 1
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(to_json(r, mixed), ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def words(text: str) -> list[str]:
+  return re.findall(r"\w+", text.lower())
