@@ -37,7 +37,7 @@ from flanjax.errors import UserError  # noqa: E402
 # decoder and t5 are imported for their gin configurables DecoderConfig and T5Config.
 from flanjax.models import decoder, hf, kinds, t5  # noqa: E402,F401
 from flanjax.run_folder import TRAINING_FIELDS, RunFolder  # noqa: E402
-from flanjax.training import checkpoints, loop, optimizers  # noqa: E402
+from flanjax.training import adapters, checkpoints, loop, optimizers  # noqa: E402
 from flanjax.training.partitioning import check_divisible  # noqa: E402
 from flanjax.training.data import TrainData  # noqa: E402
 # distributed is gin's `distributed` (multi-process start-up).
@@ -127,7 +127,8 @@ def train(
     eval_tasks: Sequence[str] | None = None, eval_splits: Sequence[str] | None = None,
     eval_max_examples: int | None = None, eval_batch_size: int = 64,
     eval_rank_classification: bool = False, max_decode_len: int | None = None,
-    early_stopping=None, stop_signal=None, on_step: Callable | None = None,
+    early_stopping=None, peft=None, init_adapter: str | None = None, stop_signal=None,
+    on_step: Callable | None = None,
 ) -> dict:
   """Trains and evaluates; returns a summary dict (also written to model_dir).
 
@@ -138,6 +139,8 @@ def train(
   eval_tasks: task specs (names, mixtures, patterns such as 'bbh_*', 'task:split'),
   default the mixture's tasks; eval_splits: default each task's evaluation splits.
   early_stopping: @EarlyStopping() (training/early_stopping.py) on the evaluations.
+  peft: @LoraConfig() trains LoRA adapters over init_from's frozen model (whose weights
+  are read on resuming too); init_adapter: a PEFT adapter folder to start them from.
   """
   _hide_accelerators_from_tf()
   lengths = pipeline.check_lengths(task_feature_lengths or {"inputs": 256, "targets": 64})
@@ -146,8 +149,8 @@ def train(
   run.check_writable()
   with run.lock():  # one run per folder; released at the end, also on failure
     ckpt = checkpoints.Checkpointer(run.path, cleanup_tmp=True)
-    cfg, init_params, vocab = _model_and_vocab(model_config, vocabulary, init_from,
-                                               resuming=ckpt.latest_step() is not None)
+    cfg, init_params, vocab = _model_and_vocab(model_config, vocabulary, init_from, resuming=(
+        ckpt.latest_step() is not None and peft is None and init_adapter is None))
     _register_data(vocab, register_fns, mixture, lengths)
     cfg = _vocab_size_for(cfg, vocab)
     kind = kinds.for_config(cfg)
@@ -156,6 +159,9 @@ def train(
                 "model": {k: v for k, v in dataclasses.asdict(cfg).items()
                           if k not in TRAINING_FIELDS}, "kind": kind.name,
                 "optimizer": optimizers.describe()}
+    adapter = adapters.setup(peft, cfg, init_params, init_from, init_adapter)
+    if adapter is not None:
+      run_info["adapter"] = adapter.describe()
     run.check_run_info(run_info)
     run.save_vocabulary(vocab)
     run.record_prompt_format(mixture)  # user data's prompt format, for infer
@@ -174,10 +180,10 @@ def train(
         losses=loop.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, microbatches),
         log=loop.LogConfig(log_every_secs, summary_every_steps, peak_flops, max_nonfinite_in_row),
         run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0,
-        early_stopping=early_stopping)
+        early_stopping=early_stopping, adapters=adapter)
     check_divisible(trainer.partitioner.mesh, batch_size, microbatches,
                     trainer.abstract_params(), trainer.partitioner.rules)
-    state = trainer.init_state(init_params)
+    state = trainer.init_state(None if adapter else init_params)
     del init_params  # the state holds them now
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     mesh = trainer.partitioner.mesh

@@ -243,3 +243,84 @@ def from_peft(tensors: dict, cfg, source: str) -> tuple[dict, list[Site], int]:
     raise UserError(f"{source}: modules of different ranks {sorted(ranks)} (rank_pattern) are "
                     "not supported")
   return adapters, chosen, ranks.pop()
+
+
+# ---------------------------------------------------------------- PEFT's folder
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_peft_dir(path: str) -> bool:
+  import os  # pylint: disable=g-import-not-at-top
+  return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def read_peft(path: str, cfg) -> tuple[LoraConfig, dict, list[Site]]:
+  """(config, adapters, sites) of a PEFT LoRA folder (adapter_config.json and
+  adapter_model.safetensors or adapter_model.bin) over a base of config `cfg`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  conf_path = os.path.join(path, ADAPTER_CONFIG)
+  if not os.path.isfile(conf_path):
+    raise UserError(f"{conf_path} not found: give a PEFT adapter folder (adapter_config.json, "
+                    f"{ADAPTER_WEIGHTS})")
+  with open(conf_path, encoding="utf-8") as f:
+    conf = json.load(f)
+  kind = conf.get("peft_type")
+  if kind != "LORA":
+    raise UserError(f"{conf_path}: peft_type {kind!r}; flanjax reads LORA adapters here")
+  for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    if conf.get(key):
+      raise UserError(f"{conf_path}: {key}=true is not supported by flanjax's LoRA")
+  if conf.get("bias", "none") != "none" or conf.get("modules_to_save"):
+    raise UserError(f"{conf_path}: adapters with trained biases or modules_to_save are not "
+                    "supported (bias must be 'none')")
+  weights = os.path.join(path, ADAPTER_WEIGHTS)
+  if os.path.isfile(weights):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    tensors = load_file(weights)
+  elif os.path.isfile(os.path.join(path, "adapter_model.bin")):
+    import torch  # pylint: disable=g-import-not-at-top
+    weights = os.path.join(path, "adapter_model.bin")
+    tensors = {k: v.float().numpy() for k, v in
+               torch.load(weights, map_location="cpu", weights_only=True).items()}
+  else:
+    raise UserError(f"{path}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+  adapters, chosen, rank = from_peft(tensors, cfg, weights)
+  if conf.get("r") not in (None, rank):
+    raise UserError(f"{conf_path}: r={conf.get('r')} but the weights have rank {rank}")
+  targets = conf.get("target_modules")
+  config = LoraConfig(rank=rank, alpha=float(conf.get("lora_alpha", 8)),
+                      dropout=float(conf.get("lora_dropout") or 0.0),
+                      targets=tuple(targets) if isinstance(targets, list) else targets)
+  return config, adapters, chosen
+
+
+def task_type(cfg) -> str:
+  from flanjax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top
+  return "SEQ_2_SEQ_LM" if isinstance(cfg, T5Config) else "CAUSAL_LM"
+
+
+def write_peft(path: str, config: LoraConfig, adapters, chosen: Sequence[Site], cfg,
+               base_path: str | None = None) -> None:
+  """adapter_config.json and adapter_model.safetensors as PEFT saves them."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  targets = config.targets
+  if targets is None:
+    targets = sorted({s.short for s in chosen})
+  elif not isinstance(targets, str):
+    targets = list(targets)
+  conf = {"peft_type": "LORA", "task_type": task_type(cfg), "r": config.rank,
+          "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+          "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+          "use_rslora": False, "use_dora": False, "modules_to_save": None,
+          "init_lora_weights": True, "inference_mode": True,
+          "base_model_name_or_path": base_path}
+  with open(os.path.join(path, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+    json.dump(conf, f, indent=1)
+  save_file(to_peft(adapters, chosen), os.path.join(path, ADAPTER_WEIGHTS),
+            metadata={"format": "pt"})

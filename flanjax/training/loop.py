@@ -28,6 +28,7 @@ import optax
 
 from flanjax.errors import UserError
 from flanjax.models import kinds as kinds_lib
+from flanjax.training import adapters as adapters_lib
 from flanjax.training import checkpoints, partitioning, trainer as step_lib
 from flanjax.training import early_stopping as stopping_lib
 from flanjax.training import flops as flops_lib
@@ -167,6 +168,7 @@ class Trainer:
   on_step: Callable | None = None
   dropout: bool = False
   early_stopping: stopping_lib.EarlyStopping | None = None
+  adapters: adapters_lib.Adapters | None = None  # LoRA: the state is the adapters' alone
 
   # ---------------------------------------------------------------- state
   def abstract_params(self):
@@ -176,10 +178,46 @@ class Trainer:
   def init_state(self, params=None):
     """The train state, initialised directly into its shardings (params: start from these)."""
     p = self.partitioner
+    if self.adapters is not None:
+      return self._init_adapter_state()
     state, self.state_shardings = step_lib.create_sharded_state(
         self.model, self.optimizer.tx, p.mesh, p.rules, self.seed,
         self.kind.dummy_batch(1, 8, 8), params=params)
     return state
+
+  def _init_adapter_state(self):
+    """The frozen base placed on the devices (self.base, in the adapters' base dtype) and
+    the adapters' train state (params, optimizer state, step, rng)."""
+    p, a, tx = self.partitioner, self.adapters, self.optimizer.tx
+    abstract_base = self.abstract_params()
+    self.base_shardings = partitioning.shardings_of(abstract_base, p.mesh, p.rules)
+    want = nn.unbox(abstract_base)
+    kinds_lib.check_params_fit(want, a.base)
+    have = kinds_lib.flat_params(a.base)
+    base = jax.tree.unflatten(jax.tree.structure(want), [
+        np.asarray(have[k], a.base_dtype()) for k in kinds_lib.flat_params(want)])
+    self.base, a.base = jax.device_put(base, self.base_shardings), None
+    self._merge = None
+
+    def init_fn(rng):
+      params_rng, state_rng = jax.random.split(rng)
+      boxed = a.boxed(params_rng)
+      return {"params": boxed, "opt_state": tx.init(nn.unbox(boxed)),
+              "step": jax.numpy.zeros((), jax.numpy.int32), "rng": state_rng}
+
+    rng = jax.random.PRNGKey(self.seed)
+    self.state_shardings = step_lib.state_shardings(jax.eval_shape(init_fn, rng), p.mesh,
+                                                    p.rules)
+    with p.scope():
+      return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=self.state_shardings)(rng)
+
+  def eval_params(self, params):
+    """The parameters the model runs with: with adapters, the base with them merged."""
+    if self.adapters is None:
+      return params
+    if self._merge is None:
+      self._merge = jax.jit(self.adapters.merged, out_shardings=self.base_shardings)
+    return self._merge(self.base, params)
 
   def resume(self, state):
     """(state, data position): the newest checkpoint that restores, else the fresh state."""
@@ -195,17 +233,29 @@ class Trainer:
     return state, position
 
   def _compile(self):
-    p, lc = self.partitioner, self.losses
-    step_fn = step_lib.make_train_step(
-        self.model, self.optimizer.tx, self.optimizer.lr_fn, microbatches=lc.microbatches,
+    p, lc, a = self.partitioner, self.losses, self.adapters
+    make = lambda model: step_lib.make_train_step(  # noqa: E731
+        model, self.optimizer.tx, self.optimizer.lr_fn, microbatches=lc.microbatches,
         z_loss=lc.z_loss, label_smoothing=lc.label_smoothing,
-        loss_normalizing_factor=lc.loss_normalizing_factor, dropout=self.dropout,
+        loss_normalizing_factor=lc.loss_normalizing_factor,
+        dropout=self.dropout or (a is not None and a.config.dropout > 0),
         model_inputs=self.kind.model_inputs)
-    jit_step = step_lib.jit_train_step(step_fn, self.state_shardings, p.mesh)
+    if a is None:
+      jit_step = step_lib.jit_train_step(make(self.model), self.state_shardings, p.mesh)
+      params_sh = self.state_shardings["params"]
+    else:
+      # The base is an argument of the step (no gradient, never donated), not its state.
+      step = lambda state, batch, base: make(  # noqa: E731
+          adapters_lib.Bound(self.model, base, a))(state, batch)
+      jitted = jax.jit(step, in_shardings=(self.state_shardings,
+                                           partitioning.batch_sharding(p.mesh),
+                                           self.base_shardings),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+      jit_step = lambda state, batch: jitted(state, batch, self.base)  # noqa: E731
+      params_sh = self.base_shardings
     eval_step = jax.jit(step_lib.make_eval_step(self.model, self.kind.model_inputs,
                                                 token_accuracy=True),
-                        in_shardings=(self.state_shardings["params"],
-                                      partitioning.batch_sharding(p.mesh)))
+                        in_shardings=(params_sh, partitioning.batch_sharding(p.mesh)))
     return jit_step, self._loss_probe(eval_step)
 
   def _loss_probe(self, eval_step):
@@ -339,7 +389,7 @@ class Trainer:
 
   def _evaluate(self, state, step, writer, final=False, generate=True, train_loss=None):
     evaluation = self.evaluator.evaluate(
-        self.model, self.kind, state["params"], self.vocab, self.mixture, step, writer, self.run,
+        self.model, self.kind, self.eval_params(state["params"]), self.vocab, self.mixture, step, writer, self.run,
         final=final, probe=self._probe, generate=generate, train_loss=train_loss)
     writer.flush()
     return evaluation
