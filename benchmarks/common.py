@@ -79,6 +79,69 @@ def _memory_gib() -> float | None:
   return None
 
 
+QUIET_LOAD = 0.5  # 1-minute load average (other jobs) under which a machine counts as quiet
+QUIET_OTHERS = 0.10  # share of the machine's CPU time other processes may take in a window
+
+
+def _cpu_ticks() -> tuple[int, int, int] | None:
+  """(busy ticks of the whole machine, all ticks, this process's own ticks), or None."""
+  try:
+    with open("/proc/stat", encoding="utf-8") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+    with open("/proc/self/stat", encoding="utf-8") as f:
+      own = f.read().rsplit(")", 1)[1].split()
+    # idle and iowait are the 4th and 5th fields; utime, stime, cutime, cstime: 12-15 after ')'
+    return sum(v) - v[3] - v[4], sum(v), sum(int(x) for x in own[11:15])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+class Windows:
+  """Timed windows of one figure: each window's rate, and how much of the machine
+  other processes took meanwhile (/proc/stat's busy time less this process's own),
+  so a figure taken on a busy machine says so."""
+
+  def __init__(self):
+    self.rates, self.seconds, self.others = [], [], []
+    self.load_before = load()
+
+  def time(self, fn: Callable, amount: float):
+    """Runs fn() as one window; its rate is amount / seconds."""
+    a = _cpu_ticks()
+    t0 = time.perf_counter()
+    out = fn()
+    secs = time.perf_counter() - t0
+    b = _cpu_ticks()
+    if a and b and b[1] > a[1]:
+      self.others.append(max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1])))
+    self.seconds.append(secs)
+    self.rates.append(amount / secs)
+    return out
+
+  def summary(self) -> dict:
+    r = sorted(self.rates)
+    n = len(r)
+    median = r[n // 2] if n % 2 else (r[n // 2 - 1] + r[n // 2]) / 2
+    out = {"median": round(median, 1), "min": round(r[0], 1), "max": round(r[-1], 1),
+           "windows": n, "window_rates": [round(x, 1) for x in self.rates],
+           "load_before": self.load_before, "load_after": load()}
+    if self.others:
+      out["others_cpu_share"] = round(max(self.others), 3)
+    out["quiet"] = quiet(out)
+    return out
+
+
+def quiet(fig: dict) -> bool:
+  """Whether a figure was taken on a quiet machine: other processes took at most
+  QUIET_OTHERS of the CPU in every window. (The load average mid-run counts this
+  benchmark's own threads; the run's load before it started is checked apart.)"""
+  return fig.get("others_cpu_share", 0.0) <= QUIET_OTHERS
+
+
+def quiet_start(load_start) -> bool:
+  return not load_start or load_start[0] <= QUIET_LOAD * max(usable_cores(), 1)
+
+
 def timed(fn: Callable, sync: Callable = lambda x: x):
   """(result, seconds) of fn(), with sync applied to the result before the clock stops."""
   t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks import stacks
 
 
@@ -36,17 +37,27 @@ def _hf_generate(th, kind):
   torch = th.torch
 
   def fn(prompts, n):
-    ids = torch.from_numpy(prompts.astype(np.int64))
-    with torch.inference_mode():
+    ids = torch.from_numpy(prompts.astype(np.int64)).to(th.dev)
+    with torch.inference_mode(), th._cast():  # pylint: disable=protected-access
       out = th.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                               max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               num_beams=1, pad_token_id=0, eos_token_id=1,
                               decoder_start_token_id=0 if kind == "enc_dec" else None,
                               use_cache=True)
-    out = out.numpy()
+    out = out.cpu().numpy()
     # T5's output starts with the decoder start token; a decoder's, with the prompt.
     return out[:, 1:] if kind == "enc_dec" else out[:, prompts.shape[1]:]
   return fn
+
+
+def _figure(w, device, dtype, **extra) -> dict:
+  """A generation figure: new tokens/s, the median over windows (one call each)."""
+  f = w.summary()
+  return {"tokens_per_s": f["median"], "tokens_per_s_min": f["min"], "tokens_per_s_max": f["max"],
+          "windows": f["windows"], "seconds": round(float(np.median(w.seconds)), 4),
+          "device": device, "dtype": dtype, "load_before": f["load_before"],
+          "load_after": f["load_after"], "others_cpu_share": f.get("others_cpu_share"),
+          "quiet": f["quiet"], **extra}
 
 
 def _common_prefix(a, b) -> float:
@@ -74,21 +85,17 @@ def run(cfg, batch_sizes, prompt_len: int, new_tokens: int, reps: int, seed: int
     first = ours(prompts, new_tokens)
     compile_s = time.perf_counter() - t0
     assert first.shape == (b, new_tokens), first.shape
-    t0 = time.perf_counter()
+    w_fj = common.Windows()
     for _ in range(reps):
-      ours(prompts, new_tokens)
-    fj_s = (time.perf_counter() - t0) / reps
+      w_fj.time(lambda: ours(prompts, new_tokens), b * new_tokens)
     ref = theirs(prompts, new_tokens)  # warm-up
     assert ref.shape == (b, new_tokens), ref.shape
-    t0 = time.perf_counter()
+    w_hf = common.Windows()
     for _ in range(reps):
-      theirs(prompts, new_tokens)
-    hf_s = (time.perf_counter() - t0) / reps
-    res = {"flanjax": {"seconds": round(fj_s, 4),
-                       "tokens_per_s": round(b * new_tokens / fj_s, 1),
-                       "compile_and_first_call_s": round(compile_s, 2)},
-           "torch_eager": {"seconds": round(hf_s, 4),
-                           "tokens_per_s": round(b * new_tokens / hf_s, 1)},
+      w_hf.time(lambda: theirs(prompts, new_tokens), b * new_tokens)
+    res = {"flanjax": _figure(w_fj, fj.device, fj.dtype, compile_and_first_call_s=round(
+               compile_s, 2)),
+           "torch_eager": _figure(w_hf, th.device, th.dtype),
            "greedy_agreement": round(_common_prefix(first, ref), 3)}
     out[f"batch_{b}"] = res
     log(f"{name} generate b={b}: flanjax {res['flanjax']['tokens_per_s']:,.0f} tok/s, "

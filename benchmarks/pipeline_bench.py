@@ -16,6 +16,8 @@ import shutil
 import tempfile
 import time
 
+from benchmarks import common
+
 
 def _examples_in(batch: dict) -> int:
   seg = batch["decoder_segment_ids"]
@@ -23,7 +25,7 @@ def _examples_in(batch: dict) -> int:
 
 
 def run(mixture: str, lengths: dict, batch_size: int, batches: int, vocab_size: int,
-        cold: bool, seed: int, kind: str, log) -> dict:
+        cold: bool, seed: int, kind: str, log, windows: int = 5) -> dict:
   from flanjax.data import pipeline, registry, tasks, vocab  # pylint: disable=g-import-not-at-top
   voc = vocab.corpus_vocabulary(mixture, vocab_size=vocab_size)
   registry.register_all(voc, input_length=lengths["inputs"])
@@ -56,13 +58,24 @@ def run(mixture: str, lengths: dict, batch_size: int, batches: int, vocab_size: 
   it = ds.as_numpy_iterator()
   first = next(it)
   t_first = time.perf_counter() - t0
+  # Windows of equal numbers of batches; the figure is the median window's examples/s.
+  w = common.Windows()
   n = 0
-  t0 = time.perf_counter()
-  for _ in range(batches):
-    n += _examples_in(next(it))
-  secs = time.perf_counter() - t0
+  per = max(1, batches // windows)
+  for _ in range(windows):
+    # Examples are counted after the clock (a window's amount is known at its end).
+    got = []
+    w.time(lambda: got.extend(next(it) for _ in range(per)), 1.0)
+    k = sum(_examples_in(b) for b in got)
+    w.rates[-1] *= k
+    n += k
+  fig = w.summary()
+  batches, secs = per * windows, sum(w.seconds)
   out["warm"] = {"first_batch_s": round(t_first, 2), "batches": batches, "examples": n,
-                 "seconds": round(secs, 3), "examples_per_s": round(n / max(secs, 1e-9), 1),
+                 "seconds": round(secs, 3), "examples_per_s": fig["median"],
+                 "examples_per_s_min": fig["min"], "examples_per_s_max": fig["max"],
+                 "windows": windows, "others_cpu_share": fig.get("others_cpu_share"),
+                 "quiet": fig["quiet"],
                  "rows_per_s": round(batches * batch_size / max(secs, 1e-9), 1),
                  "examples_per_row": round(n / (batches * batch_size), 2),
                  "what": "cache -> seqio mixture -> packer -> batches"}

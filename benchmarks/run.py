@@ -12,6 +12,9 @@ Sections (benchmark.sections):
   pipeline  examples/s from raw files to packed batches, beside what the trainer consumes
   mfu       on a GPU: MFU of T5-base, T5-large and a 1.1B decoder, bf16 ("no GPU" elsewhere)
 
+Each figure is the median of `windows` (>= 5) timed windows, printed with its min and
+max, and carries its device, dtype, the load average before and after and the share of
+the CPU other processes took meanwhile; the table warns when the machine was not quiet.
 Prints a markdown table with the ratios and writes JSON to
 benchmarks/results/<name>.json (name: the platform, e.g. cpu) or --out.
 """
@@ -47,9 +50,11 @@ def benchmark(
     vocab_size: int = 8000,
     lengths=None,
     batch_size: int = 4,
-    steps: int = 4,
+    steps: int = 2,
+    windows: int = 5,
+    real_examples: int = 500,
     warmup: int = 2,
-    examples: int = 1600,
+    examples: int = 1700,
     torch_compile: bool = True,
     cold_inductor_cache: bool = True,
     learning_rate: float = 1e-4,
@@ -57,7 +62,7 @@ def benchmark(
     gen_batch_sizes=(1, 16),
     gen_prompt_len: int = 128,
     gen_new_tokens: int = 32,
-    gen_reps: int = 2,
+    gen_reps: int = 5,
     pipeline_batches: int = 100,
     pipeline_cold: bool = True,
     mfu_sizes=("t5_base", "t5_large", "decoder_1b"),
@@ -72,7 +77,8 @@ def benchmark(
       t5_config=t5_config or t5.T5Config(), decoder_config=decoder_config or decoder.DecoderConfig(),
       mixture=mixture, vocab_size=vocab_size,
       lengths=dict(lengths or {"inputs": 512, "targets": 128}), batch_size=batch_size,
-      steps=steps, warmup=warmup, examples=examples, torch_compile=torch_compile,
+      steps=steps, windows=windows, real_examples=real_examples, warmup=warmup,
+      examples=examples, torch_compile=torch_compile,
       cold_inductor_cache=cold_inductor_cache, learning_rate=learning_rate, seed=seed,
       gen_batch_sizes=tuple(gen_batch_sizes), gen_prompt_len=gen_prompt_len,
       gen_new_tokens=gen_new_tokens, gen_reps=gen_reps, pipeline_batches=pipeline_batches,
@@ -133,7 +139,8 @@ def run(settings: dict, log, command: str = "") -> dict:
     for m in s["models"]:
       result["train"][m] = train_bench.run(
           cfgs[m], exs, lengths, s["batch_size"], s["steps"], s["warmup"], s["torch_compile"],
-          stacks.AdamW(lr=s["learning_rate"]), s["seed"], log, vocab_ids)
+          stacks.AdamW(lr=s["learning_rate"]), s["seed"], log, vocab_ids,
+          windows=s["windows"], real_examples=s["real_examples"])
   if "generate" in s["sections"]:
     from benchmarks import gen_bench  # pylint: disable=g-import-not-at-top
     result["generate"] = {m: gen_bench.run(cfgs[m], s["gen_batch_sizes"], s["gen_prompt_len"],
@@ -146,7 +153,8 @@ def run(settings: dict, log, command: str = "") -> dict:
       from benchmarks import pipeline_bench  # pylint: disable=g-import-not-at-top
       result["pipeline"] = pipeline_bench.run(s["mixture"], lengths, s["batch_size"],
                                               s["pipeline_batches"], s["vocab_size"],
-                                              s["pipeline_cold"], s["seed"], "enc_dec", log)
+                                              s["pipeline_cold"], s["seed"], "enc_dec", log,
+                                              s["windows"])
   if "mfu" in s["sections"]:
     from benchmarks import mfu  # pylint: disable=g-import-not-at-top
     result["mfu"] = mfu.run(s["mfu_sizes"], s["mfu_steps"], s["warmup"], s["mfu_force"], log,
@@ -154,6 +162,8 @@ def run(settings: dict, log, command: str = "") -> dict:
   result["total_seconds"] = round(__import__("time").perf_counter() - t_start, 1)
   result["load_end"] = common.load()
   result["targets"] = targets(result)
+  result["warnings"] = warnings(result)
+  result["quiet"] = not any(w.startswith("WARNING") for w in result["warnings"])
   result["table"] = table(result)
   return result
 
@@ -223,36 +233,84 @@ def _x(x):
   return "n/a" if x is None else f"**{x:.2f}x**"
 
 
+def _cell(fig, key):
+  """'median [min-max]' of a figure (min and max where the figure has them)."""
+  v = _get(fig, key)
+  lo, hi = _get(fig, key + "_min"), _get(fig, key + "_max")
+  if v is None or lo is None:
+    return _fmt(v)
+  return f"{_fmt(v)} [{_fmt(lo)}-{_fmt(hi)}]"
+
+
+def _figures(r: dict):
+  """Every timed figure of a result (a dict with a device and a median)."""
+  for sec in ("train", "generate"):
+    for part in (r.get(sec) or {}).values():
+      for group in part.values():
+        if isinstance(group, dict):
+          yield from (f for f in group.values() if isinstance(f, dict) and "quiet" in f)
+  warm = _get(r, "pipeline", "warm")
+  if isinstance(warm, dict) and "quiet" in warm:
+    yield warm
+
+
+def warnings(r: dict) -> list[str]:
+  """Why the figures of a run may not hold: a busy machine, too few windows or examples."""
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  out = []
+  if not common.quiet_start(r.get("load_start")):
+    out.append(f"WARNING: the machine was not quiet: load average {r.get('load_start')} at "
+               f"start (over {common.QUIET_LOAD} x cores); these figures are loaded, not "
+               "to be quoted")
+  busy = [f.get("others_cpu_share") for f in _figures(r) if not f["quiet"]]
+  if busy:
+    out.append(f"WARNING: the machine was not quiet: other processes took up to "
+               f"{max(busy):.0%} of the CPU during {len(busy)} figure(s)' windows (over "
+               f"{common.QUIET_OTHERS:.0%}); these figures are loaded, not to be quoted")
+  n = _get(r, "settings", "windows")
+  if n is not None and n < 5:
+    out.append(f"note: {n} timed windows per figure (5 or more for a figure to quote)")
+  for m in ("t5", "decoder"):
+    ex = _get(r, "train", m, "real", "examples")
+    if ex is not None and ex < 500:
+      out.append(f"note: {m} real-length figures on {ex} examples (500 or more to quote)")
+  return out
+
+
 def table(r: dict) -> str:
-  lines = ["| measure | flanjax | PyTorch eager | PyTorch compiled | flanjax / eager | "
+  lines = ["Figures: median [min-max] over the timed windows.", "",
+           "| measure | flanjax | PyTorch eager | PyTorch compiled | flanjax / eager | "
            "flanjax / compiled |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
 
-  def row(name, ours, eager, comp):
-    lines.append(f"| {name} | {_fmt(ours)} | {_fmt(eager)} | {_fmt(comp)} | "
-                 f"{_x(_ratio(ours, eager))} | {_x(_ratio(ours, comp))} |")
+  def row(name, ours, eager, comp, key):
+    lines.append(f"| {name} | {_cell(ours, key)} | {_cell(eager, key)} | {_cell(comp, key)} | "
+                 f"{_x(_ratio(_get(ours, key), _get(eager, key)))} | "
+                 f"{_x(_ratio(_get(ours, key), _get(comp, key)))} |")
 
-  label = {"t5": "T5", "decoder": "decoder (Llama)"}
+  label = {"t5": "T5", "decoder": "decoder (Llama, causal both sides)"}
   mixture = _get(r, "settings", "mixture")
   for m in ("t5", "decoder"):
     tr = _get(r, "train", m)
     if not tr:
       continue
     p = tr["padded"]
-    row(f"{label[m]} train, tokens/s per padded token",
-        _get(p, "flanjax", "tokens_per_s"), _get(p, "torch_eager", "tokens_per_s"),
-        _get(p, "torch_compile", "tokens_per_s"))
+    row(f"{label[m]} train, tokens/s per padded token", p.get("flanjax"),
+        p.get("torch_eager"), p.get("torch_compile"), "tokens_per_s")
     q = tr["real"]
-    for order, what in (("random", "random batches"), ("grouped", "group_by_length")):
-      row(f"{label[m]} train, real tokens/s on {mixture} lengths (packed vs padded per "
-          f"batch, {what})", _get(q, "flanjax_packed", "real_tokens_per_s"),
-          _get(q, f"torch_eager_{order}", "real_tokens_per_s"), None)
+    for order, what in (("random", "padded per batch, random batches"),
+                        ("grouped", "padded per batch, group_by_length"),
+                        ("packed", "PyTorch on the same packed rows, padding-free")):
+      if "skipped" in (q.get(f"torch_eager_{order}") or {}):
+        continue
+      row(f"{label[m]} train, real tokens/s on {mixture} lengths (flanjax packed vs {what})",
+          q.get("flanjax_packed"), q.get(f"torch_eager_{order}"), None, "real_tokens_per_s")
   for m in ("t5", "decoder"):
     g = _get(r, "generate", m)
     if not g:
       continue
     for k in sorted((k for k in g if k.startswith("batch_")), key=lambda k: int(k[6:])):
       row(f"{label[m]} greedy generation, new tokens/s, batch {k[6:]}",
-          _get(g, k, "flanjax", "tokens_per_s"), _get(g, k, "torch_eager", "tokens_per_s"), None)
+          _get(g, k, "flanjax"), _get(g, k, "torch_eager"), None, "tokens_per_s")
   lines.append("")
   lines.append("| other | value |")
   lines.append("| --- | ---: |")
@@ -261,6 +319,11 @@ def table(r: dict) -> str:
     if not tr:
       continue
     q = tr["real"]
+    lines.append(f"| {label[m]}: device / dtype, flanjax; PyTorch | "
+                 f"{_get(tr, 'flanjax', 'device')} / {_get(tr, 'flanjax', 'dtype')}; "
+                 f"{_get(tr, 'torch', 'device')} / {_get(tr, 'torch', 'dtype')} |")
+    lines.append(f"| {label[m]}: real-length examples per stack, steps, windows | "
+                 f"{q.get('examples')}, {q.get('steps')}, {q.get('windows')} |")
     lines.append(f"| {label[m]}: non-padding share, flanjax packed / PyTorch random / "
                  f"grouped | {_fmt(_get(q, 'flanjax_packed', 'non_padding_share'))} / "
                  f"{_fmt(_get(q, 'torch_eager_random', 'non_padding_share'))} / "
@@ -268,13 +331,14 @@ def table(r: dict) -> str:
     lines.append(f"| {label[m]}: compile + first step, flanjax (XLA) / torch.compile (s) | "
                  f"{_fmt(_get(tr, 'padded', 'flanjax', 'compile_and_first_step_s'))} / "
                  f"{_fmt(_get(tr, 'padded', 'torch_compile', 'compile_and_first_step_s'))} |")
-    lines.append(f"| {label[m]}: initial loss, flanjax / PyTorch (same weights) | "
-                 f"{_get(tr, 'parity', 'flanjax_loss')} / {_get(tr, 'parity', 'torch_loss')} |")
+    lines.append(f"| {label[m]}: initial loss on the timed batches, flanjax / PyTorch "
+                 f"(same weights; largest difference) | {_get(tr, 'parity', 'flanjax_loss')} / "
+                 f"{_get(tr, 'parity', 'torch_loss')} ({_get(tr, 'parity', 'abs_diff')}) |")
   pipe = r.get("pipeline") or {}
   trainer = _get(r, "train", "t5", "real", "flanjax_packed", "examples_per_s")
   if "warm" in pipe:
     lines.append(f"| data pipeline, cache -> packed batches (examples/s) | "
-                 f"{_fmt(pipe['warm']['examples_per_s'])} |")
+                 f"{_cell(pipe['warm'], 'examples_per_s')} |")
     if "cold" in pipe:
       lines.append(f"| data pipeline, raw files -> tokenized, first run (examples/s) | "
                    f"{_fmt(pipe['cold']['examples_per_s'])} |")
@@ -302,6 +366,10 @@ def table(r: dict) -> str:
                f"{m.get('cores')} cores; torch threads {_get(m, 'threads', 'torch_intra_op')}; "
                f"load average (1/5/15 min) {r.get('load_start')} at start, {r.get('load_end')} "
                f"at end; {r.get('total_seconds')} s in all.")
+  warn = warnings(r)
+  if warn:
+    lines.append("")
+    lines.extend(warn)
   return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ zero_grad.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -66,6 +67,10 @@ class Flanjax:
     self._step = trainer.jit_train_step(step, shardings, self.mesh)
     self._ctx = lambda: _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
     self._jax = jax
+    self._eval = jax.jit(trainer.make_eval_step(self.model))
+    dev = jax.devices()[0]
+    self.device = f"{dev.platform} ({getattr(dev, 'device_kind', dev.platform)})"
+    self.dtype = str(cfg.dtype)
 
   def params(self):
     """The current params as numpy (a copy: the state is donated at each step)."""
@@ -79,25 +84,12 @@ class Flanjax:
         self.state, metrics = self._step(self.state, b)
       return None if metrics is None else float(self._jax.block_until_ready(metrics)["loss"])
 
-  def loss(self, examples) -> float:
-    """Mean target-token loss of fixed-length examples (no update), computed as
-    transformers computes it, for the parity check: T5 on (inputs, targets);
-    the decoder causally over inputs + targets, loss on the targets."""
-    from flanjax.training.losses import cross_entropy  # pylint: disable=g-import-not-at-top
-    variables = {"params": self.state["params"]}
-    inp = np.stack([e["inputs"] for e in examples])
-    tgt = np.stack([e["targets"] for e in examples])
-    if family(self.cfg) == "t5":
-      dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-      logits = self.model.apply(variables, inp, dec_in, decoder_target_tokens=tgt)
-      weights = np.ones(tgt.shape, np.float32)
-    else:
-      seq = np.concatenate([inp, tgt], axis=1)
-      logits = self.model.apply(variables, seq)[:, :-1]
-      tgt = seq[:, 1:]
-      weights = (np.arange(tgt.shape[1]) >= inp.shape[1] - 1)[None].repeat(len(seq), 0)
-    loss, _ = cross_entropy(logits, tgt, weights.astype(np.float32))
-    return float(loss)
+  def loss(self, batch) -> float:
+    """Mean loss per target token of the batch the step trains on (no update): the
+    trainer's own loss (its eval step, no z-loss), for the parity check."""
+    with self._ctx():
+      loss_sum, weight = self._eval(self.state["params"], batch)
+    return float(loss_sum) / max(float(weight), 1.0)
 
 
 class _Both:
@@ -129,13 +121,17 @@ def pack_rows(examples, lengths, kind, window=packing.DEFAULT_WINDOW):
 
 
 def stack_rows(rows, batch_size: int) -> dict:
-  """B rows -> one batch; fewer rows are topped up with empty (all-padding) rows."""
+  """B rows -> one batch; fewer rows are topped up with empty (all-padding) rows.
+
+  A prefix-LM row is made causal (decoder_causal_attention all 0): the decoder is
+  timed on the objective PyTorch's LlamaForCausalLM trains, causal attention
+  with the loss on the targets (the cost is the same either way)."""
   out = {}
   for k in rows[0]:
     a = np.stack([r[k] for r in rows])
     if len(rows) < batch_size:
       a = np.concatenate([a, np.zeros((batch_size - len(rows),) + a.shape[1:], a.dtype)])
-    out[k] = a
+    out[k] = np.zeros_like(a) if k == "decoder_causal_attention" else a
   return out
 
 
@@ -165,6 +161,15 @@ class Torch:
       transformers.logging.set_verbosity_error()
       transformers.logging.disable_progress_bar()
       self.model = cls.from_pretrained(tmp, dtype=torch.float32)
+    # The device and dtype flanjax runs in: CUDA when JAX and torch both see a GPU,
+    # and bf16 autocast when the flanjax config computes in bf16.
+    import jax  # pylint: disable=g-import-not-at-top
+    gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    self.dev = torch.device("cuda" if gpu else "cpu")
+    self.model.to(self.dev)
+    self.autocast = None if str(cfg.dtype) == "float32" else getattr(torch, str(cfg.dtype))
+    self.device = str(self.dev) + (f" ({torch.cuda.get_device_name()})" if gpu else "")
+    self.dtype = "float32" if self.autocast is None else f"{cfg.dtype} autocast"
     self.model.train()
     self.attn_implementation = getattr(self.model.config, "_attn_implementation", None)
     self.optimizer_impl = "fused"
@@ -182,11 +187,21 @@ class Torch:
       self.compiled = self.torch.compile(self.model)
     return self.compiled
 
+  def _cast(self):
+    if self.autocast is None:
+      return contextlib.nullcontext()
+    return self.torch.autocast(self.dev.type, dtype=self.autocast)
+
+  def to_device(self, batch) -> dict:
+    return {k: v.to(self.dev, non_blocking=True) for k, v in batch.items()}
+
   def train(self, batches, compiled: bool = False) -> float:
+    """A step per batch (moved to the device first); waits for the last step's loss."""
     fwd = self.compiled if compiled else self.model
     loss = None
     for b in batches:
-      loss = fwd(**b).loss
+      with self._cast():
+        loss = fwd(**self.to_device(b)).loss
       loss.backward()
       self.opt.step()
       self.opt.zero_grad(set_to_none=True)
@@ -194,10 +209,21 @@ class Torch:
 
   def loss(self, batch) -> float:
     self.model.eval()
-    with self.torch.no_grad():
-      out = float(self.model(**batch).loss)
+    with self.torch.no_grad(), self._cast():
+      out = float(self.model(**self.to_device(batch)).loss)
     self.model.train()
     return out
+
+  def packed_batch(self, fj_batch) -> dict:
+    """flanjax's packed decoder rows as a padding-free batch (DataCollatorWithFlattening's
+    style): no attention mask, position ids restarting at each example, from which
+    transformers builds the block-diagonal causal mask; labels already shifted."""
+    torch = self.torch
+    w = fj_batch["decoder_loss_weights"] > 0
+    labels = np.where(w, fj_batch["decoder_target_tokens"], IGNORE).astype(np.int64)
+    return {"input_ids": torch.from_numpy(fj_batch["decoder_input_tokens"].astype(np.int64)),
+            "position_ids": torch.from_numpy(fj_batch["decoder_positions"].astype(np.int64)),
+            "labels": torch.from_numpy(labels), "shift_labels": torch.from_numpy(labels)}
 
   def batch(self, examples) -> dict:
     """Examples padded to the longest in the batch, as DataCollatorForSeq2Seq pads."""
@@ -214,8 +240,10 @@ class Torch:
       return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(
           (np.arange(li)[None] < np.array([len(e["inputs"]) for e in examples])[:, None])
           .astype(np.int64)), "labels": torch.from_numpy(labels)}
-    # Decoder-only: inputs then targets in one sequence; loss on the targets.
-    seqs = [np.concatenate([e["inputs"], e["targets"]]) for e in examples]
+    # Decoder-only: the tokens of flanjax's row, 0 then inputs then targets (less the
+    # last), each position predicting the next; loss on the targets (labels already
+    # shifted, as flanjax's decoder_target_tokens are).
+    seqs = [np.concatenate([[0], e["inputs"], e["targets"][:-1]]) for e in examples]
     length = max(len(s) for s in seqs)
     ids = np.zeros((n, length), np.int64)
     labels = np.full((n, length), IGNORE, np.int64)
@@ -224,11 +252,12 @@ class Torch:
       ids[i, :len(s)] = s
       mask[i, :len(s)] = 1
       labels[i, len(e["inputs"]):len(s)] = e["targets"]
+    labels = torch.from_numpy(labels)
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-            "labels": torch.from_numpy(labels)}
+            "labels": labels, "shift_labels": labels}
 
   def counts(self, batch) -> tuple[int, int]:
-    """(real tokens, padded positions) of a batch."""
+    """(real tokens, padded positions) of a padded batch."""
     real = int(batch["attention_mask"].sum())
     total = batch["input_ids"].numel()
     if self.kind == "enc_dec":

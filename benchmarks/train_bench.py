@@ -1,98 +1,166 @@
 """Training throughput: padded tokens/s, and real tokens/s on a real length distribution.
 
+Every figure is the median of `windows` timed windows (>= 5), with their min and
+max, the device and dtype it ran in, the load average before and after, and the
+share of the machine's CPU other processes took during its windows (a figure
+above common.QUIET_OTHERS is marked not quiet).
+
 Padded: B rows of exactly (inputs + targets) random tokens, the same tensors on
 both stacks; tokens/s counts every position.
 
-Real: the same examples on both stacks. flanjax trains on packed rows of its
-own packer (rows emitted once the packer's window is full, i.e. steady
-state); PyTorch trains on those same examples in batches padded to the batch's
-longest (DataCollatorForSeq2Seq), K examples a step where K is what a packed
-step holds on average (so both take the same number of optimizer steps), in
-the stream's random order and, separately, in transformers' group_by_length
-order. Real tokens/s counts non-padding positions; both stacks see exactly the
-same number of them.
+Real: the same examples on both stacks, at least `real_examples` of them.
+flanjax trains on packed rows of its own packer (rows emitted once the packer's
+window is full, i.e. steady state). PyTorch trains on those same examples in
+batches padded to the batch's longest (DataCollatorForSeq2Seq), K examples a
+step where K is what a packed step holds on average (so both take about the
+same number of optimizer steps), in the stream's random order and, separately,
+in transformers' group_by_length order; and, for the decoder, on flanjax's
+packed rows themselves, padding-free (DataCollatorWithFlattening's style:
+position ids restart per example, transformers masks across examples). Real
+tokens/s counts non-padding positions; every run sees the same real tokens.
+
+The decoder's objective is the same on both sides: causal attention, loss on
+the targets (flanjax's prefix-LM rows with decoder_causal_attention set to 0;
+PyTorch's rows hold the same tokens). The parity check compares the two
+stacks' losses on the timed batches themselves before any update.
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
+from benchmarks import common
 from benchmarks import examples as ex_lib
 from benchmarks import stacks
 
 
-def _run(fn, *args, **kw):
-  t0 = time.perf_counter()
-  out = fn(*args, **kw)
-  return out, time.perf_counter() - t0
-
-
-def _result(seconds, steps, real, padded, examples=None, **extra) -> dict:
-  r = {"steps": steps, "seconds": round(seconds, 4), "real_tokens": int(real),
-       "padded_tokens": int(padded), "tokens_per_s": round(padded / seconds, 1),
-       "real_tokens_per_s": round(real / seconds, 1),
-       "non_padding_share": round(real / max(padded, 1), 4)}
+def _measure(stack, windows_batches, train, counts, examples=None) -> dict:
+  """Times train(batches) once per window; counts(b) -> (real, padded) of a batch."""
+  w = common.Windows()
+  real = padded = 0
+  for wb in windows_batches:
+    c = [counts(b) for b in wb]
+    real += sum(x[0] for x in c)
+    padded += sum(x[1] for x in c)
+    w.time(lambda wb=wb: train(wb), sum(x[0] for x in c))
+  fig = w.summary()
+  secs = sum(w.seconds)
+  r = {"device": stack.device, "dtype": stack.dtype, "windows": fig["windows"],
+       "steps": sum(len(wb) for wb in windows_batches), "seconds": round(secs, 3),
+       "real_tokens": int(real), "padded_tokens": int(padded),
+       # the figure: median over windows of real tokens / s (every position when padded)
+       "real_tokens_per_s": fig["median"], "real_tokens_per_s_min": fig["min"],
+       "real_tokens_per_s_max": fig["max"], "window_rates": fig["window_rates"],
+       "non_padding_share": round(real / max(padded, 1), 4),
+       "load_before": fig["load_before"], "load_after": fig["load_after"],
+       "others_cpu_share": fig.get("others_cpu_share"), "quiet": fig["quiet"]}
+  if real == padded:  # every position real: the padded-token rate is the same figure
+    r.update(tokens_per_s=fig["median"], tokens_per_s_min=fig["min"],
+             tokens_per_s_max=fig["max"])
+  else:
+    r["tokens_per_s"] = round(padded / secs, 1)
   if examples is not None:
     r["examples"] = int(examples)
-    r["examples_per_s"] = round(examples / seconds, 2)
-  r.update(extra)
+    r["examples_per_s"] = round(examples * fig["median"] / max(real, 1), 2)
   return r
 
 
+def _split(batches, windows: int) -> list[list]:
+  """Consecutive, near-equal windows of steps."""
+  edges = np.linspace(0, len(batches), windows + 1).round().astype(int)
+  return [batches[a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _real_rows(rows, members, steady, batch_size, windows, real_examples):
+  """Steady-state row indices covering >= real_examples examples, in whole steps
+  (a multiple of `windows` of them), and one more step's rows for the warm-up."""
+  good = [i for i, s in enumerate(steady) if s] or list(range(len(rows)))
+  seen, k = 0, 0
+  while k < len(good) and seen < real_examples:
+    seen += len(members[good[k]])
+    k += 1
+  n_steps = -(-k // batch_size)
+  n_steps = max(windows, -(-n_steps // windows) * windows)
+  need = (n_steps + 1) * batch_size
+  if seen < real_examples or len(good) < need:
+    raise ValueError(f"the real-length benchmark needs {real_examples} examples in "
+                     f"{need} steady-state rows; {len(good)} rows hold fewer: raise "
+                     "benchmark.examples (the packer's first window of examples is skipped)")
+  return good[:n_steps * batch_size], good[n_steps * batch_size:need]
+
+
 def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
-        torch_compile: bool, opt: stacks.AdamW, seed: int, log, vocab_ids: int) -> dict:
+        torch_compile: bool, opt: stacks.AdamW, seed: int, log, vocab_ids: int,
+        windows: int = 5, real_examples: int = 500) -> dict:
   kind = stacks.packing_kind(cfg)
   name = stacks.family(cfg)
-  out = {"kind": kind}
+  out = {"kind": kind, "objective": "causal LM, loss on targets" if kind != "enc_dec"
+         else "encoder-decoder, loss on targets"}
   fj = stacks.Flanjax(cfg, opt, seed)
   out["num_params"] = fj.num_params
   log(f"{name}: {fj.num_params / 1e6:.2f}M parameters; building the PyTorch twin")
   th = stacks.Torch(cfg, fj.params(), opt)
-  out["torch"] = {"attn_implementation": th.attn_implementation,
-                  "optimizer": f"torch.optim.AdamW ({th.optimizer_impl})"}
-  out["flanjax"] = {"optimizer": "optax.adamw"}
+  out["torch"] = {"attn_implementation": th.attn_implementation, "device": th.device,
+                  "dtype": th.dtype, "optimizer": f"torch.optim.AdamW ({th.optimizer_impl})"}
+  out["flanjax"] = {"optimizer": "optax.adamw", "device": fj.device, "dtype": fj.dtype}
 
-  # ---- padded: every position real, the same tensors on both stacks
-  # One example of exactly inputs + targets tokens per row: the packer's layout, no padding.
+  # ---- the batches. Padded: one example of exactly inputs + targets tokens per row.
   fixed = ex_lib.fixed_examples(batch_size, lengths["inputs"], lengths["targets"], seed,
                                 vocab_ids)
   rows, _, _ = stacks.pack_rows(fixed, lengths, kind)
   fj_batch = stacks.stack_rows(rows, batch_size)
   th_batch = th.batch(fixed)
   real, padded = stacks.flanjax_counts(fj_batch, kind)
-  t_real, t_padded = th.counts(th_batch)
-  assert (real, padded) == (t_real, t_padded) == (padded, padded), (real, t_real, padded)
+  assert (real, padded) == th.counts(th_batch) == (padded, padded), (real, padded)
+  # Real lengths: packed rows (flanjax), the same examples padded per batch (PyTorch).
+  rows, members, steady = stacks.pack_rows(examples, lengths, kind)
+  timed_rows, warm_rows = _real_rows(rows, members, steady, batch_size, windows,
+                                     real_examples)
+  fj_batches = [stacks.stack_rows([rows[j] for j in timed_rows[s:s + batch_size]], batch_size)
+                for s in range(0, len(timed_rows), batch_size)]
+  fj_warm = stacks.stack_rows([rows[j] for j in warm_rows], batch_size)
+  ids = sorted(i for j in timed_rows for i in members[j])  # the stream's (random) order
+  warm_ids = sorted(i for j in warm_rows for i in members[j])
+  per_step = max(1, int(round(len(ids) / len(fj_batches))))
+  fj_counts = lambda b: stacks.flanjax_counts(b, kind)  # noqa: E731
 
-  # Parity: both stacks give the same loss on the same weights and batch.
-  out["parity"] = {"flanjax_loss": round(fj.loss(fixed), 6),
-                   "torch_loss": round(th.loss(th_batch), 6)}
-  out["parity"]["abs_diff"] = round(abs(out["parity"]["flanjax_loss"]
-                                        - out["parity"]["torch_loss"]), 6)
-  log(f"{name}: initial loss flanjax {out['parity']['flanjax_loss']:.5f}, "
-      f"PyTorch {out['parity']['torch_loss']:.5f}")
+  # Parity before any update, on the batches timed: the same loss on the same weights.
+  first_ids = sorted(i for j in timed_rows[:batch_size] for i in members[j])
+  par = {"flanjax_loss": fj.loss(fj_batch), "torch_loss": th.loss(th_batch),
+         "flanjax_real_loss": fj.loss(fj_batches[0]),
+         "torch_real_loss": th.loss(th.batch([examples[i] for i in first_ids]))}
+  if kind != "enc_dec":
+    par["torch_packed_loss"] = th.loss(th.packed_batch(fj_batches[0]))
+  par = {k: round(v, 6) for k, v in par.items()}
+  par["abs_diff"] = round(max(abs(par["flanjax_loss"] - par["torch_loss"]),
+                              abs(par["flanjax_real_loss"] - par["torch_real_loss"]),
+                              abs(par["flanjax_real_loss"]
+                                  - par.get("torch_packed_loss", par["torch_real_loss"]))), 6)
+  out["parity"] = par
+  log(f"{name}: initial loss flanjax {par['flanjax_loss']:.5f}, PyTorch "
+      f"{par['torch_loss']:.5f} (largest difference over the checked batches {par['abs_diff']})")
 
+  # ---- padded
   padded_res = {}
-  _, compile_s = _run(fj.train, [fj_batch])
+  win = [[fj_batch] * steps] * windows
+  _, compile_s = common.timed(lambda: fj.train([fj_batch]))
   fj.train([fj_batch] * max(warmup - 1, 0))
-  _, secs = _run(fj.train, [fj_batch] * steps)
-  padded_res["flanjax"] = _result(secs, steps, real * steps, padded * steps,
-                                  compile_and_first_step_s=round(compile_s, 2))
+  padded_res["flanjax"] = _measure(fj, win, fj.train, fj_counts)
+  padded_res["flanjax"]["compile_and_first_step_s"] = round(compile_s, 2)
   log(f"{name} padded: flanjax {padded_res['flanjax']['tokens_per_s']:,.0f} tok/s "
       f"(compile + first step {compile_s:.1f}s)")
   th.train([th_batch] * warmup)
-  _, secs = _run(th.train, [th_batch] * steps)
-  padded_res["torch_eager"] = _result(secs, steps, real * steps, padded * steps)
+  padded_res["torch_eager"] = _measure(th, [[th_batch] * steps] * windows, th.train,
+                                       th.counts)
   log(f"{name} padded: PyTorch eager {padded_res['torch_eager']['tokens_per_s']:,.0f} tok/s")
   if torch_compile:
     try:
       th.compile()
-      _, compile_s = _run(th.train, [th_batch], compiled=True)
+      _, compile_s = common.timed(lambda: th.train([th_batch], compiled=True))
       th.train([th_batch] * max(warmup - 1, 0), compiled=True)
-      _, secs = _run(th.train, [th_batch] * steps, compiled=True)
-      padded_res["torch_compile"] = _result(secs, steps, real * steps, padded * steps,
-                                            compile_and_first_step_s=round(compile_s, 2))
+      padded_res["torch_compile"] = _measure(
+          th, [[th_batch] * steps] * windows, lambda bs: th.train(bs, compiled=True), th.counts)
+      padded_res["torch_compile"]["compile_and_first_step_s"] = round(compile_s, 2)
       log(f"{name} padded: PyTorch compiled "
           f"{padded_res['torch_compile']['tokens_per_s']:,.0f} tok/s "
           f"(compile + first step {compile_s:.1f}s)")
@@ -103,51 +171,43 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
     padded_res["torch_compile"] = {"skipped": "torch_compile=False"}
   out["padded"] = padded_res
 
-  # ---- real lengths: packed (flanjax) vs dynamic padding (PyTorch), same examples
-  rows, members, steady = stacks.pack_rows(examples, lengths, kind)
-  good = [i for i, s in enumerate(steady) if s]
-  if len(good) < (steps + 1) * batch_size:
-    # Too few examples for a full window: take the stream from its start.
-    good = list(range(len(rows)))
-  if len(good) < (steps + 1) * batch_size:
-    raise ValueError(f"{len(examples)} examples pack into {len(rows)} rows; the real-length "
-                     f"benchmark needs {(steps + 1) * batch_size}: raise examples")
-  timed_rows = good[:steps * batch_size]
-  warm_rows = good[steps * batch_size:(steps + 1) * batch_size]
-  fj_batches = [stacks.stack_rows([rows[j] for j in timed_rows[s:s + batch_size]], batch_size)
-                for s in range(0, len(timed_rows), batch_size)]
-  fj_warm = stacks.stack_rows([rows[j] for j in warm_rows], batch_size)
-  ids = sorted(i for j in timed_rows for i in members[j])  # the stream's (random) order
-  warm_ids = sorted(i for j in warm_rows for i in members[j])
-  per_step = max(1, int(round(len(ids) / steps)))
-  fj_real = sum(stacks.flanjax_counts(b, kind)[0] for b in fj_batches)
-  fj_pad = sum(stacks.flanjax_counts(b, kind)[1] for b in fj_batches)
-  real_res = {"examples": len(ids), "torch_examples_per_step": per_step,
-              "flanjax_rows_per_step": batch_size,
+  # ---- real lengths
+  fj_real = sum(fj_counts(b)[0] for b in fj_batches)
+  real_res = {"examples": len(ids), "steps": len(fj_batches), "windows": windows,
+              "torch_examples_per_step": per_step, "flanjax_rows_per_step": batch_size,
               "lengths": ex_lib.length_summary([examples[i] for i in ids])}
-
   fj.train([fj_warm])
-  _, secs = _run(fj.train, fj_batches)
-  real_res["flanjax_packed"] = _result(secs, len(fj_batches), fj_real, fj_pad, len(ids))
-  log(f"{name} real: flanjax packed {real_res['flanjax_packed']['real_tokens_per_s']:,.0f} "
-      f"real tok/s (share {real_res['flanjax_packed']['non_padding_share']:.3f})")
-
+  real_res["flanjax_packed"] = _measure(fj, _split(fj_batches, windows), fj.train, fj_counts,
+                                        len(ids))
+  _log_real(log, name, "flanjax packed", real_res["flanjax_packed"])
   orders = {"random": ids,
             "grouped": [ids[k] for k in stacks.grouped_order([examples[i] for i in ids],
                                                              per_step, seed, kind)]}
   for order, seq in orders.items():
     batches = [th.batch([examples[i] for i in seq[s:s + per_step]])
                for s in range(0, len(seq), per_step)]
-    t_real = sum(th.counts(b)[0] for b in batches)
-    t_pad = sum(th.counts(b)[1] for b in batches)
-    assert t_real == fj_real, (t_real, fj_real)  # the same examples, the same real tokens
+    assert sum(th.counts(b)[0] for b in batches) == fj_real  # the same real tokens
     th.train([th.batch([examples[i] for i in warm_ids[:per_step]])])
-    _, secs = _run(th.train, batches)
-    real_res[f"torch_eager_{order}"] = _result(secs, len(batches), t_real, t_pad, len(ids))
-    log(f"{name} real: PyTorch eager, {order} order "
-        f"{real_res[f'torch_eager_{order}']['real_tokens_per_s']:,.0f} real tok/s "
-        f"(share {real_res[f'torch_eager_{order}']['non_padding_share']:.3f})")
+    real_res[f"torch_eager_{order}"] = _measure(th, _split(batches, windows), th.train,
+                                                th.counts, len(ids))
+    _log_real(log, name, f"PyTorch eager, {order} order", real_res[f"torch_eager_{order}"])
+  if kind != "enc_dec":
+    th.train([th.packed_batch(fj_warm)])
+    packed = [th.packed_batch(b) for b in fj_batches]
+    counts = dict(zip(map(id, packed), map(fj_counts, fj_batches)))
+    real_res["torch_eager_packed"] = _measure(th, _split(packed, windows), th.train,
+                                              lambda b: counts[id(b)], len(ids))
+    _log_real(log, name, "PyTorch eager, packed padding-free", real_res["torch_eager_packed"])
+  else:
+    real_res["torch_eager_packed"] = {
+        "skipped": "transformers' T5 has no per-example (segment) masks for packed rows"}
   real_res["torch_compile"] = {"skipped": "dynamic shapes: a compiled model recompiles per "
                                           "batch shape"}
   out["real"] = real_res
   return out
+
+
+def _log_real(log, name, what, r):
+  log(f"{name} real: {what} {r['real_tokens_per_s']:,.0f} real tok/s "
+      f"[{r['real_tokens_per_s_min']:,.0f}-{r['real_tokens_per_s_max']:,.0f}] "
+      f"(share {r['non_padding_share']:.3f})")
