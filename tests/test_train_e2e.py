@@ -80,6 +80,10 @@ def test_default_job_end_to_end_and_exact_resume(tmp_path, builtin_vocab):
   assert steps[-1] == 10 and 8 in steps
   summary = json.loads((straight / "summary.json").read_text())
   assert summary["step"] == 10 and len(summary["eval"]) == 12
+  # The time the loop waited for batches is measured inside the run.
+  pk = summary["packing"]
+  assert pk["data_first_batch_seconds"] > 0
+  assert pk["data_first_batch_seconds"] + pk["data_wait_seconds"] < summary["train_seconds"]
 
   # Stop at 6, then resume to 10: the same batches, the same losses.
   # Its first part also evaluates every 3 steps, which must not change the losses.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Mapping
 
 import jax
@@ -33,6 +34,9 @@ class TrainData:
     # Each row counts its examples per task, so a bad batch names its tasks.
     self.task_names = pipeline.task_names(self.mixture, "train")
     self._eval_cache: dict = {}
+    # The time the training loop waited for its batches (packer and tf.data run ahead
+    # in tf.data's prefetch; a wait here is time the step did not run).
+    self.wait_seconds, self.first_wait_seconds, self.batches_taken = 0.0, 0.0, 0
 
   @property
   def row_lengths(self) -> tuple[int, ...]:
@@ -60,7 +64,14 @@ class TrainData:
     """(batch, its examples per task, real tokens over all hosts) of the next batch.
 
     StopIteration when a finite mixture ends."""
+    t0 = time.perf_counter()
     batch = next(stream)
+    waited = time.perf_counter() - t0
+    if self.batches_taken:
+      self.wait_seconds += waited
+    else:  # the pipeline's start (reading the cache, filling the shuffle buffer)
+      self.first_wait_seconds = waited
+    self.batches_taken += 1
     tasks_in_batch = pipeline.batch_tasks(batch, self.task_names)  # this host's rows
     batch.pop(pipeline.TASK_COUNTS, None)
     real = float(pipeline.real_tokens(batch)) * jax.process_count()
@@ -99,4 +110,8 @@ class TrainData:
       if feature in st.positions:  # a prefix-LM row is all decoder
         out[key] = round(st.share(feature), 4)
     out["mask_violations"] = st.violations
+    out["data_first_batch_seconds"] = round(self.first_wait_seconds, 3)
+    out["data_wait_seconds"] = round(self.wait_seconds, 3)  # after the first batch
+    out["data_wait_ms_per_batch"] = round(
+        1e3 * self.wait_seconds / max(self.batches_taken - 1, 1), 3)
     return out

@@ -14,6 +14,7 @@ best checkpoint), the summary and curves.png.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -75,6 +76,7 @@ class LogConfig:
   summary_every_steps: int = 10
   peak_flops: float | None = None
   max_nonfinite_in_row: int = 5
+  steps_in_flight: int = 2  # steps dispatched before the host reads a step's metrics
 
 
 class _StepRecorder:
@@ -322,8 +324,17 @@ class Trainer:
 
   def _steps(self, state, stream, jit_step, rec, writer, num_steps, stop):
     step = int(jax.device_get(state["step"]))
-    pending = None  # (step, metrics, real tokens, tasks) of the step in flight
+    # (step, metrics, real tokens, tasks) of the steps dispatched and not yet recorded: the
+    # host reads a step's metrics only once `steps_in_flight` newer ones are queued, so a
+    # slow batch or log write does not leave the device idle. Saves and evaluations
+    # record every pending step first.
+    pending = collections.deque()
     mesh = self.partitioner.mesh
+
+    def flush():
+      while pending:
+        rec.record(*pending.popleft())
+
     while step < num_steps and not stop.requested and self.stopped_early is None:
       try:
         batch, tasks_in_batch, real = self.data.take(stream)
@@ -331,23 +342,20 @@ class Trainer:
         break
       state, m = jit_step(state, partitioning.global_batch(batch, mesh))
       step += 1
-      if pending:
-        rec.record(*pending)
-      pending = (step, m, real, tasks_in_batch)
+      pending.append((step, m, real, tasks_in_batch))
+      while len(pending) > self.log.steps_in_flight:
+        rec.record(*pending.popleft())
       if self.checkpointer.should_save(step):
-        rec.record(*pending)
-        pending = None
+        flush()
         if rec.nonfinite_in_row:
           # Keep the newest checkpoint the last good step's until updates apply again.
           print(f"step {step}: checkpoint not saved during non-finite steps", flush=True)
         else:
           self.checkpointer.save(step, state, stream.position)
       if pending and self._eval_due(step, num_steps):
-        rec.record(*pending)  # the evaluation sees this step's training loss
-        pending = None
+        flush()  # the evaluation sees this step's training loss
       self._periodic(state, step, num_steps, writer, rec)
-    if pending:
-      rec.record(*pending)
+    flush()
     return state
 
   # ---------------------------------------------------------------- evaluations
