@@ -32,7 +32,8 @@ import numpy as np
 
 from flanjax.models import lora_hook as lora
 # Llama's MLP is T5's gated feed-forward with SiLU (SwiGLU): one module serves both.
-from flanjax.models.t5 import FeedForward, RMSNorm, _mask_bias, _param
+from flanjax.models import attention
+from flanjax.models.t5 import FeedForward, RMSNorm, _param
 
 Array = Any
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -63,8 +64,13 @@ class DecoderConfig:
   dropout_rate: float = 0.0
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
+  # models/attention.py: "reference" (scores in full), "blockwise" (memory linear in the
+  # length), "dot_product" (jax.nn.dot_product_attention: cuDNN on a GPU)
+  attention_impl: str = "reference"
+  attention_block: int = 512  # query and key block of "blockwise"
 
   def __post_init__(self):
+    attention.check_impl("DecoderConfig", self.attention_impl, self.attention_block)
     if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
       raise ValueError(f"DecoderConfig.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
@@ -146,8 +152,8 @@ class Attention(nn.Module):
     self.wo = _param(self, "o", (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
     self.dropout = nn.Dropout(c.dropout_rate)
 
-  def __call__(self, x, bias, rope, deterministic=True, cache=None, write_index=None):
-    """Self-attention of x [b, l, d]; bias [b, 1, l, keys] is 0 or NEG_INF.
+  def __call__(self, x, spec, rope, deterministic=True, cache=None, write_index=None):
+    """Self-attention of x [b, l, d]; spec (attention.Spec): which keys each query sees.
 
     With `cache` ((keys, values) buffers [b, max_len, kv_heads, head_dim]), the
     new keys and values are written at write_index (scalar or per row) and the
@@ -165,14 +171,12 @@ class Attention(nn.Module):
     if cache is not None:
       kk = _write_rows(cache[0], kk, write_index)
       v = _write_rows(cache[1], v, write_index)
-    b, length = q.shape[:2]
-    groups = c.num_heads // c.num_kv_heads
+    drop = None
+    if not deterministic and c.dropout_rate > 0:
+      drop = lambda p: self.dropout(p, deterministic=False)  # noqa: E731
     # Query head j reads key/value head j // groups (Hugging Face's repeat_kv order).
-    q = q.reshape(b, length, c.num_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum("bqngk,btnk->bngqt", q, kk).astype(jnp.float32)
-    scores = scores * (c.head_dim ** -0.5) + bias[:, :, None]
-    probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(dt), deterministic=deterministic)
-    out = jnp.einsum("bngqt,btnk->bqngk", probs, v).reshape(b, length, c.num_heads, c.head_dim)
+    out = attention.attend(q, kk, v, spec, impl=c.attention_impl, scale=c.head_dim ** -0.5,
+                           block=c.attention_block, dropout=drop)
     out = lora.add(self, "o", out, jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt)),
                    deterministic)
     return out if cache is None else (out, (kk, v))
@@ -189,8 +193,8 @@ class DecoderLayer(nn.Module):
     self.mlp = FeedForward(c)
     self.drop = nn.Dropout(c.dropout_rate)
 
-  def __call__(self, x, bias, rope, deterministic=True, cache=None, write_index=None):
-    att = self.attention(self.pre_attention_norm(x), bias, rope, deterministic, cache=cache,
+  def __call__(self, x, spec, rope, deterministic=True, cache=None, write_index=None):
+    att = self.attention(self.pre_attention_norm(x), spec, rope, deterministic, cache=cache,
                          write_index=write_index)
     if cache is not None:
       att, cache = att
@@ -200,15 +204,20 @@ class DecoderLayer(nn.Module):
     return x if cache is None else (x, cache)
 
 
-def attention_mask(segment_ids: Array, causal_attention: Array | None = None) -> Array:
-  """bool [b, l, l]: causal within a segment; prefix positions also see each other."""
-  length = segment_ids.shape[1]
-  idx = jnp.arange(length)
-  allowed = (idx[:, None] >= idx[None, :])[None]
-  if causal_attention is not None:
-    prefix = causal_attention > 0
-    allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])
-  return allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+def attention_spec(segment_ids: Array, causal_attention: Array | None = None,
+                   q_positions: Array | None = None, kv_segments: Array | None = None):
+  """Causal within a segment; prefix positions (causal_attention > 0) also see each other.
+
+  For a cache: q_positions [b or 1, q] are the queries' slots and kv_segments
+  [b, max_len] the cache's; causal_attention then spans the cache ([b, max_len]).
+  """
+  kv_segments = segment_ids if kv_segments is None else kv_segments
+  kv_pos = jnp.arange(kv_segments.shape[1], dtype=jnp.int32)[None]
+  q_pos = kv_pos[:, :segment_ids.shape[1]] if q_positions is None else q_positions
+  prefix = None if causal_attention is None else causal_attention > 0
+  return attention.Spec(segment_ids, kv_segments, q_pos, kv_pos, causal=True,
+                        q_prefix=None if prefix is None else prefix[:, :segment_ids.shape[1]],
+                        kv_prefix=prefix)
 
 
 class Decoder(nn.Module):
@@ -261,11 +270,11 @@ class Decoder(nn.Module):
     pos = decoder_positions
     if pos is None:
       pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    bias = _mask_bias(attention_mask(seg, decoder_causal_attention))
+    spec = attention_spec(seg, decoder_causal_attention)
     rope = rope_tables(self.config, pos)
     x = self.dropout(self._embed(tokens), deterministic)
     for layer in self.layers:
-      x = layer(x, bias, rope, deterministic)
+      x = layer(x, spec, rope, deterministic)
     return self._logits(self.dropout(self.final_norm(x), deterministic))
 
   # ---------------------------------------------------------------- decoding
@@ -279,12 +288,12 @@ class Decoder(nn.Module):
     return {"cache": [(empty, empty) for _ in self.layers],
             "index": jnp.zeros((batch,), jnp.int32)}
 
-  def _run_cached(self, state, tokens, positions, bias, write_index):
+  def _run_cached(self, state, tokens, positions, spec, write_index):
     rope = rope_tables(self.config, positions)
     x = self._embed(tokens)
     caches = []
     for layer, cache in zip(self.layers, state["cache"]):
-      x, cache = layer(x, bias, rope, True, cache=cache, write_index=write_index)
+      x, cache = layer(x, spec, rope, True, cache=cache, write_index=write_index)
       caches.append(cache)
     return self.final_norm(x), caches
 
@@ -298,14 +307,12 @@ class Decoder(nn.Module):
     b, p = tokens.shape
     max_len = state["cache"][0][0].shape[1]
     lengths = jnp.full((b,), p, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    q = jnp.arange(p)[:, None]
-    t = jnp.arange(max_len)[None, :]
-    allowed = jnp.broadcast_to(t <= q, (b, p, max_len))
     if causal_attention is not None:
-      prefix = jnp.pad(causal_attention > 0, ((0, 0), (0, max_len - p)))
-      allowed = allowed | (prefix[:, :p, None] & prefix[:, None, :])
+      causal_attention = jnp.pad(causal_attention, ((0, 0), (0, max_len - p)))
+    spec = attention_spec(jnp.ones((b, p), jnp.int32), causal_attention,
+                          kv_segments=jnp.ones((b, max_len), jnp.int32))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    x, caches = self._run_cached(state, tokens, positions, _mask_bias(allowed), 0)
+    x, caches = self._run_cached(state, tokens, positions, spec, 0)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     return self._logits(last)[:, 0], {"cache": caches, "index": lengths}
 
@@ -316,9 +323,10 @@ class Decoder(nn.Module):
     """
     index = state["index"]
     max_len = state["cache"][0][0].shape[1]
-    allowed = (jnp.arange(max_len)[None, :] <= index[:, None])[:, None, :]
-    x, caches = self._run_cached(state, token[:, None], index[:, None], _mask_bias(allowed),
-                                 index)
+    b = token.shape[0]
+    spec = attention_spec(jnp.ones((b, 1), jnp.int32), q_positions=index[:, None],
+                          kv_segments=jnp.ones((b, max_len), jnp.int32))
+    x, caches = self._run_cached(state, token[:, None], index[:, None], spec, index)
     return self._logits(x)[:, 0], {"cache": caches, "index": index + 1}
 
 

@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flanjax.models import lora_hook as lora
+from flanjax.models import attention
+from flanjax.models.attention import NEG_INF, relative_position_bucket  # noqa: F401
+
 Array = Any
-NEG_INF = -1e10  # mask bias; finite so a fully masked row gives a uniform softmax, not NaN
 
 
 @gin.configurable
@@ -53,8 +55,13 @@ class T5Config:
   tie_word_embeddings: bool = False
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
+  # models/attention.py: "reference" (scores in full), "blockwise" (memory linear in the
+  # length), "dot_product" (jax.nn.dot_product_attention: cuDNN on a GPU)
+  attention_impl: str = "reference"
+  attention_block: int = 512  # query and key block of "blockwise"
 
   def __post_init__(self):
+    attention.check_impl("T5Config", self.attention_impl, self.attention_block)
     if self.feed_forward not in ("relu", "gelu", "gated-gelu", "gated-relu", "gated-silu"):
       raise ValueError(f"T5Config.feed_forward={self.feed_forward!r} is not one of "
                        "relu, gelu, gated-gelu, gated-relu, gated-silu")
@@ -77,27 +84,6 @@ class T5Config:
 def _act(name: str):
   return {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=True),
           "silu": jax.nn.silu}[name]
-
-
-def relative_position_bucket(relative_position: Array, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> Array:
-  """T5's bucketing of (key - query) distances: exact when near, log-spaced when far."""
-  ret = 0
-  n = relative_position
-  if bidirectional:
-    num_buckets //= 2
-    ret += (n > 0).astype(jnp.int32) * num_buckets
-    n = jnp.abs(n)
-  else:
-    n = -jnp.minimum(n, 0)
-  max_exact = num_buckets // 2
-  is_small = n < max_exact
-  # log(0) is never selected (is_small covers it); clamp to keep it finite.
-  val_if_large = max_exact + (
-      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
-      / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
-  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
-  return ret + jnp.where(is_small, n, val_if_large)
 
 
 def _param(module, name, init_std, shape, axes):
@@ -125,14 +111,17 @@ class RelativePositionBias(nn.Module):
   bidirectional: bool
 
   @nn.compact
-  def __call__(self, q_pos: Array, k_pos: Array) -> Array:
-    """q_pos [q], k_pos [k] (shared by the batch) -> bias [1, heads, q, k]."""
-    table = _param(self, "rel_embedding", 1.0, (self.num_buckets, self.num_heads),
-                   ("relpos_buckets", "heads"))
-    rel = k_pos[None, :] - q_pos[:, None]
-    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
-                                       self.max_distance)
-    return jnp.transpose(table[buckets], (2, 0, 1))[None]
+  def __call__(self) -> Array:
+    """The table [buckets, heads]; attention.Spec looks it up (per block when blockwise)."""
+    return _param(self, "rel_embedding", 1.0, (self.num_buckets, self.num_heads),
+                  ("relpos_buckets", "heads"))
+
+  def spec(self, table, q_segments, kv_segments, q_positions, kv_positions, causal=False,
+           kv_padding=False) -> attention.Spec:
+    return attention.Spec(q_segments, kv_segments, q_positions, kv_positions, rel_table=table,
+                          causal=causal, kv_padding=kv_padding,
+                          rel_bidirectional=self.bidirectional,
+                          rel_max_distance=self.max_distance)
 
 
 class Attention(nn.Module):
@@ -154,7 +143,7 @@ class Attention(nn.Module):
     return (lora.add(self, "k", x_kv, k, deterministic),
             lora.add(self, "v", x_kv, v, deterministic))
 
-  def __call__(self, x_q, x_kv, bias, deterministic=True, kv=None, cache=None,
+  def __call__(self, x_q, x_kv, spec, deterministic=True, kv=None, cache=None,
                cache_index=None):
     """Attention of x_q over x_kv.
 
@@ -175,15 +164,13 @@ class Attention(nn.Module):
                                         (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype),
                                        (0, cache_index, 0, 0))
+    c = self.config
+    drop = None
+    if not deterministic and c.dropout_rate > 0:
+      drop = lambda p: self.dropout(p, deterministic=False)  # noqa: E731
     # T5 folds 1/sqrt(d_kv) into the initialisation of q: no scaling here.
-    scores = jnp.einsum("bqhk,bthk->bhqt", q, kk).astype(jnp.float32)
-    # A tuple of biases (mask [b, 1, q, k], positions [1, h, q, k]) is added here,
-    # where it fuses into the softmax, rather than summed to [b, h, q, k] once.
-    for b in (bias if isinstance(bias, tuple) else (bias,)):
-      scores = scores + b
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    probs = self.dropout(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+    out = attention.attend(q, kk, v, spec, impl=c.attention_impl, block=c.attention_block,
+                           dropout=drop)
     out = lora.add(self, "o", out, jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt)),
                    deterministic)
     return out if cache is None else (out, (kk, v))
@@ -216,11 +203,11 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x, bias, deterministic=True):
+  def __call__(self, x, spec, deterministic=True):
     c = self.config
     drop = nn.Dropout(c.dropout_rate)
     y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_attention_norm")(x)
-    x = x + drop(Attention(c, name="attention")(y, y, bias, deterministic), deterministic)
+    x = x + drop(Attention(c, name="attention")(y, y, spec, deterministic), deterministic)
     y = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="pre_mlp_norm")(x)
     x = x + drop(FeedForward(c, name="mlp")(y, deterministic), deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -240,26 +227,21 @@ class DecoderLayer(nn.Module):
     self.mlp = FeedForward(c)
     self.drop = nn.Dropout(c.dropout_rate)
 
-  def __call__(self, x, encoded, self_bias, cross_bias, deterministic=True,
+  def __call__(self, x, encoded, self_spec, cross_spec, deterministic=True,
                cross_kv=None, cache=None, cache_index=None):
     """With `cache` (one decoding step), also returns the updated cache."""
     y = self.pre_self_attention_norm(x)
-    att = self.self_attention(y, y, self_bias, deterministic, cache=cache,
+    att = self.self_attention(y, y, self_spec, deterministic, cache=cache,
                               cache_index=cache_index)
     if cache is not None:
       att, cache = att
     x = x + self.drop(att, deterministic)
     y = self.pre_cross_attention_norm(x)
-    x = x + self.drop(self.cross_attention(y, encoded, cross_bias, deterministic, kv=cross_kv),
+    x = x + self.drop(self.cross_attention(y, encoded, cross_spec, deterministic, kv=cross_kv),
                       deterministic)
     x = x + self.drop(self.mlp(self.pre_mlp_norm(x), deterministic), deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x if cache is None else (x, cache)
-
-
-def _mask_bias(mask: Array) -> Array:
-  """bool [b, q, k] -> additive float32 bias [b, 1, q, k]."""
-  return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
 def _segments(tokens, segment_ids):
@@ -312,12 +294,11 @@ class T5(nn.Module):
              encoder_positions=None, deterministic=True):
     del encoder_positions  # distances inside an example are index distances
     seg = _segments(encoder_input_tokens, encoder_segment_ids)
-    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    idx = jnp.arange(encoder_input_tokens.shape[1])
-    bias = (_mask_bias(mask), self.encoder_relpos(idx, idx))
+    idx = jnp.arange(encoder_input_tokens.shape[1])[None]
+    spec = self.encoder_relpos.spec(self.encoder_relpos(), seg, seg, idx, idx, kv_padding=True)
     x = self.dropout(self._embed(encoder_input_tokens), deterministic)
     for layer in self.encoder_layers:
-      x = layer(x, bias, deterministic)
+      x = layer(x, spec, deterministic)
     return self.dropout(self.encoder_norm(x), deterministic)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
@@ -331,16 +312,14 @@ class T5(nn.Module):
         decoder_segment_ids = (decoder_target_tokens > 0).astype(jnp.int32)
     del decoder_positions  # as in encode
     dec_seg = _segments(decoder_input_tokens, decoder_segment_ids)
-    length = decoder_input_tokens.shape[1]
-    idx = jnp.arange(length)
-    causal = idx[:, None] >= idx[None, :]
-    self_mask = causal[None] & (dec_seg[:, :, None] == dec_seg[:, None, :])
-    self_bias = (_mask_bias(self_mask), self.decoder_relpos(idx, idx))
-    cross_mask = (dec_seg[:, :, None] == enc_seg[:, None, :]) & (enc_seg[:, None, :] > 0)
-    cross_bias = _mask_bias(cross_mask)
+    idx = jnp.arange(decoder_input_tokens.shape[1])[None]
+    self_spec = self.decoder_relpos.spec(self.decoder_relpos(), dec_seg, dec_seg, idx, idx,
+                                         causal=True)
+    cross_spec = attention.Spec(dec_seg, enc_seg, idx,
+                                jnp.arange(encoder_input_tokens.shape[1])[None], kv_padding=True)
     x = self.dropout(self._embed(decoder_input_tokens), deterministic)
     for layer in self.decoder_layers:
-      x = layer(x, encoded, self_bias, cross_bias, deterministic)
+      x = layer(x, encoded, self_spec, cross_spec, deterministic)
     return self._logits(self.dropout(self.decoder_norm(x), deterministic))
 
   def _logits(self, x):
@@ -367,16 +346,18 @@ class T5(nn.Module):
     """One decoder position: token [b] at position `index` -> (logits [b, vocab], state)."""
     max_len = state["cache"][0][0].shape[1]
     b = token.shape[0]
-    q_pos = jnp.full((1,), index, jnp.int32)
-    k_pos = jnp.arange(max_len, dtype=jnp.int32)
-    self_bias = (_mask_bias(jnp.broadcast_to(k_pos <= index, (b, 1, max_len))),
-                 self.decoder_relpos(q_pos, k_pos))
-    cross_bias = _mask_bias(jnp.broadcast_to((encoder_input_tokens > 0)[:, None, :],
-                                             (b, 1, encoder_input_tokens.shape[1])))
+    one = jnp.ones((b, 1), jnp.int32)
+    q_pos = jnp.full((1, 1), index, jnp.int32)
+    self_spec = self.decoder_relpos.spec(
+        self.decoder_relpos(), one, jnp.ones((b, max_len), jnp.int32), q_pos,
+        jnp.arange(max_len, dtype=jnp.int32)[None], causal=True)
+    enc_len = encoder_input_tokens.shape[1]
+    cross_spec = attention.Spec(one, (encoder_input_tokens > 0).astype(jnp.int32), q_pos,
+                                jnp.arange(enc_len)[None], kv_padding=True)
     x = self._embed(token[:, None])
     caches = []
     for layer, kv, cache in zip(self.decoder_layers, state["cross_kv"], state["cache"]):
-      x, cache = layer(x, None, self_bias, cross_bias, True, cross_kv=kv, cache=cache,
+      x, cache = layer(x, None, self_spec, cross_spec, True, cross_kv=kv, cache=cache,
                        cache_index=index)
       caches.append(cache)
     logits = self._logits(self.decoder_norm(x))[:, 0]

@@ -1,0 +1,224 @@
+"""The attention core both model kinds share: scores, mask, position bias, softmax, values.
+
+A model projects q, k and v and describes what may attend to what with a `Spec`
+(segment ids, index positions, causal / prefix-LM, key padding, T5's relative
+position table); `attend` does the rest with one of three implementations,
+chosen by the config's `attention_impl`:
+
+  reference    the scores [b, heads, q, k] materialised in full (the original
+               arithmetic, kept as the reference; the only one with attention
+               dropout).
+  blockwise    query and key blocks under lax.map / lax.scan with an online
+               softmax: the mask and T5's bias are computed per block from the
+               positions, never [q, k] at once; the backward pass recomputes
+               each block (jax.checkpoint), so memory is linear in the length.
+  dot_product  jax.nn.dot_product_attention (cuDNN on a GPU where it applies,
+               XLA elsewhere) with the mask and bias materialised.
+
+A masked score is NEG_INF (finite), so a row with no allowed key gets a uniform
+softmax in every implementation, as in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = Any
+NEG_INF = -1e10  # mask bias; finite so a fully masked row gives a uniform softmax, not NaN
+_PAD = -1e30  # keys added to fill the last block: below any mask, so they never count
+IMPLS = ("reference", "blockwise", "dot_product")
+
+
+def check_impl(owner: str, impl: str, block: int) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"{owner}.attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
+  if block < 1:
+    raise ValueError(f"{owner}.attention_block={block} must be positive")
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+  """T5's bucketing of (key - query) distances: exact when near, log-spaced when far."""
+  ret = 0
+  n = relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = -jnp.minimum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # log(0) is never selected (is_small covers it); clamp to keep it finite.
+  val_if_large = max_exact + (
+      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+      / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+@flax.struct.dataclass
+class Spec:
+  """Which keys each query sees, and the position bias; all arrays, so it passes remat/scan.
+
+  q_segments [b, q], kv_segments [b, k]: a query sees only keys of its segment;
+    with kv_padding, keys of segment 0 are seen by none.
+  q_positions [b or 1, q], kv_positions [b or 1, k]: index positions; causal
+    lets a query see keys at positions <= its own, and q_prefix / kv_prefix
+    [b, q] / [b, k] (prefix-LM) also let prefix queries see every prefix key.
+  rel_table [buckets, heads]: T5's relative position bias, looked up from
+    kv_positions - q_positions of row 0 (shared by the batch).
+  """
+  q_segments: Array
+  kv_segments: Array
+  q_positions: Array
+  kv_positions: Array
+  q_prefix: Array | None = None
+  kv_prefix: Array | None = None
+  rel_table: Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+  kv_padding: bool = flax.struct.field(pytree_node=False, default=False)
+  rel_bidirectional: bool = flax.struct.field(pytree_node=False, default=True)
+  rel_max_distance: int = flax.struct.field(pytree_node=False, default=128)
+
+  def allowed(self, q_seg, kv_seg, q_pos, kv_pos, q_pre=None, kv_pre=None) -> Array:
+    """bool [b, q, k] for one block of queries and keys (the arguments: slices of the fields)."""
+    ok = q_seg[:, :, None] == kv_seg[:, None, :]
+    if self.kv_padding:
+      ok = ok & (kv_seg[:, None, :] > 0)
+    if self.causal:
+      see = kv_pos[:, None, :] <= q_pos[:, :, None]
+      if q_pre is not None:
+        see = see | (q_pre[:, :, None] & kv_pre[:, None, :])
+      ok = ok & see
+    return ok
+
+  def position_bias(self, q_pos, kv_pos) -> Array | None:
+    """float32 [heads, q, k] for q_pos [q], kv_pos [k], or None without a table."""
+    if self.rel_table is None:
+      return None
+    buckets = relative_position_bucket(kv_pos[None, :] - q_pos[:, None], self.rel_bidirectional,
+                                       self.rel_table.shape[0], self.rel_max_distance)
+    return jnp.transpose(self.rel_table[buckets], (2, 0, 1))
+
+  def full(self):
+    """The whole mask [b, q, k] and bias [heads, q, k] (or None)."""
+    allowed = self.allowed(self.q_segments, self.kv_segments, self.q_positions,
+                           self.kv_positions, self.q_prefix, self.kv_prefix)
+    return allowed, self.position_bias(self.q_positions[0], self.kv_positions[0])
+
+
+def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "reference",
+           scale: float | None = None, block: int = 512,
+           dropout: Callable | None = None) -> Array:
+  """q [b, q, heads, d], k and v [b, k, kv_heads, d] -> [b, q, heads, d] in q's dtype.
+
+  Query head j reads key/value head j // (heads / kv_heads) (grouped-query
+  attention in Hugging Face's repeat_kv order). scale multiplies the scores
+  (None: not scaled, as T5). dropout: applied to the probabilities (reference only).
+  """
+  if impl == "reference":
+    return _reference(q, k, v, spec, scale, dropout)
+  if dropout is not None:
+    raise ValueError(f"attention_impl={impl!r} applies no attention dropout: set "
+                     "dropout_rate=0 or attention_impl='reference'")
+  if impl == "blockwise":
+    return _blockwise(q, k, v, spec, scale, block)
+  if impl == "dot_product":
+    return _dot_product(q, k, v, spec, scale)
+  raise ValueError(f"attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
+
+
+def _grouped(q, k):
+  b, lq, h, d = q.shape
+  g = k.shape[2]
+  return q.reshape(b, lq, g, h // g, d)
+
+
+def _reference(q, k, v, spec, scale, dropout):
+  b, lq, h, d = q.shape
+  allowed, bias = spec.full()
+  scores = jnp.einsum("bqgrd,btgd->bgrqt", _grouped(q, k), k).astype(jnp.float32)
+  if scale is not None:
+    scores = scores * scale
+  # Added here, where they fuse into the softmax, rather than summed to [b, h, q, k] first.
+  scores = scores + jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
+  if bias is not None:
+    scores = scores + bias.reshape(scores.shape[1:3] + bias.shape[1:])[None]
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  if dropout is not None:
+    probs = dropout(probs)
+  out = jnp.einsum("bgrqt,btgd->bqgrd", probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+def _dot_product(q, k, v, spec, scale):
+  allowed, bias = spec.full()
+  if bias is not None:
+    bias = bias[None].astype(q.dtype)
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=allowed[:, None],
+      scale=1.0 if scale is None else scale).astype(q.dtype)
+
+
+def _blocks(x, n, size, fill):
+  """[b, l, ...] -> [n, b, size, ...], padded at the end with `fill`."""
+  pad = n * size - x.shape[1]
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+  x = x.reshape((x.shape[0], n, size) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _blockwise(q, k, v, spec, scale, block):
+  b, lq, h, d = q.shape
+  lk, g = k.shape[1], k.shape[2]
+  bq, bk = min(block, lq), min(block, lk)
+  nq, nk = -(-lq // bq), -(-lk // bk)
+  qb = _blocks(_grouped(q, k), nq, bq, 0)
+  bcast = lambda x, n: jnp.broadcast_to(x, (n,) + x.shape[1:])  # noqa: E731
+  q_side = (_blocks(spec.q_segments, nq, bq, 0), _blocks(bcast(spec.q_positions, b), nq, bq, 0),
+            None if spec.q_prefix is None else _blocks(spec.q_prefix, nq, bq, False))
+  valid = jnp.arange(nk * bk).reshape(nk, 1, bk) < lk
+  kv_side = (_blocks(k, nk, bk, 0), _blocks(v, nk, bk, 0), _blocks(spec.kv_segments, nk, bk, 0),
+             _blocks(bcast(spec.kv_positions, b), nk, bk, 0),
+             None if spec.kv_prefix is None else _blocks(spec.kv_prefix, nk, bk, False), valid)
+
+  def kv_step(q_blk, q_seg, q_pos, q_pre, carry, kv):
+    m, l, acc = carry
+    k_blk, v_blk, kv_seg, kv_pos, kv_pre, ok = kv
+    s = jnp.einsum("bqgrd,btgd->bgrqt", q_blk, k_blk).astype(jnp.float32)
+    if scale is not None:
+      s = s * scale
+    bias = spec.position_bias(q_pos[0], kv_pos[0])
+    if bias is not None:
+      s = s + bias.reshape((g, h // g) + bias.shape[1:])[None]
+    allowed = spec.allowed(q_seg, kv_seg, q_pos, kv_pos, q_pre, kv_pre)
+    s = jnp.where(allowed[:, None, None], s, NEG_INF)
+    s = jnp.where(ok[:, None, None], s, _PAD)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + p.sum(-1)
+    acc = alpha[..., None] * acc + jnp.einsum("bgrqt,btgd->bgrqd", p.astype(v_blk.dtype),
+                                              v_blk).astype(jnp.float32)
+    return (m_new, l, acc), None
+
+  @jax.checkpoint
+  def q_block(xs):
+    q_blk, q_seg, q_pos, q_pre = xs
+    step = jax.checkpoint(lambda c, kv: kv_step(q_blk, q_seg, q_pos, q_pre, c, kv))
+    shape = (b, g, h // g, bq)
+    init = (jnp.full(shape, _PAD, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (d,), jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(step, init, kv_side)
+    out = (acc / l[..., None]).astype(q.dtype)  # [b, g, r, bq, d]
+    return jnp.moveaxis(out, 3, 1).reshape(b, bq, h, d)
+
+  out = jax.lax.map(q_block, (qb,) + q_side)  # [nq, b, bq, h, d]
+  return jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, h, d)[:, :lq]

@@ -1,0 +1,145 @@
+"""Attention implementations (models/attention.py) against the reference: logits, gradients,
+cached decoding, and the compiled temporary memory at a long length."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flanjax import decoding
+from flanjax.models import attention, decoder, t5
+
+T5_CFG = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,
+                     num_encoder_layers=1, num_decoder_layers=1,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=16)
+DEC_CFG = decoder.DecoderConfig(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2,
+                                head_dim=8, d_ff=48, num_layers=1)
+# Block 8: several query and key blocks, the last ones padded (rows of 21, 13 and 23).
+IMPLS = [("blockwise", 8), ("dot_product", 512)]
+
+
+def _with(cfg, impl, block):
+  return dataclasses.replace(cfg, attention_impl=impl, attention_block=block)
+
+
+def _packed_row(rng, lengths, total):
+  """tokens, segment ids and per-segment positions of one packed row of `total` slots."""
+  tok, seg, pos = (np.zeros(total, np.int32) for _ in range(3))
+  at = 0
+  for s, n in enumerate(lengths, 1):
+    tok[at:at + n] = rng.integers(2, 64, n)
+    seg[at:at + n], pos[at:at + n] = s, np.arange(n)
+    at += n
+  return tok, seg, pos
+
+
+def _compare(build, cfg, inputs, weights):
+  """Logits (where weights > 0) and gradients of every implementation vs the reference."""
+  ref_model = build(cfg)
+  params = ref_model.init(jax.random.PRNGKey(0), **inputs)["params"]
+
+  def run(model):
+    def loss(p):
+      logits = model.apply({"params": p}, **inputs)
+      return jnp.sum(jnp.where(weights[..., None] > 0, jax.nn.log_softmax(logits), 0.0)), logits
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return np.asarray(logits)[weights > 0], grads
+
+  want_logits, want_grads = run(ref_model)
+  for impl, block in IMPLS:
+    logits, grads = run(build(_with(cfg, impl, block)))
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=1e-5, err_msg=impl)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree.leaves(want_grads)):
+      scale = max(1.0, float(np.abs(w).max()))
+      np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(w) / scale, atol=1e-5,
+                                 err_msg=f"{impl} block {block}: {jax.tree_util.keystr(path)}")
+
+
+def test_t5_packed_logits_and_gradients_match_the_reference():
+  rng = np.random.default_rng(0)
+  enc, enc_seg, dec_in, dec_tgt, dec_seg = [], [], [], [], []
+  for lens_in, lens_out in (([7, 9], [5, 4]), ([19], [11])):
+    tok, seg, _ = _packed_row(rng, lens_in, 21)
+    enc.append(tok)
+    enc_seg.append(seg)
+    tgt, dseg, _ = _packed_row(rng, lens_out, 13)
+    # Each packed target starts its decoder input with 0.
+    inp = np.where(np.r_[True, dseg[1:] != dseg[:-1]], 0, np.r_[0, tgt[:-1]]).astype(np.int32)
+    dec_in.append(inp)
+    dec_tgt.append(tgt)
+    dec_seg.append(dseg)
+  inputs = dict(encoder_input_tokens=np.stack(enc), decoder_input_tokens=np.stack(dec_in),
+                decoder_target_tokens=np.stack(dec_tgt), encoder_segment_ids=np.stack(enc_seg),
+                decoder_segment_ids=np.stack(dec_seg))
+  _compare(t5.T5, T5_CFG, inputs, np.stack(dec_seg))
+
+
+@pytest.mark.parametrize("prefix_lm", [True, False], ids=["prefix-lm", "causal"])
+def test_decoder_packed_logits_and_gradients_match_the_reference(prefix_lm):
+  rng = np.random.default_rng(1)
+  rows = [_packed_row(rng, lens, 23) for lens in ([6, 10, 4], [17])]
+  tok, seg, pos = (np.stack(x) for x in zip(*rows))
+  inputs = dict(decoder_input_tokens=tok, decoder_segment_ids=seg, decoder_positions=pos)
+  if prefix_lm:
+    inputs["decoder_causal_attention"] = ((pos < 3) & (seg > 0)).astype(np.int32)
+  _compare(decoder.Decoder, DEC_CFG, inputs, seg)
+
+
+def test_cached_decoding_is_the_same_with_every_implementation():
+  rng = np.random.default_rng(2)
+  enc = rng.integers(2, 64, (3, 11)).astype(np.int32)
+  enc[1, 7:] = 0
+  prompts = rng.integers(2, 64, (3, 9)).astype(np.int32)
+  lengths = np.array([9, 4, 6])
+  prompts[np.arange(9)[None] >= lengths[:, None]] = 0
+  cfg = decoding.DecodeConfig(max_decode_len=7)
+  t5_params = t5.T5(T5_CFG).init(jax.random.PRNGKey(3), **t5.dummy_batch(1, 4, 4))["params"]
+  dec_params = decoder.Decoder(DEC_CFG).init(jax.random.PRNGKey(4),
+                                             **decoder.dummy_batch(1, 4, 4))["params"]
+  want_t5 = decoding.generate(t5.T5(T5_CFG), t5_params, enc, config=cfg, eos_id=-1)
+  want_dec = decoding.generate(decoder.Decoder(DEC_CFG), dec_params, prompts, lengths,
+                               config=cfg, eos_id=-1)
+  for impl, block in IMPLS[:1]:
+    got_t5 = decoding.generate(t5.T5(_with(T5_CFG, impl, block)), t5_params, enc, config=cfg,
+                               eos_id=-1)
+    np.testing.assert_array_equal(got_t5, want_t5)
+    got_dec = decoding.generate(decoder.Decoder(_with(DEC_CFG, impl, block)), dec_params,
+                                prompts, lengths, config=cfg, eos_id=-1)
+    np.testing.assert_array_equal(got_dec, want_dec)
+
+
+def _attention_temp_bytes(impl, length, heads=4, dim=32, block=512):
+  """Compiled temporary memory of forward + backward of one T5-style self-attention."""
+  seg = jnp.ones((1, length), jnp.int32)
+  pos = jnp.arange(length)[None]
+
+  def loss(q, k, v, table):
+    spec = attention.Spec(seg, seg, pos, pos, rel_table=table, causal=True, kv_padding=True,
+                          rel_bidirectional=False)
+    return jnp.sum(attention.attend(q, k, v, spec, impl=impl, block=block) ** 2)
+
+  x = jax.ShapeDtypeStruct((1, length, heads, dim), jnp.float32)
+  table = jax.ShapeDtypeStruct((32, heads), jnp.float32)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, x, table).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_temporary_memory_is_bounded_at_a_long_length():
+  length, heads, block = 4096, 4, 512
+  scores = length * length * heads * 4  # one [heads, q, k] float32 array: 256 MiB
+  ref = _attention_temp_bytes("reference", length, heads)
+  blk = _attention_temp_bytes("blockwise", length, heads, block=block)
+  assert ref >= scores  # the reference holds at least the full scores
+  # Blockwise: a few [heads, block, block] score blocks and O(length) rows, never [q, k].
+  assert blk < scores / 4, (blk, ref)
+  assert blk < ref / 10, (blk, ref)
+
+
+def test_unknown_implementation_names_the_field():
+  with pytest.raises(ValueError, match="attention_impl='flash2' is not one of"):
+    t5.T5Config(attention_impl="flash2")
+  with pytest.raises(ValueError, match="DecoderConfig.attention_block"):
+    decoder.DecoderConfig(attention_block=0)
