@@ -42,7 +42,7 @@ BEST_INFO = "best.json"
 CURVES = "curves.png"
 
 # What a resumed run may change: none of it shapes the parameters or the optimizer state.
-TRAINING_FIELDS = ("dtype", "remat", "dropout_rate")
+TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attention_block")
 
 
 def _is_main() -> bool:

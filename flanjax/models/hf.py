@@ -485,7 +485,8 @@ def _describes(hf_cfg: Mapping, model_config) -> bool:
     ours = config_from_hf(hf_cfg)
   except (UserError, KeyError, TypeError):
     return False
-  plain = lambda c: dataclasses.replace(c, dropout_rate=0.0, dtype="float32", remat=False)
+  plain = lambda c: dataclasses.replace(c, dropout_rate=0.0, dtype="float32", remat=False,
+                                        attention_impl="reference", attention_block=512)
   return type(ours) is type(model_config) and plain(ours) == plain(model_config)
 
 
