@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from typing import Callable, Mapping, Sequence
 
 import gin
@@ -38,6 +39,9 @@ def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family, modes):
       "inputs": [r["inputs"] for r in records],
       "targets": [r["targets"] for r in records],
       "answer": [r["answer"] for r in records],
+      # JSON, as flanjax's other tasks carry them: rank classification's candidates, also
+      # for prompts that list them without a header (the no_template and dataset_name modes).
+      "options": [json.dumps(r["options"], ensure_ascii=False) for r in records],
       "task": [BUILTIN_PREFIX + family] * len(records),
   })
 

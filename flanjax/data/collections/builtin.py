@@ -330,7 +330,7 @@ def _rendered(family: str, split: str, mode: str) -> tuple[dict, ...]:
                              options_layout=("dash", "letters", "inline")[i % 3], mode=mode,
                              task_name=TASK_PREFIX + family, fields=fam.fields)
     out.append(dict(inputs=inputs, targets=targets, answer=ex["answer"],
-                    template=t_idx, format=fmt))
+                    options=list(ex.get("options") or []), template=t_idx, format=fmt))
   return tuple(out)
 
 
