@@ -1,0 +1,237 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology, from a CPU host.
+
+    python -m flanjax.aot --gin_file=flan.gin --gin_file=models/t5_xl.gin \\
+        --gin.train.task_feature_lengths="{'inputs': 2048, 'targets': 512}" --topology=v5e:2x4
+
+Reads the same gin as training (model, lengths, batch, microbatches, mesh, optimizer),
+builds the step the trainer builds (training/trainer.py: make_train_step, the state's
+shardings from the logical rules, the batch sharded over data x fsdp), compiles it
+against the topology's devices with libtpu (`pip install 'flanjax[tpu]'`), and prints
+per device: parameters, optimizer state, temporaries and the total against the chip's
+memory, FLOPs per step (XLA's cost analysis) and the step time at the chip's peak and at
+50% MFU. Exit code 0: fits; 1: does not fit; 2: a user error. With --decode, one
+decoding step (the KV cache of --decode_batch rows) is compiled and reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flanjax import config as flan_config
+from flanjax import train as _train  # noqa: F401  registers train's gin configurables
+from flanjax.data import packing
+from flanjax.errors import UserError
+from flanjax.models import kinds
+from flanjax.training import loop, optimizers, partitioning
+from flanjax.training import trainer as step_lib
+
+GIB = 1 << 30
+# device_kind -> (HBM bytes, peak bf16 FLOP/s) per chip, from the vendor's spec sheets.
+CHIPS = {
+    "TPU v4": (32 * GIB, 275e12),
+    "TPU v5 lite": (16 * GIB, 197e12),
+    "TPU v5": (95 * GIB, 459e12),
+    "TPU v5p": (95 * GIB, 459e12),
+    "TPU v6 lite": (32 * GIB, 918e12),
+}
+
+
+def topology_devices(name: str):
+  """The devices of a TPU topology such as 'v5e:2x4' (needs libtpu, not a TPU)."""
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise UserError("compiling for a TPU topology needs libtpu: pip install 'flanjax[tpu]' "
+                    f"(jax[tpu]=={jax.__version__})") from None
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except Exception as e:  # pylint: disable=broad-except
+    text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    raise UserError(f"--topology={name}: libtpu does not know it ({text}); use e.g. "
+                    "v4:2x2x2, v5e:2x4, v5p:2x2x1") from None
+
+
+def _bound(selector, default):
+  value = flan_config.bound_value(selector)
+  return default if value is None else value
+
+
+def train_settings() -> dict:
+  """What the trainer would be built from, read from the parsed gin (as flanjax.train)."""
+  ref = flan_config.bound_value("train.model_config")
+  if ref is None:
+    raise UserError("no model: bind train.model_config (e.g. --gin_file=models/t5_xl.gin with "
+                    "train.model_config = @T5Config())")
+  classes = {c.__name__: c for c in kinds.config_classes().values()}
+  name = str(ref).lstrip("@").split("(")[0].split(".")[-1]
+  if name not in classes:
+    raise UserError(f"train.model_config = {ref}: not one of {', '.join(classes)}")
+  cfg = classes[name]()
+  if cfg.vocab_size == 0:  # taken from the vocabulary: its bound size, rounded up to 128
+    size = int(_bound("corpus_vocabulary.vocab_size", 32000))
+    cfg = dataclasses.replace(cfg, vocab_size=-(-size // 128) * 128)
+  return {"config": cfg, "lengths": dict(_bound("train.task_feature_lengths",
+                                                {"inputs": 256, "targets": 64})),
+          "batch_size": int(_bound("train.batch_size", 32)),
+          "microbatches": int(_bound("train.microbatches", 1)),
+          "mesh_shape": tuple(_bound("train.mesh_shape", (-1, 1, 1))),
+          "pack": bool(_bound("train.pack", True)), "z_loss": float(_bound("train.z_loss", 1e-4))}
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _per_device_bytes(tree) -> int:
+  return sum(jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape))
+             for x in jax.tree.leaves(tree))
+
+
+def compile_train_step(settings: dict, devices):
+  """(compiled step, abstract state) of the trainer's step for `devices`."""
+  cfg = settings["config"]
+  kind = kinds.for_config(cfg)
+  model = kind.build(cfg)
+  tx, lr_fn = optimizers.optimizer()
+  part = loop.Partitioner(partitioning.make_mesh(settings["mesh_shape"], devices),
+                          partitioning.logical_rules())
+  partitioning.check_divisible(part.mesh, settings["batch_size"], settings["microbatches"],
+                               kinds.abstract_params(cfg, unbox=False), part.rules,
+                               num_processes=1)
+  init_fn = lambda rng: step_lib.init_state(model, tx, rng, kind.dummy_batch(1, 8, 8))  # noqa
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  shardings = step_lib.state_shardings(boxed, part.mesh, part.rules)
+  state = _abstract(nn.unbox(boxed), shardings)
+  lengths = packing.model_lengths(settings["lengths"], kind.packing_kind, settings["pack"])
+  batch_sh = partitioning.batch_sharding(part.mesh)
+  batch = {k: jax.ShapeDtypeStruct((settings["batch_size"], n), jnp.int32, sharding=batch_sh)
+           for k, n in lengths.items()}
+  step_fn = step_lib.make_train_step(model, tx, lr_fn, microbatches=settings["microbatches"],
+                                     z_loss=settings["z_loss"], model_inputs=kind.model_inputs)
+  with part.scope():
+    compiled = step_lib.jit_train_step(step_fn, shardings, part.mesh).lower(
+        state, batch).compile()
+  return compiled, state, part.mesh
+
+
+def report(compiled, state, devices, what: str = "train step", hbm_gib=None) -> dict:
+  """Per-device memory and FLOPs of a compiled step, against the chip (or hbm_gib)."""
+  kind = devices[0].device_kind
+  hbm, peak = CHIPS.get(kind, (None, None))
+  hbm = hbm_gib * GIB if hbm_gib else hbm
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  out = {"what": what, "devices": len(devices), "device_kind": kind,
+         "params_gib": _per_device_bytes(state["params"]) / GIB if "params" in state else None,
+         "opt_state_gib": (_per_device_bytes(state["opt_state"]) / GIB
+                           if "opt_state" in state else None),
+         "arguments_gib": mem.argument_size_in_bytes / GIB,
+         "temp_gib": mem.temp_size_in_bytes / GIB, "total_gib": total / GIB,
+         "hbm_gib": hbm / GIB if hbm else None, "fits": bool(hbm is None or total <= hbm),
+         "flops_per_device": flops,
+         "step_seconds_at_peak": flops / peak if peak else None,
+         "step_seconds_at_50pct_mfu": 2 * flops / peak if peak else None}
+  return out
+
+
+def _print(r: dict) -> None:
+  g = lambda x: "n/a" if x is None else f"{x:.3f} GiB"  # noqa: E731
+  print(f"{r['what']} on {r['devices']} x {r['device_kind']}, per device:")
+  if r.get("params_gib") is not None:
+    print(f"  parameters      {g(r['params_gib'])}")
+  if r.get("opt_state_gib") is not None:
+    print(f"  optimizer state {g(r['opt_state_gib'])}")
+  print(f"  arguments       {g(r['arguments_gib'])}")
+  print(f"  temporaries     {g(r['temp_gib'])}")
+  verdict = "fits" if r["fits"] else "does NOT fit"
+  print(f"  total           {g(r['total_gib'])} of {g(r['hbm_gib'])} HBM: {verdict}")
+  print(f"  FLOPs per step  {r['flops_per_device']:.3e}")
+  if r["step_seconds_at_peak"] is not None:
+    print(f"  step time       {r['step_seconds_at_peak'] * 1e3:.1f} ms at peak, "
+          f"{r['step_seconds_at_50pct_mfu'] * 1e3:.1f} ms at 50% MFU", flush=True)
+
+
+def compile_decode_step(settings: dict, devices, batch: int):
+  """One cached decoding step of the kind (its KV cache for the lengths), params sharded."""
+  cfg = settings["config"]
+  kind = kinds.for_config(cfg)
+  model = kind.build(cfg)
+  part = loop.Partitioner(partitioning.make_mesh(settings["mesh_shape"], devices),
+                          partitioning.logical_rules())
+  boxed = kinds.abstract_params(cfg, unbox=False)
+  params = _abstract(nn.unbox(boxed), partitioning.shardings_of(boxed, part.mesh, part.rules))
+  lengths = settings["lengths"]
+  prompt_len = int(lengths.get("inputs", lengths["targets"]))
+  max_len = int(lengths["targets"])
+  prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+  token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+  def start(p, prompts):
+    return kind.decode_start(model, {"params": p}, prompts,
+                             jnp.full((batch,), prompt_len, jnp.int32), max_len)
+
+  with part.scope():
+    state = jax.eval_shape(start, params, prompts)[1]
+    step = jax.jit(lambda p, s, t: kind.decode_step(model, {"params": p}, s, t, 1))
+    compiled = step.lower(params, state, token).compile()
+  return compiled, {"params": params}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m flanjax.aot", description=__doc__.split("\n")[0])
+  parser.add_argument("--topology", required=True, help="e.g. v4:2x2x2, v5e:2x4, v5p:2x2x1")
+  parser.add_argument("--decode", action="store_true", help="also compile one decoding step")
+  parser.add_argument("--decode_batch", type=int, default=32)
+  parser.add_argument("--hbm_gib", type=float, help="memory per device to fit in "
+                      "(default: the chip's HBM)")
+  parser.add_argument("--json", help="also write the report here")
+  args = parser.parse_args(argv)
+  devices = topology_devices(args.topology)
+  settings = train_settings()
+  cfg = settings["config"]
+  print(f"{kinds.for_config(cfg).describe(cfg)}, {cfg.num_params() / 1e9:.3f}B parameters; "
+        f"lengths {settings['lengths']}, batch {settings['batch_size']}, mesh "
+        f"{settings['mesh_shape']}, topology {args.topology} ({len(devices)} devices)", flush=True)
+  t0 = time.time()
+  compiled, state, mesh = compile_train_step(settings, devices)
+  result = report(compiled, state, devices, hbm_gib=args.hbm_gib)
+  result.update(compile_seconds=round(time.time() - t0, 1), topology=args.topology,
+                mesh=dict(mesh.shape))
+  _print(result)
+  results = [result]
+  if args.decode:
+    t0 = time.time()
+    compiled, state = compile_decode_step(settings, devices, args.decode_batch)
+    dec = report(compiled, state, devices, what=f"decode step ({args.decode_batch} rows)",
+                 hbm_gib=args.hbm_gib)
+    dec["compile_seconds"] = round(time.time() - t0, 1)
+    _print(dec)
+    results.append(dec)
+  print(f"compiled in {sum(r['compile_seconds'] for r in results):.0f}s", flush=True)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1)
+  return 0 if all(r["fits"] for r in results) else 1
+
+
+def command(argv=None):
+  flan_config.run_gin_command(main, "flanjax.aot", argv)
+
+
+if __name__ == "__main__":
+  command(sys.argv[1:])

@@ -1,0 +1,74 @@
+"""flanjax.aot: the trainer's step compiled for a TPU topology on this CPU host (libtpu)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What `pip install "jax[tpu]==<jax>"` adds: libtpu (jax 0.10.2 requires libtpu 0.0.42.*).
+LIBTPU = "libtpu==0.0.42.*"
+
+
+def _libtpu_path():
+  """A folder on which `import libtpu` works: the environment's, else a cached pip install
+  (the tpu extra's libtpu, installed once from the package index); skips if neither."""
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    return ""
+  except ImportError:
+    pass
+  if jax.__version__ != "0.10.2":
+    pytest.skip(f"{LIBTPU} is pinned for jax 0.10.2, this is jax {jax.__version__}")
+  target = os.path.join(os.path.expanduser("~"), ".cache", "flanjax", "libtpu-0.0.42")
+  if not os.path.isdir(os.path.join(target, "libtpu")):
+    got = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                          "--target", target, LIBTPU], capture_output=True, text=True,
+                         timeout=900, check=False)
+    if got.returncode:
+      pytest.skip(f"libtpu could not be installed from the package index: "
+                  f"{(got.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+  return target
+
+
+def test_tiny_t5_train_and_decode_steps_compile_for_a_v5e_topology(tmp_path):
+  path = _libtpu_path()
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (path, REPO) if p))
+  out = tmp_path / "aot.json"
+  # 0.01 GiB: the train step's state alone (~13 MB) does not fit, the decode step does.
+  cmd = [sys.executable, "-m", "flanjax.aot", "--gin_file=flan.gin", "--topology=v5e:2x2",
+         "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 16}",
+         "--gin.train.batch_size=8", "--decode", "--decode_batch=4", "--hbm_gib=0.01",
+         f"--json={out}"]
+  got = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200,
+                       check=False)
+  assert got.returncode in (0, 1), got.stderr[-3000:]
+  train, decode = json.loads(out.read_text())
+  assert train["devices"] == decode["devices"] == 4
+  assert train["device_kind"] == "TPU v5 lite"
+  for r in (train, decode):
+    assert r["fits"] == (r["total_gib"] <= 0.01)
+  assert got.returncode == (0 if train["fits"] and decode["fits"] else 1)
+  assert not train["fits"] and decode["fits"]
+  assert "does NOT fit" in got.stdout
+  # A data-parallel mesh replicates the parameters: every device holds all of them.
+  from flanjax.models import t5  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin.parse_config_file(os.path.join(REPO, "gin_configs", "models", "tiny.gin"))
+  cfg = t5.T5Config(vocab_size=1024)  # flan.gin's 1000-piece vocabulary, rounded up to 128
+  gin.clear_config()
+  assert train["params_gib"] * 2**30 == pytest.approx(cfg.num_params() * 4, rel=1e-9)
+  # The step's matmuls: 6 FLOPs per weight and token it multiplies (forward and backward);
+  # encoder weights see the 64 inputs, decoder weights and the output the 16 targets, a
+  # quarter of the batch per device. Attention's scores and the optimizer add a little.
+  d, f, hk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv
+  enc = cfg.num_encoder_layers * (4 * d * hk + 3 * d * f)
+  dec = cfg.num_decoder_layers * (8 * d * hk + 3 * d * f) + d * cfg.vocab_size
+  matmuls = 6 * (enc * 64 + dec * 16) * 8 / 4
+  assert 1.0 < train["flops_per_device"] / matmuls < 2
+  assert train["step_seconds_at_50pct_mfu"] == pytest.approx(
+      2 * train["flops_per_device"] / 197e12)
