@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--checkpoint", help="a run folder, converted checkpoint or HF folder")
   g.add_argument("--num", type=int, default=100, help="self-instruct: instructions to generate")
   g.add_argument("--rounds", type=int, default=1, help="evolve: rounds")
+  g.add_argument("--instances", type=int, default=2, help="self-instruct: instances per task")
   g.add_argument("--batch_size", type=int, default=8)
   g.add_argument("--max_decode_len", type=int, default=96)
   g.add_argument("--temperature", type=float, default=0.7)

@@ -258,7 +258,7 @@ def training_texts(examples: Iterable) -> list[str]:
   return ["\n".join(texts_of(ex)) for ex in examples]
 
 
-def to_jsonable(index: Index, matches: Sequence[Match], limit: int = 1000) -> list[dict]:
+def to_jsonable(index: Index, matches: Sequence[Match], limit: int | None = None) -> list[dict]:
   return [m.as_dict(index.eval_text(m)) for m in matches[:limit]]
 
 

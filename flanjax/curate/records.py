@@ -3,7 +3,8 @@
 Reading goes through the readers of `flanjax.data.collections.user` (format
 detection, per-format checks, bad records counted by reason), one raw record at
 a time, so a record's extra fields (`id`, `score`) survive curation. Also read:
-Self-Instruct seed task files (`instances`), one record per instance.
+Self-Instruct seed task files (`instances`), one record per instance, and the FLAN
+CoT TSV files (question, answer, rationale), both written back as Alpaca records.
 
 What curation compares: `instruction` (the user's request; the Alpaca preamble
 that some ShareGPT dumps wrap it in is taken off), `input`, `response` (the
@@ -25,6 +26,8 @@ from flanjax.data.collections import user
 from flanjax.errors import UserError
 
 SEED_TASKS = "seed_tasks"
+FLAN_COT_TSV = "flan_cot_tsv"  # question, answer, rationale (the FLAN CoT files)
+CONVERTED = (SEED_TASKS, FLAN_COT_TSV)  # written back as Alpaca records
 # "Below is an instruction that describes a task. ... ### Instruction: X ### Input: Y ### Response:"
 _PREAMBLE = re.compile(r"^\s*Below is an instruction that describes a task[^#]*###\s*Instruction:\s*",
                        re.S)
@@ -105,7 +108,20 @@ def _seed_records(reader: sources.Reader) -> Iterable[Record]:
                    raw["output"], task=rec)
 
 
+def _tsv_records(reader: sources.Reader) -> Iterable[Record]:
+  from flanjax.data.collections import flan_cot  # pylint: disable=g-import-not-at-top
+  for where, rec in sources.read_tsv(reader, flan_cot.COLUMNS):
+    if sources.require(reader, where, rec, flan_cot.COLUMNS, non_empty=("question", "answer")):
+      reader.report.kept += 1
+      out = (f"{rec['rationale']} So the answer is {rec['answer']}." if rec["rationale"]
+             else rec["answer"])
+      raw = {"instruction": rec["question"], "input": "", "output": out}
+      yield Record(raw, FLAN_COT_TSV, where, rec["question"], "", out)
+
+
 def detect(path: str) -> str:
+  if path.endswith(".tsv"):
+    return FLAN_COT_TSV
   where, rec, _ = sources.first_record(path)
   if rec is not None and "instances" in rec and "instruction" in rec:
     return SEED_TASKS
@@ -119,8 +135,8 @@ def read(path: str) -> tuple[list[Record], sources.ReadReport]:
   sources.check_file(path)
   fmt = detect(path)
   reader = sources.Reader(path, "skip")
-  if fmt == SEED_TASKS:
-    out = list(_seed_records(reader))
+  if fmt in CONVERTED:
+    out = list((_seed_records if fmt == SEED_TASKS else _tsv_records)(reader))
   else:
     out = []
     for where, rec in sources.read_json_or_jsonl(reader):
@@ -145,14 +161,14 @@ def as_messages(r: Record) -> dict:
 
 
 def to_json(r: Record, mixed: bool) -> dict:
-  if r.fmt == SEED_TASKS:
+  if r.fmt in CONVERTED:
     return dict(r.raw)
   return as_messages(r) if mixed else r.raw
 
 
 def write(path: str, records: Sequence[Record]) -> None:
   """JSON lines that runs/user_data.gin trains on as they are; written whole, then renamed."""
-  fmts = {"alpaca" if r.fmt == SEED_TASKS else r.fmt for r in records}
+  fmts = {"alpaca" if r.fmt in CONVERTED else r.fmt for r in records}
   mixed = len(fmts) > 1
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"

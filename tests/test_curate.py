@@ -1,0 +1,247 @@
+"""python -m flanjax.curate on the real data: each command, its references, its accounting."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, shared_data
+
+from flanjax.curate import cli, dedup, generate, records, select
+from flanjax.curate.rouge import RougePool
+
+
+def _curate(*argv):
+  assert cli.run([str(a) for a in argv]) == 0
+  out = argv[argv.index("--out") + 1]
+  with open(out, encoding="utf-8") as f:
+    written = [json.loads(line) for line in f]
+  with open(f"{out}.report.json", encoding="utf-8") as f:
+    report = json.load(f)
+  assert report["read"] == report["kept"] + sum(report["dropped"].values())
+  assert report["kept"] == len(written) or argv[0] in ("self-instruct", "evolve")
+  return written, report
+
+
+def _response(rec):
+  """The response's text, without the whitespace at its ends."""
+  if "conversations" in rec:
+    return "\n\n".join(t["value"].strip() for t in rec["conversations"] if t["from"] == "gpt")
+  return rec["output"].strip()
+
+
+# ------------------------------------------------------------------ ROUGE-L
+
+def test_rouge_l_equals_rouge_score_and_the_filter_agrees():
+  from rouge_score import rouge_scorer
+  seeds = [r.instruction for r in records.read(
+      str(shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"))[0]]
+  rng = np.random.default_rng(0)
+  queries = seeds[:25] + [" ".join(rng.permutation(s.split())) for s in seeds[25:45]]
+  queries += ["", "!!!", "Write a poem about the sea.", seeds[3] + " " + seeds[4]]
+  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+  pool = RougePool(seeds)
+  for q in queries:
+    want = [scorer.score(q, s)["rougeL"].fmeasure for s in seeds]
+    assert pool.scores(q).tolist() == want
+    assert pool.max_score(q)[0] == max(want)
+    assert (pool.max_score(q, above=0.7)[0] > 0.7) == (max(want) > 0.7)
+
+
+# ------------------------------------------------------------------ QDIT
+
+def _objective(emb, q, chosen, alpha):
+  sim = emb @ emb.T
+  qs = (q - q.min()) / (q.max() - q.min())
+  return (1 - alpha) * np.maximum(sim[:, chosen].max(1), 0).sum() / len(emb) + alpha * qs[chosen].sum()
+
+
+@pytest.mark.parametrize("alpha,nonneg", [(0.0, False), (0.0, True), (0.5, False), (0.7, True)])
+def test_qdit_lazy_greedy_equals_brute_force(alpha, nonneg):
+  rng = np.random.default_rng(int(alpha * 10) + nonneg)
+  emb = rng.normal(size=(60, 12))
+  emb = np.abs(emb) if nonneg else emb
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  q = rng.random(60)
+  lazy = select.qdit(emb, q, 15, alpha, batch=4, progress=False)
+  brute = select.brute_force_qdit(emb, q, 15, alpha)
+  assert len(set(lazy)) == 15
+  for k in range(1, 16):  # the same objective after every step (ties may pick either)
+    assert abs(_objective(emb, q, lazy[:k], alpha) - _objective(emb, q, brute[:k], alpha)) < 1e-9
+  assert lazy[:5] == brute[:5]
+
+
+def test_qdit_alpha_one_is_quality_top_k():
+  rng = np.random.default_rng(3)
+  emb = rng.normal(size=(200, 8))
+  q = rng.random(200)
+  assert select.qdit(emb, q, 20, 1.0, progress=False) == list(np.argsort(-q, kind="stable")[:20])
+
+
+# ------------------------------------------------------------------ select
+
+def test_select_longest_over_the_pool_equals_sorting_by_response_length(tmp_path):
+  files = sorted(shared_data("instruction_pool").glob("*.json"))
+  pool = [r for f in files for r in json.loads(f.read_text())]
+  out = tmp_path / "longest.jsonl"
+  written, report = _curate("select", *files, "--method", "longest", "--k", 1000, "--out", out)
+  want = sorted(range(len(pool)), key=lambda i: (-len(_response(pool[i])), i))[:1000]
+  assert written == [pool[i] for i in want]
+  assert report["dropped"] == {"not selected (longest)": len(pool) - 1000}
+  fig = report["figures"]
+  assert fig["selection"]["response_words_mean"] > fig["pool"]["response_words_mean"]
+  assert fig["pool"]["leading_verbs"] and 0 < fig["coverage_mean_nearest_similarity"] <= 1
+
+
+def test_select_qdit_and_diverse_on_seed_tasks(tmp_path):
+  seeds = shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"
+  with pytest.raises(Exception, match="no numeric 'score'"):
+    cli.run(["select", str(seeds), "--method", "qdit", "--k", "10", "--out", str(tmp_path / "q")])
+  fl, rep = _curate("select", seeds, "--method", "qdit", "--alpha", 0, "--k", 20,
+                    "--out", tmp_path / "q.jsonl")
+  recs = records.read(str(seeds))[0]
+  emb = select.tfidf_embeddings([r.prompt for r in recs], 256)
+  want = select.brute_force_qdit(emb, np.zeros(len(recs)), 20, 0.0)
+  got = [next(i for i, r in enumerate(recs) if r.raw == w) for w in fl]
+  assert abs(_objective(emb, np.arange(len(recs)) * 1.0, got, 0)
+             - _objective(emb, np.arange(len(recs)) * 1.0, want, 0)) < 1e-6
+  dv, rep = _curate("select", seeds, "--method", "diverse", "--k", 30, "--out", tmp_path / "d.jsonl")
+  assert len(dv) == 30 and rep["figures"]["selection"]["mean_pairwise_similarity"] < 0.2
+
+
+# ------------------------------------------------------------------ dedup
+
+def test_dedup_finds_planted_exact_and_near_copies(tmp_path):
+  pool = json.loads((shared_data("instruction_pool") / "filtered_alpaca_1k_score.json").read_text())
+  base = pool[:120]
+  planted = [dict(base[i]) for i in range(5)]  # exact copies
+  near = []
+  long = [i for i in range(5, len(base)) if len(base[i]["conversations"][1]["value"].split()) > 150]
+  for i in long[:5]:  # one word of a long response changed
+    rec = json.loads(json.dumps(base[i]))
+    words = rec["conversations"][1]["value"].split(" ")
+    words[len(words) // 2] = "zebra"
+    rec["conversations"][1]["value"] = " ".join(words)
+    near.append(rec)
+  data = base + planted + near
+  path = tmp_path / "pool.json"
+  path.write_text(json.dumps(data))
+  written, report = _curate("dedup", path, "--rouge", 0, "--out", tmp_path / "d.jsonl")
+  assert report["dropped"]["exact duplicate"] == 5
+  # The reference: exact Jaccard of word 5-gram shingles against every earlier record.
+  recs = records.read(str(path))[0]
+  sh = [dedup.shingles(r.text) for r in recs]
+  brute = sum(1 for i in range(len(recs)) if dedup.normalised(recs[i].text) not in
+              {dedup.normalised(recs[j].text) for j in range(i)}
+              and any(dedup.jaccard(sh[i], sh[j]) >= 0.8 for j in range(i)))
+  assert brute >= 5 and report["dropped"]["near duplicate (MinHash LSH)"] == brute
+  assert len(written) == len(data) - 5 - brute
+
+
+# ------------------------------------------------------------------ decontaminate
+
+def test_decontaminate_finds_every_planted_gsm8k_test_question(tmp_path):
+  cot = sorted(shared_data("flan_cot").glob("*_train.tsv"))
+  test = [json.loads(line) for line in (shared_data("gsm8k") / "test.jsonl").read_text().splitlines()]
+  planted = tmp_path / "planted.jsonl"
+  planted.write_text("".join(json.dumps({"instruction": t["question"], "input": "",
+                                         "output": "Let me work it out."}) + "\n" for t in test))
+  out = tmp_path / "clean.jsonl"
+  written, report = _curate("decontaminate", *cot, planted, "--drop", "--out", out)
+  fig = report["figures"]["decontamination"]
+  assert {"gsm8k:test", "mt_bench", "alpaca_eval"} <= set(fig["evaluation_sets"])
+  assert any(s.startswith("bbh_") for s in fig["evaluation_sets"])
+  assert any(s.startswith("mmlu_") for s in fig["evaluation_sets"])
+  flagged = collections.defaultdict(list)
+  for m in report["figures"]["matches"]:
+    flagged[m["training_record"]].append(m)
+  planted_hits = {w for w in flagged if w.startswith(str(planted))}
+  assert len(planted_hits) == len(test)  # every planted question, and each one
+  others = {w: ms for w, ms in flagged.items() if w not in planted_hits}
+  # The rest: flan_cot records whose reported n-gram is in both texts (checked here).
+  assert len(others) < 30
+  texts = {r.where: r.text for f in cot for r in records.read(str(f))[0]}
+  for w, ms in others.items():  # GSM8K's own training questions share phrasing with its test
+    for m in ms:
+      assert m["evaluation_set"] == "gsm8k:test" and "gsm8k_train.tsv" in w
+      ex = test[m["evaluation_example"]]
+      assert m["ngram"] in " ".join(records.words(texts[w]))
+      assert m["ngram"] in " ".join(records.words(ex["question"] + " " + ex["answer"]))
+  assert report["dropped"] == {"shares an n-gram with evaluation data": len(flagged)}
+  assert len(written) == report["read"] - len(flagged)
+
+
+# ------------------------------------------------------------------ generation
+
+def test_filters_of_self_instruct_and_evol_instruct():
+  pool = RougePool(["Give three tips for staying healthy."])
+  p = generate.instruction_problem
+  assert p("Hi there", pool)[0] == "length outside 3-150 words"
+  assert p(" ".join(["word"] * 151), pool)[0] == "length outside 3-150 words"
+  assert p("Draw a plot of the sales numbers.", pool)[0] == "blacklisted keyword"
+  assert p("- List three fruits please.", pool)[0] == "starts with punctuation"
+  assert p("Éxplain how rain forms in clouds.", pool)[0] == "starts with a non-ASCII character"
+  assert p("Give three tips for staying very healthy.", pool)[0].startswith("ROUGE-L > 0.7")
+  assert p("Explain how rain forms in clouds.", pool) is None
+  stats = collections.Counter()
+  kept = generate.postprocess_instances([("a", "a"), ("x", ""), ("q", "1"), ("q", "2"),
+                                         ("z", "ok"), ("z", "ok")], stats)
+  assert kept == [("z", "ok")]
+  assert stats == {"input equals output": 1, "empty output": 1, "same input, different outputs": 2}
+  e = generate.evolution_problem
+  assert e("Name a fruit.", "name a fruit", "Apple.")[0] == "no change from the original"
+  assert e("Name a fruit.", "Name a red fruit.", "Sorry, I cannot.")[0] == "short apologetic answer"
+  assert e("Name a fruit.", "Name a red fruit.", "it is the ...")[0].startswith("answer is only")
+  assert e("Name a fruit.", "Rewritten request: name a red fruit.", "Apple")[0].startswith("copies")
+  assert e("Name a fruit.", "Name a red fruit.", "An apple.") is None
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A curated file (QDIT over the real pool) trained through runs/user_data.gin for 3 steps."""
+  tmp = tmp_path_factory.mktemp("curated")
+  pool = shared_data("instruction_pool") / "filtered_alpaca_1k_score.json"
+  _curate("select", pool, "--method", "qdit", "--k", 60, "--out", tmp / "curated.jsonl")
+  run = tmp / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "flanjax.train", "--gin_file=runs/user_data.gin",
+       f"--gin.USER_FILE={tmp / 'curated.jsonl'}", "--gin.MIXTURE='user_data'",
+       f"--gin.train.model_dir={run}", "--gin.train.num_steps=2", "--gin.train.batch_size=2",
+       "--gin.T5Config.d_model=32", "--gin.T5Config.num_encoder_layers=1",
+       "--gin.T5Config.num_decoder_layers=1", "--gin.T5Config.d_ff=64",
+       "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 32}",
+       "--gin.train.log_every_secs=0", "--gin.train.eval_at_end=False"],
+      capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "format sharegpt (detected" in proc.stdout
+  return run
+
+
+def test_self_instruct_end_to_end_and_resumes(tiny_run, tmp_path):
+  seeds = shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"
+  out = tmp_path / "si.jsonl"
+  common = ["self-instruct", seeds, "--checkpoint", tiny_run, "--batch_size", 4,
+            "--max_decode_len", 8, "--instances", 1, "--out", out]
+  _, first = _curate(*common, "--num", 4)
+  log = (tmp_path / "si.jsonl.progress.jsonl").read_text().splitlines()
+  assert len(log) == 4 and first["read"] == 4
+  _, second = _curate(*common, "--num", 8)  # continues: the first 4 are not redone
+  log2 = (tmp_path / "si.jsonl.progress.jsonl").read_text().splitlines()
+  assert log2[:4] == log and len(log2) == 8 and second["read"] == 8
+  verdicts = collections.Counter(json.loads(x)["verdict"] for x in log2)
+  assert dict(verdicts) == {k: v for k, v in {**second["dropped"], "kept": second["kept"]}.items() if v}
+
+
+def test_evolve_end_to_end(tiny_run, tmp_path):
+  src = tmp_path / "four.jsonl"
+  src.write_text("".join(json.dumps({"instruction": t, "input": "", "output": "ok"}) + "\n" for t in
+                         ["Name a fruit.", "Sort these numbers: 3 1 2.", "Write a haiku.",
+                          "Explain rain."]))
+  out = tmp_path / "ev.jsonl"
+  written, report = _curate("evolve", src, "--checkpoint", tiny_run, "--rounds", 2,
+                            "--batch_size", 4, "--max_decode_len", 8, "--out", out)
+  assert report["read"] == 8 and len(written) == report["kept"]
+  assert all(w["operation"] in {**generate.DEPTH, **generate.BREADTH} for w in written)
