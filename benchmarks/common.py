@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -18,6 +19,20 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def commit() -> str | None:
+  """The repository's HEAD commit (with "+changes" when the tree differs from it)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           text=True, capture_output=True, check=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
 
 
 def usable_cores() -> int:
@@ -140,6 +155,13 @@ def quiet(fig: dict) -> bool:
 
 def quiet_start(load_start) -> bool:
   return not load_start or load_start[0] <= QUIET_LOAD * max(usable_cores(), 1)
+
+
+def write_json(path: str | None, result: dict) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
 
 
 def timed(fn: Callable, sync: Callable = lambda x: x):

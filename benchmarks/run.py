@@ -110,7 +110,7 @@ def run(settings: dict, log, command: str = "") -> dict:
   threads = stacks.torch_threads()
   if s["cold_inductor_cache"]:
     stacks.fresh_inductor_cache()
-  result = {"command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+  result = {"command": command, "commit": common.commit(), "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "load_start": common.load(), "machine": common.machine(threads),
             "settings": _plain(s)}
   t_start = __import__("time").perf_counter()

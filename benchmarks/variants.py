@@ -1,0 +1,143 @@
+"""Measured proposals for the decoder's train step, A/B against what ships, at the benchmark size.
+
+    python -m benchmarks.variants                  # cpu.gin's decoder, batch 4 x 640
+    python -m benchmarks.variants --windows=7 --out=/tmp/v.json
+
+Variants are timed in interleaved windows (A, B, C, A, B, C, ...), so a machine
+whose load drifts slows them alike; each figure is the median ms per step over
+the windows, with min and max, and its ratio to the first variant.
+
+  step/attention_impl=*   the real flanjax step (trainer's jitted step, AdamW) with
+                          DecoderConfig.attention_impl 'reference' (ships),
+                          'dot_product' (jax.nn.dot_product_attention), 'blockwise'
+  proxy/qkv_*             forward + backward of the q, k, v projections alone (pure
+                          JAX, the decoder's shapes): three einsums as the model does
+                          them vs one fused [d, (h + 2 kv) * k] matmul split after
+  proxy/gqa_*             attention scores and mixing with grouped-query heads:
+                          key/value heads repeated to the query heads (HF's
+                          repeat_kv) vs queries grouped per kv head (no copy)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+
+def _interleaved(fns: dict, windows: int, per_window: int) -> dict:
+  """{name: median/min/max ms per call} of callables timed in interleaved windows."""
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  for f in fns.values():
+    f()  # compile and warm up
+  w = {k: common.Windows() for k in fns}
+  for _ in range(windows):
+    for k, f in fns.items():
+      w[k].time(lambda f=f: [f() for _ in range(per_window)], per_window)
+  out = {}
+  for k, win in w.items():
+    s = win.summary()
+    out[k] = {"ms": round(1e3 / s["median"], 2), "ms_min": round(1e3 / s["max"], 2),
+              "ms_max": round(1e3 / s["min"], 2), "windows": s["windows"],
+              "others_cpu_share": s.get("others_cpu_share"), "quiet": s["quiet"]}
+  base = out[next(iter(out))]["ms"]
+  for v in out.values():
+    v["vs_first"] = round(v["ms"] / base, 3)
+  return out
+
+
+def step_variants(cfg, batch, impls) -> dict:
+  from benchmarks import stacks  # pylint: disable=g-import-not-at-top
+  fns = {}
+  for impl in impls:
+    fj = stacks.Flanjax(dataclasses.replace(cfg, attention_impl=impl), stacks.AdamW())
+    fns[f"step/attention_impl={impl}"] = lambda fj=fj: fj.train([batch])
+  return fns
+
+
+def proxy_variants(cfg, b: int, s: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  d, h, kv, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((b, s, d)), jnp.float32)
+  wq, wk, wv = (jnp.asarray(rng.standard_normal((d, n, k)) * d ** -0.5, jnp.float32)
+                for n in (h, kv, kv))
+  wqkv = jnp.concatenate([wq, wk, wv], axis=1)
+
+  def separate(w, x):
+    q = jnp.einsum("bld,dhk->blhk", x, w[0])
+    kk = jnp.einsum("bld,dhk->blhk", x, w[1])
+    v = jnp.einsum("bld,dhk->blhk", x, w[2])
+    return jnp.sum(q * q) + jnp.sum(kk * v)
+
+  def fused(w, x):
+    qkv = jnp.einsum("bld,dhk->blhk", x, w)
+    q, kk, v = qkv[:, :, :h], qkv[:, :, h:h + kv], qkv[:, :, h + kv:]
+    return jnp.sum(q * q) + jnp.sum(kk * v)
+
+  q = jnp.asarray(rng.standard_normal((b, s, h, k)), jnp.float32)
+  kv_ = jnp.asarray(rng.standard_normal((b, s, kv, k)), jnp.float32)
+  mask = jnp.tril(jnp.ones((s, s), bool))
+
+  def repeated(q, kk):
+    kr = jnp.repeat(kk, h // kv, axis=2)
+    p = jax.nn.softmax(jnp.where(mask, jnp.einsum("bqhk,bthk->bhqt", q, kr), -1e9), -1)
+    return jnp.sum(jnp.einsum("bhqt,bthk->bqhk", p, kr))
+
+  def grouped(q, kk):
+    qg = q.reshape(b, s, kv, h // kv, k)
+    p = jax.nn.softmax(jnp.where(mask, jnp.einsum("bqgjk,btgk->bgjqt", qg, kk), -1e9), -1)
+    return jnp.sum(jnp.einsum("bgjqt,btgk->bqgjk", p, kk))
+
+  g_sep = jax.jit(jax.grad(separate))
+  g_fus = jax.jit(jax.grad(fused))
+  g_rep = jax.jit(jax.grad(repeated, argnums=(0, 1)))
+  g_grp = jax.jit(jax.grad(grouped, argnums=(0, 1)))
+  ready = jax.block_until_ready
+  return {"proxy/qkv_separate": lambda: ready(g_sep((wq, wk, wv), x)),
+          "proxy/qkv_fused": lambda: ready(g_fus(wqkv, x)),
+          "proxy/gqa_repeat_kv": lambda: ready(g_rep(q, kv_)),
+          "proxy/gqa_grouped": lambda: ready(g_grp(q, kv_))}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.variants")
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--inputs", type=int, default=512)
+  ap.add_argument("--targets", type=int, default=128)
+  ap.add_argument("--windows", type=int, default=5)
+  ap.add_argument("--steps", type=int, default=2, help="steps (calls) per window")
+  ap.add_argument("--impls", default="reference,dot_product,blockwise")
+  ap.add_argument("--out")
+  a = ap.parse_args(argv)
+  from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
+  threads = stacks.torch_threads()
+  cfg, lengths, _, batch = profile_step.full_rows("decoder", a.batch, a.inputs, a.targets)
+  res = {"command": "python -m benchmarks.variants " + " ".join(argv or sys.argv[1:]),
+         "commit": common.commit(), "machine": common.machine(threads),
+         "load_before": common.load(), "batch": a.batch, "lengths": lengths,
+         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  res["step"] = _interleaved(step_variants(cfg, batch, a.impls.split(",")), a.windows, a.steps)
+  res["proxy"] = _interleaved(proxy_variants(cfg, a.batch, a.inputs + a.targets), a.windows,
+                              a.steps)
+  res["load_after"] = common.load()
+  res["quiet"] = common.quiet_start(res["load_before"]) and all(
+      v["quiet"] for part in ("step", "proxy") for v in res[part].values())
+  for part in ("step", "proxy"):
+    for k, v in res[part].items():
+      print(f"{k:40s} {v['ms']:9.1f} ms [{v['ms_min']:.1f}-{v['ms_max']:.1f}]  "
+            f"x{v['vs_first']:.3f}" + ("" if v["quiet"] else "  (not quiet)"))
+  print(f"load average {res['load_before']} before, {res['load_after']} after")
+  common.write_json(a.out, res)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
