@@ -62,6 +62,7 @@ def step_variants(cfg, batch, impls) -> dict:
 
 
 def proxy_variants(cfg, b: int, s: int) -> dict:
+  """{name: (jitted gradient, its arguments)}: each pair computes the same gradients."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   d, h, kv, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -96,15 +97,10 @@ def proxy_variants(cfg, b: int, s: int) -> dict:
     p = jax.nn.softmax(jnp.where(mask, jnp.einsum("bqgjk,btgk->bgjqt", qg, kk), -1e9), -1)
     return jnp.sum(jnp.einsum("bgjqt,btgk->bqgjk", p, kk))
 
-  g_sep = jax.jit(jax.grad(separate))
-  g_fus = jax.jit(jax.grad(fused))
-  g_rep = jax.jit(jax.grad(repeated, argnums=(0, 1)))
-  g_grp = jax.jit(jax.grad(grouped, argnums=(0, 1)))
-  ready = jax.block_until_ready
-  return {"proxy/qkv_separate": lambda: ready(g_sep((wq, wk, wv), x)),
-          "proxy/qkv_fused": lambda: ready(g_fus(wqkv, x)),
-          "proxy/gqa_repeat_kv": lambda: ready(g_rep(q, kv_)),
-          "proxy/gqa_grouped": lambda: ready(g_grp(q, kv_))}
+  return {"proxy/qkv_separate": (jax.jit(jax.grad(separate)), ((wq, wk, wv), x)),
+          "proxy/qkv_fused": (jax.jit(jax.grad(fused)), (wqkv, x)),
+          "proxy/gqa_repeat_kv": (jax.jit(jax.grad(repeated, argnums=(0, 1))), (q, kv_)),
+          "proxy/gqa_grouped": (jax.jit(jax.grad(grouped, argnums=(0, 1))), (q, kv_))}
 
 
 def main(argv=None):
@@ -125,8 +121,10 @@ def main(argv=None):
          "load_before": common.load(), "batch": a.batch, "lengths": lengths,
          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
   res["step"] = _interleaved(step_variants(cfg, batch, a.impls.split(",")), a.windows, a.steps)
-  res["proxy"] = _interleaved(proxy_variants(cfg, a.batch, a.inputs + a.targets), a.windows,
-                              a.steps)
+  import jax  # pylint: disable=g-import-not-at-top
+  proxies = {k: (lambda f=f, x=x: jax.block_until_ready(f(*x)))
+             for k, (f, x) in proxy_variants(cfg, a.batch, a.inputs + a.targets).items()}
+  res["proxy"] = _interleaved(proxies, a.windows, a.steps)
   res["load_after"] = common.load()
   res["quiet"] = common.quiet_start(res["load_before"]) and all(
       v["quiet"] for part in ("step", "proxy") for v in res[part].values())

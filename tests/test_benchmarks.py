@@ -83,3 +83,19 @@ def test_both_stacks_compute_the_same_loss_on_the_timed_batches(result):
     assert par["abs_diff"] < 1e-4, par
   assert "torch_packed_loss" in result["train"]["decoder"]["parity"]
 
+
+
+def test_the_measured_proposals_compute_the_same_gradients():
+  """benchmarks.variants' proxies: a fused q/k/v matmul and GQA queries grouped per kv
+  head give the gradients of the separate matmuls and of repeat_kv."""
+  import numpy as np
+  from benchmarks import variants
+  from flanjax.models import decoder
+  cfg = decoder.DecoderConfig(vocab_size=64, d_model=16, num_heads=4, num_kv_heads=2,
+                              head_dim=8, d_ff=32, num_layers=1)
+  p = variants.proxy_variants(cfg, 2, 12)
+  run = {k: f(*x) for k, (f, x) in p.items()}
+  np.testing.assert_allclose(np.concatenate(run["proxy/qkv_separate"], axis=1),
+                             run["proxy/qkv_fused"], rtol=1e-5, atol=1e-5)
+  for a, b in zip(run["proxy/gqa_repeat_kv"], run["proxy/gqa_grouped"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
