@@ -5,11 +5,13 @@ markdown), a JSON file of per-task scores and TensorBoard scalars.
 
   --checkpoint PATH   a training run (runs/<mixture>/), a converted orbax
                       directory or a Hugging Face directory (or gin evaluate.checkpoint)
-  --step N            a training run's step (default: the latest)
+  --step N|best       a training run's step, or its best checkpoint (default: the latest)
   --tasks a,b,...     tasks, mixtures, 'task:split' or patterns ('bbh_*'); replaces
                       evaluate.tasks
   --max_examples N    per task and split, for quick runs
-  --out DIR           where to write (default <checkpoint>/eval/)
+  --out DIR           where to write (default <checkpoint>/eval/): <name>.json, .md,
+                      .html (a review page of every example) and tensorboard/
+  --prompt_format F   wrap prompts in F (default: the run's recorded format, else plain)
   --list_tasks        print the registered task names and exit
 
 Packaged suites: eval/bbh.gin (BIG-Bench Hard, 27 tasks, 3-shot CoT and 3-shot
@@ -33,6 +35,7 @@ from flanjax.errors import UserError  # noqa: E402
 # The API: evaluate (gin-configurable), evaluate_suite (for the training loop), the tables.
 from flanjax.evaluation.harness import TaskResult, evaluate_suite, format_results, scalars  # noqa: E402,F401
 from flanjax.evaluation.run import LIST_HINT, evaluate, resolve_tasks  # noqa: E402,F401
+from flanjax.run_folder import parse_step  # noqa: E402
 
 class _Parser(argparse.ArgumentParser):
   """argparse whose errors are UserErrors: one line, exit 2, like gin's."""
@@ -44,11 +47,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
   ap = _Parser(prog="python -m flanjax.evaluate", description=__doc__.split("\n")[0])
   ap.add_argument("--checkpoint", default=None, help="training run, orbax or HF directory")
-  ap.add_argument("--step", type=int, default=None, help="a training run's step")
+  ap.add_argument("--step", type=parse_step, default=None,
+                  help="a training run's step, or 'best' (its best checkpoint)")
   ap.add_argument("--tasks", default=None, help="comma-separated tasks (replaces evaluate.tasks)")
   ap.add_argument("--max_examples", type=int, default=None, help="per task and split")
   ap.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval)")
   ap.add_argument("--list_tasks", action="store_true", help="print the task names and exit")
+  ap.add_argument("--prompt_format", default=None, help="wrap prompts in this format (default: "
+                  "the one a training run recorded, else plain)")
   return ap
 
 
@@ -66,7 +72,8 @@ def main(argv=None):
       print("\n".join(registry.list_tasks()))
       return None
     overrides = {k: v for k, v in (("checkpoint", args.checkpoint), ("step", args.step),
-                                   ("max_examples", args.max_examples), ("out_dir", args.out))
+                                   ("max_examples", args.max_examples), ("out_dir", args.out),
+                                   ("prompt_format", args.prompt_format))
                  if v is not None}
     if args.tasks is not None:
       overrides["tasks"] = [t for t in args.tasks.split(",") if t.strip()]

@@ -23,6 +23,7 @@ both go through `evaluate_suite`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import inspect
 import time
 from typing import Callable, Sequence
@@ -104,8 +105,12 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
                  input_length: int, batch_size: int = 16, max_examples: int | None = None,
                  rank_classification: bool = True, baseline: bool = False,
                  num_samples: int = 3, progress: Progress | None = None,
-                 examples: list[Example] | None = None) -> TaskResult:
-  """One task and split: generation + the task's metrics, rank classification, baseline."""
+                 examples: list[Example] | None = None, keep_examples: int = 0,
+                 cut: Callable[[str], str] | None = None) -> TaskResult:
+  """One task and split: generation + the task's metrics, rank classification, baseline.
+
+  keep_examples: how many examples (prompt, output, answers, right or wrong) the result
+  keeps for the review page; cut: applied to each generation (a prompt format's end of turn)."""
   kind = kinds_lib.get(kind)
   t0 = time.time()
   task = get_task(name)
@@ -118,7 +123,7 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
     part = examples[start:start + chunk]
     ids = generator.generate_ids([np.asarray(kind.prompt_ids(vocab, e.inputs), np.int32)
                                   for e in part])
-    predictions.extend(vocab.decode(x) for x in ids)
+    predictions.extend((cut or str)(vocab.decode(x)) for x in ids)
     if progress:
       progress.update(len(part), f"{name}/{split}")
   truncated = generator.truncated - before
@@ -132,7 +137,7 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
       vals = _metric_values(fn(targets_pp, list(ll)))
       primary = primary or next(iter(vals), None)
       metrics.update(vals)
-  rank, rank_n = None, 0
+  rank, rank_n, ranked = None, 0, None
   if rank_classification and _rank_applies(name):
     ranked = rank_classify(model, params, vocab, kind, examples, targets_pp,
                            batch_size=batch_size, input_length=input_length)
@@ -145,7 +150,23 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
                     primary=primary or "", rank_classification=rank, rank_examples=rank_n,
                     truncated=truncated, seconds=round(time.time() - t0, 2),
                     samples=[{k: _jsonable(v) for k, v in s.items()} for s in samples],
-                    baseline=base, baseline_answer=base_answer)
+                    baseline=base, baseline_answer=base_answer,
+                    examples_kept=_kept(examples, predictions, preds_pp, targets_pp, ranked,
+                                        keep_examples))
+
+
+def _kept(examples, predictions, preds_pp, targets_pp, ranked, n: int) -> list[dict]:
+  """The first n examples as the review page shows them; right: the extracted answer equals
+  the gold one (as exact-match metrics count it)."""
+  out = []
+  for i, (e, p, pp, t) in enumerate(list(zip(examples, predictions, preds_pp, targets_pp))[:n]):
+    row = dict(inputs=e.inputs, prediction=p, target=e.targets, answer=_jsonable(pp),
+               gold=_jsonable(t), correct=str(pp).strip() == str(t).strip())
+    if ranked is not None and ranked["choices"][i] is not None:
+      choice, gold = ranked["choices"][i], ranked["gold"][i]
+      row.update(rank_choice=ranked["candidates"][i][choice], rank_correct=choice == gold)
+    out.append(row)
+  return out
 
 
 def _jsonable(v):
@@ -217,6 +238,14 @@ def rank_classify(model, params, vocab, kind, examples: Sequence[Example],
               candidates=cands_of)
 
 
+def _formatted(name: str, examples: list[Example], fmt) -> list[Example]:
+  """Examples whose prompts fmt wraps (not those of user data, rendered in their format)."""
+  from flanjax.data.collections import user  # pylint: disable=g-import-not-at-top
+  if fmt is None or user.prompt_format_of(name) is not None:
+    return examples
+  return [dataclasses.replace(e, inputs=fmt.wrap(e.inputs)) for e in examples]
+
+
 def plan(task_names: Sequence[str], splits: Sequence[str] | None = None,
          log: Callable[[str], None] = print) -> list[tuple[str, str]]:
   """(task, split) pairs of task specs: tasks, mixtures (their tasks) or 'task:split'."""
@@ -239,8 +268,8 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
                    decode=None, batch_size: int = 16, max_examples: int | None = None,
                    rank_classification: bool = True, baseline: bool = False, writer=None,
                    step: int | None = None, progress_every_secs: float | None = 10.0,
-                   num_samples: int = 3, log: Callable[[str], None] = print
-                   ) -> list[TaskResult]:
+                   num_samples: int = 3, log: Callable[[str], None] = print,
+                   keep_examples: int = 0, prompt_format=None) -> list[TaskResult]:
   """Evaluates `model` on tasks registered with `vocab`; one TaskResult per task and split.
 
   kind: the model's `kinds.ModelKind` (or its name: 'enc_dec', 'prefix_lm' for
@@ -251,12 +280,16 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
   splits. decode: a decoding.DecodeConfig (default greedy, 256 new tokens).
   baseline: add the majority-answer baseline of each task with a train split.
   writer (a metrics.SummaryWriter) and step: the scores as TensorBoard
-  scalars, eval/<task>/<split>/<metric>.
+  scalars, eval/<task>/<split>/<metric>. keep_examples: examples each result keeps for
+  the review page. prompt_format (a data.chat.PromptFormat): wraps the prompts of tasks
+  not already rendered in a format (user data is) as infer wraps a prompt, and cuts
+  generations at its end of turn.
   """
   from flanjax import decoding  # pylint: disable=g-import-not-at-top
   kind = kinds_lib.get(kind)
   decode = decode or decoding.DecodeConfig(max_decode_len=256)
-  loaded = [(name, split, load_examples(name, split, vocab, input_length, max_examples))
+  loaded = [(name, split, _formatted(name, load_examples(name, split, vocab, input_length,
+                                                        max_examples), prompt_format))
             for name, split in plan(task_names, splits, log)]
   total = sum(len(ex) for *_, ex in loaded)
   generator = decoding.Generator(model, params, vocab, input_length, decode,
@@ -269,7 +302,8 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
     r = evaluate_one(model, params, vocab, kind, name, split, generator,
                      input_length=input_length, batch_size=batch_size,
                      rank_classification=rank_classification, baseline=baseline,
-                     num_samples=num_samples, progress=progress, examples=examples)
+                     num_samples=num_samples, progress=progress, examples=examples,
+                     keep_examples=keep_examples, cut=prompt_format and prompt_format.cut)
     if r.truncated:
       log(f"eval: {name}/{split}: {r.truncated} of {r.examples} prompts are longer than "
           f"{input_length} tokens and were cut; raise the input length")

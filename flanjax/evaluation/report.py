@@ -27,6 +27,8 @@ class TaskResult:
   samples: list = dataclasses.field(default_factory=list)
   baseline: float | None = None  # percent, always giving the train split's most common answer
   baseline_answer: str | None = None
+  # Examples kept for the review page (not in the JSON report): see harness._kept.
+  examples_kept: list = dataclasses.field(default_factory=list, repr=False)
 
   @property
   def score(self) -> float:
@@ -34,6 +36,7 @@ class TaskResult:
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
+    d.pop("examples_kept")
     d["score"] = self.score
     return d
 

@@ -19,7 +19,7 @@ import gin
 from flanjax import decoding
 from flanjax.data import registry
 from flanjax.errors import UserError
-from flanjax.evaluation import harness
+from flanjax.evaluation import harness, review
 from flanjax.evaluation.harness import evaluate_suite, format_results
 
 LIST_HINT = "list them with `python -m flanjax.evaluate --list_tasks`"
@@ -58,6 +58,19 @@ def _step_of(loaded, step):
   return int(found) if found is not None else (int(step) if step is not None else 0)
 
 
+def _load(checkpoint: str, step, prompt_format: str | None, log):
+  """(the loaded checkpoint, its prompt format: the one given, else the run's recorded one,
+  else plain, as python -m flanjax.infer chooses it)."""
+  from flanjax.infer import prompt_format as format_of  # pylint: disable=g-import-not-at-top
+  from flanjax.models import loading  # pylint: disable=g-import-not-at-top
+  fmt = format_of(checkpoint, prompt_format)
+  t0 = time.time()
+  loaded = loading.load(checkpoint, step=step)
+  log(f"checkpoint: {loaded.source} ({loaded.kind.name}), loaded in {time.time() - t0:.0f}s; "
+      f"prompts in the {fmt.name} prompt format")
+  return loaded, fmt
+
+
 @gin.configurable(denylist=["log"])
 def evaluate(
     *,
@@ -75,14 +88,18 @@ def evaluate(
     name: str = "eval",
     register_fns: Sequence[Callable] = (registry.register_all,),
     num_samples: int = 3,
+    prompt_format: str | None = None,
+    review_examples: int = 200,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-  """Evaluates a checkpoint on `tasks`; writes <out_dir>/<name>.json, .md and tensorboard/.
+  """Evaluates a checkpoint on `tasks`; writes <out_dir>/<name>.json, .md, .html, tensorboard/.
 
-  decode: a DecodeConfig (default greedy); max_decode_len, when given, replaces
-  its max_decode_len. Returns the report written to the JSON file.
-  """
+  decode: a DecodeConfig (default greedy); max_decode_len, when given, replaces its
+  max_decode_len. prompt_format: the format prompts are wrapped in (data/chat.py), default
+  the run's recorded one, else plain, as python -m flanjax.infer chooses. review_examples:
+  examples per task and split on the review page <name>.html. Returns the JSON report."""
   log = log or (lambda line: print(line, flush=True))
+  t0, load0 = time.time(), os.getloadavg()  # the whole call's time, and the machine's load
   if not checkpoint:
     raise UserError("no checkpoint: give --checkpoint PATH (a training run, a converted orbax "
                     "directory or a Hugging Face directory) or evaluate.checkpoint")
@@ -98,11 +115,8 @@ def evaluate(
   if not os.path.exists(checkpoint):
     raise UserError(f"checkpoint {checkpoint} does not exist")
 
-  from flanjax.models import loading  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  loaded = loading.load(checkpoint, step=step)
+  loaded, fmt = _load(checkpoint, step, prompt_format, log)
   step_no = _step_of(loaded, step)
-  log(f"checkpoint: {loaded.source} ({loaded.kind.name}), loaded in {time.time() - t0:.0f}s")
   # The tasks tokenize with the checkpoint's vocabulary.
   registry.call_register_fns(register_fns, loaded.vocab, input_length=input_length)
   out_dir = os.path.abspath(out_dir or os.path.join(checkpoint, "eval"))
@@ -119,26 +133,45 @@ def evaluate(
       loaded.model, loaded.params, loaded.vocab, loaded.kind, names,
       splits=splits, input_length=input_length, decode=decode, batch_size=batch_size,
       max_examples=max_examples, rank_classification=rank_classification, writer=writer,
-      step=step_no, num_samples=num_samples, log=log)
+      step=step_no, num_samples=num_samples, log=log, keep_examples=review_examples,
+      prompt_format=fmt)
   secs = time.time() - t1
   table = format_results(results)
   log(f"\nevaluation of {loaded.source} ({secs:.0f}s, {decode.method} decoding):\n{table}\n")
   report = {
       "checkpoint": os.path.abspath(checkpoint), "source": loaded.source,
       "kind": loaded.kind.name, "step": step_no, "input_length": input_length,
-      "decode": dataclasses.asdict(decode), "max_examples": max_examples,
-      "seconds": round(secs, 1), "tasks": [r.to_json() for r in results],
-      "summary": harness.summary_rows(results),
-  }
-  json_path, md_path = _write_report(report, results, out_dir, name, loaded.source, decode,
-                                     input_length, max_examples)
+      "prompt_format": fmt.name, "decode": dataclasses.asdict(decode),
+      "max_examples": max_examples, "seconds": round(secs, 1),
+      "seconds_whole_call": round(time.time() - t0, 1),
+      "machine": {**machine(), "load_average_1_5_15_at_start": load0},
+      "tasks": [r.to_json() for r in results], "summary": harness.summary_rows(results)}
+  paths = _write_report(report, results, out_dir, name, loaded.source, decode, input_length,
+                        max_examples)
   writer.flush()
-  log(f"wrote {json_path}, {md_path} and {os.path.join(out_dir, 'tensorboard')}")
+  log(f"wrote {', '.join(paths)} (review page) and {os.path.join(out_dir, 'tensorboard')}")
   return report
 
 
+def machine() -> dict:
+  """Where a measurement ran: CPU count, load averages, the accelerator, the commit."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, timeout=10, cwd=os.path.dirname(__file__)).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    commit = ""
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None
+  return {"cpus": os.cpu_count(), "load_average_1_5_15_at_end": load,
+          "processor": platform.processor() or platform.machine(),
+          "devices": [d.device_kind for d in jax.devices()], "commit": commit or None}
+
+
 def _write_report(report, results, out_dir, name, source, decode, input_length, max_examples):
-  """<out_dir>/<name>.json (whole or not at all) and <name>.md; returns their paths."""
+  """<out_dir>/<name>.json (whole or not at all), <name>.md and <name>.html (the review
+  page); returns their paths."""
   json_path = os.path.join(out_dir, f"{name}.json")
   md_path = os.path.join(out_dir, f"{name}.md")
   with open(json_path + ".tmp", "w", encoding="utf-8") as f:
@@ -149,4 +182,6 @@ def _write_report(report, results, out_dir, name, source, decode, input_length, 
             f"{decode.max_decode_len} new tokens; inputs up to {input_length} tokens"
             f"{f'; at most {max_examples} examples per task' if max_examples else ''}.\n\n"
             f"{format_results(results, markdown=True)}\n")
-  return json_path, md_path
+  html_path = review.write_page(os.path.join(out_dir, f"{name}.html"), review.evaluation_page(
+      f"Evaluation of {source}", report, results))
+  return json_path, md_path, html_path
