@@ -33,6 +33,7 @@ from flanjax import config as flan_config  # noqa: E402
 from flanjax.evaluation import evaluator as evaluator_lib, run as eval_run  # noqa: E402,F401
 # vocab is imported for its gin configurables (builtin_vocabulary, sentencepiece_vocabulary).
 from flanjax.data import mixtures, pipeline, registry, tasks as task_lib, vocab as vocab_lib  # noqa: E402,F401
+from flanjax.curate import decontaminate  # noqa: E402
 from flanjax.errors import UserError  # noqa: E402
 # decoder and t5 are imported for their gin configurables DecoderConfig and T5Config.
 from flanjax.models import decoder, hf, kinds, t5  # noqa: E402,F401
@@ -102,15 +103,18 @@ def _model_and_vocab(model_config, vocabulary, init_from, resuming: bool):
   return model_config, params, vocabulary
 
 
-def _register_data(vocab, register_fns, mixture: str, lengths: dict) -> None:
+def _register_data(vocab, register_fns, mixture, lengths: dict, decontamination: str) -> dict:
   # Few-shot prompts drop exemplars until they fit the input length.
   registry.call_register_fns(register_fns, vocab, input_length=lengths["inputs"])
   registry.get_task_or_mixture(mixture)  # unknown name -> clear error
   mixtures.check_trainable(mixture, "train")  # BBH, GSM8K test: never trained on
+  # Training examples sharing a 13-gram with evaluation data: counted, or dropped.
+  contaminated = decontaminate.check_mixture(mixture, decontamination)
   print(f"vocabulary: {vocab.vocab_size} pieces", flush=True)
   rep = pipeline.length_report(mixture, "train", lengths)
   print(f"lengths: {rep.summary(lengths)}", flush=True)
   rep.check_some_fit(lengths, mixture)
+  return contaminated
 
 
 @gin.configurable(denylist=["stop_signal", "on_step"])
@@ -128,7 +132,7 @@ def train(
     eval_max_examples: int | None = None, eval_batch_size: int = 64,
     eval_rank_classification: bool = False, max_decode_len: int | None = None,
     early_stopping=None, peft=None, init_adapter: str | None = None, stop_signal=None,
-    on_step: Callable | None = None,
+    on_step: Callable | None = None, decontamination: str = "warn",
 ) -> dict:
   """Trains and evaluates; returns a summary dict (also written to model_dir).
 
@@ -139,6 +143,7 @@ def train(
   eval_tasks: task specs (names, mixtures, patterns such as 'bbh_*', 'task:split'),
   default the mixture's tasks; eval_splits: default each task's evaluation splits.
   early_stopping: @EarlyStopping() (training/early_stopping.py) on the evaluations.
+  decontamination: 'warn' | 'drop' | 'off' (flanjax/curate/decontaminate.check_mixture).
   peft: @LoraConfig() trains LoRA adapters over init_from's frozen model (whose weights
   are read on resuming too); init_adapter: a PEFT adapter folder to start them from.
   """
@@ -151,7 +156,7 @@ def train(
     ckpt = checkpoints.Checkpointer(run.path, cleanup_tmp=True)
     cfg, init_params, vocab = _model_and_vocab(model_config, vocabulary, init_from, resuming=(
         ckpt.latest_step() is not None and peft is None and init_adapter is None))
-    _register_data(vocab, register_fns, mixture, lengths)
+    contaminated = _register_data(vocab, register_fns, mixture, lengths, decontamination)
     cfg = _vocab_size_for(cfg, vocab)
     kind = kinds.for_config(cfg)
     # Only what shapes the parameters: dtype, remat and dropout may change on resume.
@@ -192,7 +197,7 @@ def train(
           flush=True)
     if init_from and ckpt.latest_step() is None:
       print(f"initialised from {os.path.abspath(init_from)}", flush=True)
-    return trainer.fit(state, num_steps, stop_signal)
+    return decontaminate.summarised(run, contaminated, trainer.fit(state, num_steps, stop_signal))
 
 
 def check_mixture_early() -> None:

@@ -205,6 +205,11 @@ def tiny_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("curated")
   pool = shared_data("instruction_pool") / "filtered_alpaca_1k_score.json"
   _curate("select", pool, "--method", "qdit", "--k", 60, "--out", tmp / "curated.jsonl")
+  test = (shared_data("gsm8k") / "test.jsonl").read_text().splitlines()[:4]
+  with open(tmp / "curated.jsonl", "a", encoding="utf-8") as f:  # planted: train.decontamination
+    for line in test:
+      f.write(json.dumps({"conversations": [{"from": "human", "value": json.loads(line)["question"]},
+                                            {"from": "gpt", "value": "18"}]}) + "\n")
   run = tmp / "run"
   proc = subprocess.run(
       [sys.executable, "-m", "flanjax.train", "--gin_file=runs/user_data.gin",
@@ -213,10 +218,15 @@ def tiny_run(tmp_path_factory):
        "--gin.T5Config.d_model=32", "--gin.T5Config.num_encoder_layers=1",
        "--gin.T5Config.num_decoder_layers=1", "--gin.T5Config.d_ff=64",
        "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 32}",
-       "--gin.train.log_every_secs=0", "--gin.train.eval_at_end=False"],
+       "--gin.train.log_every_secs=0", "--gin.train.eval_at_end=False",
+       "--gin.train.decontamination='drop'"],
       capture_output=True, text=True, timeout=900, cwd=REPO)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert "format sharegpt (detected" in proc.stdout
+  found = json.loads((run / "summary.json").read_text())["decontamination"]["user_data"]
+  # The planted questions in the train split (validation_share holds a few out), nothing else.
+  assert 1 <= found["matched"] <= 4 and found["by_set"] == {"gsm8k:test": found["matched"]}
+  assert f"user_data: {found['matched']} of {found['examples']} training examples share" in proc.stdout
   return run
 
 
