@@ -36,6 +36,11 @@ from flanjax.evaluation import open_prompts
 PROMPT_FIELDS = ("prompt", "inputs", "input", "question", "instruction", "text")
 
 
+def _step(text: str):
+  from flanjax.run_folder import parse_step  # pylint: disable=g-import-not-at-top
+  return parse_step(text)
+
+
 def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m flanjax.infer",
                                description=__doc__.split("\n")[0],
@@ -43,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                                epilog="\n".join(__doc__.split("\n")[2:]))
   ap.add_argument("prompts", nargs="*", help="prompts given on the command line")
   ap.add_argument("--checkpoint", required=True, help="run dir, converted checkpoint or HF dir")
-  ap.add_argument("--step", type=int, help="a training run's step (default: the newest)")
+  ap.add_argument("--step", type=_step, help="a training run's step, or 'best' (its best "
+                  "checkpoint; default: the newest)")
+  ap.add_argument("--adapter", help="LoRA adapters over --checkpoint: a LoRA training run (at "
+                  "--step) or a PEFT adapter folder")
   ap.add_argument("--input", help="a .txt (one prompt per line) or .jsonl file of prompts")
   ap.add_argument("--field", help=f"the JSONL field holding the prompt (default: the first "
                   f"of {', '.join(PROMPT_FIELDS)} that the first record has)")
@@ -147,7 +155,7 @@ def run(argv) -> int:
   fmt = prompt_format(args.checkpoint, args.prompt_format)
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top  (imports jax)
   t0 = time.time()
-  loaded = loading.load(args.checkpoint, step=args.step)
+  loaded = loading.load(args.checkpoint, step=args.step, adapter=args.adapter)
   print(f"infer: {loaded.source} ({loaded.kind.name}); {len(prompts)} prompts in the "
         f"{fmt.name} prompt format; {cfg.method} decoding, up to {cfg.max_decode_len} new "
         "tokens", file=sys.stderr, flush=True)

@@ -41,6 +41,18 @@ BEST_DIR = "best"  # checkpoints/best/
 BEST_INFO = "best.json"
 CURVES = "curves.png"
 
+
+def parse_step(text: str) -> int | str:
+  """A --step flag: a step number or 'best' (the run's best checkpoint)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  if text == BEST_DIR:
+    return BEST_DIR
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a step number or '{BEST_DIR}'") from None
+
+
 # What a resumed run may change: none of it shapes the parameters or the optimizer state.
 TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attention_block")
 

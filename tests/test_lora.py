@@ -35,9 +35,9 @@ def _randomize(model, std=0.3):
   return model
 
 
-def tiny_t5():
-  torch.manual_seed(0)
-  cfg = transformers.T5Config(vocab_size=V, d_model=32, d_ff=48, num_layers=2,
+def tiny_t5(vocab_size=V, seed=0):
+  torch.manual_seed(seed)
+  cfg = transformers.T5Config(vocab_size=vocab_size, d_model=32, d_ff=48, num_layers=2,
                               num_decoder_layers=2, num_heads=4, d_kv=8,
                               feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -198,3 +198,58 @@ def test_merged_weights_equal_peft_merge_and_unload(llama_case, tmp_path):
   assert set(merged) == set(ref)
   for k in ref:
     np.testing.assert_allclose(merged[k], ref[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_peft_adapter_imports_through_the_converter_loader_and_init_adapter(t5_case,
+                                                                             builtin_vocab):
+  cfg, base, model, tmp = t5_case
+  enc, dec = _inputs(2)
+  ref = _t5_logits_peft(model, enc, dec)
+  # Merged weights round differently from x W + x A B: compare with PEFT's merged model.
+  merged_ref = _t5_logits_peft(peft.PeftModel.from_pretrained(
+      tiny_t5(), str(tmp / "adapter")).merge_and_unload().eval(), enc, dec)
+  # hf-to-orbax --adapter: the converted weights are the merged model.
+  out = tmp / "merged_orbax"
+  convert_checkpoint.main(["hf-to-orbax", str(tmp / "base"), str(out), "--adapter",
+                           str(tmp / "adapter"), "--overwrite"])
+  got_cfg, params, _, _ = convert_checkpoint.read_orbax(str(out))
+  np.testing.assert_allclose(_ours(got_cfg, {"params": params}, enc, dec), merged_ref,
+                             atol=1e-4, rtol=1e-4)
+  # loading.load(base, adapter=PEFT folder), as python -m flanjax.infer --adapter reads it.
+  from flanjax.models import loading
+  with open(builtin_vocab.sentencepiece_model_file, "rb") as f:
+    (tmp / "base" / "spiece.model").write_bytes(f.read())
+  loaded = loading.load(str(tmp / "base"), adapter=str(tmp / "adapter"))
+  assert "with the LoRA adapters of" in loaded.source
+  np.testing.assert_allclose(np.asarray(loaded.model.apply({"params": loaded.params}, enc, dec)),
+                             merged_ref, atol=1e-4, rtol=1e-4)
+  # train.init_adapter: the adapters start from the folder's weights, rank and alpha.
+  from flanjax.training import adapters
+  ad = adapters.setup(None, cfg, base, str(tmp / "base"), init_adapter=str(tmp / "adapter"))
+  assert (ad.config.rank, ad.config.alpha, len(ad.sites)) == (4, 8.0, 36)
+  import jax
+  boxed = ad.boxed(jax.random.PRNGKey(0))
+  start = jax.tree.map(lambda x: np.asarray(x.unbox()), boxed,
+                       is_leaf=lambda x: hasattr(x, "unbox"))
+  np.testing.assert_allclose(_ours(cfg, ad.variables(base, start), enc, dec), ref, atol=1e-4,
+                             rtol=1e-4)
+  # A random start: B is zero, so step 0 is the base model.
+  fresh = adapters.setup(lora.LoraConfig(rank=2, targets=["q", "wo"]), cfg, base,
+                         str(tmp / "base"))
+  zero = jax.tree.map(lambda x: np.asarray(x.unbox()), fresh.boxed(jax.random.PRNGKey(1)),
+                      is_leaf=lambda x: hasattr(x, "unbox"))
+  assert all(not np.any(ab["b"]) and np.any(ab["a"]) for _, ab in lora.pairs(zero))
+  np.testing.assert_array_equal(_ours(cfg, fresh.variables(base, zero), enc, dec),
+                                _ours(cfg, {"params": base}, enc, dec))
+
+
+def test_step_flag_takes_best_or_a_number():
+  import argparse
+  from flanjax import evaluate, infer
+  from flanjax.run_folder import parse_step
+  assert infer._parser().parse_args(["--checkpoint", "r", "--step", "best"]).step == "best"
+  assert infer._parser().parse_args(["--checkpoint", "r", "--step", "12", "--adapter",
+                                     "a"]).step == 12
+  assert evaluate._parser().parse_known_args(["--step", "best"])[0].step == "best"
+  with pytest.raises(argparse.ArgumentTypeError, match="'last' is not a step number or 'best'"):
+    parse_step("last")

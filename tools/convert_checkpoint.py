@@ -1,6 +1,7 @@
 """Converts checkpoints between Hugging Face directories and orbax.
 
-  python tools/convert_checkpoint.py hf-to-orbax HF_DIR OUT_DIR
+  python tools/convert_checkpoint.py hf-to-orbax HF_DIR OUT_DIR [--adapter PEFT_DIR]
+  python tools/convert_checkpoint.py orbax-to-peft RUN_DIR OUT_DIR [--step N|best]
   python tools/convert_checkpoint.py orbax-to-hf CKPT_DIR OUT_DIR [--config FILE]
       [--step N] [--vocab PATH] [--dtype float32|bfloat16|float16]
 
@@ -16,6 +17,11 @@ binding T5Config or DecoderConfig, a model_config.json, a Hugging Face
 config.json, or a run_info.json), else from model_config.json or the run's
 run_info.json. --vocab adds tokenizer files: a folder's, or one spiece .model
 or tokenizer.json.
+
+LoRA (train.peft): orbax-to-peft writes a LoRA run's adapters in PEFT's format
+(adapter_config.json, adapter_model.safetensors; peft.PeftModel.from_pretrained
+loads them over the base); orbax-to-hf on a LoRA run writes the merged model;
+hf-to-orbax --adapter merges a PEFT adapter folder into the converted weights.
 """
 
 from __future__ import annotations
@@ -105,9 +111,12 @@ def _vocabulary_in(path: str):
 
 # ---------------------------------------------------------------- commands
 
-def hf_to_orbax(hf_dir: str, out_dir: str, overwrite: bool = False):
-  from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+def hf_to_orbax(hf_dir: str, out_dir: str, overwrite: bool = False, adapter: str | None = None):
+  from flanjax.models import hf, lora  # pylint: disable=g-import-not-at-top
   cfg, params, _ = hf.load(hf_dir)
+  if adapter:
+    lcfg, adapters, _ = lora.read_peft(adapter, cfg)
+    params = lora.merge_numpy(params, adapters, lcfg, cfg, adapter)
   write_orbax(out_dir, cfg, params, hf_config=hf.read_config(hf_dir), files_from=hf_dir,
               overwrite=overwrite)
   return cfg
@@ -137,6 +146,28 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, config: str | None = None,
   return cfg
 
 
+def orbax_to_peft(run_dir: str, out_dir: str, step=None, overwrite: bool = False):
+  """A LoRA run's adapters (the latest step, or `step`) as a PEFT adapter folder."""
+  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  from flanjax.models.loading import (  # pylint: disable=g-import-not-at-top
+      config_from_file, read_adapter, training_checkpoint)
+  found = training_checkpoint(os.path.abspath(run_dir), step)
+  if found is None:
+    raise UserError(f"{run_dir}: not a training run (checkpoints/<step>/state)")
+  info = found[1].read_run_info() or {}
+  cfg = config_from_file(found[1].run_info_path)
+  lcfg, adapters, sites = read_adapter(run_dir, cfg, step)
+  out_dir = os.path.abspath(out_dir)
+  _absent_or_empty(out_dir, overwrite)
+  lora.write_peft(out_dir, lcfg, adapters, sites, cfg, info["adapter"]["base"]["path"])
+  return cfg
+
+
+def _step(text: str):
+  from flanjax.run_folder import parse_step  # pylint: disable=g-import-not-at-top
+  return parse_step(text)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__.split("\n")[0])
   sub = ap.add_subparsers(dest="command", required=True)
@@ -144,12 +175,20 @@ def main(argv=None) -> int:
   a.add_argument("hf_dir")
   a.add_argument("out_dir")
   a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+  a.add_argument("--adapter", default=None, help="a PEFT LoRA folder to merge into the weights")
+  p = sub.add_parser("orbax-to-peft", help="a LoRA training run's adapters -> PEFT folder")
+  p.add_argument("run_dir")
+  p.add_argument("out_dir")
+  p.add_argument("--step", type=_step, default=None, help="training step or 'best' (default: "
+                 "latest)")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
   b = sub.add_parser("orbax-to-hf", help="a converted checkpoint or training run -> HF folder")
   b.add_argument("ckpt_dir")
   b.add_argument("out_dir")
   b.add_argument("--config", default=None,
                  help="model config: .gin, model_config.json, HF config.json or run_info.json")
-  b.add_argument("--step", type=int, default=None, help="training step (default: latest)")
+  b.add_argument("--step", type=_step, default=None, help="training step or 'best' "
+                 "(default: latest)")
   b.add_argument("--vocab", default=None,
                  help="tokenizer files to include: a folder, a .model or a tokenizer.json")
   b.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -158,7 +197,11 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on missing metadata
   if args.command == "hf-to-orbax":
-    cfg = hf_to_orbax(args.hf_dir, args.out_dir, args.overwrite)
+    cfg = hf_to_orbax(args.hf_dir, args.out_dir, args.overwrite, args.adapter)
+  elif args.command == "orbax-to-peft":
+    cfg = orbax_to_peft(args.run_dir, args.out_dir, args.step, args.overwrite)
+    print(f"wrote {args.out_dir} (PEFT LoRA adapters over {type(cfg).__name__})")
+    return 0
   else:
     cfg = orbax_to_hf(args.ckpt_dir, args.out_dir, args.config, args.step, args.vocab,
                       args.dtype, args.overwrite)

@@ -169,6 +169,10 @@ def read_orbax(ckpt_dir: str, config: str | None = None, step: int | str | None 
                       f"{CONFIG_FILE}) nor a training run (checkpoints/<step>/state)")
     state_dir, run = found
     params = restore_numpy(state_dir, subtree="params")
+    adapter = (run.read_run_info() or {}).get("adapter")
+    if adapter:  # a LoRA run: its base with the adapters merged
+      params = merge_into(read_base(adapter, run.run_info_path), adapter, params,
+                          f"{state_dir} (adapters)")
     if config is None:
       config = run.run_info_path
       if not os.path.isfile(config):
@@ -182,6 +186,54 @@ def read_orbax(ckpt_dir: str, config: str | None = None, step: int | str | None 
     cfg = dataclasses.replace(cfg, vocab_size=int(emb.shape[0]))
   check_params(cfg, params, config)
   return cfg, params, hf_config, files_dir
+
+
+# ---------------------------------------------------------------- adapters
+
+def lora_config(adapter: dict):
+  """The LoraConfig a run recorded in run_info.json's "adapter"."""
+  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  targets = adapter.get("targets")
+  return lora.LoraConfig(rank=adapter["rank"], alpha=adapter["alpha"],
+                         dropout=adapter.get("dropout", 0.0),
+                         targets=tuple(targets) if isinstance(targets, list) else targets)
+
+
+def read_base(adapter: dict, source: str):
+  """(config, host params) of the base a LoRA run recorded, checked by its fingerprint."""
+  from flanjax.models import hf, lora  # pylint: disable=g-import-not-at-top
+  path = adapter["base"]["path"]
+  if not os.path.isdir(path):
+    raise UserError(f"{source}: the adapters' base {path} is not a directory; give the base "
+                    "with --checkpoint BASE --adapter RUN")
+  cfg, params, _ = hf.load(path)
+  if lora.fingerprint(params) != adapter["base"]["fingerprint"]:
+    raise UserError(f"{source}: the base in {path} is not the one the adapters were trained "
+                    "over (its fingerprint differs); give that base with --checkpoint BASE "
+                    "--adapter RUN")
+  return cfg, params
+
+
+def merge_into(base, adapter: dict, adapters, source: str):
+  """base: (config, params) -> the params with a run's adapters merged."""
+  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  cfg, params = base
+  return lora.merge_numpy(params, adapters, lora_config(adapter), cfg, source)
+
+
+def read_adapter(path: str, cfg, step: int | str | None = None):
+  """(LoraConfig, adapters, sites) of a PEFT adapter folder or of a LoRA training run."""
+  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.path.expanduser(path))
+  if lora.is_peft_dir(path):
+    return lora.read_peft(path, cfg)
+  found = training_checkpoint(path, step)
+  adapter = ((found[1].read_run_info() or {}).get("adapter") if found else None)
+  if not adapter:
+    raise UserError(f"{path} is neither a PEFT adapter folder ({lora.ADAPTER_CONFIG}) nor a "
+                    "LoRA training run (train.peft)")
+  adapters = restore_numpy(found[0], subtree="params")
+  return lora_config(adapter), adapters, lora.fitted_sites(adapters, cfg, found[0])
 
 
 def check_params(cfg, params, source: str):
@@ -205,10 +257,23 @@ class Loaded:
   step: int | None = None  # the training step of a run's checkpoint
 
 
-def load(path: str, step: int | str | None = None, config: str | None = None) -> Loaded:
+def load(path: str, step: int | str | None = None, config: str | None = None,
+         adapter: str | None = None) -> Loaded:
   """Reads a training run, a converted orbax checkpoint or a Hugging Face folder.
 
-  A run's best checkpoint: step='best', or path <run>/checkpoints/best."""
+  A run's best checkpoint: step='best', or path <run>/checkpoints/best. adapter: a
+  PEFT LoRA folder or a LoRA run, merged into the model read from `path`."""
+  if not adapter:
+    return _load(path, step, config)
+  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  loaded = _load(path, None, config)  # `step` is the adapter run's
+  lcfg, adapters, _ = read_adapter(adapter, loaded.config, step)
+  loaded.params = lora.merge_numpy(loaded.params, adapters, lcfg, loaded.config, adapter)
+  loaded.source += f" with the LoRA adapters of {os.path.abspath(adapter)}"
+  return loaded
+
+
+def _load(path: str, step: int | str | None = None, config: str | None = None) -> Loaded:
   from flanjax.models import hf, kinds  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):

@@ -188,6 +188,42 @@ def merge(base, adapters, scale: float, dtype=None):
   return out
 
 
+def fingerprint(params) -> str:
+  """A digest of a parameter tree: names, shapes and every value (the base a run's adapters
+  were trained over, recorded in its run_info.json)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
+  h = hashlib.blake2b(digest_size=12)
+  for name, leaf in sorted(kinds.flat_params(params).items()):
+    arr = np.ascontiguousarray(np.asarray(leaf, np.float32))
+    h.update(f"{name}:{arr.shape};".encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def fitted_sites(adapters, cfg, source: str) -> list[Site]:
+  """The sites an adapter tree covers, each A and B checked against the base's shapes."""
+  every = {s.path: s for s in sites(cfg)}
+  out = []
+  for path, ab in pairs(adapters):
+    site = every.get(tuple(path))
+    if site is None:
+      raise UserError(f"{source}: adapter {'/'.join(path)} has no projection in the base model")
+    a, b = np.shape(ab["a"]), np.shape(ab["b"])
+    if a[:-1] != site.in_shape or b[1:] != site.out_shape:
+      raise UserError(f"{source}: the adapter does not fit the base at {site.hf_name}: A {a}, "
+                      f"B {b}; the base's kernel is {site.in_shape + site.out_shape}")
+    out.append(site)
+  return out
+
+
+def merge_numpy(base, adapters, config: LoraConfig, cfg, source: str):
+  """Host params of the base with the adapters merged (float32), after checking they fit."""
+  fitted_sites(adapters, cfg, source)
+  return jax.tree.map(np.asarray, merge(base, jax.tree.map(np.asarray, adapters), config.scale,
+                                        dtype=np.float32))
+
+
 # ---------------------------------------------------------------- PEFT's files
 
 def peft_key(site_or_name, which: str) -> str:

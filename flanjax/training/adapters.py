@@ -14,7 +14,6 @@ refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
@@ -27,14 +26,7 @@ from flanjax.errors import UserError
 from flanjax.models import kinds, lora
 
 
-def fingerprint(params) -> str:
-  """A digest of a parameter tree: names, shapes, dtypes and every value."""
-  h = hashlib.blake2b(digest_size=12)
-  for name, leaf in sorted(kinds.flat_params(params).items()):
-    arr = np.ascontiguousarray(np.asarray(leaf, np.float32))
-    h.update(f"{name}:{arr.shape};".encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()
+fingerprint = lora.fingerprint
 
 
 @dataclasses.dataclass
