@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 
@@ -53,6 +54,8 @@ def topology_devices(name: str):
     raise UserError("compiling for a TPU topology needs libtpu: pip install 'flanjax[tpu]' "
                     f"(jax[tpu]=={jax.__version__})") from None
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # Compiling touches no chip: let several compiles (and tests) load libtpu side by side.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
   except Exception as e:  # pylint: disable=broad-except
