@@ -137,8 +137,8 @@ class Windows:
     r = sorted(self.rates)
     n = len(r)
     median = r[n // 2] if n % 2 else (r[n // 2 - 1] + r[n // 2]) / 2
-    out = {"median": round(median, 1), "min": round(r[0], 1), "max": round(r[-1], 1),
-           "windows": n, "window_rates": [round(x, 1) for x in self.rates],
+    out = {"median": round(median, 3), "min": round(r[0], 3), "max": round(r[-1], 3),
+           "windows": n, "window_rates": [round(x, 3) for x in self.rates],
            "load_before": self.load_before, "load_after": load()}
     if self.others:
       out["others_cpu_share"] = round(max(self.others), 3)

@@ -43,8 +43,9 @@ def _interleaved(fns: dict, windows: int, per_window: int) -> dict:
   out = {}
   for k, win in w.items():
     s = win.summary()
-    out[k] = {"ms": round(1e3 / s["median"], 2), "ms_min": round(1e3 / s["max"], 2),
-              "ms_max": round(1e3 / s["min"], 2), "windows": s["windows"],
+    ms = sorted(1e3 * t / per_window for t in win.seconds)
+    out[k] = {"ms": round(float(np.median(ms)), 2), "ms_min": round(ms[0], 2),
+              "ms_max": round(ms[-1], 2), "windows": s["windows"],
               "others_cpu_share": s.get("others_cpu_share"), "quiet": s["quiet"]}
   base = out[next(iter(out))]["ms"]
   for v in out.values():
