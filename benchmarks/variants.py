@@ -125,7 +125,10 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   proxies = {k: (lambda f=f, x=x: jax.block_until_ready(f(*x)))
              for k, (f, x) in proxy_variants(cfg, a.batch, a.inputs + a.targets).items()}
-  res["proxy"] = _interleaved(proxies, a.windows, a.steps)
+  res["proxy"] = {}
+  for pair in ("proxy/qkv_", "proxy/gqa_"):  # each pair against its own first (what ships)
+    res["proxy"].update(_interleaved({k: f for k, f in proxies.items() if k.startswith(pair)},
+                                     a.windows, a.steps))
   res["load_after"] = common.load()
   res["quiet"] = common.quiet_start(res["load_before"]) and all(
       v["quiet"] for part in ("step", "proxy") for v in res[part].values())
