@@ -265,13 +265,18 @@ def _cell(s) -> str:
   return f"{s['mean']:.1f} ± {s['sd']:.1f} [{s['min']:.0f}-{s['max']:.0f}]"
 
 
+def _baseline_cell(s) -> str:
+  """The majority answer depends on the data alone: one number unless it varied."""
+  return "-" if not s else (f"{s['mean']:.1f}" if s["min"] == s["max"] else _cell(s))
+
+
 def markdown(result: dict) -> str:
   agg, modes = result["table"], result["settings"]["modes"]
   head = "| measure | " + " | ".join(modes) + " | baseline |"
   lines = [head, "|" + " --- |" * (len(modes) + 2)]
   for key, what in MEASURES:
     base = (f"{result['rank_chance']:.1f} (chance)" if key.endswith("_rank") and
-            result.get("rank_chance") is not None else _cell(agg["baseline"].get(key)))
+            result.get("rank_chance") is not None else _baseline_cell(agg["baseline"].get(key)))
     lines.append(f"| {what} | " + " | ".join(_cell(agg["by_mode"][m][key]) for m in modes)
                  + f" | {base} |")
   if "dataset_name" in modes and any(agg["by_mode"]["dataset_name"].get(k) for k in (
