@@ -1,0 +1,91 @@
+"""Writes docs/results/aot_table.json: flanjax.aot's train step for FLAN's lengths (inputs
+2048, targets 512) on TPU topologies, per model: fits or not, GiB per chip.
+
+    PYTHONPATH=<libtpu folder> python tools/aot_table.py [--models t5_xl,...] [--topologies ...]
+
+Every entry: the gin of flan.gin (Adafactor) with the model, batch 32, a fully sharded
+(FSDP) mesh over all chips, bfloat16 activations, remat and blockwise attention. The file
+is rewritten after each entry, so an interrupted run keeps what it measured.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from flanjax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
+from flanjax import config as flan_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results",
+                   "aot_table.json")
+COMMON = ["train.task_feature_lengths = {'inputs': 2048, 'targets': 512}",
+          "train.batch_size = 32", "train.mesh_shape = (1, -1, 1)"]
+T5 = ["T5Config.dtype = 'bfloat16'", "T5Config.remat = True",
+      "T5Config.attention_impl = 'blockwise'"]
+LLAMA = ["train.model_config = @DecoderConfig()", "DecoderConfig.dtype = 'bfloat16'",
+         "DecoderConfig.remat = True", "DecoderConfig.attention_impl = 'blockwise'",
+         "DecoderConfig.vocab_size = 128256", "DecoderConfig.num_kv_heads = 8",
+         "DecoderConfig.rope_theta = 500000.0"]
+# Llama 3.2 1B and Llama 3.1 8B shapes.
+MODELS = {
+    "t5_small": (["models/t5_small.gin"], T5), "t5_base": (["models/t5_base.gin"], T5),
+    "t5_large": (["models/t5_large.gin"], T5), "t5_xl": (["models/t5_xl.gin"], T5),
+    "t5_xxl": (["models/t5_xxl.gin"], T5),
+    "decoder_1b": ([], LLAMA + ["DecoderConfig.d_model = 2048", "DecoderConfig.num_heads = 32",
+                                "DecoderConfig.head_dim = 64", "DecoderConfig.d_ff = 8192",
+                                "DecoderConfig.num_layers = 16",
+                                "DecoderConfig.tie_word_embeddings = True"]),
+    "decoder_8b": ([], LLAMA + ["DecoderConfig.d_model = 4096", "DecoderConfig.num_heads = 32",
+                                "DecoderConfig.head_dim = 128", "DecoderConfig.d_ff = 14336",
+                                "DecoderConfig.num_layers = 32"]),
+}
+TOPOLOGIES = {"v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1", "v4-32": "v4:2x2x4"}
+
+
+def measure(model: str, topology: str) -> dict:
+  files, bindings = MODELS[model]
+  flan_config.parse_gin(flan_config.GinArgs(["flan.gin"] + files, COMMON + bindings, [], []))
+  devices = aot.topology_devices(topology)
+  t0 = time.time()
+  compiled, state, mesh = aot.compile_train_step(aot.train_settings(), devices)
+  r = aot.report(compiled, state, devices)
+  r.update(model=model, topology=topology, mesh=dict(mesh.shape),
+           compile_seconds=round(time.time() - t0, 1))
+  return r
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+  args = parser.parse_args()
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+  doc = {"command": "python tools/aot_table.py " + " ".join(sys.argv[1:]), "commit": commit,
+         "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "settings": COMMON,
+         "rows": []}
+  if os.path.exists(OUT):
+    with open(OUT, encoding="utf-8") as f:
+      old = json.load(f)
+    doc["rows"] = old.get("rows", [])
+  for topo_name in args.topologies.split(","):
+    for model in args.models.split(","):
+      print(f"{model} on {topo_name} ...", flush=True)
+      r = measure(model, TOPOLOGIES[topo_name])
+      r["chips"] = topo_name
+      doc["rows"] = [x for x in doc["rows"]
+                     if (x["model"], x["chips"]) != (model, topo_name)] + [r]
+      print(f"  {r['total_gib']:.1f} GiB of {r['hbm_gib']:.0f}: "
+            f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_seconds']:.0f}s)",
+            flush=True)
+      with open(OUT, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
