@@ -13,6 +13,9 @@ the windows, with min and max, and its ratio to the first variant.
   proxy/qkv_*             forward + backward of the q, k, v projections alone (pure
                           JAX, the decoder's shapes): three einsums as the model does
                           them vs one fused [d, (h + 2 kv) * k] matmul split after
+  proxy/layout_*          attention (scores, softmax, mixing, output projection) with
+                          q kept [b, l, h, k] as the model does vs projected straight
+                          into [b, h, l, k] (no transposes around the attention dots)
   proxy/gqa_*             attention scores and mixing with grouped-query heads:
                           key/value heads repeated to the query heads (HF's
                           repeat_kv) vs queries grouped per kv head (no copy)
@@ -98,7 +101,22 @@ def proxy_variants(cfg, b: int, s: int) -> dict:
     p = jax.nn.softmax(jnp.where(mask, jnp.einsum("bqgjk,btgk->bgjqt", qg, kk), -1e9), -1)
     return jnp.sum(jnp.einsum("bgjqt,btgk->bqgjk", p, kk))
 
-  return {"proxy/qkv_separate": (jax.jit(jax.grad(separate)), ((wq, wk, wv), x)),
+  wq_full = jnp.asarray(rng.standard_normal((d, h, k)) * d ** -0.5, jnp.float32)
+  wo = jnp.asarray(rng.standard_normal((h, k, d)) * (h * k) ** -0.5, jnp.float32)
+
+  def heads_inner(w, x):  # as the model lays them out: [b, l, h, k] around [b, h, q, t]
+    q = jnp.einsum("bld,dhk->blhk", x, w[0])
+    p = jax.nn.softmax(jnp.where(mask, jnp.einsum("bqhk,bthk->bhqt", q, q), -1e9), -1)
+    return jnp.sum(jnp.einsum("bqhk,hkd->bqd", jnp.einsum("bhqt,bthk->bqhk", p, q), w[1]) ** 2)
+
+  def heads_outer(w, x):  # projected straight into [b, h, l, k]
+    q = jnp.einsum("bld,dhk->bhlk", x, w[0])
+    p = jax.nn.softmax(jnp.where(mask, jnp.einsum("bhqk,bhtk->bhqt", q, q), -1e9), -1)
+    return jnp.sum(jnp.einsum("bhqk,hkd->bqd", jnp.einsum("bhqt,bhtk->bhqk", p, q), w[1]) ** 2)
+
+  return {"proxy/layout_blhk": (jax.jit(jax.grad(heads_inner)), ((wq_full, wo), x)),
+          "proxy/layout_bhlk": (jax.jit(jax.grad(heads_outer)), ((wq_full, wo), x)),
+          "proxy/qkv_separate": (jax.jit(jax.grad(separate)), ((wq, wk, wv), x)),
           "proxy/qkv_fused": (jax.jit(jax.grad(fused)), (wqkv, x)),
           "proxy/gqa_repeat_kv": (jax.jit(jax.grad(repeated, argnums=(0, 1))), (q, kv_)),
           "proxy/gqa_grouped": (jax.jit(jax.grad(grouped, argnums=(0, 1))), (q, kv_))}
@@ -126,7 +144,7 @@ def main(argv=None):
   proxies = {k: (lambda f=f, x=x: jax.block_until_ready(f(*x)))
              for k, (f, x) in proxy_variants(cfg, a.batch, a.inputs + a.targets).items()}
   res["proxy"] = {}
-  for pair in ("proxy/qkv_", "proxy/gqa_"):  # each pair against its own first (what ships)
+  for pair in ("proxy/layout_", "proxy/qkv_", "proxy/gqa_"):  # each pair against its own first (what ships)
     res["proxy"].update(_interleaved({k: f for k, f in proxies.items() if k.startswith(pair)},
                                      a.windows, a.steps))
   res["load_after"] = common.load()

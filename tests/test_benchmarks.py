@@ -86,8 +86,8 @@ def test_both_stacks_compute_the_same_loss_on_the_timed_batches(result):
 
 
 def test_the_measured_proposals_compute_the_same_gradients():
-  """benchmarks.variants' proxies: a fused q/k/v matmul and GQA queries grouped per kv
-  head give the gradients of the separate matmuls and of repeat_kv."""
+  """benchmarks.variants' proxies: a fused q/k/v matmul, heads laid out [b, h, l, k] and
+  GQA queries grouped per kv head give the gradients of what the model does."""
   import numpy as np
   from benchmarks import variants
   from flanjax.models import decoder
@@ -97,5 +97,7 @@ def test_the_measured_proposals_compute_the_same_gradients():
   run = {k: f(*x) for k, (f, x) in p.items()}
   np.testing.assert_allclose(np.concatenate(run["proxy/qkv_separate"], axis=1),
                              run["proxy/qkv_fused"], rtol=1e-5, atol=1e-5)
+  for a, b in zip(run["proxy/layout_blhk"], run["proxy/layout_bhlk"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   for a, b in zip(run["proxy/gqa_repeat_kv"], run["proxy/gqa_grouped"]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
