@@ -1,0 +1,133 @@
+"""Training with LoRA: only the adapters train (the optimizer state holds them alone, the base
+is bit-identical after the steps), every mesh of 8 simulated devices gives the one-device
+losses, a run killed with SIGKILL resumes to the same losses, checkpoints hold the adapters
+only, and a resume over another base is refused in one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from test_lora import tiny_t5  # noqa: E402  pylint: disable=g-import-not-at-top
+from test_train_e2e import _interrupt_when  # noqa: E402  pylint: disable=g-import-not-at-top
+
+torch = pytest.importorskip("torch")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_lora_meshes_agree_with_one_device_and_only_adapters_train(builtin_vocab):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "_lora_mesh_worker.py")], env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  ref = res["(1, 1, 1)"]
+  assert len(ref["losses"]) == 3 and ref["losses"][-1] < ref["losses"][0]
+  for shape in ("(8, 1, 1)", "(2, 2, 2)", "(1, 1, 8)"):
+    assert res[shape]["losses"] == pytest.approx(ref["losses"], abs=1e-5), shape
+  for shape, r in res.items():
+    assert r["base_unchanged"], shape  # bit-identical base after the steps
+    # Adam's state: mu and nu of each adapter leaf and one step count, nothing of the base.
+    assert r["opt_size"] == 2 * r["adapter_size"] + 1, shape
+    assert {tuple(s) for s in r["opt_leaf_shapes"]} == (
+        {tuple(s) for s in r["adapter_leaf_shapes"]} | {()})
+    assert r["adapter_size"] < 0.11 * r["base_size"]
+    # A takes the kernel's input axis (embed -> fsdp), B its output axes (heads -> model).
+    assert (r["a_spec"], r["b_spec"]) == ("('fsdp', None)", "(None, 'model', None)")
+
+
+def _hf_dir(path, vocab, seed=0):
+  tiny_t5(vocab_size=1024, seed=seed).save_pretrained(str(path))
+  with open(vocab.sentencepiece_model_file, "rb") as f:
+    (path / "spiece.model").write_bytes(f.read())
+  return path
+
+
+def _cmd(hf_dir, run_dir, steps=6):
+  return [sys.executable, "-m", "flanjax.train", "--gin_file=runs/lora_flan_t5.gin",
+          f"--gin.HF_DIR={hf_dir}", f"--gin.train.model_dir={run_dir}",
+          "--gin.train.batch_size=4", "--gin.train.log_every_secs=0",
+          "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 16}",
+          f"--gin.train.num_steps={steps}", "--gin.Checkpointer.every_steps=2",
+          "--gin.train.eval_at_end=False", "--gin.LoraConfig.dropout=0.0"]
+
+
+def _losses(run_dir):
+  with open(os.path.join(run_dir, "train_losses.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_lora_run_killed_resumes_to_the_same_losses_and_refuses_another_base(tmp_path,
+                                                                             builtin_vocab):
+  hf_dir = _hf_dir(tmp_path / "base", builtin_vocab)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  straight = tmp_path / "straight"
+  done = subprocess.run(_cmd(hf_dir, straight), capture_output=True, text=True, env=env,
+                        timeout=900)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  assert "LoRA: rank 8, alpha 16 on 36 modules" in done.stdout
+  killed = tmp_path / "killed"
+  assert _interrupt_when(_cmd(hf_dir, killed), env, 2, signal.SIGKILL)[0] == -signal.SIGKILL
+  again = subprocess.run(_cmd(hf_dir, killed), capture_output=True, text=True, env=env,
+                         timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from step" in again.stdout
+  a, b = _losses(straight), _losses(killed)
+  assert sorted(b) == list(range(1, 7))
+  for s in range(1, 7):
+    assert a[s] == pytest.approx(b[s], abs=1e-5), (s, a[s], b[s])
+
+  # The checkpoint holds the adapters and their optimizer state only.
+  from flanjax.models import loading
+  saved = loading.restore_numpy(str(straight / "checkpoints" / "6" / "state"))
+  names = {"/".join(p) for p in _paths(saved["params"])}
+  assert names and all(n.endswith(("/a", "/b")) for n in names)
+  assert len(names) == 2 * 36
+  info = json.loads((straight / "run_info.json").read_text())
+  assert info["adapter"]["base"]["path"] == str(hf_dir)
+
+  # orbax-to-peft: PEFT loads the run's adapters over the base; the run read by flanjax (merged
+  # over its recorded base), the base + --adapter RUN and orbax-to-hf's merged export agree.
+  import numpy as np
+  import peft
+  import transformers
+  sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+  import convert_checkpoint  # pylint: disable=g-import-not-at-top
+  convert_checkpoint.main(["orbax-to-peft", str(straight), str(tmp_path / "peft")])
+  convert_checkpoint.main(["orbax-to-hf", str(straight), str(tmp_path / "merged")])
+  base_t = transformers.T5ForConditionalGeneration.from_pretrained(str(hf_dir))
+  merged_t = peft.PeftModel.from_pretrained(base_t, str(tmp_path / "peft")).merge_and_unload()
+  rng = np.random.default_rng(0)
+  enc, dec = rng.integers(2, 1000, size=(2, 9)), rng.integers(2, 1000, size=(2, 5))
+
+  def hf_logits(m):
+    with torch.no_grad():
+      return m.eval()(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits
+  ref = hf_logits(merged_t).numpy()
+  exported = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "merged"))
+  np.testing.assert_allclose(hf_logits(exported).numpy(), ref, atol=1e-4, rtol=1e-4)
+  for loaded in (loading.load(str(straight)), loading.load(str(hf_dir), adapter=str(straight))):
+    ours = np.asarray(loaded.model.apply({"params": loaded.params}, enc, dec))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+  # Another base under the same folder: refused in one line naming the adapter's base.
+  other = _hf_dir(tmp_path / "other", builtin_vocab, seed=3)
+  os.replace(other / "model.safetensors", hf_dir / "model.safetensors")
+  bad = subprocess.run(_cmd(hf_dir, straight, steps=8), capture_output=True, text=True,
+                       env=env, timeout=900)
+  assert bad.returncode != 0
+  last = bad.stderr.strip().splitlines()[-1]
+  assert "different adapter config" in last and "fingerprint" in last, last
+
+
+def _paths(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _paths(v, prefix + (k,))
+    else:
+      yield prefix + (k,)
