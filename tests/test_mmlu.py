@@ -245,19 +245,12 @@ num_fewshot: {shots}
 """
 
 
-@pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm_eval is not installed (optional extra: pip "
-                    "install 'flanjax[lm_eval]'); the parity test runs its mmlu task")
-def test_prompts_and_loglikelihoods_equal_lm_evals_mmlu(tiny_llama, tmp_path, monkeypatch):
-  """lm_eval's own mmlu task configs (dataset read from the same rows as JSON), 5-shot and
-  zero-shot, through the flanjax adapter; against our tasks through rank classification."""
-  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _run_lm_evals_mmlu(lm, plan, tmp_path, limit):
+  """lm_eval's own mmlu task configs, their dataset read from the same rows as JSON;
+  plan: subject -> (shots, _). Returns simple_evaluate's output with the samples."""
   from lm_eval import simple_evaluate
   from lm_eval.tasks import TaskManager
-  from flanjax.evaluation import examples, harness, lm_eval_adapter, scoring
-  path, loaded = tiny_llama
   their_dir = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "mmlu", "default")
-  plan = {"abstract_algebra": (5, 3), "world_religions": (5, 3), "management": (0, 2)}
   for subject, (shots, _) in plan.items():
     for split in ("dev", "test"):  # cais/mmlu's fields: question, subject, choices, answer
       rows = [dict(question=r["question"], subject=subject,
@@ -268,10 +261,23 @@ def test_prompts_and_loglikelihoods_equal_lm_evals_mmlu(tiny_llama, tmp_path, mo
     (tmp_path / f"{subject}.yaml").write_text(LM_EVAL_YAML.format(
         include=os.path.join(their_dir, f"mmlu_{subject}.yaml"), name=subject, shots=shots,
         test=tmp_path / f"{subject}_test.jsonl", dev=tmp_path / f"{subject}_dev.jsonl"))
+  return simple_evaluate(model=lm, tasks=[f"flanjax_parity_{s}" for s in plan],
+                         task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+                         bootstrap_iters=0, limit=limit)
+
+
+@pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm_eval is not installed (optional extra: pip "
+                    "install 'flanjax[lm_eval]'); the parity test runs its mmlu task")
+def test_prompts_and_loglikelihoods_equal_lm_evals_mmlu(tiny_llama, tmp_path, monkeypatch):
+  """lm_eval's own mmlu task configs (dataset read from the same rows as JSON), 5-shot and
+  zero-shot, through the flanjax adapter; against our tasks through rank classification."""
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  from flanjax.evaluation import examples, harness, lm_eval_adapter, scoring
+  path, loaded = tiny_llama
+  plan = {"abstract_algebra": (5, 3), "world_religions": (5, 3), "management": (0, 2)}
   lm = lm_eval_adapter.FlanjaxLM(checkpoint=path, batch_size=4, max_length=INPUT_LENGTH)
-  out = simple_evaluate(model=lm, tasks=[f"flanjax_parity_{s}" for s in plan],
-                        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
-                        bootstrap_iters=0, limit=3)
+  out = _run_lm_evals_mmlu(lm, plan, tmp_path, limit=3)
   model, params, vocab, kind = loaded.model, loaded.params, loaded.vocab, loaded.kind
   for subject, (shots, n) in plan.items():
     samples = sorted(out["samples"][f"flanjax_parity_{subject}"], key=lambda s: s["doc_id"])
@@ -292,9 +298,83 @@ def test_prompts_and_loglikelihoods_equal_lm_evals_mmlu(tiny_llama, tmp_path, mo
       ctx = kind.prompt_ids(vocab, e.inputs)
       assert ctx[0] == vocab.bos_id  # as lm_eval's causal LMs start
       ll, _ = scoring.loglikelihood(model, params, kind, [ctx] * 4,
-                                    [kind.continuation_ids(vocab, c, e.inputs) for c in cands],
+                                    [harness.option_ids(kind, vocab, c, e.inputs, eos=False)
+                                     for c in cands],
                                     batch_size=4, max_length=kind.score_length(INPUT_LENGTH))
       theirs = [float(r[0][0]) for r in s["resps"]]
       np.testing.assert_allclose(ll, theirs, rtol=1e-5, atol=1e-5)
       assert choice == int(np.argmax(theirs))
       assert s["acc"] == float(choice == gold)
+
+
+@pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm_eval is not installed (optional extra: pip "
+                    "install 'flanjax[lm_eval]'); the parity test runs its mmlu task")
+def test_t5_loglikelihoods_equal_lm_evals_seq2seq_path(tmp_path, monkeypatch):
+  """A random T5 (our export, a T5-style Unigram SentencePiece model that transformers'
+  tokenizer reads identically) through lm_eval's HFLM with backend seq2seq on its own mmlu
+  task files: every candidate's log-likelihood in our rank classification equals lm_eval's
+  (the letter " A" without EOS, the context with it)."""
+  import io
+  import flax.linen as nn
+  import jax
+  import seqio
+  import sentencepiece as spm
+  from lm_eval.models.huggingface import HFLM
+  from flanjax.evaluation import examples, harness
+  from flanjax.models import hf, kinds, loading, t5
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  plan = {"abstract_algebra": (5, 2), "management": (5, 2), "world_religions": (0, 2)}
+  texts = [" ".join(r.values()) for s in plan for sp in ("dev", "test") for r in _rows(s, sp)]
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts + [mmlu.header(s) for s in plan]), model_writer=buf,
+      vocab_size=600, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      character_coverage=1.0, minloglevel=2)
+  (tmp_path / "sp.model").write_bytes(buf.getvalue())
+  # Tied embeddings (original T5): lm_eval ties a loaded model's weights (tie_weights()),
+  # and transformers 5 reads an exported untied T5's config as tied.
+  cfg = t5.T5Config(vocab_size=640, d_model=32, d_kv=8, d_ff=48, num_heads=4,
+                    num_encoder_layers=2, num_decoder_layers=2, tie_word_embeddings=True)
+  model = kinds.ENC_DEC.build(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), **kinds.ENC_DEC.dummy_batch())["params"])
+  params = jax.tree.map(lambda x: np.asarray(x) * 3.0, params)  # choices far from uniform
+  path = str(tmp_path / "t5")
+  hf.save(cfg, params, path, vocabulary=seqio.SentencePieceVocabulary(str(tmp_path / "sp.model")))
+  loaded = loading.load(path)
+  assert loaded.kind is kinds.ENC_DEC
+  lm = HFLM(pretrained=path, backend="seq2seq", batch_size=4, max_length=INPUT_LENGTH,
+            device="cpu")
+  out = _run_lm_evals_mmlu(lm, plan, tmp_path, limit=2)
+  for subject, (shots, n) in plan.items():
+    for d in mmlu.task_defs():  # registered (with this vocabulary) if no other test did
+      if d.name == (f"mmlu_{subject}" if shots else f"mmlu_0shot_{subject}"):
+        from flanjax.data import tasks as task_lib
+        if d.name not in task_lib.DEFS:
+          task_lib.register(d, loaded.vocab, INPUT_LENGTH)
+        name = d.name
+    samples = sorted(out["samples"][f"flanjax_parity_{subject}"], key=lambda s: s["doc_id"])
+    ours = examples.load_examples(name, "test", loaded.vocab, INPUT_LENGTH, n)
+    ranked = harness.rank_classify(loaded.model, loaded.params, loaded.vocab, loaded.kind, ours,
+                                   [e.targets for e in ours], batch_size=4,
+                                   input_length=INPUT_LENGTH, continuation_eos=False)
+    assert len(samples) == n
+    for s, e, choice in zip(samples, ours, ranked["choices"]):
+      assert {a[0] for a in s["arguments"]} == {e.inputs}
+      cands, gold = examples.rank_candidates(e, e.targets)
+      ctx = loaded.kind.prompt_ids(loaded.vocab, e.inputs)
+      assert ctx[-1] == loaded.vocab.eos_id  # as lm_eval's T5 tokenizer closes the context
+      from flanjax.evaluation import scoring
+      ll, _ = scoring.loglikelihood(
+          loaded.model, loaded.params, loaded.kind, [ctx] * 4,
+          [harness.option_ids(loaded.kind, loaded.vocab, c, e.inputs, eos=False) for c in cands],
+          batch_size=4, max_length=loaded.kind.score_length(INPUT_LENGTH))
+      theirs = [float(r[0][0]) for r in s["resps"]]
+      np.testing.assert_allclose(ll, theirs, rtol=1e-4, atol=1e-4)
+      assert choice == int(np.argmax(theirs)) and s["acc"] == float(choice == gold)
+      # With EOS after the letter (how T5 was scored before), the numbers are not lm_eval's.
+      with_eos, _ = scoring.loglikelihood(
+          loaded.model, loaded.params, loaded.kind, [ctx] * 4,
+          [harness.option_ids(loaded.kind, loaded.vocab, c, e.inputs) for c in cands],
+          batch_size=4, max_length=loaded.kind.score_length(INPUT_LENGTH))
+      assert np.max(np.abs(np.asarray(with_eos) - theirs)) > 1e-3

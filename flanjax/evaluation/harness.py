@@ -32,6 +32,7 @@ import numpy as np
 import seqio
 
 from flanjax.data import tasks as task_lib
+from flanjax.data.collections import mmlu
 from flanjax.errors import UserError
 from flanjax.evaluation import scoring
 from flanjax.evaluation.examples import (  # noqa: F401  (re-exported)
@@ -140,7 +141,8 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
   rank, rank_n, ranked = None, 0, None
   if rank_classification and _rank_applies(name):
     ranked = rank_classify(model, params, vocab, kind, examples, targets_pp,
-                           batch_size=batch_size, input_length=input_length)
+                           batch_size=batch_size, input_length=input_length,
+                           continuation_eos=not mmlu.scores_like_lm_eval(name))
     rank, rank_n = ranked["accuracy"], ranked["examples"]
   base, base_answer = _baseline(task, targets_pp) if baseline else (None, None)
   samples = [dict(inputs=e.inputs[-600:], prediction=p, target=e.targets, answer=pp,
@@ -197,8 +199,12 @@ def score_predictions(task: seqio.Task, examples: Sequence[Example], predictions
 
 
 def rank_classify(model, params, vocab, kind, examples: Sequence[Example],
-                  golds: Sequence[str], *, batch_size: int = 16, input_length: int = 2048) -> dict:
+                  golds: Sequence[str], *, batch_size: int = 16, input_length: int = 2048,
+                  continuation_eos: bool = True) -> dict:
   """Picks the option of highest log-likelihood for every example that has options.
+
+  continuation_eos=False: an option is scored without the EOS the model kind closes a
+  target with (lm-evaluation-harness's continuations: MMLU).
 
   golds: the postprocessed targets. Returns {"accuracy": percent or None,
   "examples": how many had options, "choices": [index or None per example],
@@ -216,7 +222,7 @@ def rank_classify(model, params, vocab, kind, examples: Sequence[Example],
     ctx = kind.prompt_ids(vocab, e.inputs)
     for c in found[0]:
       flat_ctx.append(ctx)
-      flat_cont.append(kind.continuation_ids(vocab, c, e.inputs))
+      flat_cont.append(option_ids(kind, vocab, c, e.inputs, continuation_eos))
       owners.append(i)
   choices = [None] * len(examples)
   n = sum(c is not None for c in cands_of)
@@ -244,6 +250,15 @@ def _formatted(name: str, examples: list[Example], fmt) -> list[Example]:
   if fmt is None or user.prompt_format_of(name) is not None:
     return examples
   return [dataclasses.replace(e, inputs=fmt.wrap(e.inputs)) for e in examples]
+
+
+def option_ids(kind, vocab, option: str, context: str, eos: bool = True) -> list[int]:
+  """An option's ids as rank classification scores it: the kind's continuation, without
+  its closing EOS when eos=False (what lm_eval scores)."""
+  ids = list(kind.continuation_ids(vocab, option, context))
+  if not eos and len(ids) > 1 and ids[-1] == vocab.eos_id:
+    ids = ids[:-1]
+  return ids
 
 
 def plan(task_names: Sequence[str], splits: Sequence[str] | None = None,

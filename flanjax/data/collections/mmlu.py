@@ -32,8 +32,9 @@ delimiter " ", few-shot delimiter "\\n\\n"), byte for byte::
 
 Questions are stripped, choices kept as written (as lm-eval's template does).
 The target is the letter ("B"); the options feature is ["A", "B", "C", "D"], so
-rank classification scores the four letters after "Answer:" (a causal LM reads
-" B", as lm-eval's continuation) and picks the most likely: MMLU's accuracy.
+rank classification scores the four letters after "Answer:" as lm-eval's
+continuation " B" (no EOS after it, whatever the model kind: ``scores_like_lm_eval``)
+and picks the most likely: MMLU's accuracy.
 A generated answer is read as its first letter A-D (``extract_letter``).
 
 A 5-shot prompt that does not fit the input budget loses exemplars, first
@@ -286,6 +287,15 @@ def subject_of(task: str) -> tuple[str, int] | None:
     if task.startswith(prefix) and task[len(prefix):] in CATEGORIES:
       return task[len(prefix):], shots
   return None
+
+
+def scores_like_lm_eval(task: str) -> bool:
+  """Whether rank classification scores this task's letters as lm-evaluation-harness does:
+  " A" alone, no EOS after it, for every model kind (its seq2seq path encodes the
+  continuation without special tokens). True for the MMLU tasks, so their
+  log-likelihoods are lm_eval's for T5 and prefix-LM checkpoints too; other tasks score
+  an option as training wrote a target (its tokens, then EOS)."""
+  return subject_of(task) is not None
 
 
 def summary_groups(task: str) -> list[str]:
