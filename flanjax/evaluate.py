@@ -6,6 +6,7 @@ markdown), a JSON file of per-task scores and TensorBoard scalars.
   --checkpoint PATH   a training run (runs/<mixture>/), a converted orbax
                       directory or a Hugging Face directory (or gin evaluate.checkpoint)
   --step N|best       a training run's step, or its best checkpoint (default: the latest)
+  --adapter PATH      LoRA adapters over the checkpoint: a LoRA run or a PEFT adapter folder
   --tasks a,b,...     tasks, mixtures, 'task:split' or patterns ('bbh_*'); replaces
                       evaluate.tasks
   --max_examples N    per task and split, for quick runs
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--checkpoint", default=None, help="training run, orbax or HF directory")
   ap.add_argument("--step", type=parse_step, default=None,
                   help="a training run's step, or 'best' (its best checkpoint)")
+  ap.add_argument("--adapter", default=None, help="LoRA adapters over --checkpoint: a LoRA "
+                  "training run (at --step) or a PEFT adapter folder")
   ap.add_argument("--tasks", default=None, help="comma-separated tasks (replaces evaluate.tasks)")
   ap.add_argument("--max_examples", type=int, default=None, help="per task and split")
   ap.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval)")
@@ -73,7 +76,8 @@ def main(argv=None):
       return None
     overrides = {k: v for k, v in (("checkpoint", args.checkpoint), ("step", args.step),
                                    ("max_examples", args.max_examples), ("out_dir", args.out),
-                                   ("prompt_format", args.prompt_format))
+                                   ("prompt_format", args.prompt_format),
+                                   ("adapter", args.adapter))
                  if v is not None}
     if args.tasks is not None:
       overrides["tasks"] = [t for t in args.tasks.split(",") if t.strip()]

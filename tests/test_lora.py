@@ -253,3 +253,25 @@ def test_step_flag_takes_best_or_a_number():
   assert evaluate._parser().parse_known_args(["--step", "best"])[0].step == "best"
   with pytest.raises(argparse.ArgumentTypeError, match="'last' is not a step number or 'best'"):
     parse_step("last")
+
+
+def test_evaluate_passes_the_adapter_to_the_loader(monkeypatch, tmp_path):
+  from flanjax import evaluate
+  from flanjax.models import loading
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_load(path, step=None, config=None, adapter=None):
+    seen.update(path=path, step=step, adapter=adapter)
+    raise Stop()
+
+  monkeypatch.setattr(loading, "load", fake_load)
+  (tmp_path / "ckpt").mkdir()
+  with pytest.raises(Stop):
+    evaluate.evaluate(checkpoint=str(tmp_path / "ckpt"), step="best", adapter="/peft/dir",
+                      tasks=["builtin_parity"])
+  assert seen == {"path": str(tmp_path / "ckpt"), "step": "best", "adapter": "/peft/dir"}
+  args = evaluate._parser().parse_known_args(["--adapter", "runs/lora", "--step", "4"])[0]
+  assert (args.adapter, args.step) == ("runs/lora", 4)

@@ -58,14 +58,14 @@ def _step_of(loaded, step):
   return int(found) if found is not None else (int(step) if step is not None else 0)
 
 
-def _load(checkpoint: str, step, prompt_format: str | None, log):
+def _load(checkpoint: str, step, prompt_format: str | None, log, adapter: str | None = None):
   """(the loaded checkpoint, its prompt format: the one given, else the run's recorded one,
   else plain, as python -m flanjax.infer chooses it)."""
   from flanjax.infer import prompt_format as format_of  # pylint: disable=g-import-not-at-top
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top
   fmt = format_of(checkpoint, prompt_format)
   t0 = time.time()
-  loaded = loading.load(checkpoint, step=step)
+  loaded = loading.load(checkpoint, step=step, adapter=adapter)
   log(f"checkpoint: {loaded.source} ({loaded.kind.name}), loaded in {time.time() - t0:.0f}s; "
       f"prompts in the {fmt.name} prompt format")
   return loaded, fmt
@@ -89,7 +89,7 @@ def evaluate(
     register_fns: Sequence[Callable] = (registry.register_all,),
     num_samples: int = 3,
     prompt_format: str | None = None,
-    review_examples: int = 200,
+    review_examples: int = 200, adapter: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
   """Evaluates a checkpoint on `tasks`; writes <out_dir>/<name>.json, .md, .html, tensorboard/.
@@ -97,7 +97,8 @@ def evaluate(
   decode: a DecodeConfig (default greedy); max_decode_len, when given, replaces its
   max_decode_len. prompt_format: the format prompts are wrapped in (data/chat.py), default
   the run's recorded one, else plain, as python -m flanjax.infer chooses. review_examples:
-  examples per task and split on the review page <name>.html. Returns the JSON report."""
+  examples per task and split on the review page <name>.html. adapter: LoRA adapters over the
+  checkpoint (a LoRA run, at `step`, or a PEFT folder). Returns the JSON report."""
   log = log or (lambda line: print(line, flush=True))
   t0, load0 = time.time(), os.getloadavg()  # the whole call's time, and the machine's load
   if not checkpoint:
@@ -115,7 +116,7 @@ def evaluate(
   if not os.path.exists(checkpoint):
     raise UserError(f"checkpoint {checkpoint} does not exist")
 
-  loaded, fmt = _load(checkpoint, step, prompt_format, log)
+  loaded, fmt = _load(checkpoint, step, prompt_format, log, adapter)
   step_no = _step_of(loaded, step)
   # The tasks tokenize with the checkpoint's vocabulary.
   registry.call_register_fns(register_fns, loaded.vocab, input_length=input_length)
