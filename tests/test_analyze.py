@@ -51,6 +51,8 @@ def _brute_ranks(loaded, prompt, tokens):
   return out
 
 
+# Both tests decode 10 tokens in batches of 2 at the command's input length (512), so
+# they share their compilations.
 def test_a_model_against_itself_is_all_top1_through_the_command(models, tmp_path, capsys):
   root, a, _ = models
   prompts = tmp_path / "prompts.jsonl"
@@ -58,7 +60,7 @@ def test_a_model_against_itself_is_all_top1_through_the_command(models, tmp_path
   out = tmp_path / "out"
   with pytest.raises(SystemExit) as e:
     analyze.main(["token-shift", "--base", a, "--tuned", a, "--prompts", str(prompts),
-                  "--out", str(out), "--max_new_tokens", "12", "--batch_size", "2"])
+                  "--out", str(out), "--max_new_tokens", "10", "--batch_size", "2"])
   assert e.value.code == 0
   report = json.loads((out / "token_shift.json").read_text())
   assert report["prompts"] == 4 and report["positions"] >= 4
@@ -72,8 +74,8 @@ def test_a_model_against_itself_is_all_top1_through_the_command(models, tmp_path
 def test_shares_equal_a_brute_force_count(models):
   root, a, b = models
   base, tuned = loading.load(a), loading.load(b)
-  shift = analyze.token_shift(base, tuned, PROMPTS, max_new_tokens=10, input_length=64,
-                              batch_size=3, log=lambda _: None)
+  shift = analyze.token_shift(base, tuned, PROMPTS, max_new_tokens=10, input_length=512,
+                              batch_size=2, log=lambda _: None)
   counts = {c: 0 for c in analyze.CLASSES}
   for p in shift.prompts:
     toks = [t["id"] for t in p["tokens"]]
