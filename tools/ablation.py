@@ -339,7 +339,11 @@ def main(argv=None) -> int:
     print(f"ablation: run {i + 1}/{len(plan)}: {mode}, seed {seed} "
           f"({(time.time() - t0) / 60:.1f} min so far, load {os.getloadavg()[0]:.1f})",
           flush=True)
-    runs.append(run_arm(mode, seed, args, trained, heldout, vocab_path))
+    try:
+      runs.append(run_arm(mode, seed, args, trained, heldout, vocab_path))
+    finally:
+      import gin  # pylint: disable=g-import-not-at-top
+      gin.clear_config()  # the run's bindings (its template mode) do not outlive it
     done = time.time() - t0
     print(f"ablation: {mode} seed {seed} done in {runs[-1]['seconds']:.0f}s; "
           f"ETA {done / (i + 1) * (len(plan) - i - 1) / 60:.1f} min", flush=True)
