@@ -39,6 +39,14 @@ def texts_of(example) -> list[str]:
   out = []
   if isinstance(example, str):
     out.append(example)
+  elif isinstance(example, dict) and "messages" in example and "turn" in example:
+    # A chat example shares its conversation with the other turns' examples: it is checked
+    # on its own turn, the message before it and the leading system turns, so each message is read
+    # once per turn rather than the whole history per turn (quadratic in long chats).
+    k, msgs = example["turn"], example["messages"]
+    lead = next((i for i, m in enumerate(msgs) if m.get("role") != "system"), len(msgs))
+    out += [m["content"] for m in msgs[:min(lead, max(k - 1, 0))]]
+    out += [m["content"] for m in msgs[max(k - 1, 0):k + 1]]
   elif isinstance(example, dict):
     for v in example.values():
       if isinstance(v, (str, list, tuple, dict)):
