@@ -313,7 +313,9 @@ def evolve(args, report, model, records) -> int:
   current = [r.prompt for r in records]
   out_records, kept = [], 0
   done = {(it["round"], it["index"]) for it in log.items}
-  for it in log.items:
+
+  def tally(it):  # one logged rewrite, replayed on resume or fresh: counted the same way
+    nonlocal kept
     report.candidates(1)
     if it["verdict"] == "kept":
       kept += 1
@@ -321,6 +323,9 @@ def evolve(args, report, model, records) -> int:
       out_records.append(_evolved(it))
     else:
       report.drop(it["verdict"], records[it["index"]].where, it.get("detail", ""))
+
+  for it in log.items:
+    tally(it)
   total = len(records) * args.rounds
   prog = Progress(total, "evolve")
   prog.done = len(done)
@@ -345,13 +350,7 @@ def evolve(args, report, model, records) -> int:
         items.append(item)
       log.append(items)
       for it in items:
-        report.candidates(1)
-        if it["verdict"] == "kept":
-          kept += 1
-          current[it["index"]] = it["instruction"]
-          out_records.append(_evolved(it))
-        else:
-          report.drop(it["verdict"], records[it["index"]].where, it.get("detail", ""))
+        tally(it)
       log.write_out(out_records)
       prog.update(len(items))
   log.write_out(out_records)
