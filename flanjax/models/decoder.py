@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flanjax.models import lora_hook as lora
+from flanjax.models import prompt_hook
 # Llama's MLP is T5's gated feed-forward with SiLU (SwiGLU): one module serves both.
 from flanjax.models import attention
 from flanjax.models.t5 import FeedForward, RMSNorm, _param
@@ -246,6 +247,7 @@ class Decoder(nn.Module):
 
   def _embed(self, tokens):
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+    x = prompt_hook.embed(self, tokens, x)  # a soft prompt's virtual tokens
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def _logits(self, x):

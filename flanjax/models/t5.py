@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flanjax.models import lora_hook as lora
+from flanjax.models import prompt_hook
 from flanjax.models import attention
 from flanjax.models.attention import NEG_INF, relative_position_bucket  # noqa: F401
 
@@ -288,6 +289,7 @@ class T5(nn.Module):
 
   def _embed(self, tokens):
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+    x = prompt_hook.embed(self, tokens, x)  # a soft prompt's virtual tokens
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None,
