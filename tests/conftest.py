@@ -4,6 +4,20 @@ import pathlib
 # Keep TensorFlow (seqio's input pipeline) quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# One JAX compilation cache for the session, this process and every command a test starts
+# (they inherit the environment): many tests run the same tiny configs through the real
+# commands, and each process would otherwise compile the same train and decode steps again.
+# A cache hit loads the executable XLA compiled for the same program, so results are the
+# same; the folder is fresh each session and removed at its end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  _JAX_CACHE = tempfile.mkdtemp(prefix="flanjax_test_jax_cache_")
+  atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import pytest  # noqa: E402
 
 # Every module that defines gin configurables, imported before any test: a test
@@ -43,3 +57,4 @@ def shared_data(sub: str) -> pathlib.Path:
   if not path.exists():
     pytest.skip(f"real data {path} is absent (it lives in ../shared/data beside the repo)")
   return path
+
