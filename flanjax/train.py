@@ -144,8 +144,8 @@ def train(
   default the mixture's tasks; eval_splits: default each task's evaluation splits.
   early_stopping: @EarlyStopping() (training/early_stopping.py) on the evaluations.
   decontamination: 'warn' | 'drop' | 'off' (flanjax/curate/decontaminate.check_mixture).
-  peft: @LoraConfig() trains LoRA adapters over init_from's frozen model (whose weights
-  are read on resuming too); init_adapter: a PEFT adapter folder to start them from.
+  peft: @LoraConfig() or @PromptTuningConfig() trains over init_from's frozen model (read on
+  resuming too); init_adapter: a PEFT adapter folder to start from.
   """
   _hide_accelerators_from_tf()
   lengths = pipeline.check_lengths(task_feature_lengths or {"inputs": 256, "targets": 64})
@@ -164,9 +164,9 @@ def train(
                 "model": {k: v for k, v in dataclasses.asdict(cfg).items()
                           if k not in TRAINING_FIELDS}, "kind": kind.name,
                 "optimizer": optimizers.describe()}
-    adapter = adapters.setup(peft, cfg, init_params, init_from, init_adapter)
+    adapter = adapters.setup(peft, cfg, init_params, init_from, init_adapter, vocab, seed)
     if adapter is not None:
-      run_info["adapter"] = adapter.describe()
+      run_info["adapter"], kind = adapter.describe(), adapter.kind(kind)
     run.check_run_info(run_info)
     run.save_vocabulary(vocab)
     run.record_prompt_format(mixture)  # user data's prompt format, for infer

@@ -22,6 +22,10 @@ LoRA (train.peft): orbax-to-peft writes a LoRA run's adapters in PEFT's format
 (adapter_config.json, adapter_model.safetensors; peft.PeftModel.from_pretrained
 loads them over the base); orbax-to-hf on a LoRA run writes the merged model;
 hf-to-orbax --adapter merges a PEFT adapter folder into the converted weights.
+Prompt tuning (train.peft = @PromptTuningConfig()): orbax-to-peft writes the soft
+prompt as PEFT's PROMPT_TUNING folder (prompt_embeddings); hf-to-orbax --adapter
+keeps a PEFT soft prompt beside the converted weights (params/soft_prompt), which
+infer and evaluate then put before every prompt.
 """
 
 from __future__ import annotations
@@ -112,11 +116,12 @@ def _vocabulary_in(path: str):
 # ---------------------------------------------------------------- commands
 
 def hf_to_orbax(hf_dir: str, out_dir: str, overwrite: bool = False, adapter: str | None = None):
-  from flanjax.models import hf, lora  # pylint: disable=g-import-not-at-top
+  from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+  from flanjax.models.loading import merge_adapter, read_adapter  # pylint: disable=g-import-not-at-top
   cfg, params, _ = hf.load(hf_dir)
-  if adapter:
-    lcfg, adapters, _ = lora.read_peft(adapter, cfg)
-    params = lora.merge_numpy(params, adapters, lcfg, cfg, adapter)
+  if adapter:  # LoRA merged into the weights; a soft prompt kept beside them
+    lcfg, adapters, _ = read_adapter(adapter, cfg)
+    params = merge_adapter(params, lcfg, adapters, cfg, adapter)
   write_orbax(out_dir, cfg, params, hf_config=hf.read_config(hf_dir), files_from=hf_dir,
               overwrite=overwrite)
   return cfg
@@ -147,8 +152,8 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, config: str | None = None,
 
 
 def orbax_to_peft(run_dir: str, out_dir: str, step=None, overwrite: bool = False):
-  """A LoRA run's adapters (the latest step, or `step`) as a PEFT adapter folder."""
-  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  """An adapter run's weights (the latest step, or `step`) as a PEFT adapter folder."""
+  from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
   from flanjax.models.loading import (  # pylint: disable=g-import-not-at-top
       config_from_file, read_adapter, training_checkpoint)
   found = training_checkpoint(os.path.abspath(run_dir), step)
@@ -159,7 +164,11 @@ def orbax_to_peft(run_dir: str, out_dir: str, step=None, overwrite: bool = False
   lcfg, adapters, sites = read_adapter(run_dir, cfg, step)
   out_dir = os.path.abspath(out_dir)
   _absent_or_empty(out_dir, overwrite)
-  lora.write_peft(out_dir, lcfg, adapters, sites, cfg, info["adapter"]["base"]["path"])
+  base = info["adapter"]["base"]["path"]
+  if isinstance(lcfg, prompt_tuning.PromptTuningConfig):
+    prompt_tuning.write_peft(out_dir, lcfg, adapters[prompt_tuning.KEY], cfg, base)
+  else:
+    lora.write_peft(out_dir, lcfg, adapters, sites, cfg, base)
   return cfg
 
 
@@ -175,8 +184,10 @@ def main(argv=None) -> int:
   a.add_argument("hf_dir")
   a.add_argument("out_dir")
   a.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-  a.add_argument("--adapter", default=None, help="a PEFT LoRA folder to merge into the weights")
-  p = sub.add_parser("orbax-to-peft", help="a LoRA training run's adapters -> PEFT folder")
+  a.add_argument("--adapter", default=None, help="a PEFT LoRA folder to merge into the weights, or a "
+                 "prompt-tuning folder to keep beside them")
+  p = sub.add_parser("orbax-to-peft", help="a LoRA or prompt-tuning run's adapters -> PEFT "
+                 "folder")
   p.add_argument("run_dir")
   p.add_argument("out_dir")
   p.add_argument("--step", type=_step, default=None, help="training step or 'best' (default: "
@@ -200,7 +211,7 @@ def main(argv=None) -> int:
     cfg = hf_to_orbax(args.hf_dir, args.out_dir, args.overwrite, args.adapter)
   elif args.command == "orbax-to-peft":
     cfg = orbax_to_peft(args.run_dir, args.out_dir, args.step, args.overwrite)
-    print(f"wrote {args.out_dir} (PEFT LoRA adapters over {type(cfg).__name__})")
+    print(f"wrote {args.out_dir} (PEFT adapters over {type(cfg).__name__})")
     return 0
   else:
     cfg = orbax_to_hf(args.ckpt_dir, args.out_dir, args.config, args.step, args.vocab,

@@ -159,7 +159,8 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
                 shuffle: bool = True, num_epochs: int | None = None,
                 shard: seqio.ShardInfo | None = None,
                 stats: packing.PackingStats | None = None,
-                kind: str = "enc_dec", with_tasks: bool = False) -> tf.data.Dataset:
+                kind: str = "enc_dec", with_tasks: bool = False,
+                virtual_tokens: Sequence[int] = ()) -> tf.data.Dataset:
   """Packed (or padded) batches of this host's share of the batch.
 
   kind: 'enc_dec' (T5's features), 'prefix_lm' (a decoder-only model: each
@@ -169,6 +170,9 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
   with_tasks: each row also carries `task_counts`, its number of examples from
   each task of `task_names(name, split)` (when that is not None), so a bad
   batch can be traced to its tasks. The rows themselves are the same.
+
+  virtual_tokens: ids put before each example's inputs (prompt tuning's soft prompt) once
+  the task has cut them to lengths["inputs"]; rows hold lengths["inputs"] + their number.
   """
   task_or_mix = registry.get_task_or_mixture(name)
   shard = shard or shard_info()
@@ -180,6 +184,8 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
   ds = task_or_mix.get_dataset(
       dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
       shard_info=shard, use_cached=False, **extra)
+  if virtual_tokens:
+    ds, lengths = _with_virtual_tokens(ds, lengths, kind, virtual_tokens)
   # Our best-fit packer: seqio's feature names and per-example values, fewer
   # padding positions; `stats` counts fill and loss-mask violations.
   # EOS only matters for the stats' check that each example ends in a weighted EOS.
@@ -191,6 +197,20 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
     ds = packing.pack_dataset(ds, lengths, kind=kind, pack=pack, stats=stats, eos_id=eos_id)
   ds = ds.batch(batch_size // shard.num_shards, drop_remainder=num_epochs is None)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def with_virtual_tokens(lengths: Mapping[str, int], n: int) -> dict:
+  """The row lengths that hold n virtual tokens before inputs of lengths["inputs"]."""
+  return {**lengths, "inputs": int(lengths["inputs"]) + n} if n else dict(lengths)
+
+
+def _with_virtual_tokens(ds, lengths, kind, ids):
+  if "inputs" not in packing.input_features(kind):
+    raise UserError(f"a soft prompt goes before the inputs; rows of kind {kind!r} have none")
+  prefix = tf.constant(list(ids), tf.int32)
+  ds = ds.map(lambda ex: {**ex, "inputs": tf.concat([tf.cast(prefix, ex["inputs"].dtype),
+                                                     ex["inputs"]], 0)})
+  return ds, with_virtual_tokens(lengths, len(ids))
 
 
 def _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names: Sequence[str]):

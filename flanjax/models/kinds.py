@@ -61,6 +61,8 @@ class ModelKind:
   name: str = ""
   config_type: str = ""  # the "type" of model_config.json: "t5" or "decoder"
   config_class: type = object
+  # Prompt tuning: the virtual tokens that start each example's inputs (with_soft_prompt).
+  virtual_tokens: tuple = ()
 
   # -------------------------------------------------------------- building
   def build(self, cfg):
@@ -306,6 +308,70 @@ class CausalDecoder(_DecoderOnly):
 
   def rows_text(self, lengths):
     return f"{lengths['targets']} (decoder)"
+
+
+class SoftPrompted(ModelKind):
+  """A kind whose prompts start with a soft prompt's virtual tokens (prompt tuning,
+  models/prompt_tuning.py): where the inputs start, i.e. after a prefix-LM row's 0."""
+
+  def __init__(self, inner: ModelKind, virtual_tokens: Sequence[int]):
+    self.inner, self.virtual_tokens = inner, tuple(int(i) for i in virtual_tokens)
+    for attr in ("name", "config_type", "config_class"):
+      setattr(self, attr, getattr(inner, attr))
+    self._at = len(inner.decode_prompt(np.zeros(0, np.int32)))
+
+  def __eq__(self, other):
+    return (isinstance(other, SoftPrompted) and other.inner is self.inner
+            and other.virtual_tokens == self.virtual_tokens)
+
+  def __hash__(self):
+    return hash((self.inner.name, self.virtual_tokens))
+
+  def __getattr__(self, attr):  # everything not below is the inner kind's
+    if attr == "inner":
+      raise AttributeError(attr)
+    return getattr(self.inner, attr)
+
+  def _insert(self, row):
+    row = list(row)
+    return row[:self._at] + list(self.virtual_tokens) + row[self._at:]
+
+  def decode_prompt(self, ids):
+    return np.asarray(self._insert(self.inner.decode_prompt(ids)), np.int32)
+
+  def prompt_extra(self):
+    return self.inner.prompt_extra() + len(self.virtual_tokens)
+
+  def score_length(self, input_length):
+    return self.inner.score_length(input_length) + len(self.virtual_tokens)
+
+  def score_request(self, ctx, cont, max_length, max_target_length):
+    n = len(self.virtual_tokens)
+    ctx, cont, size = self.inner.score_request(
+        ctx, cont, None if max_length is None else max_length - n, max_target_length)
+    return self._insert(ctx), cont, size + n
+
+  def __repr__(self):
+    return f"<model kind {self.name} with {len(self.virtual_tokens)} virtual tokens>"
+
+
+def _delegated(attr, value):
+  if isinstance(value, property):
+    return property(lambda self: getattr(self.inner, attr))
+  return lambda self, *args, **kwargs: getattr(self.inner, attr)(*args, **kwargs)
+
+
+# ModelKind's own methods would shadow __getattr__: the inner kind's answer them.
+for _attr, _value in list(vars(ModelKind).items()):
+  if (callable(_value) or isinstance(_value, property)) and not _attr.startswith("__") \
+      and _attr not in vars(SoftPrompted):
+    setattr(SoftPrompted, _attr, _delegated(_attr, _value))
+
+
+def with_soft_prompt(kind: ModelKind, virtual_tokens: Sequence[int]) -> ModelKind:
+  """`kind` with prompts that start with these virtual tokens (none: kind itself)."""
+  kind = getattr(kind, "inner", kind)
+  return SoftPrompted(kind, virtual_tokens) if virtual_tokens else kind
 
 
 ENC_DEC = EncoderDecoder()

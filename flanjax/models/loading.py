@@ -191,8 +191,12 @@ def read_orbax(ckpt_dir: str, config: str | None = None, step: int | str | None 
 # ---------------------------------------------------------------- adapters
 
 def lora_config(adapter: dict):
-  """The LoraConfig a run recorded in run_info.json's "adapter"."""
-  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  """The adapter config a run recorded in run_info.json's "adapter" (LoRA or prompt tuning)."""
+  from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
+  if adapter.get("type") == "prompt_tuning":
+    return prompt_tuning.PromptTuningConfig(adapter["num_virtual_tokens"],
+                                            adapter.get("init", "random"),
+                                            adapter.get("init_text"))
   targets = adapter.get("targets")
   return lora.LoraConfig(rank=adapter["rank"], alpha=adapter["alpha"],
                          dropout=adapter.get("dropout", 0.0),
@@ -214,31 +218,52 @@ def read_base(adapter: dict, source: str):
   return cfg, params
 
 
+def merge_adapter(params, config, adapters, cfg, source: str):
+  """Host params with adapters applied: LoRA's merged into the kernels, a soft prompt
+  put beside them (prompt tuning)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
+  if isinstance(config, prompt_tuning.PromptTuningConfig):
+    prompt = adapters[prompt_tuning.KEY] if isinstance(adapters, dict) else adapters
+    prompt_tuning.check_fits(prompt, cfg, source)
+    return prompt_tuning.merge(prompt_tuning.split(params)[0], np.asarray(prompt, np.float32))
+  return lora.merge_numpy(params, adapters, config, cfg, source)
+
+
 def merge_into(base, adapter: dict, adapters, source: str):
   """base: (config, params) -> the params with a run's adapters merged."""
-  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
   cfg, params = base
-  return lora.merge_numpy(params, adapters, lora_config(adapter), cfg, source)
+  return merge_adapter(params, lora_config(adapter), adapters, cfg, source)
 
 
 def read_adapter(path: str, cfg, step: int | str | None = None):
-  """(LoraConfig, adapters, sites) of a PEFT adapter folder or of a LoRA training run."""
-  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  """(config, adapters, LoRA sites) of a PEFT adapter folder (LoRA or prompt tuning) or of
+  an adapter training run; a soft prompt's adapters are {KEY: [n, d]}."""
+  from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(path))
+  if prompt_tuning.peft_type(path) == "PROMPT_TUNING":
+    config, prompt = prompt_tuning.read_peft(path, cfg)
+    return config, {prompt_tuning.KEY: prompt}, []
   if lora.is_peft_dir(path):
     return lora.read_peft(path, cfg)
   found = training_checkpoint(path, step)
   adapter = ((found[1].read_run_info() or {}).get("adapter") if found else None)
   if not adapter:
-    raise UserError(f"{path} is neither a PEFT adapter folder ({lora.ADAPTER_CONFIG}) nor a "
-                    "LoRA training run (train.peft)")
+    raise UserError(f"{path} is neither a PEFT adapter folder ({lora.ADAPTER_CONFIG}) nor an "
+                    "adapter training run (train.peft)")
   adapters = restore_numpy(found[0], subtree="params")
-  return lora_config(adapter), adapters, lora.fitted_sites(adapters, cfg, found[0])
+  config = lora_config(adapter)
+  if isinstance(config, prompt_tuning.PromptTuningConfig):
+    prompt_tuning.check_fits(adapters.get(prompt_tuning.KEY), cfg, found[0])
+    return config, adapters, []
+  return config, adapters, lora.fitted_sites(adapters, cfg, found[0])
 
 
 def check_params(cfg, params, source: str):
   """Params and config describe the same model: same names, same shapes."""
   from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
+  from flanjax.models import prompt_tuning  # pylint: disable=g-import-not-at-top
+  params = prompt_tuning.split(params)[0]  # a soft prompt is not the model's
   kinds.check_params_fit(kinds.abstract_params(cfg), params,
                          f"the checkpoint (with the model {source} describes)")
 
@@ -262,14 +287,16 @@ def load(path: str, step: int | str | None = None, config: str | None = None,
   """Reads a training run, a converted orbax checkpoint or a Hugging Face folder.
 
   A run's best checkpoint: step='best', or path <run>/checkpoints/best. adapter: a
-  PEFT LoRA folder or a LoRA run, merged into the model read from `path`."""
+  PEFT LoRA or prompt-tuning folder or such a run, applied to the model read from `path`."""
   if not adapter:
     return _load(path, step, config)
-  from flanjax.models import lora  # pylint: disable=g-import-not-at-top
+  from flanjax.models import prompt_tuning  # pylint: disable=g-import-not-at-top
   loaded = _load(path, None, config)  # `step` is the adapter run's
   lcfg, adapters, _ = read_adapter(adapter, loaded.config, step)
-  loaded.params = lora.merge_numpy(loaded.params, adapters, lcfg, loaded.config, adapter)
-  loaded.source += f" with the LoRA adapters of {os.path.abspath(adapter)}"
+  loaded.params = merge_adapter(loaded.params, lcfg, adapters, loaded.config, adapter)
+  loaded.kind = prompt_tuning.kind_of(loaded.kind, loaded.config, loaded.params)
+  what = "soft prompt" if loaded.kind.virtual_tokens else "LoRA adapters"
+  loaded.source += f" with the {what} of {os.path.abspath(adapter)}"
   return loaded
 
 
@@ -311,4 +338,6 @@ def _load(path: str, step: int | str | None = None, config: str | None = None) -
       kind, source = run_folder.model_kind(run_info), (
           f"training run {run_folder.path}, step {at}" + ("" if name.isdigit() else
                                                           " (its best checkpoint)"))
+  from flanjax.models import prompt_tuning  # pylint: disable=g-import-not-at-top
+  kind = prompt_tuning.kind_of(kind, cfg, params)  # a prompt-tuning run's soft prompt
   return Loaded(kind.build(cfg), cfg, params, vocab, kind, source, at)

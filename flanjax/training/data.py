@@ -41,7 +41,9 @@ class TrainData:
   @property
   def row_lengths(self) -> tuple[int, ...]:
     """Positions of a row per packing dimension ((encoder, decoder) or (decoder,))."""
-    return packing.row_lengths(self.lengths, self.kind.packing_kind)
+    return packing.row_lengths(
+        pipeline.with_virtual_tokens(self.lengths, len(self.kind.virtual_tokens)),
+        self.kind.packing_kind)
 
   @property
   def row_length(self) -> int:
@@ -55,7 +57,8 @@ class TrainData:
   def _dataset(self):
     return pipeline.get_dataset(self.mixture, self.lengths, "train", self.batch_size, self.seed,
                                 self.pack, stats=self.stats, kind=self.kind.packing_kind,
-                                with_tasks=True)
+                                with_tasks=True,
+                                virtual_tokens=self.kind.virtual_tokens)
 
   def stream(self, position: int = 0) -> pipeline.BatchStream:
     return pipeline.BatchStream(self._dataset, position)
@@ -90,7 +93,8 @@ class TrainData:
     if key not in self._eval_cache:
       ds = pipeline.get_dataset(task, self.lengths, split, self.batch_size, self.seed,
                                 self.pack, shuffle=False, num_epochs=1,
-                                kind=self.kind.packing_kind)
+                                kind=self.kind.packing_kind,
+                                virtual_tokens=self.kind.virtual_tokens)
       rows = self.batch_size // jax.process_count()
       empty = {k: np.zeros((rows,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
                for k, v in ds.element_spec.items()}

@@ -218,8 +218,11 @@ class Trainer:
     if self.adapters is None:
       return params
     if self._merge is None:
-      self._merge = jax.jit(self.adapters.merged, out_shardings=self.base_shardings)
+      self._merge = jax.jit(self.adapters.merged, out_shardings=self._merged_shardings())
     return self._merge(self.base, params)
+
+  def _merged_shardings(self):
+    return self.adapters.merged_shardings(self.base_shardings, self.state_shardings["params"])
 
   def resume(self, state):
     """(state, data position): the newest checkpoint that restores, else the fresh state."""
@@ -240,7 +243,7 @@ class Trainer:
         model, self.optimizer.tx, self.optimizer.lr_fn, microbatches=lc.microbatches,
         z_loss=lc.z_loss, label_smoothing=lc.label_smoothing,
         loss_normalizing_factor=lc.loss_normalizing_factor,
-        dropout=self.dropout or (a is not None and a.config.dropout > 0),
+        dropout=self.dropout or (a is not None and a.dropout > 0),
         model_inputs=self.kind.model_inputs)
     if a is None:
       jit_step = step_lib.jit_train_step(make(self.model), self.state_shardings, p.mesh)
@@ -254,7 +257,7 @@ class Trainer:
                                            self.base_shardings),
                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
       jit_step = lambda state, batch: jitted(state, batch, self.base)  # noqa: E731
-      params_sh = self.base_shardings
+      params_sh = self._merged_shardings()
     eval_step = jax.jit(step_lib.make_eval_step(self.model, self.kind.model_inputs,
                                                 token_accuracy=True),
                         in_shardings=(params_sh, partitioning.batch_sharding(p.mesh)))

@@ -1,0 +1,199 @@
+"""Prompt tuning against PEFT: logits of both model kinds with a soft prompt equal PeftModel's,
+an export loads in PEFT unchanged, a PEFT adapter imports; packed rows give every example
+its own virtual tokens; training moves the soft prompt only; the one-line errors."""
+
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flanjax.data import packing
+from flanjax.errors import UserError
+from flanjax.models import kinds, loading, prompt_tuning
+from flanjax.models.prompt_hook import KEY
+from flanjax.training import adapters as adapters_lib, trainer as step_lib
+
+from test_lora import V, _peft_wrap, _save_base, tiny_llama, tiny_t5  # noqa: E402
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import convert_checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
+
+N = 3  # virtual tokens
+
+
+@pytest.fixture(scope="module", params=["t5", "llama"])
+def case(request, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp(f"pt_{request.param}")
+  t5 = request.param == "t5"
+  base_t = tiny_t5() if t5 else tiny_llama()
+  cfg, base = _save_base(base_t, tmp / "base")
+  torch.manual_seed(3)
+  model = peft.get_peft_model(base_t, peft.PromptTuningConfig(
+      task_type="SEQ_2_SEQ_LM" if t5 else "CAUSAL_LM", num_virtual_tokens=N,
+      prompt_tuning_init="RANDOM")).eval()
+  model.save_pretrained(str(tmp / "adapter"))
+  return cfg, base, model, tmp
+
+
+def _ids(seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(2, V, size=(2, 9)), rng.integers(2, V, size=(2, 6))
+
+
+def _peft_logits(model, enc, dec, t5):
+  with torch.no_grad():
+    if t5:
+      return model(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    # A causal model's logits cover the virtual positions too, as ours do.
+    return model(input_ids=torch.tensor(enc)).logits.numpy()
+
+
+def _ours(cfg, params, enc, dec, t5):
+  model = kinds.for_config(cfg).build(cfg)
+  virtual = np.tile(prompt_tuning.virtual_ids(cfg, N), (enc.shape[0], 1))
+  tokens = np.concatenate([virtual, enc], 1)
+  args = (tokens, dec) if t5 else (tokens,)
+  return np.asarray(jax.jit(model.apply)({"params": params}, *args))  # one compile, not per op
+
+
+def test_logits_export_and_import_equal_peft(case, tmp_path):
+  cfg, base, model, tmp = case
+  t5 = kinds.for_config(cfg) is kinds.ENC_DEC
+  enc, dec = _ids()
+  ref = _peft_logits(model, enc, dec, t5)
+  # PEFT's own adapter folder read by flanjax: same rows (T5's holds 2 x N, PEFT reads N).
+  config, adapters, sites = loading.read_adapter(str(tmp / "adapter"), cfg)
+  assert (config.num_virtual_tokens, sites) == (N, [])
+  params = loading.merge_adapter(base, config, adapters, cfg, "peft")
+  ours = _ours(cfg, params, enc, dec, t5)
+  assert ours.shape == ref.shape
+  print(f"{'t5' if t5 else 'llama'} max abs diff vs PeftModel: {np.abs(ours - ref).max():.2e} "
+        f"(logits up to {np.abs(ref).max():.1f})")
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+  # Our export of another prompt loads in PEFT unchanged and gives our logits.
+  other = np.random.default_rng(5).normal(0, 1, (N, cfg.d_model)).astype(np.float32)
+  prompt_tuning.write_peft(str(tmp_path / "export"), config, other, cfg, str(tmp / "base"))
+  auto = (transformers.T5ForConditionalGeneration if t5 else transformers.LlamaForCausalLM)
+  loaded_t = peft.PeftModel.from_pretrained(auto.from_pretrained(str(tmp / "base")),
+                                            str(tmp_path / "export")).eval()
+  theirs = _peft_logits(loaded_t, enc, dec, t5)
+  mine = _ours(cfg, prompt_tuning.merge(base, other), enc, dec, t5)
+  np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=1e-4)
+  assert np.abs(mine - ref).max() > 1e-2  # the prompt matters
+
+  # hf-to-orbax --adapter keeps PEFT's prompt beside the weights; the loader reads it back
+  # with a kind that puts the virtual tokens first.
+  convert_checkpoint.main(["hf-to-orbax", str(tmp / "base"), str(tmp_path / "orbax"),
+                           "--adapter", str(tmp / "adapter")])
+  _, params2, _, _ = loading.read_orbax(str(tmp_path / "orbax"))
+  kind = prompt_tuning.kind_of(kinds.for_config(cfg, trained_by_flanjax=False), cfg, params2)
+  row = kind.decode_prompt(enc[0])
+  assert list(row[:N]) == list(prompt_tuning.virtual_ids(cfg, N))
+  np.testing.assert_allclose(_ours(cfg, params2, enc, dec, t5), ref, atol=1e-4, rtol=1e-4)
+
+
+def _packed(kind_name, examples, lengths):
+  packer = packing.Packer(lengths, kind_name, pack=True)
+  rows = list(packer.pack(examples))
+  assert len(rows) == 1
+  return {k: v[None] for k, v in rows[0].items()}
+
+
+@pytest.mark.parametrize("kind_name", ["enc_dec", "prefix_lm"])
+def test_every_packed_example_gets_its_own_prompt(kind_name):
+  t5 = kind_name == "enc_dec"
+  cfg = (kinds.ENC_DEC.config_class(vocab_size=V, d_model=32, d_ff=48, num_heads=4, d_kv=8,
+                                    num_encoder_layers=2, num_decoder_layers=2)
+         if t5 else kinds.DECODER.config_class(vocab_size=V, d_model=32, d_ff=48, num_heads=4,
+                                               num_kv_heads=2, head_dim=8, num_layers=2))
+  kind = kinds.get(kind_name)
+  model = kind.build(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), **kind.dummy_batch(1, 8, 8))["params"])
+  params = prompt_tuning.merge(params, jax.random.normal(jax.random.PRNGKey(1), (N, 32)))
+  virtual = np.asarray(prompt_tuning.virtual_ids(cfg, N), np.int32)
+  rng = np.random.default_rng(0)
+  exs = [{"inputs": np.concatenate([virtual, rng.integers(2, V, n), [1]]).astype(np.int32),
+          "targets": np.concatenate([rng.integers(2, V, m), [1]]).astype(np.int32)}
+         for n, m in ((5, 4), (7, 3))]
+  lengths = {"inputs": 24, "targets": 12}
+  both = _packed(kind_name, exs, lengths)
+  forward = jax.jit(lambda p, b: model.apply({"params": p}, **kind.model_inputs(b)))
+  run = lambda b: np.asarray(forward(params, b))  # noqa: E731
+  together = run(both)
+  w = both["decoder_loss_weights"][0] > 0
+  seg = both["decoder_segment_ids"][0]
+  for i, ex in enumerate(exs):
+    alone = _packed(kind_name, [ex], lengths)
+    wa = alone["decoder_loss_weights"][0] > 0
+    np.testing.assert_allclose(together[0][w & (seg == i + 1)], run(alone)[0][wa], atol=1e-5)
+  # Without the soft prompt the same rows give other logits: the prompt is used.
+  plain = np.asarray(forward(prompt_tuning.split(params)[0], both))
+  assert not np.allclose(np.nan_to_num(plain[0][w]), together[0][w], atol=1e-3)
+
+
+def test_training_moves_the_soft_prompt_only(case):
+  cfg, base, _, _ = case
+  kind = kinds.for_config(cfg)
+  config = prompt_tuning.PromptTuningConfig(num_virtual_tokens=N, init="vocab")
+  a = adapters_lib.setup(config, cfg, base, init_from="/base")
+  assert isinstance(a, adapters_lib.PromptAdapters) and a.num_params() == N * cfg.d_model
+  # 'vocab' starts from rows of the base's token embedding, as PEFT's SAMPLE_VOCAB.
+  emb = np.asarray(base["token_embedding"])
+  assert all(any(np.array_equal(r, e) for e in emb) for r in a.start)
+  kind = a.kind(kind)
+  exs = [{"inputs": np.concatenate([kind.virtual_tokens, np.arange(2, 2 + n), [1]]).astype(
+      np.int32), "targets": np.asarray([5, 6, 7, 1], np.int32)} for n in (4, 6, 3, 5)]
+  batch = _packed(kind.packing_kind, exs, {"inputs": 48, "targets": 16})
+  base_before = jax.tree.map(np.array, base)
+  tx = optax.adam(0.05)
+  params = nn.unbox(a.boxed(None))
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.PRNGKey(0)}
+  device_base = jax.tree.map(jnp.asarray, base)
+  step = jax.jit(step_lib.make_train_step(adapters_lib.Bound(kind.build(cfg), device_base, a), tx,
+                                          lambda s: 0.05, model_inputs=kind.model_inputs))
+  losses = []
+  for _ in range(4):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0], losses
+  # Adam's state: mu and nu of the prompt and a count; nothing of the base.
+  shapes = sorted(tuple(np.shape(x)) for x in jax.tree.leaves(state["opt_state"]))
+  assert shapes == [(), (N, cfg.d_model), (N, cfg.d_model)]
+  assert list(state["params"]) == [KEY]
+  assert not np.array_equal(state["params"][KEY], a.start)
+  jax.tree.map(np.testing.assert_array_equal, base, base_before)  # bit-identical
+
+
+def test_bad_input_is_one_line(case, tmp_path):
+  cfg, base, _, tmp = case
+  for n in (0, -2):
+    with pytest.raises(UserError, match="num_virtual_tokens") as e:
+      prompt_tuning.PromptTuningConfig(num_virtual_tokens=n)
+    # gin appends its call site on lines of their own; the message is the first line
+    assert "positive number of virtual tokens" in str(e.value).splitlines()[0]
+  with pytest.raises(UserError, match="init_text"):
+    prompt_tuning.PromptTuningConfig(init="text")
+  from flanjax.models import lora
+  with pytest.raises(UserError, match="not both") as e:
+    adapters_lib.setup([lora.LoraConfig(), prompt_tuning.PromptTuningConfig()], cfg, base, "/b")
+  assert "\n" not in str(e.value)
+  lora_dir = tmp_path / "lora"
+  base_t = (transformers.T5ForConditionalGeneration if kinds.for_config(cfg) is kinds.ENC_DEC
+            else transformers.LlamaForCausalLM).from_pretrained(str(tmp / "base"))
+  targets = ["q"] if kinds.for_config(cfg) is kinds.ENC_DEC else ["q_proj"]
+  _peft_wrap(base_t, targets).save_pretrained(str(lora_dir))
+  with pytest.raises(UserError, match="one method at a time") as e:
+    adapters_lib.setup(prompt_tuning.PromptTuningConfig(), cfg, base, "/b", str(lora_dir))
+  assert "\n" not in str(e.value)
