@@ -54,7 +54,10 @@ def parse_step(text: str) -> int | str:
 
 
 # What a resumed run may change: none of it shapes the parameters or the optimizer state.
-TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attention_block")
+# scan_layers: loading reads a checkpoint in either layout (models/stack.py); a resumed
+# run keeps its own.
+TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attention_block",
+                   "remat_policy", "scan_layers")
 
 
 def _is_main() -> bool:

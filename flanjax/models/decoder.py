@@ -34,6 +34,7 @@ from flanjax.models import lora_hook as lora
 from flanjax.models import prompt_hook
 # Llama's MLP is T5's gated feed-forward with SiLU (SwiGLU): one module serves both.
 from flanjax.models import attention
+from flanjax.models import stack
 from flanjax.models.t5 import FeedForward, RMSNorm, _param
 
 Array = Any
@@ -65,6 +66,9 @@ class DecoderConfig:
   dropout_rate: float = 0.0
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
+  # models/stack.py: what the backward pass keeps ('none', 'full', 'dots_saveable', ...)
+  remat_policy: str = "none"
+  scan_layers: bool = False  # the layers under nn.scan (one compiled body)
   # models/attention.py: "reference" (scores in full), "blockwise" (memory linear in the
   # length), "dot_product" (jax.nn.dot_product_attention: cuDNN on a GPU)
   attention_impl: str = "reference"
@@ -72,6 +76,7 @@ class DecoderConfig:
 
   def __post_init__(self):
     attention.check_impl("DecoderConfig", self.attention_impl, self.attention_block)
+    stack.check_config("DecoderConfig", self)
     if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
       raise ValueError(f"DecoderConfig.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
@@ -234,8 +239,7 @@ class Decoder(nn.Module):
         nn.with_logical_partitioning(nn.initializers.normal(emb_std), ("vocab", "embed")),
         (c.vocab_size, c.d_model), jnp.float32)
     # `deterministic` is static (positional index counted with self as 0).
-    layer_cls = nn.remat(DecoderLayer, static_argnums=(4,)) if c.remat else DecoderLayer
-    self.layers = [layer_cls(c, name=f"layer_{i}") for i in range(c.num_layers)]
+    self.layers = stack.build(DecoderLayer, c, c.num_layers, "layer", static_argnums=(4,))
     self.final_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype)
     self.dropout = nn.Dropout(c.dropout_rate)
     if not c.tie_word_embeddings:
@@ -275,8 +279,7 @@ class Decoder(nn.Module):
     spec = attention_spec(seg, decoder_causal_attention)
     rope = rope_tables(self.config, pos)
     x = self.dropout(self._embed(tokens), deterministic)
-    for layer in self.layers:
-      x = layer(x, spec, rope, deterministic)
+    x, _ = stack.run(self.layers, self.config.num_layers, x, spec, rope, deterministic)
     return self._logits(self.dropout(self.final_norm(x), deterministic))
 
   # ---------------------------------------------------------------- decoding
@@ -287,16 +290,14 @@ class Decoder(nn.Module):
   def init_decode_state(self, batch: int, max_len: int):
     c = self.config
     empty = jnp.zeros((batch, max_len, c.num_kv_heads, c.head_dim), c.compute_dtype)
-    return {"cache": [(empty, empty) for _ in self.layers],
+    return {"cache": stack.each(self.layers, c.num_layers, lambda _: (empty, empty)),
             "index": jnp.zeros((batch,), jnp.int32)}
 
   def _run_cached(self, state, tokens, positions, spec, write_index):
     rope = rope_tables(self.config, positions)
     x = self._embed(tokens)
-    caches = []
-    for layer, cache in zip(self.layers, state["cache"]):
-      x, cache = layer(x, spec, rope, True, cache=cache, write_index=write_index)
-      caches.append(cache)
+    x, caches = stack.run(self.layers, self.config.num_layers, x, spec, rope, True,
+                          write_index=write_index, per_layer={"cache": state["cache"]})
     return self.final_norm(x), caches
 
   def prefill(self, state, tokens, lengths=None, causal_attention=None):
@@ -307,7 +308,7 @@ class Decoder(nn.Module):
     prompt token, state with index = lengths).
     """
     b, p = tokens.shape
-    max_len = state["cache"][0][0].shape[1]
+    max_len = stack.cache_length(state["cache"])
     lengths = jnp.full((b,), p, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     if causal_attention is not None:
       causal_attention = jnp.pad(causal_attention, ((0, 0), (0, max_len - p)))
@@ -324,7 +325,7 @@ class Decoder(nn.Module):
     The cache must have room: a write past max_len is clamped onto the last slot.
     """
     index = state["index"]
-    max_len = state["cache"][0][0].shape[1]
+    max_len = stack.cache_length(state["cache"])
     b = token.shape[0]
     spec = attention_spec(jnp.ones((b, 1), jnp.int32), q_positions=index[:, None],
                           kv_segments=jnp.ones((b, max_len), jnp.int32))

@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from flanjax.errors import UserError
+from flanjax.models import stack
 from flanjax.models.decoder import DecoderConfig
 from flanjax.models.t5 import T5Config
 
@@ -341,12 +342,15 @@ def linear_modules(cfg):
 
 
 def params_from_hf(weights, cfg, source: str = "checkpoint", origin=None) -> dict:
+  """Our params (in the layout cfg's model applies with: scanned or not) from HF tensors."""
   if isinstance(cfg, T5Config):
-    return t5_params_from_hf(weights, cfg, source, origin)
-  return llama_params_from_hf(weights, cfg, source, origin)
+    return stack.layout(t5_params_from_hf(weights, cfg, source, origin), cfg)
+  return stack.layout(llama_params_from_hf(weights, cfg, source, origin), cfg)
 
 
 def params_to_hf(params, cfg) -> dict[str, np.ndarray]:
+  """HF tensors from our params, scanned (scan_layers) or not."""
+  params = stack.unscan_params(params)
   if isinstance(cfg, T5Config):
     return t5_params_to_hf(params, cfg)
   if isinstance(cfg, DecoderConfig):
@@ -486,7 +490,8 @@ def _describes(hf_cfg: Mapping, model_config) -> bool:
   except (UserError, KeyError, TypeError):
     return False
   plain = lambda c: dataclasses.replace(c, dropout_rate=0.0, dtype="float32", remat=False,
-                                        attention_impl="reference", attention_block=512)
+                                        attention_impl="reference", attention_block=512,
+                                        remat_policy="none", scan_layers=False)
   return type(ours) is type(model_config) and plain(ours) == plain(model_config)
 
 

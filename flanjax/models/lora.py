@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flanjax.errors import UserError
+from flanjax.models import stack
 # The models' hook; COLLECTION, add and dropout are part of this module's interface.
 from flanjax.models.lora_hook import COLLECTION, add, dropout  # noqa: F401
 
@@ -148,15 +149,19 @@ def logical_axes(chosen: Sequence[Site], base_axes: dict) -> dict:
   rank axis unsharded. base_axes: 'a/b/c' -> the kernel's names."""
   out: dict = {}
   for s in chosen:
-    names = tuple(base_axes["/".join(s.path)])
+    names = stack.axes_of(base_axes, s.path)
     n_in = len(s.in_shape)
     _set(out, s.path, {"a": names[:n_in] + (None,), "b": (None,) + names[n_in:]})
   return out
 
 
 def variables(base, adapters, scale: float) -> dict:
-  """The variables a model applies with: the base params and the adapters, B scaled."""
+  """The variables a model applies with: the base params and the adapters, B scaled.
+
+  Adapters are kept per layer (a run's state, checkpoints, PEFT files); over a scanned
+  base (scan_layers) they are stacked here like its layers, inside the step."""
   lora = {k: _scaled(v, scale) for k, v in adapters.items()}
+  lora = stack.scan_params(lora) if stack.is_scanned(base) else stack.unscan_params(lora)
   return {"params": base, COLLECTION: lora}
 
 
@@ -176,7 +181,10 @@ def pairs(adapters, prefix=()):
 
 
 def merge(base, adapters, scale: float, dtype=None):
-  """The base params with every adapted kernel replaced by W + A B * scale (float32 sum)."""
+  """The base params with every adapted kernel replaced by W + A B * scale (float32 sum);
+  in the base's layout (scan_layers or not), the adapters in either."""
+  scanned = stack.is_scanned(base)
+  base, adapters = stack.unscan_params(base), stack.unscan_params(adapters)
   out = jax.tree.map(lambda x: x, base)  # a copy of the tree's containers
   for path, ab in pairs(adapters):
     w = _get(base, path)
@@ -185,7 +193,7 @@ def merge(base, adapters, scale: float, dtype=None):
     delta = (a.reshape(-1, r).astype(jnp.float32) @ b.reshape(r, -1).astype(jnp.float32))
     merged = w.astype(jnp.float32) + scale * delta.reshape(w.shape)
     _set(out, path, merged.astype(dtype or w.dtype))
-  return out
+  return stack.scan_params(out) if scanned else out
 
 
 def fingerprint(params) -> str:
@@ -194,7 +202,8 @@ def fingerprint(params) -> str:
   import hashlib  # pylint: disable=g-import-not-at-top
   from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
   h = hashlib.blake2b(digest_size=12)
-  for name, leaf in sorted(kinds.flat_params(params).items()):
+  # The same digest for a base held scanned (scan_layers) or not.
+  for name, leaf in sorted(kinds.flat_params(stack.unscan_params(params)).items()):
     arr = np.ascontiguousarray(np.asarray(leaf, np.float32))
     h.update(f"{name}:{arr.shape};".encode())
     h.update(arr.tobytes())
@@ -205,7 +214,7 @@ def fitted_sites(adapters, cfg, source: str) -> list[Site]:
   """The sites an adapter tree covers, each A and B checked against the base's shapes."""
   every = {s.path: s for s in sites(cfg)}
   out = []
-  for path, ab in pairs(adapters):
+  for path, ab in pairs(stack.unscan_params(adapters)):
     site = every.get(tuple(path))
     if site is None:
       raise UserError(f"{source}: adapter {'/'.join(path)} has no projection in the base model")
@@ -234,6 +243,7 @@ def peft_key(site_or_name, which: str) -> str:
 def to_peft(adapters, chosen: Sequence[Site]) -> dict:
   """PEFT's tensors: lora_A.weight [r, in], lora_B.weight [out, r] (numpy float32)."""
   out = {}
+  adapters = stack.unscan_params(adapters)  # a scan_layers run's, per layer
   for s in chosen:
     ab = _get(adapters, s.path)
     a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)

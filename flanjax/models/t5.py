@@ -33,6 +33,7 @@ import numpy as np
 from flanjax.models import lora_hook as lora
 from flanjax.models import prompt_hook
 from flanjax.models import attention
+from flanjax.models import stack
 from flanjax.models.attention import NEG_INF, relative_position_bucket  # noqa: F401
 
 Array = Any
@@ -56,6 +57,9 @@ class T5Config:
   tie_word_embeddings: bool = False
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
+  # models/stack.py: what the backward pass keeps ('none', 'full', 'dots_saveable', ...)
+  remat_policy: str = "none"
+  scan_layers: bool = False  # each stack's layers under nn.scan (one compiled body)
   # models/attention.py: "reference" (scores in full), "blockwise" (memory linear in the
   # length), "dot_product" (jax.nn.dot_product_attention: cuDNN on a GPU)
   attention_impl: str = "reference"
@@ -63,6 +67,7 @@ class T5Config:
 
   def __post_init__(self):
     attention.check_impl("T5Config", self.attention_impl, self.attention_block)
+    stack.check_config("T5Config", self)
     if self.feed_forward not in ("relu", "gelu", "gated-gelu", "gated-relu", "gated-silu"):
       raise ValueError(f"T5Config.feed_forward={self.feed_forward!r} is not one of "
                        "relu, gelu, gated-gelu, gated-relu, gated-silu")
@@ -262,21 +267,17 @@ class T5(nn.Module):
         "token_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
         (c.vocab_size, c.d_model), jnp.float32)
-    layer_cls = {"enc": EncoderLayer, "dec": DecoderLayer}
-    if c.remat:
-      # `deterministic` is static (positional index counted with self as 0).
-      layer_cls = {"enc": nn.remat(EncoderLayer, static_argnums=(3,)),
-                   "dec": nn.remat(DecoderLayer, static_argnums=(5,))}
     self.encoder_relpos = RelativePositionBias(
         c.relative_attention_num_buckets, c.relative_attention_max_distance,
         c.num_heads, bidirectional=True)
     self.decoder_relpos = RelativePositionBias(
         c.relative_attention_num_buckets, c.relative_attention_max_distance,
         c.num_heads, bidirectional=False)
-    self.encoder_layers = [layer_cls["enc"](c, name=f"encoder_layer_{i}")
-                           for i in range(c.num_encoder_layers)]
-    self.decoder_layers = [layer_cls["dec"](c, name=f"decoder_layer_{i}")
-                           for i in range(c.num_decoder_layers)]
+    # `deterministic` is static (positional index counted with self as 0).
+    self.encoder_layers = stack.build(EncoderLayer, c, c.num_encoder_layers, "encoder_layer",
+                                      static_argnums=(3,))
+    self.decoder_layers = stack.build(DecoderLayer, c, c.num_decoder_layers, "decoder_layer",
+                                      static_argnums=(5,))
     self.encoder_norm = RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.decoder_norm = RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.dropout = nn.Dropout(c.dropout_rate)
@@ -299,8 +300,8 @@ class T5(nn.Module):
     idx = jnp.arange(encoder_input_tokens.shape[1])[None]
     spec = self.encoder_relpos.spec(self.encoder_relpos(), seg, seg, idx, idx, kv_padding=True)
     x = self.dropout(self._embed(encoder_input_tokens), deterministic)
-    for layer in self.encoder_layers:
-      x = layer(x, spec, deterministic)
+    x, _ = stack.run(self.encoder_layers, self.config.num_encoder_layers, x, spec,
+                     deterministic)
     return self.dropout(self.encoder_norm(x), deterministic)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
@@ -320,8 +321,8 @@ class T5(nn.Module):
     cross_spec = attention.Spec(dec_seg, enc_seg, idx,
                                 jnp.arange(encoder_input_tokens.shape[1])[None], kv_padding=True)
     x = self.dropout(self._embed(decoder_input_tokens), deterministic)
-    for layer in self.decoder_layers:
-      x = layer(x, encoded, self_spec, cross_spec, deterministic)
+    x, _ = stack.run(self.decoder_layers, self.config.num_decoder_layers, x, encoded,
+                     self_spec, cross_spec, deterministic)
     return self._logits(self.dropout(self.decoder_norm(x), deterministic))
 
   def _logits(self, x):
@@ -339,14 +340,15 @@ class T5(nn.Module):
     """Per-layer cross-attention keys/values and empty self-attention caches."""
     c = self.config
     b = encoded.shape[0]
-    cross_kv = [layer.cross_attention.project_kv(encoded) for layer in self.decoder_layers]
-    empty = jnp.zeros((b, max_len, c.num_heads, c.d_kv), c.compute_dtype)
-    caches = [(empty, empty) for _ in self.decoder_layers]
+    cross_kv = stack.each(self.decoder_layers, c.num_decoder_layers,
+                          lambda layer: layer.cross_attention.project_kv(encoded))
+    caches = stack.each(self.decoder_layers, c.num_decoder_layers, lambda _: (
+        (jnp.zeros((b, max_len, c.num_heads, c.d_kv), c.compute_dtype),) * 2))
     return {"cross_kv": cross_kv, "cache": caches}
 
   def decode_step(self, state, encoder_input_tokens, token, index):
     """One decoder position: token [b] at position `index` -> (logits [b, vocab], state)."""
-    max_len = state["cache"][0][0].shape[1]
+    max_len = stack.cache_length(state["cache"])
     b = token.shape[0]
     one = jnp.ones((b, 1), jnp.int32)
     q_pos = jnp.full((1, 1), index, jnp.int32)
@@ -357,11 +359,9 @@ class T5(nn.Module):
     cross_spec = attention.Spec(one, (encoder_input_tokens > 0).astype(jnp.int32), q_pos,
                                 jnp.arange(enc_len)[None], kv_padding=True)
     x = self._embed(token[:, None])
-    caches = []
-    for layer, kv, cache in zip(self.decoder_layers, state["cross_kv"], state["cache"]):
-      x, cache = layer(x, None, self_spec, cross_spec, True, cross_kv=kv, cache=cache,
-                       cache_index=index)
-      caches.append(cache)
+    x, caches = stack.run(self.decoder_layers, self.config.num_decoder_layers, x, None,
+                          self_spec, cross_spec, True, cache_index=index,
+                          per_layer={"cross_kv": state["cross_kv"], "cache": state["cache"]})
     logits = self._logits(self.decoder_norm(x))[:, 0]
     return logits, {"cross_kv": state["cross_kv"], "cache": caches}
 
