@@ -36,7 +36,7 @@ from flanjax.data import mixtures, pipeline, registry, tasks as task_lib, vocab 
 from flanjax.curate import decontaminate  # noqa: E402
 from flanjax.errors import UserError  # noqa: E402
 # decoder and t5 are imported for their gin configurables DecoderConfig and T5Config.
-from flanjax.models import decoder, hf, kinds, t5  # noqa: E402,F401
+from flanjax.models import decoder, hf, kinds, stack, t5  # noqa: E402,F401
 from flanjax.run_folder import TRAINING_FIELDS, RunFolder  # noqa: E402
 from flanjax.training import adapters, checkpoints, loop, optimizers  # noqa: E402
 from flanjax.training.partitioning import check_divisible  # noqa: E402
@@ -84,6 +84,7 @@ def _from_hf_dir(path: str, model_config, vocabulary, with_params: bool):
   if model_config is not None:
     if type(model_config) is type(cfg):
       cfg = dataclasses.replace(cfg, **{k: getattr(model_config, k) for k in TRAINING_FIELDS})
+      params = None if params is None else stack.layout(params, cfg)  # scan_layers
     else:
       print(f"note: {path} holds a {type(cfg).__name__}; train.model_config "
             f"({type(model_config).__name__}) is not used", flush=True)

@@ -184,6 +184,9 @@ def read_orbax(ckpt_dir: str, config: str | None = None, step: int | str | None 
     if emb is None:
       raise UserError(f"{config}: vocab_size is 0 and the params have no token_embedding")
     cfg = dataclasses.replace(cfg, vocab_size=int(emb.shape[0]))
+  from flanjax.models import stack  # pylint: disable=g-import-not-at-top
+  # A scan_layers run's checkpoint holds its layers stacked: read in the config's layout.
+  params = stack.layout(params, cfg)
   check_params(cfg, params, config)
   return cfg, params, hf_config, files_dir
 
