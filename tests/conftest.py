@@ -58,3 +58,13 @@ def shared_data(sub: str) -> pathlib.Path:
     pytest.skip(f"real data {path} is absent (it lives in ../shared/data beside the repo)")
   return path
 
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory, builtin_vocab):
+  """One finished run of the default job on test_train_e2e.TINY (10 steps, checkpoints every 4,
+  the evaluation at the end), shared by the tests that read a trained run folder: (folder,
+  stdout). A test that changes the folder works on a copy."""
+  from test_train_e2e import run  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path_factory.mktemp("tiny_trained_run") / "straight"
+  out = run(model_dir, "--gin.train.num_steps=10", "--gin.train.peak_flops=1e12")
+  return model_dir, out

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,15 +20,15 @@ def _tree(path):
   return out
 
 
-def test_another_optimizer_on_a_run_folder_is_refused_in_one_line(tmp_path, builtin_vocab):
+def test_another_optimizer_on_a_run_folder_is_refused_in_one_line(tmp_path, tiny_trained_run):
+  # A copy of the shared 10-step Adafactor run (TINY), its checkpoints 8 and 10.
   model_dir = tmp_path / "run"
-  base = [sys.executable, "-m", "flanjax.train", *TINY, f"--gin.train.model_dir={model_dir}",
-          "--gin.train.num_steps=4", "--gin.train.eval_at_end=False"]
-  first = subprocess.run(base, capture_output=True, text=True, timeout=600)
-  assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+  shutil.copytree(tiny_trained_run[0], model_dir)
   before = _tree(model_dir / "checkpoints")
-  assert any(k.startswith("4/") for k in before)
-  second = subprocess.run(base[:-2] + ["--gin.train.num_steps=8", "--gin.optimizer.name='adamw'"],
+  assert any(k.startswith("10/") for k in before)
+  second = subprocess.run([sys.executable, "-m", "flanjax.train", *TINY,
+                           f"--gin.train.model_dir={model_dir}", "--gin.train.num_steps=14",
+                           "--gin.optimizer.name='adamw'"],
                           capture_output=True, text=True, timeout=600)
   assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
   last = second.stderr.strip().splitlines()[-1]

@@ -65,9 +65,8 @@ def _check_mfu(run_dir, out, peak):
     assert mfu[s] == pytest.approx(tok[s] * per_token / (peak * devices), rel=1e-4)
 
 
-def test_default_job_end_to_end_and_exact_resume(tmp_path, builtin_vocab):
-  straight = tmp_path / "straight"
-  out = run(straight, "--gin.train.num_steps=10", "--gin.train.peak_flops=1e12")
+def test_default_job_end_to_end_and_exact_resume(tmp_path, tiny_trained_run):
+  straight, out = tiny_trained_run
   step_lines = [l for l in out.splitlines() if l.startswith("step ")]
   assert len(step_lines) >= 5
   for needle in ("loss", "lr", "steps/s", "tok/s", "MFU", "ETA"):
@@ -145,10 +144,9 @@ def test_user_files_mixed_with_builtin_through_gin(tmp_path):
   assert "nope.jsonl does not exist" in last and last.startswith("train")
 
 
-def test_a_trained_run_exports_with_its_own_vocabulary(tmp_path):
+def test_a_trained_run_exports_with_its_own_vocabulary(tmp_path, tiny_trained_run):
   """tools/convert_checkpoint.py orbax-to-hf on a run: transformers and the tokenizer load it."""
-  model_dir = tmp_path / "run"
-  run(model_dir, "--gin.train.num_steps=2", "--gin.train.eval_at_end=False")
+  model_dir, _ = tiny_trained_run
   assert (model_dir / "vocab" / "spiece.model").exists()
   out = tmp_path / "export"
   proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools",
