@@ -4,8 +4,10 @@
     PYTHONPATH=<libtpu folder> python tools/aot_table.py [--models t5_xl,...] [--topologies ...]
 
 Every entry: the gin of flan.gin (Adafactor) with the model, batch 32, a fully sharded
-(FSDP) mesh over all chips, bfloat16 activations, remat and blockwise attention. The file
-is rewritten after each entry, so an interrupted run keeps what it measured.
+(FSDP) mesh over all chips, bfloat16 activations, remat, blockwise attention and the layers
+under nn.scan (scan_layers: one layer's body compiled, whatever the depth). The file is
+rewritten after each entry, so an interrupted run keeps what it measured; each row records
+its compile time and the machine's load average.
 """
 
 import argparse
@@ -20,15 +22,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from flanjax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
 from flanjax import config as flan_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from flanjax.errors import UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results",
                    "aot_table.json")
 COMMON = ["train.task_feature_lengths = {'inputs': 2048, 'targets': 512}",
           "train.batch_size = 32", "train.mesh_shape = (1, -1, 1)"]
 T5 = ["T5Config.dtype = 'bfloat16'", "T5Config.remat = True",
-      "T5Config.attention_impl = 'blockwise'"]
+      "T5Config.attention_impl = 'blockwise'", "T5Config.scan_layers = True"]
 LLAMA = ["train.model_config = @DecoderConfig()", "DecoderConfig.dtype = 'bfloat16'",
          "DecoderConfig.remat = True", "DecoderConfig.attention_impl = 'blockwise'",
+         "DecoderConfig.scan_layers = True",
          "DecoderConfig.vocab_size = 128256", "DecoderConfig.num_kv_heads = 8",
          "DecoderConfig.rope_theta = 500000.0"]
 # Llama 3.2 1B and Llama 3.1 8B shapes.
@@ -55,26 +59,40 @@ def measure(model: str, topology: str) -> dict:
   compiled, state, mesh = aot.compile_train_step(aot.train_settings(), devices)
   r = aot.report(compiled, state, devices)
   r.update(model=model, topology=topology, mesh=dict(mesh.shape),
-           compile_seconds=round(time.time() - t0, 1))
+           compile_seconds=round(time.time() - t0, 1),
+           load_average=[round(x, 2) for x in os.getloadavg()])
   return r
 
 
-def main():
-  parser = argparse.ArgumentParser()
+def _names(text: str, known: dict, flag: str) -> list:
+  names = [n for n in text.split(",") if n]
+  unknown = [n for n in names if n not in known]
+  if unknown or not names:
+    raise UserError(f"{flag}={text!r}: {', '.join(unknown) or 'nothing'} not among "
+                    f"{', '.join(known)}")
+  return names
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="tools/aot_table.py")
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  models = _names(args.models, MODELS, "--models")
+  topologies = _names(args.topologies, TOPOLOGIES, "--topologies")
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip()
   doc = {"command": "python tools/aot_table.py " + " ".join(sys.argv[1:]), "commit": commit,
          "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "settings": COMMON,
          "rows": []}
   if os.path.exists(OUT):
-    with open(OUT, encoding="utf-8") as f:
-      old = json.load(f)
-    doc["rows"] = old.get("rows", [])
-  for topo_name in args.topologies.split(","):
-    for model in args.models.split(","):
+    try:
+      with open(OUT, encoding="utf-8") as f:
+        doc["rows"] = json.load(f).get("rows", [])
+    except (ValueError, AttributeError):
+      raise UserError(f"{OUT} is not the table's JSON: move it away and run again") from None
+  for topo_name in topologies:
+    for model in models:
       print(f"{model} on {topo_name} ...", flush=True)
       r = measure(model, TOPOLOGIES[topo_name])
       r["chips"] = topo_name
@@ -85,7 +103,8 @@ def main():
             flush=True)
       with open(OUT, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  flan_config.run_plain_main(main, "tools/aot_table.py", sys.argv[1:])
