@@ -193,9 +193,18 @@ def read_orbax(ckpt_dir: str, config: str | None = None, step: int | str | None 
 
 # ---------------------------------------------------------------- adapters
 
+def _adapter_modules():
+  """(lora, prompt_tuning): imported here, inside a command, after gin may have locked its
+  config, so their configurables register under an unlocked config."""
+  import gin  # pylint: disable=g-import-not-at-top
+  with gin.unlock_config():
+    from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
+  return lora, prompt_tuning
+
+
 def lora_config(adapter: dict):
   """The adapter config a run recorded in run_info.json's "adapter" (LoRA or prompt tuning)."""
-  from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
+  lora, prompt_tuning = _adapter_modules()
   if adapter.get("type") == "prompt_tuning":
     return prompt_tuning.PromptTuningConfig(adapter["num_virtual_tokens"],
                                             adapter.get("init", "random"),
@@ -208,7 +217,8 @@ def lora_config(adapter: dict):
 
 def read_base(adapter: dict, source: str):
   """(config, host params) of the base a LoRA run recorded, checked by its fingerprint."""
-  from flanjax.models import hf, lora  # pylint: disable=g-import-not-at-top
+  from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+  lora, _ = _adapter_modules()
   path = adapter["base"]["path"]
   if not os.path.isdir(path):
     raise UserError(f"{source}: the adapters' base {path} is not a directory; give the base "
@@ -225,7 +235,7 @@ def merge_adapter(params, config, adapters, cfg, source: str):
   """Host params with adapters applied: LoRA's merged into the kernels, a soft prompt
   put beside them (prompt tuning)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
+  lora, prompt_tuning = _adapter_modules()
   if isinstance(config, prompt_tuning.PromptTuningConfig):
     prompt = adapters[prompt_tuning.KEY] if isinstance(adapters, dict) else adapters
     prompt_tuning.check_fits(prompt, cfg, source)
@@ -242,7 +252,7 @@ def merge_into(base, adapter: dict, adapters, source: str):
 def read_adapter(path: str, cfg, step: int | str | None = None):
   """(config, adapters, LoRA sites) of a PEFT adapter folder (LoRA or prompt tuning) or of
   an adapter training run; a soft prompt's adapters are {KEY: [n, d]}."""
-  from flanjax.models import lora, prompt_tuning  # pylint: disable=g-import-not-at-top
+  lora, prompt_tuning = _adapter_modules()
   path = os.path.abspath(os.path.expanduser(path))
   if prompt_tuning.peft_type(path) == "PROMPT_TUNING":
     config, prompt = prompt_tuning.read_peft(path, cfg)
@@ -265,7 +275,7 @@ def read_adapter(path: str, cfg, step: int | str | None = None):
 def check_params(cfg, params, source: str):
   """Params and config describe the same model: same names, same shapes."""
   from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
-  from flanjax.models import prompt_tuning  # pylint: disable=g-import-not-at-top
+  _, prompt_tuning = _adapter_modules()
   params = prompt_tuning.split(params)[0]  # a soft prompt is not the model's
   kinds.check_params_fit(kinds.abstract_params(cfg), params,
                          f"the checkpoint (with the model {source} describes)")
@@ -293,7 +303,7 @@ def load(path: str, step: int | str | None = None, config: str | None = None,
   PEFT LoRA or prompt-tuning folder or such a run, applied to the model read from `path`."""
   if not adapter:
     return _load(path, step, config)
-  from flanjax.models import prompt_tuning  # pylint: disable=g-import-not-at-top
+  _, prompt_tuning = _adapter_modules()
   loaded = _load(path, None, config)  # `step` is the adapter run's
   lcfg, adapters, _ = read_adapter(adapter, loaded.config, step)
   loaded.params = merge_adapter(loaded.params, lcfg, adapters, loaded.config, adapter)
@@ -341,6 +351,6 @@ def _load(path: str, step: int | str | None = None, config: str | None = None) -
       kind, source = run_folder.model_kind(run_info), (
           f"training run {run_folder.path}, step {at}" + ("" if name.isdigit() else
                                                           " (its best checkpoint)"))
-  from flanjax.models import prompt_tuning  # pylint: disable=g-import-not-at-top
+  _, prompt_tuning = _adapter_modules()
   kind = prompt_tuning.kind_of(kind, cfg, params)  # a prompt-tuning run's soft prompt
   return Loaded(kind.build(cfg), cfg, params, vocab, kind, source, at)

@@ -27,7 +27,6 @@ INITS = ("random", "vocab", "text")
 _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PromptTuningConfig:
   """train.peft = @PromptTuningConfig(): num_virtual_tokens soft-prompt rows, started as
@@ -51,6 +50,11 @@ class PromptTuningConfig:
   def describe(self) -> dict:
     return {"type": "prompt_tuning", "num_virtual_tokens": self.num_virtual_tokens,
             "init": self.init, "init_text": self.init_text}
+
+
+# Registered even when a command (infer, evaluate) first reads an adapter after gin locked.
+with gin.unlock_config():
+  PromptTuningConfig = gin.configurable(PromptTuningConfig)
 
 
 def virtual_ids(cfg, n: int) -> tuple[int, ...]:
