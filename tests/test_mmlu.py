@@ -359,7 +359,7 @@ def test_t5_loglikelihoods_equal_lm_evals_seq2seq_path(tmp_path, monkeypatch):
                                    [e.targets for e in ours], batch_size=4,
                                    input_length=INPUT_LENGTH, continuation_eos=False)
     assert len(samples) == n
-    for s, e, choice in zip(samples, ours, ranked["choices"]):
+    for s, e, choice, scores in zip(samples, ours, ranked["choices"], ranked["scores"]):
       assert {a[0] for a in s["arguments"]} == {e.inputs}
       cands, gold = examples.rank_candidates(e, e.targets)
       ctx = loaded.kind.prompt_ids(loaded.vocab, e.inputs)
@@ -371,6 +371,8 @@ def test_t5_loglikelihoods_equal_lm_evals_seq2seq_path(tmp_path, monkeypatch):
           batch_size=4, max_length=loaded.kind.score_length(INPUT_LENGTH))
       theirs = [float(r[0][0]) for r in s["resps"]]
       np.testing.assert_allclose(ll, theirs, rtol=1e-4, atol=1e-4)
+      # Rank classification's own numbers (one encoder pass for the four letters) too.
+      np.testing.assert_allclose(scores, theirs, rtol=1e-4, atol=1e-4)
       assert choice == int(np.argmax(theirs)) and s["acc"] == float(choice == gold)
       # With EOS after the letter (how T5 was scored before), the numbers are not lm_eval's.
       with_eos, _ = scoring.loglikelihood(

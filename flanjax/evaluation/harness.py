@@ -118,32 +118,34 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
   if examples is None:
     examples = load_examples(name, split, vocab, input_length, max_examples)
   before = generator.truncated
-  predictions = []
+  # Tokenized once: generation and rank classification read the same prompts.
+  prompts = [kind.prompt_ids(vocab, e.inputs) for e in examples]
+  golds = [postprocess(task, e.targets, e.raw, True) for e in examples]
+  rank_on = rank_classification and _rank_applies(name)
+  predictions, ranked = [], None
   chunk = max(batch_size, 1) * 4
   for start in range(0, len(examples), chunk):
-    part = examples[start:start + chunk]
-    ids = generator.generate_ids([np.asarray(kind.prompt_ids(vocab, e.inputs), np.int32)
-                                  for e in part])
+    part = slice(start, start + chunk)
+    ids = generator.generate_ids([np.asarray(p, np.int32) for p in prompts[part]])
     predictions.extend((cut or str)(vocab.decode(x)) for x in ids)
+    if rank_on:  # chunk by chunk, so that progress and ETA count it
+      ranked = _merge_ranked(ranked, rank_classify(
+          model, params, vocab, kind, examples[part], golds[part], batch_size=batch_size,
+          input_length=input_length, continuation_eos=not mmlu.scores_like_lm_eval(name),
+          prompts=prompts[part]))
     if progress:
-      progress.update(len(part), f"{name}/{split}")
+      progress.update(len(examples[part]), f"{name}/{split}")
   truncated = generator.truncated - before
   metrics, primary, targets_pp, preds_pp = score_predictions(task, examples, predictions)
   if task.score_metric_fns and examples:
-    ctx = [kind.prompt_ids(vocab, e.inputs) for e in examples]
     cont = [kind.continuation_ids(vocab, e.targets, e.inputs) for e in examples]
-    ll, _ = scoring.loglikelihood(model, params, kind, ctx, cont, batch_size=batch_size,
+    ll, _ = scoring.loglikelihood(model, params, kind, prompts, cont, batch_size=batch_size,
                                   max_length=kind.score_length(input_length))
     for fn in task.score_metric_fns:
       vals = _metric_values(fn(targets_pp, list(ll)))
       primary = primary or next(iter(vals), None)
       metrics.update(vals)
-  rank, rank_n, ranked = None, 0, None
-  if rank_classification and _rank_applies(name):
-    ranked = rank_classify(model, params, vocab, kind, examples, targets_pp,
-                           batch_size=batch_size, input_length=input_length,
-                           continuation_eos=not mmlu.scores_like_lm_eval(name))
-    rank, rank_n = ranked["accuracy"], ranked["examples"]
+  rank, rank_n = (ranked["accuracy"], ranked["examples"]) if ranked else (None, 0)
   base, base_answer = _baseline(task, targets_pp) if baseline else (None, None)
   samples = [dict(inputs=e.inputs[-600:], prediction=p, target=e.targets, answer=pp,
                   gold=t) for e, p, pp, t in list(zip(examples, predictions, preds_pp,
@@ -169,6 +171,16 @@ def _kept(examples, predictions, preds_pp, targets_pp, ranked, n: int) -> list[d
       row.update(rank_choice=ranked["candidates"][i][choice], rank_correct=choice == gold)
     out.append(row)
   return out
+
+
+def _merge_ranked(a: dict | None, b: dict) -> dict:
+  """Two rank_classify results over consecutive examples as one."""
+  if a is None:
+    return b
+  out = {k: a[k] + b[k] for k in ("choices", "gold", "candidates", "scores")}
+  n = a["examples"] + b["examples"]
+  hits = sum(1 for c, g in zip(out["choices"], out["gold"]) if c is not None and c == g)
+  return dict(out, examples=n, accuracy=100.0 * hits / n if n else None)
 
 
 def _jsonable(v):
@@ -200,48 +212,44 @@ def score_predictions(task: seqio.Task, examples: Sequence[Example], predictions
 
 def rank_classify(model, params, vocab, kind, examples: Sequence[Example],
                   golds: Sequence[str], *, batch_size: int = 16, input_length: int = 2048,
-                  continuation_eos: bool = True) -> dict:
+                  continuation_eos: bool = True, prompts: Sequence[list] | None = None) -> dict:
   """Picks the option of highest log-likelihood for every example that has options.
 
   continuation_eos=False: an option is scored without the EOS the model kind closes a
-  target with (lm-evaluation-harness's continuations: MMLU).
+  target with (lm-evaluation-harness's continuations: MMLU). prompts: the examples'
+  `kind.prompt_ids`, when the caller has them. An encoder-decoder reads each prompt once
+  for all its options (`scoring.loglikelihood_groups`).
 
   golds: the postprocessed targets. Returns {"accuracy": percent or None,
   "examples": how many had options, "choices": [index or None per example],
   "gold": [index, -1 (gold not an option) or None per example],
-  "candidates": [list or None per example]}.
+  "candidates": [list or None per example], "scores": [log-likelihoods or None per
+  example]}.
   """
   kind = kinds_lib.get(kind)
-  flat_ctx, flat_cont, owners = [], [], []
+  ctxs, conts, owners = [], [], []
   cands_of, gold_of = [None] * len(examples), [None] * len(examples)
   for i, (e, g) in enumerate(zip(examples, golds)):
     found = rank_candidates(e, str(g))
     if found is None:
       continue
     cands_of[i], gold_of[i] = found
-    ctx = kind.prompt_ids(vocab, e.inputs)
-    for c in found[0]:
-      flat_ctx.append(ctx)
-      flat_cont.append(option_ids(kind, vocab, c, e.inputs, continuation_eos))
-      owners.append(i)
-  choices = [None] * len(examples)
-  n = sum(c is not None for c in cands_of)
-  if not n:
-    return dict(accuracy=None, examples=0, choices=choices, gold=gold_of, candidates=cands_of)
-  ll, _ = scoring.loglikelihood(model, params, kind, flat_ctx, flat_cont,
-                                batch_size=batch_size, max_length=kind.score_length(input_length))
-  best = {}
-  pos = {}
+    ctxs.append(prompts[i] if prompts is not None else kind.prompt_ids(vocab, e.inputs))
+    conts.append([option_ids(kind, vocab, c, e.inputs, continuation_eos) for c in found[0]])
+    owners.append(i)
+  choices, scores = [None] * len(examples), [None] * len(examples)
+  if not owners:
+    return dict(accuracy=None, examples=0, choices=choices, gold=gold_of, candidates=cands_of,
+                scores=scores)
+  ll, _ = scoring.loglikelihood_groups(model, params, kind, ctxs, conts, batch_size=batch_size,
+                                       max_length=kind.score_length(input_length))
   for o, v in zip(owners, ll):
-    k = pos.get(o, 0)
-    if o not in best or v > best[o][0]:  # the first of equal scores wins
-      best[o] = (v, k)
-    pos[o] = k + 1
-  for o, (_, k) in best.items():
-    choices[o] = k
+    scores[o] = [float(x) for x in v]
+    choices[o] = int(np.argmax(v))  # the first of equal scores wins
+  n = len(owners)
   hits = sum(1 for c, g in zip(choices, gold_of) if c is not None and g is not None and c == g)
   return dict(accuracy=100.0 * hits / n, examples=n, choices=choices, gold=gold_of,
-              candidates=cands_of)
+              candidates=cands_of, scores=scores)
 
 
 def _formatted(name: str, examples: list[Example], fmt) -> list[Example]:

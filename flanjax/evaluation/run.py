@@ -58,14 +58,22 @@ def _step_of(loaded, step):
   return int(found) if found is not None else (int(step) if step is not None else 0)
 
 
-def _load(checkpoint: str, step, prompt_format: str | None, log, adapter: str | None = None):
+def _load(checkpoint: str, step, prompt_format: str | None, log, adapter: str | None = None,
+          attention_impl: str | None = None):
   """(the loaded checkpoint, its prompt format: the one given, else the run's recorded one,
-  else plain, as python -m flanjax.infer chooses it)."""
+  else plain, as python -m flanjax.infer chooses it); attention_impl replaces the model's."""
   from flanjax.infer import prompt_format as format_of  # pylint: disable=g-import-not-at-top
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top
   fmt = format_of(checkpoint, prompt_format)
   t0 = time.time()
   loaded = loading.load(checkpoint, step=step, adapter=adapter)
+  if attention_impl and attention_impl != loaded.config.attention_impl:
+    # The same weights and arithmetic; blockwise never holds a [length, length] score matrix.
+    try:
+      loaded.config = dataclasses.replace(loaded.config, attention_impl=attention_impl)
+    except ValueError as e:
+      raise UserError(f"evaluate.attention_impl: {e}") from None
+    loaded.model = loaded.kind.build(loaded.config)
   log(f"checkpoint: {loaded.source} ({loaded.kind.name}), loaded in {time.time() - t0:.0f}s; "
       f"prompts in the {fmt.name} prompt format")
   return loaded, fmt
@@ -80,16 +88,13 @@ def evaluate(
     splits: Sequence[str] | None = None,
     input_length: int = 2048,
     decode: decoding.DecodeConfig | None = None,
-    max_decode_len: int | None = None,
-    batch_size: int = 16,
-    max_examples: int | None = None,
+    max_decode_len: int | None = None, batch_size: int = 16, max_examples: int | None = None,
     rank_classification: bool = True,
     out_dir: str | None = None,
     name: str = "eval",
     register_fns: Sequence[Callable] = (registry.register_all,),
-    num_samples: int = 3,
-    prompt_format: str | None = None,
-    review_examples: int = 200, adapter: str | None = None,
+    num_samples: int = 3, prompt_format: str | None = None,
+    review_examples: int = 200, adapter: str | None = None, attention_impl: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
   """Evaluates a checkpoint on `tasks`; writes <out_dir>/<name>.json, .md, .html, tensorboard/.
@@ -98,7 +103,9 @@ def evaluate(
   max_decode_len. prompt_format: the format prompts are wrapped in (data/chat.py), default
   the run's recorded one, else plain, as python -m flanjax.infer chooses. review_examples:
   examples per task and split on the review page <name>.html. adapter: LoRA adapters over the
-  checkpoint (a LoRA run, at `step`, or a PEFT folder). Returns the JSON report."""
+  checkpoint (a LoRA run, at `step`, or a PEFT folder). attention_impl: the model's attention
+  (models/attention.py; 'blockwise' for long prompts), default the checkpoint's. Returns the
+  JSON report."""
   log = log or (lambda line: print(line, flush=True))
   t0, load0 = time.time(), os.getloadavg()  # the whole call's time, and the machine's load
   if not checkpoint:
@@ -116,7 +123,7 @@ def evaluate(
   if not os.path.exists(checkpoint):
     raise UserError(f"checkpoint {checkpoint} does not exist")
 
-  loaded, fmt = _load(checkpoint, step, prompt_format, log, adapter)
+  loaded, fmt = _load(checkpoint, step, prompt_format, log, adapter, attention_impl)
   step_no = _step_of(loaded, step)
   # The tasks tokenize with the checkpoint's vocabulary.
   registry.call_register_fns(register_fns, loaded.vocab, input_length=input_length)
@@ -143,7 +150,8 @@ def evaluate(
       "checkpoint": os.path.abspath(checkpoint), "source": loaded.source,
       "kind": loaded.kind.name, "step": step_no, "input_length": input_length,
       "prompt_format": fmt.name, "decode": dataclasses.asdict(decode),
-      "max_examples": max_examples, "seconds": round(secs, 1),
+      "max_examples": max_examples, "batch_size": batch_size,
+      "attention_impl": loaded.config.attention_impl, "seconds": round(secs, 1),
       "seconds_whole_call": round(time.time() - t0, 1),
       "machine": {**machine(), "load_average_1_5_15_at_start": load0},
       "tasks": [r.to_json() for r in results], "summary": harness.summary_rows(results)}

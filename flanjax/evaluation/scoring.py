@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from flanjax.models import kinds as kinds_lib
+from flanjax.models import shared_context
 
 bucket = kinds_lib.bucket
 
@@ -76,4 +77,52 @@ def loglikelihood(model, params, kind, contexts: Sequence[Sequence[int]],
     s, g = np.asarray(s), np.asarray(g)
     for j, r in enumerate(chunk):
       sums[r[0]], greedy[r[0]] = float(s[j]), bool(g[j])
+  return sums, greedy
+
+
+def loglikelihood_groups(model, params, kind, contexts: Sequence[Sequence[int]],
+                         continuations: Sequence[Sequence[Sequence[int]]], *,
+                         batch_size: int = 16, max_length: int | None = None,
+                         max_target_length: int | None = None):
+  """`loglikelihood` of several continuations per context (rank classification's options):
+  ([sums per continuation] per context, [greedy per continuation] per context).
+
+  The numbers are `loglikelihood`'s on the flattened pairs; an encoder-decoder encodes each
+  context once for all its continuations (`models.shared_context`), `batch_size` contexts
+  at a time."""
+  kind = kinds_lib.get(kind)
+  if len(contexts) != len(continuations):
+    raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuation lists")
+  if not shared_context.shares_context(kind):
+    flat_ctx = [c for c, conts in zip(contexts, continuations) for _ in conts]
+    sums, greedy = loglikelihood(model, params, kind, flat_ctx,
+                                 [y for conts in continuations for y in conts],
+                                 batch_size=batch_size, max_length=max_length,
+                                 max_target_length=max_target_length)
+    ends = np.cumsum([0] + [len(conts) for conts in continuations])
+    return ([sums[a:b] for a, b in zip(ends[:-1], ends[1:])],
+            [greedy[a:b] for a, b in zip(ends[:-1], ends[1:])])
+  sums = [np.zeros([len(conts)], np.float64) for conts in continuations]
+  greedy = [np.ones([len(conts)], bool) for conts in continuations]
+  groups = {}  # (context index, fitted context) -> [(continuation index, continuation)]
+  for i, (ctx, conts) in enumerate(zip(contexts, continuations)):
+    ctx = _as_list(ctx)
+    for c, cont in enumerate(conts):
+      cont = _as_list(cont)
+      if not cont:
+        continue
+      try:
+        fitted, cont, _ = kind.score_request(ctx, cont, max_length, max_target_length)
+      except ValueError as e:
+        raise ValueError(f"request {i}/{c}: {e}") from None
+      groups.setdefault((i, tuple(fitted)), []).append((c, cont))
+  # Longest first, as `loglikelihood` batches.
+  order = sorted(groups, key=lambda key: (-len(key[1]), key[0]))
+  for start in range(0, len(order), batch_size):
+    keys = order[start:start + batch_size]
+    s, g = shared_context.score_groups(
+        model, params, [(list(key[1]), [y for _, y in groups[key]]) for key in keys], batch_size)
+    for j, key in enumerate(keys):
+      for c_pos, (c, _) in enumerate(groups[key]):
+        sums[key[0]][c], greedy[key[0]][c] = float(s[j, c_pos]), bool(g[j, c_pos])
   return sums, greedy
