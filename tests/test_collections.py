@@ -1,6 +1,7 @@
 """Collections on the real files in ../shared/data, readers, templates, mixtures, cache."""
 
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -431,12 +432,19 @@ def test_show_task_prints_what_the_model_sees(tmp_path):
   shared_data("flan_cot")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   out = subprocess.run([sys.executable, str(REPO / "tools" / "show_task.py"), "flan_cot_strategyqa",
-                        "-n", "2", "--format", "cot"], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)
+                        "-n", "2", "--format", "cot", "--mode", "no_template"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
   assert out.returncode == 0, out.stderr
-  first = tasks.raw_examples(_flan_defs()["flan_cot_strategyqa"], "train")[0]
+  defn = _flan_defs()["flan_cot_strategyqa"]
+  first = tasks.raw_examples(defn, "train")[0]
   assert first["question"] in out.stdout and f"So the answer is {first['answer']}." in out.stdout
   assert out.stdout.count("--- inputs ---") == 2
+  # --mode renders as training in that mode would: the raw inputs, no instruction words.
+  raw = tasks.render_split(dataclasses.replace(defn, template_mode="no_template"),
+                           "train", limit=1, fmt="cot")[0]
+  worded = tasks.render_split(defn, "train", limit=1, fmt="cot")[0]
+  assert raw["inputs"] != worded["inputs"]
+  assert f"--- inputs ---\n{raw['inputs']}\n--- targets ---" in out.stdout
   bad = subprocess.run([sys.executable, str(REPO / "tools" / "show_task.py"), "no_such_task"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
   assert bad.returncode == 2

@@ -2,6 +2,7 @@
 
   python tools/show_task.py flan_cot_gsm8k -n 3
   python tools/show_task.py gsm8k --split test --format few_shot_cot
+  python tools/show_task.py flan_cot_gsm8k --mode no_template
   python tools/show_task.py --list
 
 Renders with the task's own templates and formats (or the --format given),
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
   ap.add_argument("-n", type=int, default=3, help="how many examples (default 3)")
   ap.add_argument("--split", default="train")
   ap.add_argument("--format", default=None, help="override the format, e.g. few_shot_cot")
+  ap.add_argument("--mode", default=None,
+                  help="template mode: instructions, no_template or dataset_name (default: gin's)")
   ap.add_argument("--spm", default=None, help="a SentencePiece .model for token counts")
   ap.add_argument("--input_length", type=int, default=1024,
                   help="input budget for few-shot prompts (default 1024)")
@@ -50,6 +53,10 @@ def main(argv=None) -> int:
     return 0
   if not args.name:
     raise UserError("give a task name (see --list)")
+  if args.mode:
+    templates.check_mode(args.mode, "--mode")
+    gin.bind_parameter("template_mode.mode", args.mode)
+    gin.bind_parameter("template_mode.eval_mode", args.mode)
   if args.format and args.format not in templates.FORMATS:
     raise UserError(f"unknown --format {args.format!r}; choose one of {templates.FORMATS}")
   v = vocab.sentencepiece_vocabulary(args.spm) if args.spm else vocab.builtin_vocabulary(1000)
@@ -57,7 +64,8 @@ def main(argv=None) -> int:
   if args.name not in tasks.DEFS:
     if args.name.startswith(registry.BUILTIN_PREFIX):
       from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
-      recs = builtin.rendered_examples(args.name[len(registry.BUILTIN_PREFIX):], args.split)[:args.n]
+      recs = builtin.rendered_examples(args.name[len(registry.BUILTIN_PREFIX):], args.split,
+                                       args.mode)[:args.n]
     else:
       registry.get_task_or_mixture(args.name)  # the unknown-name error, with the known names
       raise UserError(f"{args.name} is a mixture; show one of its tasks")
