@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -56,9 +57,20 @@ def measure(model: str, topology: str) -> dict:
   flan_config.parse_gin(flan_config.GinArgs(["flan.gin"] + files, COMMON + bindings, [], []))
   devices = aot.topology_devices(topology)
   t0 = time.time()
-  compiled, state, mesh = aot.compile_train_step(aot.train_settings(), devices)
-  r = aot.report(compiled, state, devices)
-  r.update(model=model, topology=topology, mesh=dict(mesh.shape),
+  try:
+    compiled, state, mesh = aot.compile_train_step(aot.train_settings(), devices)
+    r = aot.report(compiled, state, devices)
+    mesh = dict(mesh.shape)
+  except Exception as e:  # pylint: disable=broad-except
+    # XLA refuses a step whose temporaries alone exceed the chip: a "does not fit" row.
+    m = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+    if not m:
+      raise
+    r = {"what": "train step", "devices": len(devices), "device_kind": devices[0].device_kind,
+         "fits": False, "temp_gib": float(m.group(1)), "total_gib": None,
+         "hbm_gib": float(m.group(2)), "error": "XLA: RESOURCE_EXHAUSTED, " + m.group(0)}
+    mesh = None
+  r.update(model=model, topology=topology, mesh=mesh,
            compile_seconds=round(time.time() - t0, 1),
            load_average=[round(x, 2) for x in os.getloadavg()])
   return r
@@ -98,7 +110,8 @@ def main(argv=None) -> int:
       r["chips"] = topo_name
       doc["rows"] = [x for x in doc["rows"]
                      if (x["model"], x["chips"]) != (model, topo_name)] + [r]
-      print(f"  {r['total_gib']:.1f} GiB of {r['hbm_gib']:.0f}: "
+      need = r["total_gib"] or r["temp_gib"]  # XLA's refusal gives the temporaries only
+      print(f"  {need:.1f} GiB of {r['hbm_gib']:.0f}: "
             f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_seconds']:.0f}s)",
             flush=True)
       with open(OUT, "w", encoding="utf-8") as f:
