@@ -89,7 +89,7 @@ def flanjax_setup(tmodel, family, batches, rank=None):
   if rank:
     config = lora.LoraConfig(rank=rank, alpha=2.0 * rank,
                              targets=T5_NAMES if family == "t5" else LLAMA_NAMES)
-    ad = adapters.Adapters(config, cfg, lora.select(cfg, config.targets), params,
+    ad = adapters.LoraAdapters(config, cfg, lora.select(cfg, config.targets), params,
                            {"path": "-", "fingerprint": "-"})
   part = loop.Partitioner.create((1, 1, 1))
   trainer = loop.Trainer(model=kind.build(cfg), kind=kind, partitioner=part,

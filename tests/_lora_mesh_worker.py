@@ -40,7 +40,7 @@ def main():
     devices = jax.devices()[:1] if shape == (1, 1, 1) else jax.devices()
     from flanjax.training import partitioning  # pylint: disable=g-import-not-at-top
     part = loop.Partitioner(partitioning.make_mesh(shape, devices), partitioning.logical_rules())
-    ad = adapters.Adapters(config, cfg, lora.select(cfg, config.targets), base,
+    ad = adapters.LoraAdapters(config, cfg, lora.select(cfg, config.targets), base,
                            {"path": "-", "fingerprint": adapters.fingerprint(base)})
     tx = optax.adam(1e-2)
     trainer = loop.Trainer(model=model, kind=kind, partitioner=part,
