@@ -1,6 +1,7 @@
 """Rank classification's grouped scoring (scoring.loglikelihood_groups): an encoder-decoder
 reads each context once for all its options; the log-likelihoods must be those of the
-brute-force loop, one (context, option) forward pass at a time, unbucketed."""
+brute-force loop, one (context, option) forward pass at a time, unbucketed. (Decoder kinds
+score their flattened rows: test_evaluate's and test_mmlu's rank classification tests.)"""
 
 import dataclasses
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from flanjax.evaluation import scoring
-from flanjax.models import decoder, kinds, t5
+from flanjax.models import kinds, t5
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,9 @@ def tiny_t5():
 
 def _groups(seed=0):
   rng = np.random.RandomState(seed)
-  # Contexts across length buckets (16, 32, 1024 after padding); 0 to 5 options each,
-  # one of them empty, options of different lengths (several decoder lengths in a batch).
-  lengths = [5, 16, 30, 700, 9, 12]
+  # Contexts across length buckets (16, 32, 256 after padding: several attention blocks);
+  # 0 to 5 options each, one empty, of different lengths (several decoder lengths a batch).
+  lengths = [5, 16, 30, 200, 9, 12]
   ctxs = [list(rng.randint(2, 128, size=n)) + [1] for n in lengths]
   conts = [[list(rng.randint(2, 128, size=rng.randint(1, 4))) for _ in range(k)]
            for k in (4, 1, 5, 4, 0, 3)]
@@ -69,17 +70,3 @@ def test_t5_options_share_one_encoder_pass_and_score_as_brute_force(tiny_t5, imp
   want = _brute_force(ref_model, params, ctxs[3:4], conts[3:4], max_length=40)
   np.testing.assert_allclose(cut[0], [x[0] for x in want[0]], rtol=3e-5, atol=1e-4)
 
-
-def test_decoder_groups_are_its_flat_requests():
-  """A decoder reads context and option in one row: nothing shared, loglikelihood's rows."""
-  cfg = decoder.DecoderConfig(vocab_size=128, d_model=32, num_heads=4, num_kv_heads=2,
-                              head_dim=8, d_ff=48, num_layers=1)
-  model = kinds.DECODER.build(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(1), **kinds.DECODER.dummy_batch())["params"])
-  ctxs, conts = _groups(1)
-  ctxs = [c[:20] for c in ctxs]
-  sums, _ = scoring.loglikelihood_groups(model, params, kinds.DECODER, ctxs, conts, batch_size=4)
-  flat, _ = scoring.loglikelihood(model, params, kinds.DECODER,
-                                  [c for c, cs in zip(ctxs, conts) for _ in cs],
-                                  [y for cs in conts for y in cs], batch_size=4)
-  np.testing.assert_allclose(np.concatenate(sums), flat, rtol=1e-6)
