@@ -32,6 +32,7 @@ from flanjax import train as _train  # noqa: F401  registers train's gin configu
 from flanjax.data import packing
 from flanjax.errors import UserError
 from flanjax.models import kinds
+from flanjax.training import flops as flops_lib
 from flanjax.training import loop, optimizers, partitioning
 from flanjax.training import trainer as step_lib
 
@@ -128,8 +129,22 @@ def compile_train_step(settings: dict, devices):
   return compiled, state, part.mesh
 
 
-def report(compiled, state, devices, what: str = "train step", hbm_gib=None) -> dict:
-  """Per-device memory and FLOPs of a compiled step, against the chip (or hbm_gib)."""
+def model_flops_per_device(settings: dict, num_devices: int) -> float:
+  """The model's training FLOPs per step and device (training/flops.py, the MFU count).
+
+  XLA's cost analysis counts a scanned layer stack's loop body once, so it cannot
+  stand for the step under scan_layers; this count is the same in either layout."""
+  cfg = settings["config"]
+  rows = packing.row_lengths(settings["lengths"], kinds.for_config(cfg).packing_kind)
+  return flops_lib.step_flops(cfg, rows, settings["batch_size"]) / num_devices
+
+
+def report(compiled, state, devices, what: str = "train step", hbm_gib=None,
+           model_flops=None) -> dict:
+  """Per-device memory and FLOPs of a compiled step, against the chip (or hbm_gib).
+
+  model_flops: the model's FLOPs per device (model_flops_per_device); the step times
+  come from it when given (MFU's definition), else from XLA's count."""
   kind = devices[0].device_kind
   hbm, peak = CHIPS.get(kind, (None, None))
   hbm = hbm_gib * GIB if hbm_gib else hbm
@@ -146,9 +161,10 @@ def report(compiled, state, devices, what: str = "train step", hbm_gib=None) -> 
          "arguments_gib": mem.argument_size_in_bytes / GIB,
          "temp_gib": mem.temp_size_in_bytes / GIB, "total_gib": total / GIB,
          "hbm_gib": hbm / GIB if hbm else None, "fits": bool(hbm is None or total <= hbm),
-         "flops_per_device": flops,
-         "step_seconds_at_peak": flops / peak if peak else None,
-         "step_seconds_at_50pct_mfu": 2 * flops / peak if peak else None}
+         "flops_per_device": flops, "model_flops_per_device": model_flops}
+  timed = model_flops if model_flops else flops
+  out.update(step_seconds_at_peak=timed / peak if peak else None,
+             step_seconds_at_50pct_mfu=2 * timed / peak if peak else None)
   return out
 
 
@@ -163,7 +179,11 @@ def _print(r: dict) -> None:
   print(f"  temporaries     {g(r['temp_gib'])}")
   verdict = "fits" if r["fits"] else "does NOT fit"
   print(f"  total           {g(r['total_gib'])} of {g(r['hbm_gib'])} HBM: {verdict}")
-  print(f"  FLOPs per step  {r['flops_per_device']:.3e}")
+  print(f"  FLOPs per step  {r['flops_per_device']:.3e} (XLA's count; a scanned stack's "
+        "loop body once)")
+  if r.get("model_flops_per_device"):
+    print(f"  model FLOPs     {r['model_flops_per_device']:.3e} (matmuls and attention, "
+          "forward + backward; the step times below use it)")
   if r["step_seconds_at_peak"] is not None:
     print(f"  step time       {r['step_seconds_at_peak'] * 1e3:.1f} ms at peak, "
           f"{r['step_seconds_at_50pct_mfu'] * 1e3:.1f} ms at 50% MFU", flush=True)
@@ -212,7 +232,8 @@ def main(argv=None) -> int:
         f"{settings['mesh_shape']}, topology {args.topology} ({len(devices)} devices)", flush=True)
   t0 = time.time()
   compiled, state, mesh = compile_train_step(settings, devices)
-  result = report(compiled, state, devices, hbm_gib=args.hbm_gib)
+  result = report(compiled, state, devices, hbm_gib=args.hbm_gib,
+                  model_flops=model_flops_per_device(settings, len(devices)))
   result.update(compile_seconds=round(time.time() - t0, 1), topology=args.topology,
                 mesh=dict(mesh.shape))
   _print(result)

@@ -70,5 +70,9 @@ def test_tiny_t5_train_and_decode_steps_compile_for_a_v5e_topology(tmp_path):
   dec = cfg.num_decoder_layers * (8 * d * hk + 3 * d * f) + d * cfg.vocab_size
   matmuls = 6 * (enc * 64 + dec * 16) * 8 / 4
   assert 1.0 < train["flops_per_device"] / matmuls < 2
+  # The step times use the model's count (MFU's; XLA counts a scanned stack's body once),
+  # which holds the same matmuls plus attention's scores.
+  assert 1.0 < train["model_flops_per_device"] / matmuls < 1.2
+  assert train["model_flops_per_device"] <= train["flops_per_device"]
   assert train["step_seconds_at_50pct_mfu"] == pytest.approx(
-      2 * train["flops_per_device"] / 197e12)
+      2 * train["model_flops_per_device"] / 197e12)

@@ -58,8 +58,10 @@ def measure(model: str, topology: str) -> dict:
   devices = aot.topology_devices(topology)
   t0 = time.time()
   try:
-    compiled, state, mesh = aot.compile_train_step(aot.train_settings(), devices)
-    r = aot.report(compiled, state, devices)
+    settings = aot.train_settings()
+    compiled, state, mesh = aot.compile_train_step(settings, devices)
+    r = aot.report(compiled, state, devices,
+                   model_flops=aot.model_flops_per_device(settings, len(devices)))
     mesh = dict(mesh.shape)
   except Exception as e:  # pylint: disable=broad-except
     # XLA refuses a step whose temporaries alone exceed the chip: a "does not fit" row.
