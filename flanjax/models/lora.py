@@ -297,6 +297,22 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def peft_tensors(path: str) -> tuple[str, dict]:
+  """(file, float32 numpy tensors) of a PEFT adapter folder: its safetensors file, else
+  the adapter_model.bin that older PEFT versions wrote."""
+  import os  # pylint: disable=g-import-not-at-top
+  weights = os.path.join(path, ADAPTER_WEIGHTS)
+  if os.path.isfile(weights):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return weights, load_file(weights)
+  weights = os.path.join(path, "adapter_model.bin")
+  if os.path.isfile(weights):
+    import torch  # pylint: disable=g-import-not-at-top
+    return weights, {k: v.float().numpy() for k, v in
+                     torch.load(weights, map_location="cpu", weights_only=True).items()}
+  raise UserError(f"{path}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+
+
 def is_peft_dir(path: str) -> bool:
   import os  # pylint: disable=g-import-not-at-top
   return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
@@ -322,17 +338,7 @@ def read_peft(path: str, cfg) -> tuple[LoraConfig, dict, list[Site]]:
   if conf.get("bias", "none") != "none" or conf.get("modules_to_save"):
     raise UserError(f"{conf_path}: adapters with trained biases or modules_to_save are not "
                     "supported (bias must be 'none')")
-  weights = os.path.join(path, ADAPTER_WEIGHTS)
-  if os.path.isfile(weights):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    tensors = load_file(weights)
-  elif os.path.isfile(os.path.join(path, "adapter_model.bin")):
-    import torch  # pylint: disable=g-import-not-at-top
-    weights = os.path.join(path, "adapter_model.bin")
-    tensors = {k: v.float().numpy() for k, v in
-               torch.load(weights, map_location="cpu", weights_only=True).items()}
-  else:
-    raise UserError(f"{path}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+  weights, tensors = peft_tensors(path)
   adapters, chosen, rank = from_peft(tensors, cfg, weights)
   if conf.get("r") not in (None, rank):
     raise UserError(f"{conf_path}: r={conf.get('r')} but the weights have rank {rank}")

@@ -20,7 +20,7 @@ import gin
 import numpy as np
 
 from flanjax.errors import UserError
-from flanjax.models import kinds
+from flanjax.models import kinds, lora
 from flanjax.models.prompt_hook import KEY
 
 INITS = ("random", "vocab", "text")
@@ -127,17 +127,7 @@ def read_peft(path: str, cfg) -> tuple[PromptTuningConfig, np.ndarray]:
   if conf.get("peft_type") != "PROMPT_TUNING":
     raise UserError(f"{conf_path}: peft_type {conf.get('peft_type')!r}, not PROMPT_TUNING")
   n = int(conf["num_virtual_tokens"])
-  weights = os.path.join(path, ADAPTER_WEIGHTS)
-  if os.path.isfile(weights):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    tensors = load_file(weights)
-  elif os.path.isfile(os.path.join(path, "adapter_model.bin")):
-    import torch  # pylint: disable=g-import-not-at-top
-    weights = os.path.join(path, "adapter_model.bin")
-    tensors = {k: v.float().numpy() for k, v in
-               torch.load(weights, map_location="cpu", weights_only=True).items()}
-  else:
-    raise UserError(f"{path}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+  weights, tensors = lora.peft_tensors(path)
   if PEFT_TENSOR not in tensors:
     raise UserError(f"{weights}: no {PEFT_TENSOR} tensor (has {', '.join(sorted(tensors))})")
   # A seq2seq adapter may hold n rows per submodule; PEFT's forward reads the first n.
