@@ -53,11 +53,22 @@ def parse_step(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a step number or '{BEST_DIR}'") from None
 
 
-# What a resumed run may change: none of it shapes the parameters or the optimizer state.
-# scan_layers: loading reads a checkpoint in either layout (models/stack.py); a resumed
-# run keeps its own.
+# What a run from a Hugging Face folder takes from the run's model config, and (all but
+# scan_layers) what a resumed run may change: none of it shapes the parameters or the
+# optimizer state. scan_layers does shape the checkpoint's tree, so model_record keeps it.
 TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attention_block",
                    "remat_policy", "scan_layers")
+
+
+def model_record(cfg) -> dict:
+  """The model config as run_info.json records it, for check_run_info: the fields that
+  shape the checkpoint. A scanned stack is recorded, the default unscanned one is not, so
+  the runs from before scan_layers existed still compare equal."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  record = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TRAINING_FIELDS}
+  if getattr(cfg, "scan_layers", False):
+    record["scan_layers"] = True  # the trainer restores a checkpoint in its own layout only
+  return record
 
 
 def _is_main() -> bool:

@@ -37,7 +37,7 @@ from flanjax.curate import decontaminate  # noqa: E402
 from flanjax.errors import UserError  # noqa: E402
 # decoder and t5 are imported for their gin configurables DecoderConfig and T5Config.
 from flanjax.models import decoder, hf, kinds, stack, t5  # noqa: E402,F401
-from flanjax.run_folder import TRAINING_FIELDS, RunFolder  # noqa: E402
+from flanjax.run_folder import TRAINING_FIELDS, RunFolder, model_record  # noqa: E402
 from flanjax.training import adapters, checkpoints, loop, optimizers  # noqa: E402
 from flanjax.training.partitioning import check_divisible  # noqa: E402
 from flanjax.training.data import TrainData  # noqa: E402
@@ -162,8 +162,7 @@ def train(
     kind = kinds.for_config(cfg)
     # Only what shapes the parameters: dtype, remat and dropout may change on resume.
     run_info = {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
-                "model": {k: v for k, v in dataclasses.asdict(cfg).items()
-                          if k not in TRAINING_FIELDS}, "kind": kind.name,
+                "model": model_record(cfg), "kind": kind.name,
                 "optimizer": optimizers.describe()}
     adapter = adapters.setup(peft, cfg, init_params, init_from, init_adapter, vocab, seed)
     if adapter is not None:
