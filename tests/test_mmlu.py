@@ -229,6 +229,16 @@ def test_suite_reports_subjects_categories_and_overall(tiny_llama):
   assert rows["MMLU"]["examples"] == 6
   assert rows["MMLU"]["rank_classification"] == pytest.approx(
       np.mean([r.rank_classification for r in results]))  # equal sizes: the same mean
+  # generate=False (lm_eval's protocol, faster): the best-scored letter is the answer.
+  ranked_only = harness.evaluate_suite(
+      loaded.model, loaded.params, loaded.vocab, loaded.kind, [f"mmlu_{s}" for s in SUBJECTS],
+      input_length=INPUT_LENGTH, max_examples=2, batch_size=4, progress_every_secs=None,
+      log=lambda _: None, generate=False, keep_examples=2)
+  for r, r2 in zip(results, ranked_only):
+    assert r2.rank_classification == r.rank_classification
+    assert r2.metrics["accuracy"] == pytest.approx(r2.rank_classification)
+    assert [k["prediction"] for k in r2.examples_kept] == [
+        k["rank_choice"] for k in r2.examples_kept]
 
 
 LM_EVAL_YAML = """\

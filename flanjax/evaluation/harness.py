@@ -107,11 +107,12 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
                  rank_classification: bool = True, baseline: bool = False,
                  num_samples: int = 3, progress: Progress | None = None,
                  examples: list[Example] | None = None, keep_examples: int = 0,
-                 cut: Callable[[str], str] | None = None) -> TaskResult:
+                 cut: Callable[[str], str] | None = None, generate: bool = True) -> TaskResult:
   """One task and split: generation + the task's metrics, rank classification, baseline.
 
   keep_examples: how many examples (prompt, output, answers, right or wrong) the result
-  keeps for the review page; cut: applied to each generation (a prompt format's end of turn)."""
+  keeps for the review page; cut: applied to each generation (a prompt format's end of turn).
+  generate=False: where rank classification applies, its chosen option is the prediction."""
   kind = kinds_lib.get(kind)
   t0 = time.time()
   task = get_task(name)
@@ -122,12 +123,14 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
   prompts = [kind.prompt_ids(vocab, e.inputs) for e in examples]
   golds = [postprocess(task, e.targets, e.raw, True) for e in examples]
   rank_on = rank_classification and _rank_applies(name)
+  generate = generate or not rank_on  # a task without options is always generated
   predictions, ranked = [], None
   chunk = max(batch_size, 1) * 4
   for start in range(0, len(examples), chunk):
     part = slice(start, start + chunk)
-    ids = generator.generate_ids([np.asarray(p, np.int32) for p in prompts[part]])
-    predictions.extend((cut or str)(vocab.decode(x)) for x in ids)
+    if generate:
+      ids = generator.generate_ids([np.asarray(p, np.int32) for p in prompts[part]])
+      predictions.extend((cut or str)(vocab.decode(x)) for x in ids)
     if rank_on:  # chunk by chunk, so that progress and ETA count it
       ranked = _merge_ranked(ranked, rank_classify(
           model, params, vocab, kind, examples[part], golds[part], batch_size=batch_size,
@@ -136,6 +139,9 @@ def evaluate_one(model, params, vocab, kind, name: str, split: str, generator, *
     if progress:
       progress.update(len(examples[part]), f"{name}/{split}")
   truncated = generator.truncated - before
+  if not generate:
+    predictions = ["" if c is None else opts[c]
+                   for c, opts in zip(ranked["choices"], ranked["candidates"])]
   metrics, primary, targets_pp, preds_pp = score_predictions(task, examples, predictions)
   if task.score_metric_fns and examples:
     cont = [kind.continuation_ids(vocab, e.targets, e.inputs) for e in examples]
@@ -291,6 +297,7 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
                    decode=None, batch_size: int = 16, max_examples: int | None = None,
                    rank_classification: bool = True, baseline: bool = False, writer=None,
                    step: int | None = None, progress_every_secs: float | None = 10.0,
+                   generate: bool = True,
                    num_samples: int = 3, log: Callable[[str], None] = print,
                    keep_examples: int = 0, prompt_format=None) -> list[TaskResult]:
   """Evaluates `model` on tasks registered with `vocab`; one TaskResult per task and split.
@@ -306,7 +313,8 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
   scalars, eval/<task>/<split>/<metric>. keep_examples: examples each result keeps for
   the review page. prompt_format (a data.chat.PromptFormat): wraps the prompts of tasks
   not already rendered in a format (user data is) as infer wraps a prompt, and cuts
-  generations at its end of turn.
+  generations at its end of turn. generate=False: a task rank classification applies to
+  answers with its best-scored option instead of a generation (lm_eval's MMLU protocol).
   """
   from flanjax import decoding  # pylint: disable=g-import-not-at-top
   kind = kinds_lib.get(kind)
@@ -326,6 +334,7 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
                      input_length=input_length, batch_size=batch_size,
                      rank_classification=rank_classification, baseline=baseline,
                      num_samples=num_samples, progress=progress, examples=examples,
+                     generate=generate,
                      keep_examples=keep_examples, cut=prompt_format and prompt_format.cut)
     if r.truncated:
       log(f"eval: {name}/{split}: {r.truncated} of {r.examples} prompts are longer than "

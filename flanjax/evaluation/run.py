@@ -89,7 +89,7 @@ def evaluate(
     input_length: int = 2048,
     decode: decoding.DecodeConfig | None = None,
     max_decode_len: int | None = None, batch_size: int = 16, max_examples: int | None = None,
-    rank_classification: bool = True,
+    rank_classification: bool = True, generate: bool = True,
     out_dir: str | None = None,
     name: str = "eval",
     register_fns: Sequence[Callable] = (registry.register_all,),
@@ -104,8 +104,8 @@ def evaluate(
   the run's recorded one, else plain, as python -m flanjax.infer chooses. review_examples:
   examples per task and split on the review page <name>.html. adapter: LoRA adapters over the
   checkpoint (a LoRA run, at `step`, or a PEFT folder). attention_impl: the model's attention
-  (models/attention.py; 'blockwise' for long prompts), default the checkpoint's. Returns the
-  JSON report."""
+  (models/attention.py; 'blockwise' for long prompts), default the checkpoint's. generate=False:
+  tasks with options answer by rank classification alone (MMLU as lm_eval). Returns the JSON."""
   log = log or (lambda line: print(line, flush=True))
   t0, load0 = time.time(), os.getloadavg()  # the whole call's time, and the machine's load
   if not checkpoint:
@@ -140,9 +140,9 @@ def evaluate(
   results = evaluate_suite(
       loaded.model, loaded.params, loaded.vocab, loaded.kind, names,
       splits=splits, input_length=input_length, decode=decode, batch_size=batch_size,
-      max_examples=max_examples, rank_classification=rank_classification, writer=writer,
-      step=step_no, num_samples=num_samples, log=log, keep_examples=review_examples,
-      prompt_format=fmt)
+      max_examples=max_examples, rank_classification=rank_classification, generate=generate,
+      writer=writer, step=step_no, num_samples=num_samples, log=log,
+      keep_examples=review_examples, prompt_format=fmt)
   secs = time.time() - t1
   table = format_results(results)
   log(f"\nevaluation of {loaded.source} ({secs:.0f}s, {decode.method} decoding):\n{table}\n")
@@ -150,7 +150,7 @@ def evaluate(
       "checkpoint": os.path.abspath(checkpoint), "source": loaded.source,
       "kind": loaded.kind.name, "step": step_no, "input_length": input_length,
       "prompt_format": fmt.name, "decode": dataclasses.asdict(decode),
-      "max_examples": max_examples, "batch_size": batch_size,
+      "max_examples": max_examples, "batch_size": batch_size, "generate": generate,
       "attention_impl": loaded.config.attention_impl, "seconds": round(secs, 1),
       "seconds_whole_call": round(time.time() - t0, 1),
       "machine": {**machine(), "load_average_1_5_15_at_start": load0},
