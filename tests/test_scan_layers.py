@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import test_attention
 import pytest
 
 from flanjax import decoding
@@ -25,14 +26,7 @@ def _scanned(cfg, **kw):
   return dataclasses.replace(cfg, scan_layers=True, **kw)
 
 
-def _packed(rng, lengths, total):
-  tok, seg, pos = (np.zeros(total, np.int32) for _ in range(3))
-  at = 0
-  for s, n in enumerate(lengths, 1):
-    tok[at:at + n] = rng.integers(2, 64, n)
-    seg[at:at + n], pos[at:at + n] = s, np.arange(n)
-    at += n
-  return tok, seg, pos
+_packed = test_attention._packed_row  # the same packed rows as the attention parity tests
 
 
 def _t5_inputs():
