@@ -111,6 +111,10 @@ def _cpu_ticks() -> tuple[int, int, int] | None:
     return None
 
 
+def _others_share(a, b) -> float:
+  return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]))
+
+
 class Windows:
   """Timed windows of one figure: each window's rate, and how much of the machine
   other processes took meanwhile (/proc/stat's busy time less this process's own),
@@ -119,6 +123,8 @@ class Windows:
   def __init__(self):
     self.rates, self.seconds, self.others = [], [], []
     self.load_before = load()
+    self._first = self._last = None  # ticks around all windows, for windows under a tick
+
 
   def time(self, fn: Callable, amount: float):
     """Runs fn() as one window; its rate is amount / seconds."""
@@ -127,8 +133,11 @@ class Windows:
     out = fn()
     secs = time.perf_counter() - t0
     b = _cpu_ticks()
-    if a and b and b[1] > a[1]:
-      self.others.append(max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1])))
+    if a and b:
+      self._first = self._first or a
+      self._last = b
+      if b[1] > a[1]:
+        self.others.append(_others_share(a, b))
     self.seconds.append(secs)
     self.rates.append(amount / secs)
     return out
@@ -142,6 +151,11 @@ class Windows:
            "load_before": self.load_before, "load_after": load()}
     if self.others:
       out["others_cpu_share"] = round(max(self.others), 3)
+    elif self._first and self._last:
+      # Every window was shorter than a clock tick (fast machines, tiny configs): the share
+      # over the span of all windows instead; no tick at all means nothing ran measurably.
+      a, b = self._first, self._last
+      out["others_cpu_share"] = round(_others_share(a, b), 3) if b[1] > a[1] else 0.0
     out["quiet"] = quiet(out)
     return out
 
