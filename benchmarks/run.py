@@ -54,7 +54,7 @@ def benchmark(
     windows: int = 5,
     real_examples: int = 500,
     warmup: int = 2,
-    examples: int = 1700,
+    examples: int = 2200,
     torch_compile: bool = True,
     cold_inductor_cache: bool = True,
     learning_rate: float = 1e-4,
