@@ -68,3 +68,29 @@ def tiny_trained_run(tmp_path_factory, builtin_vocab):
   model_dir = tmp_path_factory.mktemp("tiny_trained_run") / "straight"
   out = run(model_dir, "--gin.train.num_steps=10", "--gin.train.peak_flops=1e12")
   return model_dir, out
+
+
+def command_in_process(main_fn, argv, session_vocab, prog_file=None):
+  """A command's main(argv) in this process, as its process runs it less the hard exit at
+  the end (held by test_failures_end and the tests that start the real command): (exit code,
+  stdout, stderr). For runs that stop early or train nothing, where starting a process (its
+  TensorFlow and JAX imports) costs more than the run. `prog_file` is the sys.argv[0] its
+  error lines are named after; gin and the task registry are the session's again after."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  from flanjax.data import registry  # pylint: disable=g-import-not-at-top
+  out, err, code = io.StringIO(), io.StringIO(), 0
+  old_argv = sys.argv
+  sys.argv = [prog_file or old_argv[0], *argv]
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      main_fn(list(argv))
+  except SystemExit as e:  # the code the process would end with, as config.as_command sets it
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  finally:
+    sys.argv = old_argv
+    gin.clear_config()
+    registry.register_all(session_vocab)
+  return code, out.getvalue(), err.getvalue()

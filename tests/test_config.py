@@ -7,7 +7,8 @@ import sys
 import gin
 import pytest
 
-import flanjax.train  # noqa: F401  (registers the configurables)
+import flanjax.train  # (also registers the configurables)
+from conftest import command_in_process
 from flanjax import config
 from flanjax.errors import UserError
 from flanjax.models.t5 import T5Config
@@ -73,16 +74,30 @@ def test_every_packaged_gin_file_parses():
     gin.clear_config()
 
 
+def _one_error_line(code, err, needle):
+  assert code == 2, err
+  errors = [l for l in err.splitlines() if "error:" in l]
+  assert len(errors) == 1 and needle in errors[0], err
+  assert "Traceback" not in err
+
+
+def test_command_line_error_ends_the_process_in_one_line(tmp_path):
+  # The real command, once: exit 2 and the one line on stderr of the process.
+  proc = subprocess.run([sys.executable, "-m", "flanjax.train", "--gin_file=flan.gin",
+                         "--gin.train.num_stepz=3"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+  _one_error_line(proc.returncode, proc.stderr, "num_stepz")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--gin_file=does_not_exist.gin"], "does_not_exist.gin"),
     (["--gin_file=flan.gin", "--gin.train.num_stepz=3"], "num_stepz"),
     (["--gin_file=flan.gin", "--bogus"], "--bogus"),
     ([], "--gin_file"),
 ])
-def test_command_line_errors_are_one_line(argv, needle, tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "flanjax.train", *argv], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr
-  errors = [l for l in proc.stderr.splitlines() if "error:" in l]
-  assert len(errors) == 1 and needle in errors[0], proc.stderr
-  assert "Traceback" not in proc.stderr
+def test_command_line_errors_are_one_line(argv, needle, tmp_path, monkeypatch, builtin_vocab):
+  # The command's main in this process: each case would otherwise pay a process start
+  # (its TensorFlow and JAX imports) for one line.
+  monkeypatch.chdir(tmp_path)
+  code, _, err = command_in_process(flanjax.train.main, argv, builtin_vocab)
+  _one_error_line(code, err, needle)
