@@ -9,7 +9,8 @@ shardings from the logical rules, the batch sharded over data x fsdp), compiles 
 against the topology's devices with libtpu (`pip install 'flanjax[tpu]'`), and prints
 per device: parameters, optimizer state, temporaries and the total against the chip's
 memory, FLOPs per step (XLA's cost analysis) and the step time at the chip's peak and at
-50% MFU. Exit code 0: fits; 1: does not fit; 2: a user error. With --decode, one
+50% MFU. Exit code 0: fits; 1: does not fit (a step XLA refuses to compile for the chip's
+memory ends with one line: what it needed, and the fixes); 2: a user error. With --decode, one
 decoding step (the KV cache of --decode_batch rows) is compiled and reported too.
 """
 
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -63,6 +65,59 @@ def topology_devices(name: str):
     text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
     raise UserError(f"--topology={name}: libtpu does not know it ({text}); use e.g. "
                     "v4:2x2x2, v5e:2x4, v5p:2x2x1") from None
+
+
+_SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# XLA:TPU's compile-time refusals for memory, newer and older wording: (needed, available).
+_REFUSALS = (re.compile(r"(?:Ran out of memory on HBM, the total memory )?required for HLO "
+                        r"temporaries \(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE
+                        + r"\)"),
+             re.compile(r"Used " + _SIZE + r" of " + _SIZE + r" hbm"))
+
+
+def hbm_refusal(error: BaseException):
+  """(GiB wanted, GiB available, XLA's sentence) when XLA refused to compile a step for
+  the chip's memory (RESOURCE_EXHAUSTED at compile time), else None."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
+    return None
+  for pattern in _REFUSALS:
+    m = pattern.search(text)
+    if m:
+      want, have = (float(m.group(i)) * _UNITS[m.group(i + 1)] / GIB for i in (1, 3))
+      return want, have, m.group(0)
+  lines = [x.strip() for x in text.splitlines() if "RESOURCE_EXHAUSTED" in x]
+  return None, None, lines[0][:300]
+
+
+def refusal_line(what: str, topology: str, devices, settings: dict, refusal,
+                 decode_batch=None) -> str:
+  """One line for a step XLA would not compile for memory: what, how much, the fixes
+  (decode_batch: the decoding step's rows, for a refused decode step)."""
+  want, have, sentence = refusal
+  cfg = settings["config"]
+  owner = type(cfg).__name__
+  hbm = CHIPS.get(devices[0].device_kind, (None,))[0]
+  need = (f"{want:.2f} GiB of temporaries per chip against the {have:.2f} GiB XLA leaves "
+          f"free" + (f" of {hbm / GIB:.0f} GiB HBM" if hbm else "")
+          if want is not None else f"XLA: {sentence}")
+  if decode_batch is None:
+    fixes = [f"a smaller train.batch_size (now {settings['batch_size']}) or shorter "
+             "train.task_feature_lengths",
+             f"more train.microbatches (now {settings['microbatches']})"]
+  else:
+    fixes = [f"a smaller --decode_batch (now {decode_batch}) or shorter "
+             "train.task_feature_lengths"]
+  if getattr(cfg, "remat_policy", "none") == "none" and not getattr(cfg, "remat", True):
+    fixes.append(f"{owner}.remat=True")
+  if getattr(cfg, "attention_impl", "blockwise") == "reference":
+    fixes.append(f"{owner}.attention_impl='blockwise'")
+  if str(getattr(cfg, "dtype", "bfloat16")) == "float32":
+    fixes.append(f"{owner}.dtype='bfloat16'")
+  fixes.append(f"more chips (a topology larger than {topology})")
+  return (f"{what} does NOT fit {len(devices)} x {devices[0].device_kind} ({topology}): "
+          f"it needs {need}; fix: {', '.join(fixes[:-1])} or {fixes[-1]}")
 
 
 def _bound(selector, default):
@@ -231,25 +286,51 @@ def main(argv=None) -> int:
         f"lengths {settings['lengths']}, batch {settings['batch_size']}, mesh "
         f"{settings['mesh_shape']}, topology {args.topology} ({len(devices)} devices)", flush=True)
   t0 = time.time()
-  compiled, state, mesh = compile_train_step(settings, devices)
-  result = report(compiled, state, devices, hbm_gib=args.hbm_gib,
-                  model_flops=model_flops_per_device(settings, len(devices)))
-  result.update(compile_seconds=round(time.time() - t0, 1), topology=args.topology,
-                mesh=dict(mesh.shape))
-  _print(result)
-  results = [result]
-  if args.decode:
+  results = []
+
+  def refused(what, e, decode_batch=None):
+    # XLA refuses at compile time a step whose temporaries exceed the chip: a verdict, not
+    # a crash. One line, exit 1 (does not fit), and the row in --json.
+    found = hbm_refusal(e)
+    if found is None:
+      raise e
+    results.append({"what": what, "devices": len(devices), "topology": args.topology,
+                    "device_kind": devices[0].device_kind, "fits": False,
+                    "temp_gib": found[0], "total_gib": None, "hbm_gib": found[1],
+                    "error": "XLA: " + found[2], "compile_seconds": round(time.time() - t0, 1)})
+    return refusal_line(what, args.topology, devices, settings, found, decode_batch)
+
+  line = None
+  try:
+    compiled, state, mesh = compile_train_step(settings, devices)
+  except Exception as e:  # pylint: disable=broad-except
+    line = refused("train step", e)
+  else:
+    result = report(compiled, state, devices, hbm_gib=args.hbm_gib,
+                    model_flops=model_flops_per_device(settings, len(devices)))
+    result.update(compile_seconds=round(time.time() - t0, 1), topology=args.topology,
+                  mesh=dict(mesh.shape))
+    _print(result)
+    results.append(result)
+  if args.decode and line is None:
     t0 = time.time()
-    compiled, state = compile_decode_step(settings, devices, args.decode_batch)
-    dec = report(compiled, state, devices, what=f"decode step ({args.decode_batch} rows)",
-                 hbm_gib=args.hbm_gib)
-    dec["compile_seconds"] = round(time.time() - t0, 1)
-    _print(dec)
-    results.append(dec)
+    what = f"decode step ({args.decode_batch} rows)"
+    try:
+      compiled, state = compile_decode_step(settings, devices, args.decode_batch)
+    except Exception as e:  # pylint: disable=broad-except
+      line = refused(what, e, args.decode_batch)
+    else:
+      dec = report(compiled, state, devices, what=what, hbm_gib=args.hbm_gib)
+      dec["compile_seconds"] = round(time.time() - t0, 1)
+      _print(dec)
+      results.append(dec)
   print(f"compiled in {sum(r['compile_seconds'] for r in results):.0f}s", flush=True)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)
+  if line:
+    print(line, flush=True)
+    return 1
   return 0 if all(r["fits"] for r in results) else 1
 
 

@@ -76,3 +76,43 @@ def test_tiny_t5_train_and_decode_steps_compile_for_a_v5e_topology(tmp_path):
   assert train["model_flops_per_device"] <= train["flops_per_device"]
   assert train["step_seconds_at_50pct_mfu"] == pytest.approx(
       2 * train["model_flops_per_device"] / 197e12)
+
+
+def test_a_step_xla_refuses_for_memory_ends_in_one_line_and_exit_1(tmp_path):
+  path = _libtpu_path()
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (path, REPO) if p))
+  out = tmp_path / "aot.json"
+  # One layer each way, 2,048 rows of 1,024 inputs under the reference attention: its
+  # [512, 4, 1024, 1024] scores per chip alone are 8 GiB in fp32, over a v5e chip's 16 GiB
+  # with their gradient; XLA refuses it at compile time (RESOURCE_EXHAUSTED).
+  cmd = [sys.executable, "-m", "flanjax.aot", "--gin_file=flan.gin", "--topology=v5e:2x2",
+         "--gin.train.task_feature_lengths={'inputs': 1024, 'targets': 16}",
+         "--gin.train.batch_size=2048", "--gin.T5Config.num_encoder_layers=1",
+         "--gin.T5Config.num_decoder_layers=1", f"--json={out}"]
+  got = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200,
+                       check=False)
+  assert got.returncode == 1, got.stderr[-3000:]
+  assert "Traceback" not in got.stderr
+  [row] = json.loads(out.read_text())
+  assert not row["fits"] and row["total_gib"] is None
+  assert row["temp_gib"] > row["hbm_gib"] > 15  # XLA's figures, in GiB
+  last = got.stdout.strip().splitlines()[-1]
+  assert last.startswith("train step does NOT fit 4 x TPU v5 lite (v5e:2x2): it needs "
+                         f"{row['temp_gib']:.2f} GiB")
+  assert f"{row['hbm_gib']:.2f} GiB XLA leaves free of 16 GiB HBM" in last
+  for fix in ("train.batch_size (now 2048)", "train.microbatches (now 1)",
+              "T5Config.remat=True", "T5Config.attention_impl='blockwise'", "more chips"):
+    assert fix in last
+
+
+def test_hbm_refusal_reads_both_of_xlas_wordings_and_nothing_else():
+  from flanjax import aot  # pylint: disable=g-import-not-at-top
+  new = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                     "for HLO temporaries (18.82G) exceeds available HBM (15.75G).")
+  old = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
+                     "in memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm capacity "
+                     "by 5.02G.")
+  assert aot.hbm_refusal(new)[:2] == (18.82, 15.75)
+  assert aot.hbm_refusal(old)[:2] == (20.5, 15.48)
+  assert aot.hbm_refusal(RuntimeError("RESOURCE_EXHAUSTED: 512M"))[:2] == (None, None)
+  assert aot.hbm_refusal(RuntimeError("INVALID_ARGUMENT: a shape")) is None

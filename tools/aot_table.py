@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -57,25 +56,61 @@ def measure(model: str, topology: str) -> dict:
   flan_config.parse_gin(flan_config.GinArgs(["flan.gin"] + files, COMMON + bindings, [], []))
   devices = aot.topology_devices(topology)
   t0 = time.time()
+  settings = aot.train_settings()
   try:
-    settings = aot.train_settings()
     compiled, state, mesh = aot.compile_train_step(settings, devices)
     r = aot.report(compiled, state, devices,
                    model_flops=aot.model_flops_per_device(settings, len(devices)))
     mesh = dict(mesh.shape)
   except Exception as e:  # pylint: disable=broad-except
     # XLA refuses a step whose temporaries alone exceed the chip: a "does not fit" row.
-    m = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
-    if not m:
+    found = aot.hbm_refusal(e)
+    if found is None:
       raise
     r = {"what": "train step", "devices": len(devices), "device_kind": devices[0].device_kind,
-         "fits": False, "temp_gib": float(m.group(1)), "total_gib": None,
-         "hbm_gib": float(m.group(2)), "error": "XLA: RESOURCE_EXHAUSTED, " + m.group(0)}
+         "fits": False, "temp_gib": found[0], "total_gib": None, "hbm_gib": found[1],
+         "error": "XLA: RESOURCE_EXHAUSTED, " + found[2]}
     mesh = None
   r.update(model=model, topology=topology, mesh=mesh,
+           parameters=settings["config"].num_params(),
            compile_seconds=round(time.time() - t0, 1),
            load_average=[round(x, 2) for x in os.getloadavg()])
   return r
+
+
+NAMES = {"t5_small": "T5 small", "t5_base": "T5 base", "t5_large": "T5 large",
+         "t5_xl": "T5-XL", "t5_xxl": "T5-XXL", "decoder_1b": "decoder 1B (Llama 3.2 shapes)",
+         "decoder_8b": "decoder 8B (Llama 3.1 shapes)"}
+
+
+def markdown(doc: dict) -> str:
+  """The README's table from the JSON: per model and slice, fits or not and GiB per chip."""
+  rows = {(r["model"], r["chips"]): r for r in doc["rows"]}
+  chips = [c for c in TOPOLOGIES if any(k[1] == c for k in rows)]
+  head = []
+  for c in chips:
+    r = next(r for k, r in rows.items() if k[1] == c)
+    hbm = aot.CHIPS.get(r["device_kind"], (None,))[0]
+    head.append(f"{c} ({r['devices']} x {hbm / aot.GIB:.0f} GiB)" if hbm else c)
+  lines = ["| model | parameters | " + " | ".join(head) + " |",
+           "|---|---|" + "---|" * len(chips)]
+  for model in [m for m in MODELS if any(k[0] == m for k in rows)]:
+    params = next((r["parameters"] for k, r in rows.items()
+                   if k[0] == model and r.get("parameters")), None)
+    cells = [NAMES[model], f"{params / 1e9:.2f}B" if params else ""]
+    for c in chips:
+      r = rows.get((model, c))
+      if r is None:
+        cells.append("not measured")
+      elif r["fits"]:
+        cells.append(f"yes, {r['total_gib']:.2f} ({r['compile_seconds']:.0f} s)")
+      elif r.get("total_gib") is not None:
+        cells.append(f"no, {r['total_gib']:.2f} ({r['compile_seconds']:.0f} s)")
+      else:
+        cells.append(f"no: XLA refuses {r['temp_gib']:.2f} GiB of temporaries "
+                     f"({r['compile_seconds']:.0f} s)")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def _names(text: str, known: dict, flag: str) -> list:
@@ -91,7 +126,13 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="tools/aot_table.py")
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+  parser.add_argument("--markdown", action="store_true",
+                      help="print the README's table from the JSON (compiles nothing)")
   args = parser.parse_args(argv)
+  if args.markdown:
+    with open(OUT, encoding="utf-8") as f:
+      print(markdown(json.load(f)))
+    return 0
   models = _names(args.models, MODELS, "--models")
   topologies = _names(args.topologies, TOPOLOGIES, "--topologies")
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -109,10 +150,10 @@ def main(argv=None) -> int:
     for model in models:
       print(f"{model} on {topo_name} ...", flush=True)
       r = measure(model, TOPOLOGIES[topo_name])
-      r["chips"] = topo_name
+      r.update(chips=topo_name, commit=commit, command=doc["command"])
       doc["rows"] = [x for x in doc["rows"]
                      if (x["model"], x["chips"]) != (model, topo_name)] + [r]
-      need = r["total_gib"] or r["temp_gib"]  # XLA's refusal gives the temporaries only
+      need = r["total_gib"] or r["temp_gib"] or float("nan")  # a refusal: temporaries only
       print(f"  {need:.1f} GiB of {r['hbm_gib']:.0f}: "
             f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_seconds']:.0f}s)",
             flush=True)
