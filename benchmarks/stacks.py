@@ -123,15 +123,18 @@ def pack_rows(examples, lengths, kind, window=packing.DEFAULT_WINDOW):
 def stack_rows(rows, batch_size: int) -> dict:
   """B rows -> one batch; fewer rows are topped up with empty (all-padding) rows.
 
-  A prefix-LM row is made causal (decoder_causal_attention all 0): the decoder is
-  timed on the objective PyTorch's LlamaForCausalLM trains, causal attention
-  with the loss on the targets (the cost is the same either way)."""
+  A prefix-LM row is made causal (decoder_causal_attention dropped, as the causal
+  'decoder' kind's rows have none): the decoder is timed on the objective PyTorch's
+  LlamaForCausalLM trains, causal attention with the loss on the targets. (Not a
+  zeros mask: without a prefix the attention skips the keys a causal mask hides.)"""
   out = {}
   for k in rows[0]:
+    if k == "decoder_causal_attention":
+      continue
     a = np.stack([r[k] for r in rows])
     if len(rows) < batch_size:
       a = np.concatenate([a, np.zeros((batch_size - len(rows),) + a.shape[1:], a.dtype)])
-    out[k] = np.zeros_like(a) if k == "decoder_causal_attention" else a
+    out[k] = a
   return out
 
 

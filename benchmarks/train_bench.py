@@ -20,7 +20,7 @@ position ids restart per example, transformers masks across examples). Real
 tokens/s counts non-padding positions; every run sees the same real tokens.
 
 The decoder's objective is the same on both sides: causal attention, loss on
-the targets (flanjax's prefix-LM rows with decoder_causal_attention set to 0;
+the targets (flanjax's prefix-LM rows without decoder_causal_attention, i.e. causal;
 PyTorch's rows hold the same tokens). The parity check compares the two
 stacks' losses on the timed batches themselves before any update.
 """

@@ -34,6 +34,7 @@ from flanjax.models import lora_hook as lora
 from flanjax.models import prompt_hook
 # Llama's MLP is T5's gated feed-forward with SiLU (SwiGLU): one module serves both.
 from flanjax.models import attention
+from flanjax.models import dense
 from flanjax.models import stack
 from flanjax.models.t5 import FeedForward, RMSNorm, _param
 
@@ -167,10 +168,10 @@ class Attention(nn.Module):
     """
     c = self.config
     dt = c.compute_dtype
-    q = lora.add(self, "q", x, jnp.einsum("bld,dhk->blhk", x, self.wq.astype(dt)), deterministic)
-    kk = lora.add(self, "k", x, jnp.einsum("bld,dhk->blhk", x, self.wk.astype(dt)),
+    q = lora.add(self, "q", x, dense.project(x, self.wq.astype(dt)), deterministic)
+    kk = lora.add(self, "k", x, dense.project(x, self.wk.astype(dt)),
                   deterministic)
-    v = lora.add(self, "v", x, jnp.einsum("bld,dhk->blhk", x, self.wv.astype(dt)), deterministic)
+    v = lora.add(self, "v", x, dense.project(x, self.wv.astype(dt)), deterministic)
     q = nn.with_logical_constraint(apply_rope(q, rope), ("batch", "length", "heads", "kv"))
     kk = nn.with_logical_constraint(apply_rope(kk, rope), ("batch", "length", "kv_heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
@@ -183,7 +184,7 @@ class Attention(nn.Module):
     # Query head j reads key/value head j // groups (Hugging Face's repeat_kv order).
     out = attention.attend(q, kk, v, spec, impl=c.attention_impl, scale=c.head_dim ** -0.5,
                            block=c.attention_block, dropout=drop)
-    out = lora.add(self, "o", out, jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt)),
+    out = lora.add(self, "o", out, dense.project(out, self.wo.astype(dt), 2),
                    deterministic)
     return out if cache is None else (out, (kk, v))
 
@@ -221,7 +222,8 @@ def attention_spec(segment_ids: Array, causal_attention: Array | None = None,
   kv_pos = jnp.arange(kv_segments.shape[1], dtype=jnp.int32)[None]
   q_pos = kv_pos[:, :segment_ids.shape[1]] if q_positions is None else q_positions
   prefix = None if causal_attention is None else causal_attention > 0
-  return attention.Spec(segment_ids, kv_segments, q_pos, kv_pos, causal=True,
+  aligned = q_positions is None and segment_ids.shape[1] == kv_segments.shape[1]
+  return attention.Spec(segment_ids, kv_segments, q_pos, kv_pos, causal=True, aligned=aligned,
                         q_prefix=None if prefix is None else prefix[:, :segment_ids.shape[1]],
                         kv_prefix=prefix)
 
@@ -256,9 +258,9 @@ class Decoder(nn.Module):
 
   def _logits(self, x):
     if self.config.tie_word_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x, self.embedding.astype(x.dtype))
+      logits = dense.project_transposed(x, self.embedding.astype(x.dtype))
     else:
-      logits = x @ self.lm_head.astype(x.dtype)
+      logits = dense.project(x, self.lm_head.astype(x.dtype))
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def __call__(self, decoder_input_tokens, decoder_target_tokens=None,

@@ -33,6 +33,7 @@ import numpy as np
 from flanjax.models import lora_hook as lora
 from flanjax.models import prompt_hook
 from flanjax.models import attention
+from flanjax.models import dense
 from flanjax.models import stack
 from flanjax.models.attention import NEG_INF, relative_position_bucket  # noqa: F401
 
@@ -123,9 +124,9 @@ class RelativePositionBias(nn.Module):
                   ("relpos_buckets", "heads"))
 
   def spec(self, table, q_segments, kv_segments, q_positions, kv_positions, causal=False,
-           kv_padding=False) -> attention.Spec:
+           kv_padding=False, aligned=False) -> attention.Spec:
     return attention.Spec(q_segments, kv_segments, q_positions, kv_positions, rel_table=table,
-                          causal=causal, kv_padding=kv_padding,
+                          causal=causal, kv_padding=kv_padding, aligned=aligned,
                           rel_bidirectional=self.bidirectional,
                           rel_max_distance=self.max_distance)
 
@@ -144,8 +145,8 @@ class Attention(nn.Module):
 
   def project_kv(self, x_kv, deterministic=True):
     dt = self.config.compute_dtype
-    k = jnp.einsum("bld,dhk->blhk", x_kv, self.wk.astype(dt))
-    v = jnp.einsum("bld,dhk->blhk", x_kv, self.wv.astype(dt))
+    k = dense.project(x_kv, self.wk.astype(dt))
+    v = dense.project(x_kv, self.wv.astype(dt))
     return (lora.add(self, "k", x_kv, k, deterministic),
             lora.add(self, "v", x_kv, v, deterministic))
 
@@ -159,7 +160,7 @@ class Attention(nn.Module):
       updated buffers are returned beside the output.
     """
     dt = self.config.compute_dtype
-    q = jnp.einsum("bld,dhk->blhk", x_q, self.wq.astype(dt))
+    q = dense.project(x_q, self.wq.astype(dt))
     q = lora.add(self, "q", x_q, q, deterministic)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     if kv is None:
@@ -177,7 +178,7 @@ class Attention(nn.Module):
     # T5 folds 1/sqrt(d_kv) into the initialisation of q: no scaling here.
     out = attention.attend(q, kk, v, spec, impl=c.attention_impl, block=c.attention_block,
                            dropout=drop)
-    out = lora.add(self, "o", out, jnp.einsum("bqhk,hkd->bqd", out, self.wo.astype(dt)),
+    out = lora.add(self, "o", out, dense.project(out, self.wo.astype(dt), 2),
                    deterministic)
     return out if cache is None else (out, (kk, v))
 
@@ -194,15 +195,15 @@ class FeedForward(nn.Module):
     if gated:
       wi0 = _param(self, "wi_0", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
       wi1 = _param(self, "wi_1", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
-      hidden = (act(lora.add(self, "wi_0", x, x @ wi0.astype(dt), deterministic))
-                * lora.add(self, "wi_1", x, x @ wi1.astype(dt), deterministic))
+      hidden = (act(lora.add(self, "wi_0", x, dense.project(x, wi0.astype(dt)), deterministic))
+                * lora.add(self, "wi_1", x, dense.project(x, wi1.astype(dt)), deterministic))
     else:
       wi = _param(self, "wi", c.d_model ** -0.5, (c.d_model, c.d_ff), ("embed", "mlp"))
-      hidden = act(lora.add(self, "wi", x, x @ wi.astype(dt), deterministic))
+      hidden = act(lora.add(self, "wi", x, dense.project(x, wi.astype(dt)), deterministic))
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
     wo = _param(self, "wo", c.d_ff ** -0.5, (c.d_ff, c.d_model), ("mlp", "embed"))
-    return lora.add(self, "wo", hidden, hidden @ wo.astype(dt), deterministic)
+    return lora.add(self, "wo", hidden, dense.project(hidden, wo.astype(dt)), deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -317,7 +318,7 @@ class T5(nn.Module):
     dec_seg = _segments(decoder_input_tokens, decoder_segment_ids)
     idx = jnp.arange(decoder_input_tokens.shape[1])[None]
     self_spec = self.decoder_relpos.spec(self.decoder_relpos(), dec_seg, dec_seg, idx, idx,
-                                         causal=True)
+                                         causal=True, aligned=True)
     cross_spec = attention.Spec(dec_seg, enc_seg, idx,
                                 jnp.arange(encoder_input_tokens.shape[1])[None], kv_padding=True)
     x = self.dropout(self._embed(decoder_input_tokens), deterministic)
@@ -330,9 +331,9 @@ class T5(nn.Module):
     if c.tie_word_embeddings:
       # The original T5 rescales before the shared output projection.
       x = x * (c.d_model ** -0.5)
-      logits = jnp.einsum("bld,vd->blv", x, self.embedding.astype(x.dtype))
+      logits = dense.project_transposed(x, self.embedding.astype(x.dtype))
     else:
-      logits = x @ self.lm_head.astype(x.dtype)
+      logits = dense.project(x, self.lm_head.astype(x.dtype))
     return nn.with_logical_constraint(logits.astype(jnp.float32),
                                       ("batch", "length", "vocab"))
 
