@@ -33,7 +33,7 @@ from flanjax import config as flan_config
 from flanjax import train as _train  # noqa: F401  registers train's gin configurables
 from flanjax.data import packing
 from flanjax.errors import UserError
-from flanjax.models import kinds
+from flanjax.models import dense, kinds
 from flanjax.training import flops as flops_lib
 from flanjax.training import loop, optimizers, partitioning
 from flanjax.training import trainer as step_lib
@@ -178,7 +178,8 @@ def compile_train_step(settings: dict, devices):
            for k, n in lengths.items()}
   step_fn = step_lib.make_train_step(model, tx, lr_fn, microbatches=settings["microbatches"],
                                      z_loss=settings["z_loss"], model_inputs=kind.model_inputs)
-  with part.scope():
+  # dense.py's CPU formulation is for XLA:CPU; a TPU compiles XLA's own gradient.
+  with part.scope(), dense.mode("xla"):
     compiled = step_lib.jit_train_step(step_fn, shardings, part.mesh).lower(
         state, batch).compile()
   return compiled, state, part.mesh
@@ -263,7 +264,7 @@ def compile_decode_step(settings: dict, devices, batch: int):
     return kind.decode_start(model, {"params": p}, prompts,
                              jnp.full((batch,), prompt_len, jnp.int32), max_len)
 
-  with part.scope():
+  with part.scope(), dense.mode("xla"):
     state = jax.eval_shape(start, params, prompts)[1]
     step = jax.jit(lambda p, s, t: kind.decode_step(model, {"params": p}, s, t, 1))
     compiled = step.lower(params, state, token).compile()
