@@ -428,7 +428,7 @@ def test_register_functions_are_given_the_input_length(budget_probe, builtin_voc
 
 # ------------------------------------------------------------------ tools
 
-def test_show_task_prints_what_the_model_sees(tmp_path):
+def test_show_task_prints_what_the_model_sees(tmp_path, builtin_vocab):
   shared_data("flan_cot")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   out = subprocess.run([sys.executable, str(REPO / "tools" / "show_task.py"), "flan_cot_strategyqa",
@@ -445,10 +445,25 @@ def test_show_task_prints_what_the_model_sees(tmp_path):
   worded = tasks.render_split(defn, "train", limit=1, fmt="cot")[0]
   assert raw["inputs"] != worded["inputs"]
   assert f"--- inputs ---\n{raw['inputs']}\n--- targets ---" in out.stdout
-  bad = subprocess.run([sys.executable, str(REPO / "tools" / "show_task.py"), "no_such_task"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-  assert bad.returncode == 2
-  assert bad.stderr.strip().splitlines()[-1].startswith("show_task: error: unknown task or mixture")
+  # An unknown name: the tool's guarded main in this process (a second process start would
+  # cost more than the tool), exit 2 and one line.
+  import contextlib
+  import importlib.util
+  import io
+  from flanjax import config
+  spec = importlib.util.spec_from_file_location("show_task_tool", REPO / "tools" / "show_task.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  err = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), \
+         pytest.raises(SystemExit) as exit_:
+      config.run_plain_main(tool.main, "show_task", ["no_such_task"])
+  finally:
+    registry.register_all(builtin_vocab)  # the tool registered its input length of 1024
+  assert exit_.value.code == 2
+  assert err.getvalue().strip().splitlines()[-1].startswith(
+      "show_task: error: unknown task or mixture")
 
 
 @pytest.fixture
