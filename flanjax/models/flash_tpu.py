@@ -1,0 +1,93 @@
+"""attention_impl='flash': the Pallas flash-attention kernel for TPU
+(jax.experimental.pallas.ops.tpu.flash_attention), behind attention.attend's interface.
+
+What the kernel takes, and how a `Spec` maps onto it:
+  segment ids   q_segments / kv_segments as they are; with kv_padding, key segment 0
+                becomes -1 so no query sees it (a query of segment 0 then sees nothing
+                and gets a uniform softmax, as in the reference).
+  causal        by index, not by position: the same in training rows, whose packed
+                segments are contiguous runs with positions counting up (the segment
+                ids keep segments apart).
+  T5's bias     the kernel's `ab`, which must be [b, heads, q, k]: the bias is
+                materialised per batch row (and its gradient with it), so on T5 the
+                kernel saves the fp32 probabilities but not the [q, k] bias; blockwise
+                stays the linear-memory choice there.
+  GQA           key/value heads repeated to the query heads (Hugging Face's order).
+Not supported by the kernel, and sent to the blockwise path instead: the prefix-LM mask
+(q_prefix) and a causal block whose queries are not its keys (the KV-cache decode step).
+
+Lengths are padded to a multiple of the block (a multiple of 128, the kernel's lane
+width) with segment ids no query matches, and cut back afterwards; a query that sees no
+key (padding) then averages over the padded keys too, an output nothing reads. Off TPU, the kernel
+runs in Pallas's TPU interpreter only inside pltpu.force_tpu_interpret_mode() (tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flanjax.models import attention
+
+Array = Any
+LANES = 128  # the kernel's key blocks are multiples of the TPU's lane width
+_PAD_Q, _PAD_KV = -2, -3  # segment ids of the padding: seen by nothing, seeing nothing
+
+
+def supported(q: Array, k: Array, spec: attention.Spec) -> bool:
+  """Whether the kernel computes this attention exactly (else blockwise does)."""
+  if spec.q_prefix is not None or spec.kv_prefix is not None:
+    return False
+  return not (spec.causal and q.shape[1] != k.shape[1])
+
+
+def _block(block: int, length: int) -> int:
+  up = lambda n: -(-n // LANES) * LANES  # noqa: E731
+  return min(up(block), up(length))
+
+
+def _pad(x: Array, length: int, fill) -> Array:
+  extra = length - x.shape[1]
+  if not extra:
+    return x
+  return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+
+def attend(q: Array, k: Array, v: Array, spec: attention.Spec, scale: float | None = None,
+           block: int = 512) -> Array:
+  """q [b, q, heads, d], k and v [b, k, kv_heads, d] -> [b, q, heads, d] in q's dtype,
+  as attention.attend (scale None: not scaled, as T5)."""
+  if not supported(q, k, spec):
+    return attention.attend(q, k, v, spec, impl="blockwise", scale=scale, block=block)
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
+  b, lq, h, d = q.shape
+  lk, g = k.shape[1], k.shape[2]
+  bq, bk = _block(block, lq), _block(block, lk)
+  pq, pk = -(-lq // bq) * bq, -(-lk // bk) * bk
+  if g != h:  # query head j reads key/value head j // (h / g)
+    k, v = jnp.repeat(k, h // g, axis=2), jnp.repeat(v, h // g, axis=2)
+  kv_seg = spec.kv_segments.astype(jnp.int32)
+  if spec.kv_padding:
+    kv_seg = jnp.where(kv_seg > 0, kv_seg, -1)
+  segments = fa.SegmentIds(q=_pad(spec.q_segments.astype(jnp.int32), pq, _PAD_Q),
+                           kv=_pad(kv_seg, pk, _PAD_KV))
+  heads_first = lambda x, n: jnp.swapaxes(_pad(x, n, 0), 1, 2)  # noqa: E731  [b, h, l, d]
+  ab = spec.position_bias(spec.q_positions[0], spec.kv_positions[0])  # [h, q, k] or None
+  if ab is not None:
+    if scale is not None:  # the kernel scales the sum (q.k + ab); the reference, q.k alone
+      ab = ab / scale
+    ab = jnp.pad(ab, [(0, 0), (0, pq - lq), (0, pk - lk)])
+    ab = jnp.broadcast_to(ab[None], (b,) + ab.shape)
+  sizes = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+                        block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk,
+                        block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+  out = fa.flash_attention(heads_first(q, pq), heads_first(k, pk), heads_first(v, pk), ab,
+                           segments, causal=spec.causal,
+                           sm_scale=1.0 if scale is None else float(scale), block_sizes=sizes)
+  return jnp.swapaxes(out, 1, 2)[:, :lq].astype(q.dtype)
+
+
+def on_tpu() -> bool:
+  return jax.default_backend() == "tpu"
