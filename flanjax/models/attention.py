@@ -143,6 +143,26 @@ def _grouped(q, k):
   return q.reshape(b, lq, g, h // g, d)
 
 
+@jax.custom_vjp
+def _add_shared(scores, bias):
+  """scores [b, ...] + bias [...] (one bias for the whole batch)."""
+  return scores + bias[None]
+
+
+def _add_shared_fwd(scores, bias):
+  return _add_shared(scores, bias), scores.shape[0]
+
+
+def _add_shared_bwd(b, g):
+  # The bias's gradient sums g over the batch. As a reduction over that leading axis
+  # XLA:CPU took 9.8 ms for [4, 4, 128, 512] (T5's encoder: 108 ms a layer); as a dot
+  # with ones, 0.9 ms.
+  return g, jnp.einsum("b,b...->...", jnp.ones((b,), g.dtype), g)
+
+
+_add_shared.defvjp(_add_shared_fwd, _add_shared_bwd)
+
+
 QUERY_BLOCK = 160  # rows of scores the reference materialises at once (about; see _reference)
 
 
@@ -158,7 +178,8 @@ def _reference(q, k, v, spec, scale, dropout):
   """
   b, lq, h, d = q.shape
   lk, g = k.shape[1], k.shape[2]
-  allowed, bias = spec.full()
+  allowed = spec.allowed(spec.q_segments, spec.kv_segments, spec.q_positions,
+                         spec.kv_positions, spec.q_prefix, spec.kv_prefix)
   # Heads-major operands: the dots then need no transposes of the scores.
   qh = jnp.transpose(q, (0, 2, 1, 3))
   kh = jnp.repeat(jnp.transpose(k, (0, 2, 1, 3)), h // g, axis=1)  # repeat_kv's order
@@ -176,8 +197,11 @@ def _reference(q, k, v, spec, scale, dropout):
     # Added here, where they fuse into the softmax, rather than summed to [b, h, q, k] first.
     scores = scores + jnp.where(allowed[:, lo:hi, :kend], 0.0, NEG_INF).astype(
         jnp.float32)[:, None]
+    # T5's bias looked up per block: its gradient then goes straight into the table, not
+    # through [heads, q, k] pads summed over blocks (a 108 ms YNN reduction each on CPU).
+    bias = spec.position_bias(spec.q_positions[0, lo:hi], spec.kv_positions[0, :kend])
     if bias is not None:
-      scores = scores + bias[None, :, lo:hi, :kend]
+      scores = _add_shared(scores, bias)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     if dropout is not None:
       probs = dropout(probs)
