@@ -44,7 +44,8 @@ def _compare(build, cfg, inputs, weights):
     def loss(p):
       logits = model.apply({"params": p}, **inputs)
       return jnp.sum(jnp.where(weights[..., None] > 0, jax.nn.log_softmax(logits), 0.0)), logits
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    # Compiled: the same computation as op by op, in a fraction of the time.
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(logits)[weights > 0], grads
 
   want_logits, want_grads = run(ref_model)
