@@ -10,14 +10,26 @@ import pytest
 from flanjax.training import partitioning
 
 
-def test_meshes_agree_with_one_device(builtin_vocab):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+@pytest.fixture(scope="module")
+def worker(builtin_vocab):
+  """One process of 16 simulated devices for the module (a process start and JAX's set-up
+  cost more than either part): _mesh_worker.py's losses on meshes of 8 devices, then the
+  divisibility cases below; {"meshes": ..., "divisible": ...}. The workers read the
+  session's built-in vocabulary from its cache."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
-                                                      "_mesh_worker.py")],
-                        env=env, capture_output=True, text=True, timeout=900)
+  script = ("import sys; sys.path.insert(0, sys.argv[1]); import _mesh_worker\n"
+            "_mesh_worker.main()\nprint('\\n--- divisible ---')\n" + _DIVISIBLE_WORKER)
+  proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
+                        capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  meshes, divisible = proc.stdout.split("\n--- divisible ---\n")
+  return {"meshes": json.loads(meshes.strip().splitlines()[-1]),
+          "divisible": json.loads(divisible.strip().splitlines()[-1])}
+
+
+def test_meshes_agree_with_one_device(worker):
+  res = worker["meshes"]
   ref = res["(1, 1, 1)"]["losses"]
   assert len(ref) == 5 and ref[-1] < ref[0]
   for shape in ("(8, 1, 1)", "(2, 2, 2)", "(1, 1, 8)"):
@@ -99,13 +111,8 @@ json.dump(out, sys.stdout)
 
 
 @pytest.fixture(scope="module")
-def divisible_cases():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _DIVISIBLE_WORKER], env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def divisible_cases(worker):
+  return worker["divisible"]
 
 
 def test_check_divisible_agrees_with_jax(divisible_cases):
