@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import command_in_process
+
 TINY = ["--gin_file=flan.gin", "--gin.train.batch_size=8",
         "--gin.train.task_feature_lengths={'inputs': 160, 'targets': 48}",
         "--gin.T5Config.d_model=32", "--gin.T5Config.d_ff=64", "--gin.T5Config.num_heads=2",
@@ -108,7 +110,7 @@ def test_default_job_end_to_end_and_exact_resume(tmp_path, tiny_trained_run):
     assert a[s] == pytest.approx(b[s], abs=1e-6), (s, a[s], b[s])
 
 
-def test_user_files_mixed_with_builtin_through_gin(tmp_path):
+def test_user_files_mixed_with_builtin_through_gin(tmp_path, builtin_vocab):
   """runs/user_data.gin: a user's chat file blended with the built-in tasks, trained and evaluated."""
   convo = lambda i: {"messages": [{"role": "user", "content": f"Say the number {i}."},  # noqa: E731
                                   {"role": "assistant", "content": f"{i}"}]}
@@ -121,9 +123,11 @@ def test_user_files_mixed_with_builtin_through_gin(tmp_path):
           f"--gin.USER_FILE={data}", "--gin.USER_FORMAT=chat", f"--gin.train.model_dir={model_dir}",
           "--gin.train.num_steps=3", "--gin.train.eval_max_examples=4"]
   # By default a bad record stops the run, naming file and line, before any training.
-  proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 2
-  last = proc.stderr.strip().splitlines()[-1]
+  # (A run that stops before training: its main in this process, not a process of its own.)
+  from flanjax import train
+  code, _, err = command_in_process(train.main, args[3:], builtin_vocab, train.__file__)
+  assert code == 2
+  last = err.strip().splitlines()[-1]
   assert f"{data}:3: not valid JSON" in last and "bad_records.policy='skip'" in last
   # With the skip policy it is counted, reported, and the rest trains.
   proc = subprocess.run(args + ["--gin.bad_records.policy=skip"], capture_output=True, text=True,
@@ -135,12 +139,13 @@ def test_user_files_mixed_with_builtin_through_gin(tmp_path):
   assert ("user_data", "validation") in evaluated and ("builtin_parity", "validation") in evaluated
   assert summary["packing"]["mask_violations"] == 0
   # A missing user file: one line naming the path and the fix, exit 2.
-  bad = subprocess.run(args[:-4] + ["--gin.bad_records.policy=skip",
-                                    f"--gin.USER_FILE={tmp_path / 'nope.jsonl'}",
-                                    f"--gin.train.model_dir={tmp_path / 'run2'}"],
-                       capture_output=True, text=True, timeout=600)
-  assert bad.returncode == 2
-  last = bad.stderr.strip().splitlines()[-1]
+  code, _, err = command_in_process(
+      train.main, args[3:-4] + ["--gin.bad_records.policy=skip",
+                                f"--gin.USER_FILE={tmp_path / 'nope.jsonl'}",
+                                f"--gin.train.model_dir={tmp_path / 'run2'}"],
+      builtin_vocab, train.__file__)
+  assert code == 2
+  last = err.strip().splitlines()[-1]
   assert "nope.jsonl does not exist" in last and last.startswith("train")
 
 
