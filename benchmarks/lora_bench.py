@@ -226,7 +226,7 @@ class PeftSetup:
       loss.backward()
       self.opt.step()
       self.opt.zero_grad(set_to_none=True)
-    self.loss = float(loss)
+    self.loss = loss.item()
 
   def sizes(self) -> dict:
     torch = self.torch
