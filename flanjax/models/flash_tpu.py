@@ -16,6 +16,10 @@ What the kernel takes, and how a `Spec` maps onto it:
 Not supported by the kernel, and sent to the blockwise path instead: the prefix-LM mask
 (q_prefix) and a causal block whose queries are not its keys (the KV-cache decode step).
 
+Under a mesh (the trainer's jax.set_mesh) the kernel runs under shard_map, batch rows over
+'data' x 'fsdp' and heads over 'model' (XLA cannot partition a Mosaic call); a batch or
+head count those axes do not divide goes to blockwise.
+
 Lengths are padded to a multiple of the block (a multiple of 128, the kernel's lane
 width) with segment ids no query matches, and cut back afterwards; a query that sees no
 key (padding) then averages over the padded keys too, an output nothing reads. Off TPU, the kernel
@@ -28,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flanjax.models import attention
 
@@ -83,9 +88,25 @@ def attend(q: Array, k: Array, v: Array, spec: attention.Spec, scale: float | No
   sizes = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
                         block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk,
                         block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
-  out = fa.flash_attention(heads_first(q, pq), heads_first(k, pk), heads_first(v, pk), ab,
-                           segments, causal=spec.causal,
-                           sm_scale=1.0 if scale is None else float(scale), block_sizes=sizes)
+  kernel = lambda q, k, v, ab, segments: fa.flash_attention(  # noqa: E731
+      q, k, v, ab, segments, causal=spec.causal,
+      sm_scale=1.0 if scale is None else float(scale), block_sizes=sizes)
+  args = (heads_first(q, pq), heads_first(k, pk), heads_first(v, pk), ab, segments)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    # A Mosaic kernel is not partitioned by XLA: run it per shard, rows over the batch
+    # axes and heads over 'model', as the trainer shards them.
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    rows = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1) or None
+    heads = "model" if mesh.shape.get("model", 1) > 1 else None
+    n_rows = 1 if rows is None else int(np.prod([mesh.shape[a] for a in rows]))
+    if b % n_rows or (heads and h % mesh.shape["model"]):
+      return attention.attend(q, k, v, spec, impl="blockwise", scale=scale, block=block)
+    bh = P(rows, heads)
+    kernel = jax.shard_map(kernel, mesh=mesh, check_vma=False,
+                           in_specs=(bh, bh, bh, None if ab is None else bh,
+                                     fa.SegmentIds(q=P(rows), kv=P(rows))), out_specs=bh)
+  out = kernel(*args)
   return jnp.swapaxes(out, 1, 2)[:, :lq].astype(q.dtype)
 
 
