@@ -14,6 +14,9 @@ chosen by the config's `attention_impl`:
                each block (jax.checkpoint), so memory is linear in the length.
   dot_product  jax.nn.dot_product_attention (cuDNN on a GPU where it applies,
                XLA elsewhere) with the mask and bias materialised.
+  flash        on a TPU, the Pallas flash kernel (models/flash_tpu.py; segments,
+               causal, T5's bias as a full [b, h, q, k] array, so for T5 blockwise
+               needs less memory); prefix-LM masks and decoding fall back to blockwise.
 
 A masked score is NEG_INF (finite), so a row with no allowed key gets a uniform
 softmax in every implementation, as in the reference.
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 Array = Any
 NEG_INF = -1e10  # mask bias; finite so a fully masked row gives a uniform softmax, not NaN
 _PAD = -1e30  # keys added to fill the last block: below any mask, so they never count
-IMPLS = ("reference", "blockwise", "dot_product")
+IMPLS = ("reference", "blockwise", "dot_product", "flash")
 
 
 def check_impl(owner: str, impl: str, block: int) -> None:
@@ -134,6 +137,9 @@ def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "reference",
     return _blockwise(q, k, v, spec, scale, block)
   if impl == "dot_product":
     return _dot_product(q, k, v, spec, scale)
+  if impl == "flash":  # the Pallas TPU kernel; flash_tpu imports this module, hence here
+    from flanjax.models import flash_tpu  # pylint: disable=g-import-not-at-top
+    return flash_tpu.attend(q, k, v, spec, scale, block)
   raise ValueError(f"attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
 
 
