@@ -1,0 +1,75 @@
+"""benchmarks/command_bench.py: the console's figures read back, and a minuscule whole run."""
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+from benchmarks import command_bench
+
+CONSOLE = """\
+vocabulary: 1000 pieces
+training: 12 steps of 8 rows x (160 + 48) tokens; logs and checkpoints in /tmp/x
+step      1/12  loss 7.3945  lr 1.00e-04  0.01 steps/s  49 tok/s (41 real)  ETA 2:44:18
+step      4/12  loss 7.1000  lr 4.00e-04  0.60 steps/s  1,000 tok/s (900 real)  ETA 0:13
+step      7/12  loss 6.9000  lr 7.00e-04  0.62 steps/s  1,040 tok/s (930 real)  ETA 0:08
+step     10/12  loss 6.5000  lr 1.00e-03  0.58 steps/s  960 tok/s (860 real)  ETA 0:03
+step     12/12  loss 6.4000  lr 1.20e-03  0.40 steps/s  666 tok/s (600 real)  ETA 0:00
+stopped by nothing
+"""
+
+
+def test_console_lines_and_late_intervals():
+  lines, shape = command_bench.parse_progress(CONSOLE)
+  assert shape == {"num_steps": 12, "batch_size": 8, "lengths": {"inputs": 160, "targets": 48}}
+  assert [x["step"] for x in lines] == [1, 4, 7, 10, 12]
+  assert lines[2] == {"step": 7, "steps_per_s": 0.62, "tokens_per_s": 1040.0,
+                      "real_tokens_per_s": 930.0}
+  # Lines every 5 s: the compile's interval and the forced last one are left out.
+  late = command_bench.late_intervals(lines, 12, 0, 5.0)
+  assert [x["step"] for x in late] == [4, 7, 10]
+  assert [x["step"] for x in command_bench.late_intervals(lines, 12, 4, 5.0)] == [7, 10]
+  # A line every step: the last is a whole interval.
+  assert [x["step"] for x in command_bench.late_intervals(lines, 12, 0, 0)] == [4, 7, 10, 12]
+
+
+TINY = ["--gin=train.batch_size=8", "--gin=train.task_feature_lengths={'inputs': 160, 'targets': 48}",
+        "--gin=T5Config.d_model=32", "--gin=T5Config.d_ff=64", "--gin=T5Config.num_heads=2",
+        "--gin=T5Config.d_kv=16", "--gin=train.log_every_secs=0"]
+
+
+def test_minuscule_run_records_every_figure(tmp_path, builtin_vocab):
+  out = tmp_path / "command.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.command_bench", *TINY, "--flanjax_steps=8",
+       "--skip_steps=2", "--warmup=1", "--windows=5", "--steps_per_window=1", "--quiet",
+       f"--out={out}"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  r = json.loads(out.read_text())
+  fj, th = r["flanjax"], r["torch"]
+  assert r["job"]["batch_size"] == 8 and r["job"]["lengths"] == {"inputs": 160, "targets": 48}
+  assert r["job"]["tokens_per_step"] == 8 * 208
+  # flanjax: the console's late lines (steps 3..8, one a step), their median, min and max.
+  assert fj["window_end_steps"] == [3, 4, 5, 6, 7, 8] and fj["windows"] == 6
+  assert fj["tokens_per_s"] == statistics.median(fj["window_rates"])
+  assert fj["tokens_per_s_min"] == min(fj["window_rates"]) > 0
+  assert fj["tokens_per_s_max"] == max(fj["window_rates"])
+  assert math.isclose(fj["steps_per_s"], fj["tokens_per_s"] / (8 * 208), rel_tol=1e-3)
+  assert fj["steps"] == 8 and "--gin.train.num_steps=8" in fj["command"]
+  assert 0 < fj["non_padding_share"] <= 1 and fj["data_wait_seconds"] >= 0
+  assert 0 <= fj["data_wait_share_of_step"] and 0 <= fj["data_wait_share_of_train_seconds"] <= 1
+  # PyTorch: 5 windows of one step each, the same model as the command trained.
+  assert th["windows"] == 5 and len(th["window_rates"]) == 5
+  assert th["tokens_per_s_min"] <= th["tokens_per_s"] <= th["tokens_per_s_max"]
+  from flanjax.models import kinds, loading  # pylint: disable=g-import-not-at-top
+  (tmp_path / "model.json").write_text(json.dumps(r["job"]["model"]))
+  cfg = loading.config_from_file(str(tmp_path / "model.json"))
+  import jax  # pylint: disable=g-import-not-at-top
+  assert th["num_params"] == sum(x.size for x in jax.tree.leaves(kinds.abstract_params(cfg)))
+  for f in (fj, th):
+    assert len(f["load_before"]) == 3 and len(f["load_after"]) == 3
+    assert isinstance(f["quiet"], bool) and f["others_cpu_share"] is not None
+  assert r["ratio"] == round(fj["tokens_per_s"] / th["tokens_per_s"], 3)
+  assert isinstance(r["quiet"], bool) and r["machine"]["cores"] >= 1 and r["commit"]
+  assert "flanjax / PyTorch" in proc.stdout
