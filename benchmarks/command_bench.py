@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -108,8 +109,9 @@ def _gin_job(gin_args: list[str]) -> dict:
 # ------------------------------------------------------------------ flanjax
 
 def run_command(gin_args: list[str], steps: int, skip_steps: int, log_every_secs: float,
-                timeout: float, log) -> tuple[dict, str]:
-  """Runs the training command; (its figure, its run folder's run_info.json path)."""
+                timeout: float, log) -> tuple[dict, object]:
+  """Runs the training command in a temporary folder (removed after); (its figure, the
+  model config its run_info.json records)."""
   run_dir = tempfile.mkdtemp(prefix="command_bench_")
   model_dir = os.path.join(run_dir, "run")
   argv = [*gin_args, f"--gin.train.num_steps={steps}", f"--gin.train.model_dir={model_dir}",
@@ -140,6 +142,9 @@ def run_command(gin_args: list[str], steps: int, skip_steps: int, log_every_secs
                      f"of {len(lines)} printed; fewer than 5: raise --flanjax_steps")
   with open(os.path.join(model_dir, "summary.json"), encoding="utf-8") as f:
     summary = json.load(f)
+  from flanjax.models import loading  # pylint: disable=g-import-not-at-top
+  cfg = loading.config_from_file(os.path.join(model_dir, "run_info.json"))  # the run's model
+  shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints are of no further use
   packing = summary["packing"]
   tok = _spread([x["tokens_per_s"] for x in late])
   per_step = shape["batch_size"] * sum(shape["lengths"].values())
@@ -169,7 +174,7 @@ def run_command(gin_args: list[str], steps: int, skip_steps: int, log_every_secs
   if a and b and b[1] > a[1]:
     fig["others_cpu_share"] = round(common._others_share(a, b), 3)  # pylint: disable=protected-access
   fig["quiet"] = common.quiet(fig)
-  return fig, os.path.join(model_dir, "run_info.json")
+  return fig, cfg
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -308,7 +313,7 @@ def main(argv=None) -> int:
   load_start = common.load()
   gin_args = [f"--gin_file={args.gin_file}", *(f"--gin.{b}" for b in args.gin)]
   job = _gin_job(gin_args)
-  fj, run_info = run_command(gin_args, args.flanjax_steps, args.skip_steps,
+  fj, cfg = run_command(gin_args, args.flanjax_steps, args.skip_steps,
                              job["log_every_secs"], args.timeout, log)
   if fj["shape"] != {"num_steps": args.flanjax_steps, "batch_size": job["batch_size"],
                      "lengths": job["lengths"]}:
@@ -317,7 +322,6 @@ def main(argv=None) -> int:
   log(f"flanjax: {fj['tokens_per_s']:,.0f} tok/s [{fj['tokens_per_s_min']:,.0f}-"
       f"{fj['tokens_per_s_max']:,.0f}] over {fj['windows']} console intervals")
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top
-  cfg = loading.config_from_file(run_info)
   th = torch_loop(cfg, job, args.warmup, args.windows, args.steps_per_window, args.seed, log)
   log(f"torch: {th['tokens_per_s']:,.0f} tok/s [{th['tokens_per_s_min']:,.0f}-"
       f"{th['tokens_per_s_max']:,.0f}]")

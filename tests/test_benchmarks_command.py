@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def test_minuscule_run_records_every_figure(tmp_path, builtin_vocab):
   assert fj["tokens_per_s_max"] == max(fj["window_rates"])
   assert math.isclose(fj["steps_per_s"], fj["tokens_per_s"] / (8 * 208), rel_tol=1e-3)
   assert fj["steps"] == 8 and "--gin.train.num_steps=8" in fj["command"]
+  run_dir = [a.split("=", 1)[1] for a in fj["command"] if a.startswith("--gin.train.model_dir=")]
+  assert len(run_dir) == 1 and not os.path.exists(run_dir[0])  # the temporary run is removed
   assert 0 < fj["non_padding_share"] <= 1 and fj["data_wait_seconds"] >= 0
   assert 0 <= fj["data_wait_share_of_step"] and 0 <= fj["data_wait_share_of_train_seconds"] <= 1
   # PyTorch: 5 windows of one step each, the same model as the command trained.
