@@ -83,7 +83,9 @@ def test_shares_equal_a_brute_force_count(models):
     # The tuned model's greedy tokens, checked by its own forward pass (rank 0 each).
     assert all(r == 0 for r, _, _ in _brute_ranks(tuned, p["prompt"], toks))
     for t, (rank, lp, sorted_lp) in zip(p["tokens"], _brute_ranks(base, p["prompt"], toks)):
-      assert t["base_logprob"] == pytest.approx(lp, rel=1e-4, abs=1e-3)
+      # rel 3e-4: the cached decode and the full forward sum in different float32 orders
+      # (blocked attention), which moves a -40 log-probability by up to ~1e-2.
+      assert t["base_logprob"] == pytest.approx(lp, rel=3e-4, abs=1e-3)
       near_tie = np.min(np.abs(sorted_lp[:4] - lp)[np.abs(sorted_lp[:4] - lp) > 0],
                         initial=1.0) < 1e-4 * max(1.0, abs(lp))
       assert t["rank"] == rank or near_tie
