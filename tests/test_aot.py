@@ -34,17 +34,22 @@ def _libtpu_path():
   return target
 
 
-def test_tiny_t5_train_and_decode_steps_compile_for_a_v5e_topology(tmp_path):
-  path = _libtpu_path()
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (path, REPO) if p))
+def _run_aot(tmp_path, *flags):
+  """`python -m flanjax.aot --gin_file=flan.gin --topology=v5e:2x2 FLAGS --json=...` with
+  libtpu on the path: (the finished process, the JSON file's path)."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_libtpu_path(), REPO) if p))
   out = tmp_path / "aot.json"
-  # 0.01 GiB: the train step's state alone (~13 MB) does not fit, the decode step does.
   cmd = [sys.executable, "-m", "flanjax.aot", "--gin_file=flan.gin", "--topology=v5e:2x2",
-         "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 16}",
-         "--gin.train.batch_size=8", "--decode", "--decode_batch=4", "--hbm_gib=0.01",
-         f"--json={out}"]
-  got = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200,
-                       check=False)
+         *flags, f"--json={out}"]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200,
+                        check=False), out
+
+
+def test_tiny_t5_train_and_decode_steps_compile_for_a_v5e_topology(tmp_path):
+  # 0.01 GiB: the train step's state alone (~13 MB) does not fit, the decode step does.
+  got, out = _run_aot(tmp_path, "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 16}",
+                      "--gin.train.batch_size=8", "--decode", "--decode_batch=4",
+                      "--hbm_gib=0.01")
   assert got.returncode in (0, 1), got.stderr[-3000:]
   train, decode = json.loads(out.read_text())
   assert train["devices"] == decode["devices"] == 4
@@ -79,18 +84,12 @@ def test_tiny_t5_train_and_decode_steps_compile_for_a_v5e_topology(tmp_path):
 
 
 def test_a_step_xla_refuses_for_memory_ends_in_one_line_and_exit_1(tmp_path):
-  path = _libtpu_path()
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (path, REPO) if p))
-  out = tmp_path / "aot.json"
   # One layer each way, 2,048 rows of 1,024 inputs under the reference attention: its
   # [512, 4, 1024, 1024] scores per chip alone are 8 GiB in fp32, over a v5e chip's 16 GiB
   # with their gradient; XLA refuses it at compile time (RESOURCE_EXHAUSTED).
-  cmd = [sys.executable, "-m", "flanjax.aot", "--gin_file=flan.gin", "--topology=v5e:2x2",
-         "--gin.train.task_feature_lengths={'inputs': 1024, 'targets': 16}",
-         "--gin.train.batch_size=2048", "--gin.T5Config.num_encoder_layers=1",
-         "--gin.T5Config.num_decoder_layers=1", f"--json={out}"]
-  got = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200,
-                       check=False)
+  got, out = _run_aot(tmp_path, "--gin.train.task_feature_lengths={'inputs': 1024, 'targets': 16}",
+                      "--gin.train.batch_size=2048", "--gin.T5Config.num_encoder_layers=1",
+                      "--gin.T5Config.num_decoder_layers=1")
   assert got.returncode == 1, got.stderr[-3000:]
   assert "Traceback" not in got.stderr
   [row] = json.loads(out.read_text())
