@@ -137,9 +137,10 @@ def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "reference",
     return _blockwise(q, k, v, spec, scale, block)
   if impl == "dot_product":
     return _dot_product(q, k, v, spec, scale)
-  if impl == "flash":  # the Pallas TPU kernel; flash_tpu imports this module, hence here
+  if impl == "flash":  # the Pallas TPU kernel; imported here, as only TPU runs need it
     from flanjax.models import flash_tpu  # pylint: disable=g-import-not-at-top
-    return flash_tpu.attend(q, k, v, spec, scale, block)
+    out = flash_tpu.attend(q, k, v, spec, scale, block)
+    return _blockwise(q, k, v, spec, scale, block) if out is None else out
   raise ValueError(f"attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
 
 

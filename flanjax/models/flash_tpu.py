@@ -28,20 +28,21 @@ runs in Pallas's TPU interpreter only inside pltpu.force_tpu_interpret_mode() (t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flanjax.models import attention
+if TYPE_CHECKING:  # attention calls this module: no import back at run time
+  from flanjax.models import attention
 
 Array = Any
 LANES = 128  # the kernel's key blocks are multiples of the TPU's lane width
 _PAD_Q, _PAD_KV = -2, -3  # segment ids of the padding: seen by nothing, seeing nothing
 
 
-def supported(q: Array, k: Array, spec: attention.Spec) -> bool:
+def supported(q: Array, k: Array, spec: "attention.Spec") -> bool:
   """Whether the kernel computes this attention exactly (else blockwise does)."""
   if spec.q_prefix is not None or spec.kv_prefix is not None:
     return False
@@ -60,12 +61,13 @@ def _pad(x: Array, length: int, fill) -> Array:
   return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
 
 
-def attend(q: Array, k: Array, v: Array, spec: attention.Spec, scale: float | None = None,
-           block: int = 512) -> Array:
+def attend(q: Array, k: Array, v: Array, spec: "attention.Spec", scale: float | None = None,
+           block: int = 512) -> Array | None:
   """q [b, q, heads, d], k and v [b, k, kv_heads, d] -> [b, q, heads, d] in q's dtype,
-  as attention.attend (scale None: not scaled, as T5)."""
+  as attention.attend (scale None: not scaled, as T5); None where the kernel cannot
+  answer (the caller, attention.attend, then runs blockwise)."""
   if not supported(q, k, spec):
-    return attention.attend(q, k, v, spec, impl="blockwise", scale=scale, block=block)
+    return None
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   b, lq, h, d = q.shape
   lk, g = k.shape[1], k.shape[2]
@@ -101,7 +103,7 @@ def attend(q: Array, k: Array, v: Array, spec: attention.Spec, scale: float | No
     heads = "model" if mesh.shape.get("model", 1) > 1 else None
     n_rows = 1 if rows is None else int(np.prod([mesh.shape[a] for a in rows]))
     if b % n_rows or (heads and h % mesh.shape["model"]):
-      return attention.attend(q, k, v, spec, impl="blockwise", scale=scale, block=block)
+      return None
     bh = P(rows, heads)
     kernel = jax.shard_map(kernel, mesh=mesh, check_vma=False,
                            in_specs=(bh, bh, bh, None if ab is None else bh,
