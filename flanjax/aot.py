@@ -3,7 +3,8 @@
     python -m flanjax.aot --gin_file=flan.gin --gin_file=models/t5_xl.gin \\
         --gin.train.task_feature_lengths="{'inputs': 2048, 'targets': 512}" --topology=v5e:2x4
 
-Reads the same gin as training (model, lengths, batch, microbatches, mesh, optimizer),
+Reads the same gin as training (model, lengths, batch, microbatches, mesh, optimizer, and
+train.peft: LoRA or prompt tuning over a frozen base held in its base_dtype),
 builds the step the trainer builds (training/trainer.py: make_train_step, the state's
 shardings from the logical rules, the batch sharded over data x fsdp), compiles it
 against the topology's devices with libtpu (`pip install 'flanjax[tpu]'`), and prints
@@ -35,6 +36,8 @@ from flanjax.data import packing
 from flanjax.errors import UserError
 from flanjax.models import dense, kinds
 from flanjax.training import flops as flops_lib
+from flanjax.models import lora, prompt_tuning
+from flanjax.training import adapters as adapters_lib
 from flanjax.training import loop, optimizers, partitioning
 from flanjax.training import trainer as step_lib
 
@@ -139,12 +142,24 @@ def train_settings() -> dict:
   if cfg.vocab_size == 0:  # taken from the vocabulary: its bound size, rounded up to 128
     size = int(_bound("corpus_vocabulary.vocab_size", 32000))
     cfg = dataclasses.replace(cfg, vocab_size=-(-size // 128) * 128)
-  return {"config": cfg, "lengths": dict(_bound("train.task_feature_lengths",
+  return {"config": cfg, "peft": _peft(), "lengths": dict(_bound("train.task_feature_lengths",
                                                 {"inputs": 256, "targets": 64})),
           "batch_size": int(_bound("train.batch_size", 32)),
           "microbatches": int(_bound("train.microbatches", 1)),
           "mesh_shape": tuple(_bound("train.mesh_shape", (-1, 1, 1))),
           "pack": bool(_bound("train.pack", True)), "z_loss": float(_bound("train.z_loss", 1e-4))}
+
+
+def _peft():
+  """train.peft's config (gin applies its bindings), or None for full fine-tuning."""
+  ref = flan_config.bound_value("train.peft")
+  if ref is None:
+    return None
+  classes = {"LoraConfig": lora.LoraConfig, "PromptTuningConfig": prompt_tuning.PromptTuningConfig}
+  name = str(ref).lstrip("@").split("(")[0].split(".")[-1]
+  if name not in classes:
+    raise UserError(f"train.peft = {ref}: not one of @LoraConfig(), @PromptTuningConfig()")
+  return classes[name]()
 
 
 def _abstract(tree, shardings):
@@ -168,7 +183,18 @@ def compile_train_step(settings: dict, devices):
   partitioning.check_divisible(part.mesh, settings["batch_size"], settings["microbatches"],
                                kinds.abstract_params(cfg, unbox=False), part.rules,
                                num_processes=1)
-  init_fn = lambda rng: step_lib.init_state(model, tx, rng, kind.dummy_batch(1, 8, 8))  # noqa
+  peft = settings.get("peft")
+  if peft is None:
+    init_fn = lambda rng: step_lib.init_state(model, tx, rng, kind.dummy_batch(1, 8, 8))  # noqa
+  else:  # the trainer's adapter state; the frozen base enters the step as an argument
+    adapter = adapters_lib.for_shapes(peft, cfg)
+    kind = adapter.kind(kind)
+    init_fn = adapters_lib.state_init(adapter, tx)
+    base_boxed = kinds.abstract_params(cfg, unbox=False)
+    base_sh = partitioning.shardings_of(base_boxed, part.mesh, part.rules)
+    base = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, adapter.base_dtype(),
+                                                           sharding=sh),
+                        nn.unbox(base_boxed), base_sh)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   shardings = step_lib.state_shardings(boxed, part.mesh, part.rules)
   state = _abstract(nn.unbox(boxed), shardings)
@@ -176,12 +202,18 @@ def compile_train_step(settings: dict, devices):
   batch_sh = partitioning.batch_sharding(part.mesh)
   batch = {k: jax.ShapeDtypeStruct((settings["batch_size"], n), jnp.int32, sharding=batch_sh)
            for k, n in lengths.items()}
-  step_fn = step_lib.make_train_step(model, tx, lr_fn, microbatches=settings["microbatches"],
-                                     z_loss=settings["z_loss"], model_inputs=kind.model_inputs)
+  make = lambda m: step_lib.make_train_step(  # noqa: E731
+      m, tx, lr_fn, microbatches=settings["microbatches"], z_loss=settings["z_loss"],
+      model_inputs=kind.model_inputs)
   # dense.py's CPU formulation is for XLA:CPU; a TPU compiles XLA's own gradient.
   with part.scope(), dense.mode("xla"):
-    compiled = step_lib.jit_train_step(step_fn, shardings, part.mesh).lower(
-        state, batch).compile()
+    if peft is None:
+      compiled = step_lib.jit_train_step(make(model), shardings, part.mesh).lower(
+          state, batch).compile()
+    else:
+      compiled = adapters_lib.jit_train_step(make, model, adapter, shardings, batch_sh,
+                                             base_sh).lower(state, batch, base).compile()
+      state = dict(state, base=base)
   return compiled, state, part.mesh
 
 
@@ -192,7 +224,10 @@ def model_flops_per_device(settings: dict, num_devices: int) -> float:
   stand for the step under scan_layers; this count is the same in either layout."""
   cfg = settings["config"]
   rows = packing.row_lengths(settings["lengths"], kinds.for_config(cfg).packing_kind)
-  return flops_lib.step_flops(cfg, rows, settings["batch_size"]) / num_devices
+  full = flops_lib.step_flops(cfg, rows, settings["batch_size"]) / num_devices
+  # Over a frozen base (LoRA, prompt tuning) the forward and the input gradients remain and
+  # the base's weight gradients go: 2/3 of full fine-tuning (the adapters' own are left out).
+  return full if settings.get("peft") is None else full * 2 / 3
 
 
 def report(compiled, state, devices, what: str = "train step", hbm_gib=None,
@@ -212,6 +247,7 @@ def report(compiled, state, devices, what: str = "train step", hbm_gib=None,
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   out = {"what": what, "devices": len(devices), "device_kind": kind,
          "params_gib": _per_device_bytes(state["params"]) / GIB if "params" in state else None,
+         "frozen_base_gib": _per_device_bytes(state["base"]) / GIB if "base" in state else None,
          "opt_state_gib": (_per_device_bytes(state["opt_state"]) / GIB
                            if "opt_state" in state else None),
          "arguments_gib": mem.argument_size_in_bytes / GIB,
@@ -227,8 +263,11 @@ def report(compiled, state, devices, what: str = "train step", hbm_gib=None,
 def _print(r: dict) -> None:
   g = lambda x: "n/a" if x is None else f"{x:.3f} GiB"  # noqa: E731
   print(f"{r['what']} on {r['devices']} x {r['device_kind']}, per device:")
+  if r.get("frozen_base_gib") is not None:
+    print(f"  frozen base     {g(r['frozen_base_gib'])}")
   if r.get("params_gib") is not None:
-    print(f"  parameters      {g(r['params_gib'])}")
+    label = "adapters       " if r.get("frozen_base_gib") is not None else "parameters     "
+    print(f"  {label} {g(r['params_gib'])}")
   if r.get("opt_state_gib") is not None:
     print(f"  optimizer state {g(r['opt_state_gib'])}")
   print(f"  arguments       {g(r['arguments_gib'])}")
@@ -238,8 +277,10 @@ def _print(r: dict) -> None:
   print(f"  FLOPs per step  {r['flops_per_device']:.3e} (XLA's count; a scanned stack's "
         "loop body once)")
   if r.get("model_flops_per_device"):
+    frozen = (": 2/3 of full fine-tuning's, no weight gradients for the frozen base"
+              if r.get("frozen_base_gib") is not None else "")
     print(f"  model FLOPs     {r['model_flops_per_device']:.3e} (matmuls and attention, "
-          "forward + backward; the step times below use it)")
+          f"forward + backward{frozen}; the step times below use it)")
   if r["step_seconds_at_peak"] is not None:
     print(f"  step time       {r['step_seconds_at_peak'] * 1e3:.1f} ms at peak, "
           f"{r['step_seconds_at_50pct_mfu'] * 1e3:.1f} ms at 50% MFU", flush=True)
@@ -283,7 +324,9 @@ def main(argv=None) -> int:
   devices = topology_devices(args.topology)
   settings = train_settings()
   cfg = settings["config"]
-  print(f"{kinds.for_config(cfg).describe(cfg)}, {cfg.num_params() / 1e9:.3f}B parameters; "
+  peft = settings["peft"]
+  print(f"{kinds.for_config(cfg).describe(cfg)}, {cfg.num_params() / 1e9:.3f}B parameters"
+        + (f" ({type(peft).__name__}: {peft.describe()})" if peft is not None else "") + "; "
         f"lengths {settings['lengths']}, batch {settings['batch_size']}, mesh "
         f"{settings['mesh_shape']}, topology {args.topology} ({len(devices)} devices)", flush=True)
   t0 = time.time()

@@ -1,6 +1,7 @@
 """flanjax.aot: the trainer's step compiled for a TPU topology on this CPU host (libtpu)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -115,3 +116,36 @@ def test_hbm_refusal_reads_both_of_xlas_wordings_and_nothing_else():
   assert aot.hbm_refusal(old)[:2] == (20.5, 15.48)
   assert aot.hbm_refusal(RuntimeError("RESOURCE_EXHAUSTED: 512M"))[:2] == (None, None)
   assert aot.hbm_refusal(RuntimeError("INVALID_ARGUMENT: a shape")) is None
+
+
+def test_lora_step_compiles_with_a_frozen_bf16_base_and_no_weight_gradients(tmp_path):
+  # train.peft as the trainer reads it: rank-4 LoRA on every T5 projection, the base in bf16.
+  got, out = _run_aot(tmp_path, "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 16}",
+                      "--gin.train.batch_size=8", "--gin.train.peft=@LoraConfig()",
+                      "--gin.LoraConfig.rank=4", "--gin.LoraConfig.base_dtype='bfloat16'",
+                      "--gin.LoraConfig.targets=['q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wo']")
+  assert got.returncode == 0, got.stderr[-3000:]
+  (train,) = json.loads(out.read_text())
+  from flanjax.models import lora, t5  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin.parse_config_file(os.path.join(REPO, "gin_configs", "models", "tiny.gin"))
+  cfg = t5.T5Config(vocab_size=1024)
+  gin.clear_config()
+  sites = lora.select(cfg, ["q", "k", "v", "o", "wi_0", "wi_1", "wo"])
+  n_lora = sum(4 * (math.prod(s.in_shape) + math.prod(s.out_shape)) for s in sites)
+  # The state is the adapters' (fp32); the base, an argument, is held in bf16 (replicated).
+  assert train["params_gib"] * 2**30 == pytest.approx(n_lora * 4, rel=1e-9)
+  assert train["frozen_base_gib"] * 2**30 == pytest.approx(cfg.num_params() * 2, rel=1e-9)
+  assert train["opt_state_gib"] * 2**30 < 0.05 * cfg.num_params() * 4
+  # No weight gradients for the frozen base: XLA's FLOPs fall under the matmuls' forward
+  # and backward count (full fine-tuning's step is 1-2x of it, the test above), to about
+  # the forward and the input gradients (4 of 6 FLOPs per weight and token).
+  d, f, hk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv
+  enc = cfg.num_encoder_layers * (4 * d * hk + 3 * d * f)
+  dec = cfg.num_decoder_layers * (8 * d * hk + 3 * d * f) + d * cfg.vocab_size
+  matmuls = 6 * (enc * 64 + dec * 16) * 8 / 4
+  assert 0.6 < train["flops_per_device"] / matmuls < 1.0
+  # The step times' count: full fine-tuning's (1.0-1.2x the matmuls, above) times 2/3.
+  assert 2 / 3 < train["model_flops_per_device"] / matmuls < 2 / 3 * 1.2
+  assert "frozen base" in got.stdout and "adapters" in got.stdout

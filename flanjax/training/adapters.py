@@ -183,6 +183,42 @@ def _prompt_adapters(peft, model_config, params, info, init_adapter, vocab, seed
   return PromptAdapters(config, model_config, [], params, info, start)
 
 
+def for_shapes(peft, model_config) -> Adapters:
+  """Adapters of train.peft's shapes over no base weights: what flanjax.aot compiles (the
+  values never exist; A, B and the soft prompt are traced, the base is an argument)."""
+  if isinstance(peft, prompt_tuning.PromptTuningConfig):
+    start = np.zeros((peft.num_virtual_tokens, model_config.d_model), np.float32)
+    return PromptAdapters(peft, model_config, [], None, {}, start)
+  if isinstance(peft, lora.LoraConfig):
+    sites = lora.select(model_config, peft.targets)
+    for s in sites:
+      lora.check_rank(s, peft.rank)
+    return LoraAdapters(peft, model_config, sites, None, {})
+  raise UserError("train.peft must be @LoraConfig() or @PromptTuningConfig(), not "
+                  f"{type(peft).__name__}")
+
+
+def state_init(adapters: Adapters, tx):
+  """rng -> the adapters' boxed train state (params, optimizer state, step, rng)."""
+
+  def init_fn(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    boxed = adapters.boxed(params_rng)
+    return {"params": boxed, "opt_state": tx.init(nn.unbox(boxed)),
+            "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+
+  return init_fn
+
+
+def jit_train_step(make, model, adapters: Adapters, state_shardings, batch_sharding,
+                   base_shardings):
+  """(state, batch, base) -> (state, metrics): make(model)'s step over the adapters, the
+  base an argument (no gradient, never donated), not part of the state."""
+  step = lambda state, batch, base: make(Bound(model, base, adapters))(state, batch)  # noqa: E731
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding, base_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
 class Bound:
   """The base model with its frozen params bound: apply({"params": adapters}, ...) runs it
   with the adapters, so the trainer's step differentiates the adapters only."""

@@ -201,12 +201,7 @@ class Trainer:
     self.base, a.base = jax.device_put(base, self.base_shardings), None
     self._merge = None
 
-    def init_fn(rng):
-      params_rng, state_rng = jax.random.split(rng)
-      boxed = a.boxed(params_rng)
-      return {"params": boxed, "opt_state": tx.init(nn.unbox(boxed)),
-              "step": jax.numpy.zeros((), jax.numpy.int32), "rng": state_rng}
-
+    init_fn = adapters_lib.state_init(a, tx)
     rng = jax.random.PRNGKey(self.seed)
     self.state_shardings = step_lib.state_shardings(jax.eval_shape(init_fn, rng), p.mesh,
                                                     p.rules)
@@ -249,13 +244,9 @@ class Trainer:
       jit_step = step_lib.jit_train_step(make(self.model), self.state_shardings, p.mesh)
       params_sh = self.state_shardings["params"]
     else:
-      # The base is an argument of the step (no gradient, never donated), not its state.
-      step = lambda state, batch, base: make(  # noqa: E731
-          adapters_lib.Bound(self.model, base, a))(state, batch)
-      jitted = jax.jit(step, in_shardings=(self.state_shardings,
+      jitted = adapters_lib.jit_train_step(make, self.model, a, self.state_shardings,
                                            partitioning.batch_sharding(p.mesh),
-                                           self.base_shardings),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+                                           self.base_shardings)
       jit_step = lambda state, batch: jitted(state, batch, self.base)  # noqa: E731
       params_sh = self._merged_shardings()
     eval_step = jax.jit(step_lib.make_eval_step(self.model, self.kind.model_inputs,
