@@ -19,11 +19,17 @@ the windows, with min and max, and its ratio to the first variant.
   proxy/gqa_*             attention scores and mixing with grouped-query heads:
                           key/value heads repeated to the query heads (HF's
                           repeat_kv) vs queries grouped per kv head (no copy)
+  choice/*                the real step as it ships vs with one of its CPU choices
+                          undone: dense=xla (XLA's own kernel gradients instead of
+                          dense.py's custom VJP), query_block=all (the reference
+                          attention's scores in one block over all keys instead of
+                          ~160-query blocks that skip keys past a causal block)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -62,6 +68,45 @@ def step_variants(cfg, batch, impls) -> dict:
   for impl in impls:
     fj = stacks.Flanjax(dataclasses.replace(cfg, attention_impl=impl), stacks.AdamW())
     fns[f"step/attention_impl={impl}"] = lambda fj=fj: fj.train([batch])
+  return fns
+
+
+def _first_call_under(setting, f):
+  """f, whose first call (the trace and compile) runs under the context `setting()`."""
+  traced = []
+
+  def g():
+    if traced:
+      return f()
+    with setting():
+      out = f()
+    traced.append(True)
+    return out
+
+  return g
+
+
+@contextlib.contextmanager
+def _query_block(n: int):
+  from flanjax.models import attention  # pylint: disable=g-import-not-at-top
+  old, attention.QUERY_BLOCK = attention.QUERY_BLOCK, n
+  try:
+    yield
+  finally:
+    attention.QUERY_BLOCK = old
+
+
+def choice_variants(cfg, batch) -> dict:
+  """The shipped step and the step with one of this project's CPU choices undone."""
+  from benchmarks import stacks  # pylint: disable=g-import-not-at-top
+  from flanjax.models import dense  # pylint: disable=g-import-not-at-top
+  settings = {"choice/shipped": contextlib.nullcontext,
+              "choice/dense=xla": lambda: dense.mode("xla"),
+              "choice/query_block=all": lambda: _query_block(1 << 30)}
+  fns = {}
+  for name, setting in settings.items():
+    fj = stacks.Flanjax(cfg, stacks.AdamW())
+    fns[name] = _first_call_under(setting, lambda fj=fj: fj.train([batch]))
   return fns
 
 
@@ -139,6 +184,7 @@ def main(argv=None):
          "commit": common.commit(), "machine": common.machine(threads),
          "load_before": common.load(), "batch": a.batch, "lengths": lengths,
          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  res["choice"] = _interleaved(choice_variants(cfg, batch), a.windows, a.steps)
   res["step"] = _interleaved(step_variants(cfg, batch, a.impls.split(",")), a.windows, a.steps)
   import jax  # pylint: disable=g-import-not-at-top
   proxies = {k: (lambda f=f, x=x: jax.block_until_ready(f(*x)))
@@ -149,8 +195,8 @@ def main(argv=None):
                                      a.windows, a.steps))
   res["load_after"] = common.load()
   res["quiet"] = common.quiet_start(res["load_before"]) and all(
-      v["quiet"] for part in ("step", "proxy") for v in res[part].values())
-  for part in ("step", "proxy"):
+      v["quiet"] for part in ("choice", "step", "proxy") for v in res[part].values())
+  for part in ("choice", "step", "proxy"):
     for k, v in res[part].items():
       print(f"{k:40s} {v['ms']:9.1f} ms [{v['ms_min']:.1f}-{v['ms_max']:.1f}]  "
             f"x{v['vs_first']:.3f}" + ("" if v["quiet"] else "  (not quiet)"))
