@@ -197,3 +197,50 @@ def test_bad_input_is_one_line(case, tmp_path):
   with pytest.raises(UserError, match="one method at a time") as e:
     adapters_lib.setup(prompt_tuning.PromptTuningConfig(), cfg, base, "/b", str(lora_dir))
   assert "\n" not in str(e.value)
+
+
+def _tokenizer_dir(path, post):
+  """A byte-level BPE tokenizer folder under V pieces whose post-processor adds what a real
+  T5 (`$A </s>`) or Llama (`<s> $A`) tokenizer adds."""
+  import json  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  os.makedirs(path, exist_ok=True)
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(["Classify the sentiment of the review.", "Answer the question."] * 5,
+                          trainers.BpeTrainer(vocab_size=V - 8, special_tokens=[
+                              "<pad>", "</s>", "<unk>", "<s>"],
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60]))
+  special = post.replace("$A", "").strip()
+  tok.post_processor = processors.TemplateProcessing(
+      single=post, special_tokens=[(special, tok.token_to_id(special))])
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>",
+               "bos_token": "<s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)
+  return str(path)
+
+
+@pytest.mark.parametrize("kind_name", ["t5", "llama"])
+def test_text_init_takes_the_embeddings_peft_takes(kind_name, tmp_path):
+  # PEFT's TEXT init: the tokenizer's ids of the text (its own BOS / EOS), repeated to n.
+  from flanjax.data import hf_vocab  # pylint: disable=g-import-not-at-top
+  t5 = kind_name == "t5"
+  folder = _tokenizer_dir(tmp_path / "tok", "$A </s>" if t5 else "<s> $A")
+  text, n = "Classify the review.", 40
+  base_t = tiny_t5() if t5 else tiny_llama()
+  cfg, base = _save_base(base_t, tmp_path / "base")
+  model = peft.get_peft_model(base_t, peft.PromptTuningConfig(
+      task_type="SEQ_2_SEQ_LM" if t5 else "CAUSAL_LM", num_virtual_tokens=n,
+      prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=folder))
+  want = model.prompt_encoder["default"].embedding.weight.detach().numpy()
+  vocab = hf_vocab.HFTokenizerVocabulary.from_directory(folder)
+  got = prompt_tuning.init(prompt_tuning.PromptTuningConfig(n, "text", text),
+                           base["token_embedding"], vocab, cfg)
+  ids = transformers.AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+  assert len(ids) < n and (ids[-1] == 1 if t5 else ids[0] == 3)  # repeated, with EOS / BOS
+  # A seq2seq PEFT model holds 2n rows (encoder's, then decoder's); the encoder's are the soft
+  # prompt flanjax prepends.
+  assert want.shape == ((2 * n if t5 else n), cfg.d_model)
+  np.testing.assert_allclose(got, want[:n], atol=0)
