@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import command_in_process
 from flanjax import decoding
 from flanjax.data import packing, pipeline, registry
 from flanjax.models import decoder, hf, kinds, t5
@@ -40,9 +41,13 @@ def _randomize(model, std=0.5):
   return model
 
 
+def _args(model_dir, gin_file, hf_dir, *extra):
+  return [f"--gin_file={gin_file}", f"--gin.HF_DIR={hf_dir}",
+          f"--gin.train.model_dir={model_dir}", *COMMON, *extra]
+
+
 def _train(model_dir, gin_file, hf_dir, *extra):
-  args = [sys.executable, "-m", "flanjax.train", f"--gin_file={gin_file}",
-          f"--gin.HF_DIR={hf_dir}", f"--gin.train.model_dir={model_dir}", *COMMON, *extra]
+  args = [sys.executable, "-m", "flanjax.train", *_args(model_dir, gin_file, hf_dir, *extra)]
   proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
@@ -144,9 +149,14 @@ def test_finetune_flan_t5_starts_from_the_hf_weights(tmp_path, builtin_vocab):
   assert (export / "spiece.model").exists()
 
   # Resuming takes the weights from the checkpoint: the HF folder's weights are not even read.
+  # (It trains nothing: its main in this process, not a process of its own.)
   os.remove(hf_dir / "model.safetensors")
-  out = _train(run, "runs/finetune_flan_t5.gin", hf_dir, "--gin.train.num_steps=3",
-               "--gin.train.eval_at_end=False")
+  from flanjax import train as train_command  # pylint: disable=g-import-not-at-top
+  code, out, err = command_in_process(
+      train_command.main, _args(run, "runs/finetune_flan_t5.gin", hf_dir,
+                                "--gin.train.num_steps=3", "--gin.train.eval_at_end=False"),
+      builtin_vocab, train_command.__file__)
+  assert code == 0, out[-3000:] + err[-3000:]
   assert "resumed from step 3" in out and "initialised from" not in out
   assert "no steps run" in out
 
