@@ -63,7 +63,10 @@ def topology_devices(name: str):
   # Compiling touches no chip: let several compiles (and tests) load libtpu side by side.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    # JAX runs a v4 chip's two TensorCores as one device (megacore); libtpu's topology
+    # default for v4 is one device per TensorCore, which no v4 job sees. v5e/v5p: one a chip.
+    kwargs = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
+    return topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices
   except Exception as e:  # pylint: disable=broad-except
     text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
     raise UserError(f"--topology={name}: libtpu does not know it ({text}); use e.g. "

@@ -149,3 +149,15 @@ def test_lora_step_compiles_with_a_frozen_bf16_base_and_no_weight_gradients(tmp_
   # The step times' count: full fine-tuning's (1.0-1.2x the matmuls, above) times 2/3.
   assert 2 / 3 < train["model_flops_per_device"] / matmuls < 2 / 3 * 1.2
   assert "frozen base" in got.stdout and "adapters" in got.stdout
+
+
+def test_a_v4_topology_has_one_device_per_chip():
+  # A v4 chip's two TensorCores are one JAX device (megacore), as on the hardware: v4-8 is
+  # 4 devices of 32 GiB, not libtpu's default of 8 per-core devices.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_libtpu_path(), REPO) if p))
+  code = ("from flanjax import aot; d = aot.topology_devices('v4:2x2x1'); "
+          "print(len(d), d[0].device_kind)")
+  got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=env, timeout=600, check=False)
+  assert got.returncode == 0, got.stderr[-2000:]
+  assert got.stdout.strip().splitlines()[-1] == "4 TPU v4"
