@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import inspect
 import time
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -82,10 +83,23 @@ def answer_fn(task: seqio.Task):
   return lambda text: postprocess(task, text, None, True)
 
 
+# task -> {max_examples: answer}: every split of a task shares its train split's answer, and
+# reading 2,000 train examples through seqio costs seconds a call. Weak keys: a task registered
+# again (new data under the same name) is a new object and is counted afresh.
+_MAJORITY = weakref.WeakKeyDictionary()
+
+
 def majority_answer(task: seqio.Task, max_examples: int = 2000) -> str | None:
   """The train split's most common (postprocessed) answer; None without a train split."""
   if "train" not in task.splits:
     return None
+  cached = _MAJORITY.setdefault(task, {})
+  if max_examples not in cached:
+    cached[max_examples] = _count_majority(task, max_examples)
+  return cached[max_examples]
+
+
+def _count_majority(task: seqio.Task, max_examples: int) -> str:
   ds = task.get_dataset(None, split="train", shuffle=False, num_epochs=1,
                         use_cached=False).take(max_examples)
   post = answer_fn(task)
