@@ -13,7 +13,7 @@ import pytest
 
 from conftest import command_in_process  # noqa: E402  pylint: disable=g-import-not-at-top
 from test_lora import tiny_t5  # noqa: E402  pylint: disable=g-import-not-at-top
-from test_train_e2e import _interrupt_when  # noqa: E402  pylint: disable=g-import-not-at-top
+from test_train_e2e import _interrupt_when, run_beside  # noqa: E402  pylint: disable=g-import-not-at-top
 
 torch = pytest.importorskip("torch")
 
@@ -69,23 +69,16 @@ def test_lora_run_killed_resumes_to_the_same_losses_and_refuses_another_base(tmp
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   # The uninterrupted run needs nothing of the killed one: it runs beside it (its start, the
   # imports and the data, takes one core while the other's takes the other).
-  straight = tmp_path / "straight"
-  with open(tmp_path / "straight.log", "w+", encoding="utf-8") as log:
-    done = subprocess.Popen(_cmd(hf_dir, straight), stdout=log, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    try:
-      killed = tmp_path / "killed"
-      assert _interrupt_when(_cmd(hf_dir, killed), env, 2, signal.SIGKILL)[0] == -signal.SIGKILL
-      again = subprocess.run(_cmd(hf_dir, killed), capture_output=True, text=True, env=env,
-                             timeout=900)
-      done.wait(timeout=900)
-    finally:
-      if done.poll() is None:
-        done.kill()
-        done.wait()
-    log.seek(0)
-    straight_out = log.read()
-  assert done.returncode == 0, straight_out[-5000:]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+  def kill_and_resume():
+    assert _interrupt_when(_cmd(hf_dir, killed), env, 2, signal.SIGKILL)[0] == -signal.SIGKILL
+    return subprocess.run(_cmd(hf_dir, killed), capture_output=True, text=True, env=env,
+                          timeout=900)
+
+  code, straight_out, again = run_beside(_cmd(hf_dir, straight), env, tmp_path / "straight.log",
+                                         kill_and_resume, 900)
+  assert code == 0, straight_out[-5000:]
   assert "LoRA: rank 8, alpha 16 on 36 modules" in straight_out
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resumed from step" in again.stdout

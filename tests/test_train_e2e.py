@@ -185,6 +185,23 @@ def _interrupt_when(cmd, env, checkpoint, sig):
   return proc.returncode, out
 
 
+def run_beside(cmd, env, log_path, work, timeout):
+  """(exit code, output, work()): cmd as a process of its own (stdout and stderr into
+  log_path) while this process does work(), e.g. a reference run that needs nothing of
+  work's; killed if work fails or the process outlives `timeout` after it."""
+  with open(log_path, "w+", encoding="utf-8") as log:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+      result = work()
+      proc.wait(timeout=timeout)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.seek(0)
+    return proc.returncode, log.read(), result
+
+
 def test_sigterm_and_sigkill_then_resume_onto_another_mesh_continue_the_same_run(tmp_path,
                                                                               builtin_vocab):
   """A preempted VM (SIGTERM) saves and exits 0; a kill -9 loses only what followed the newest
@@ -204,18 +221,9 @@ def test_sigterm_and_sigkill_then_resume_onto_another_mesh_continue_the_same_run
   # imports and the data, takes one core while theirs take the other), checked at the end.
   # (builtin_vocab: the vocabulary is cached before two runs could both train it.)
   straight = tmp_path / "straight"
-  with open(tmp_path / "straight.err", "w+", encoding="utf-8") as err:
-    done = subprocess.Popen(cmd(straight, *mesh8), stdout=subprocess.DEVNULL, stderr=err,
-                            text=True, env=env)
-    try:
-      _interrupted_three_times(cmd, env, tmp_path / "interrupted", mesh8, mesh222)
-      done.wait(timeout=600)
-    finally:
-      if done.poll() is None:
-        done.kill()
-        done.wait()
-    err.seek(0)
-    assert done.returncode == 0, err.read()[-3000:]
+  code, out, _ = run_beside(cmd(straight, *mesh8), env, tmp_path / "straight.log", lambda: (
+      _interrupted_three_times(cmd, env, tmp_path / "interrupted", mesh8, mesh222)), 600)
+  assert code == 0, out[-3000:]
   a, b = losses(straight), losses(tmp_path / "interrupted")
   assert sorted(b) == list(range(1, 31))
   for s in range(1, 31):
