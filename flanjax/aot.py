@@ -131,6 +131,11 @@ def _bound(selector, default):
   return default if value is None else value
 
 
+def _class_name(ref) -> str:
+  """'T5Config' of a gin reference such as @T5Config() or @flanjax.models.t5.T5Config()."""
+  return str(ref).lstrip("@").split("(")[0].split(".")[-1]
+
+
 def train_settings() -> dict:
   """What the trainer would be built from, read from the parsed gin (as flanjax.train)."""
   ref = flan_config.bound_value("train.model_config")
@@ -138,7 +143,7 @@ def train_settings() -> dict:
     raise UserError("no model: bind train.model_config (e.g. --gin_file=models/t5_xl.gin with "
                     "train.model_config = @T5Config())")
   classes = {c.__name__: c for c in kinds.config_classes().values()}
-  name = str(ref).lstrip("@").split("(")[0].split(".")[-1]
+  name = _class_name(ref)
   if name not in classes:
     raise UserError(f"train.model_config = {ref}: not one of {', '.join(classes)}")
   cfg = classes[name]()
@@ -159,7 +164,7 @@ def _peft():
   if ref is None:
     return None
   classes = {"LoraConfig": lora.LoraConfig, "PromptTuningConfig": prompt_tuning.PromptTuningConfig}
-  name = str(ref).lstrip("@").split("(")[0].split(".")[-1]
+  name = _class_name(ref)
   if name not in classes:
     raise UserError(f"train.peft = {ref}: not one of @LoraConfig(), @PromptTuningConfig()")
   return classes[name]()
