@@ -32,6 +32,7 @@ its optimizer state < 2% of full's, its real-length tokens/s >= 1.0x PEFT's.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import math
 import os
 import resource
@@ -366,7 +367,9 @@ def real_lengths(tmodel, family, size, targets, examples, windows, log) -> dict:
   return out
 
 
-def run(size, targets_kind, windows, steps, mixture, examples_n, log) -> dict:
+def run(size, targets_kind, windows, steps, mixture, examples_n, log, families=("t5", "decoder"),
+        save=lambda results: None) -> dict:
+  """Every phase's figures go to save() as soon as they exist: a crash later loses none."""
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import examples as ex_lib  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -380,12 +383,15 @@ def run(size, targets_kind, windows, steps, mixture, examples_n, log) -> dict:
   log(f"examples: {what}")
   out = {"examples": what, "vocab_size": vocab}
   for family, tmodel in _hf_models(size, vocab).items():
+    if family not in families:
+      continue
     targets = DEFAULT[family] if targets_kind == "default" else (
         T5_ALL if family == "t5" else LLAMA_ALL)
-    res = {"targets": targets}
+    res = out[family] = {"targets": targets}
     res["step"] = step_times(tmodel, family, size, vocab, targets, windows, steps, log)
+    save(out)
     res["real_lengths"] = real_lengths(tmodel, family, size, targets, examples, windows, log)
-    out[family] = res
+    save(out)
   return out
 
 
@@ -393,7 +399,7 @@ def table(results: dict) -> str:
   lines = ["| model | setup | step (ms) [min-max] | vs full (window ratio) | FLOPs vs full "
            "| peak memory (MiB) | optimizer state (KiB) | vs full | trainable params |",
            "|---|---|---|---|---|---|---|---|---|"]
-  for family in ("t5", "decoder"):
+  for family in [f for f in ("t5", "decoder") if "step" in results.get(f, {})]:
     rows = results[family]["step"]
     for name, r in rows.items():
       mem = r.get("peak_memory_bytes") or r.get("peak_rss_growth_bytes")
@@ -407,7 +413,7 @@ def table(results: dict) -> str:
           f"{r['trainable_parameters']:,} |")
   lines += ["", "| model | real tokens/s: flanjax LoRA r8 (packed) | PEFT LoRA r8 (padded) "
             "| flanjax / PEFT (window ratio) |", "|---|---|---|---|"]
-  for family in ("t5", "decoder"):
+  for family in [f for f in ("t5", "decoder") if "real_lengths" in results.get(f, {})]:
     r = results[family]["real_lengths"]
     f, p, x = r["flanjax_lora_r8"], r["peft_lora_r8"], r["flanjax_vs_peft_tokens_per_s"]
     lines.append(f"| {family} | {f['real_tokens_per_s']:,.0f} [{f['real_tokens_per_s_min']:,.0f}"
@@ -427,25 +433,37 @@ def main(argv=None) -> int:
   ap.add_argument("--mixture", default="flan_cot",
                   help="real lengths' examples: flan_cot (FLANJAX_DATA_DIR), or synthetic")
   ap.add_argument("--examples", type=int, default=600)
-  ap.add_argument("--out", default=None, help="JSON file for the results")
+  ap.add_argument("--families", default="t5,decoder",
+                  help="comma-separated model kinds to run: t5, decoder")
+  ap.add_argument("--out", default=None,
+                  help="JSON file for the results (rewritten after every phase)")
   args = ap.parse_args(argv)
+  families = [f.strip() for f in args.families.split(",") if f.strip()]
+  if not families or set(families) - {"t5", "decoder"}:
+    ap.error(f"--families {args.families!r}: give t5, decoder or t5,decoder")
+  faulthandler.enable()  # a native crash (XLA, torch) prints where it happened
   if args.windows < 5:
     ap.error("--windows must be at least 5 (each figure is a median of >= 5 windows)")
   import torch  # pylint: disable=g-import-not-at-top
   threads = torch.get_num_threads()
   load_start = common.load()
-  results = run(args.size, args.targets, args.windows, args.steps, args.mixture,
-                args.examples, common.Log())
   d, f, n, h, k, b, length = SIZES[args.size]
-  out = {"command": "python benchmarks/lora_bench.py " + " ".join(
+  head = {"command": "python benchmarks/lora_bench.py " + " ".join(
       sys.argv[1:] if argv is None else argv),
-         "commit": common.commit(), "machine": common.machine(threads),
-         "load_start": load_start, "load_end": common.load(),
-         "quiet_start": common.quiet_start(load_start), "size": args.size,
-         "sizes": {"d_model": d, "d_ff": f, "layers": n, "heads": h, "head_dim": k,
-                   "vocab": results["vocab_size"], "batch": b, "length": length},
-         "windows": args.windows, "steps_per_window": args.steps, "results": results}
-  common.write_json(args.out, out)
+          "commit": common.commit(), "machine": common.machine(threads),
+          "load_start": load_start, "quiet_start": common.quiet_start(load_start),
+          "size": args.size, "windows": args.windows, "steps_per_window": args.steps}
+
+  def save(results, complete=False):
+    common.write_json(args.out, dict(
+        head, load_end=common.load(), complete=complete,
+        sizes={"d_model": d, "d_ff": f, "layers": n, "heads": h, "head_dim": k,
+               "vocab": results["vocab_size"], "batch": b, "length": length},
+        results=results))
+
+  results = run(args.size, args.targets, args.windows, args.steps, args.mixture,
+                args.examples, common.Log(), families, save)
+  save(results, complete=True)
   print(table(results))
   return 0
 
