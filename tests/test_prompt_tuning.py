@@ -244,3 +244,57 @@ def test_text_init_takes_the_embeddings_peft_takes(kind_name, tmp_path):
   # prompt flanjax prepends.
   assert want.shape == ((2 * n if t5 else n), cfg.d_model)
   np.testing.assert_allclose(got, want[:n], atol=0)
+
+
+@pytest.mark.parametrize("kind_name", ["t5", "llama"])
+def test_recipe_trains_and_its_export_loads_in_peft(kind_name, tmp_path, builtin_vocab):
+  # The README's recipes through the training command: runs/prompt_tuning_flan_t5.gin and
+  # runs/prompt_tuning_llama.gin over a Hugging Face folder; PEFT loads the exported prompt and
+  # gives the logits flanjax gives for base + run.
+  from conftest import command_in_process  # pylint: disable=g-import-not-at-top
+  from flanjax import train as train_command  # pylint: disable=g-import-not-at-top
+  from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
+  from test_finetune import _write_tokenizer  # pylint: disable=g-import-not-at-top
+  t5, n, hf_dir, run = kind_name == "t5", 4, tmp_path / "base", tmp_path / "run"
+  if t5:
+    base_t = tiny_t5(vocab_size=1024)
+    base_t.save_pretrained(str(hf_dir))
+    with open(builtin_vocab.sentencepiece_model_file, "rb") as f:
+      (hf_dir / "spiece.model").write_bytes(f.read())
+  else:
+    torch.manual_seed(2)
+    base_t = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=1024, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=3)).eval()
+    base_t.save_pretrained(str(hf_dir))
+    _write_tokenizer(str(hf_dir), builtin.all_text()[::5])
+  recipe = "runs/prompt_tuning_flan_t5.gin" if t5 else "runs/prompt_tuning_llama.gin"
+  code, out, err = command_in_process(train_command.main, [
+      f"--gin_file={recipe}", f"--gin.HF_DIR={hf_dir}", f"--gin.train.model_dir={run}",
+      "--gin.train.batch_size=4", "--gin.train.log_every_secs=0",
+      "--gin.train.task_feature_lengths={'inputs': 64, 'targets': 16}",
+      "--gin.train.num_steps=4", "--gin.Checkpointer.every_steps=4",
+      "--gin.train.eval_at_end=False", "--gin.schedule.warmup_steps=0",
+      f"--gin.PromptTuningConfig.num_virtual_tokens={n}"], builtin_vocab, train_command.__file__)
+  assert code == 0, (out + err)[-3000:]
+  from flanjax.models import loading as loading_lib  # pylint: disable=g-import-not-at-top
+  saved = loading_lib.restore_numpy(str(run / "checkpoints" / "4" / "state"))["params"]
+  leaves = jax.tree_util.tree_leaves(saved)
+  assert [np.shape(x) for x in leaves] == [(n, 32)]  # the soft prompt and nothing else
+  # 'vocab' init samples embedding rows; 4 steps at the recipe's rate moved every row off them.
+  emb = base_t.get_input_embeddings().weight.detach().numpy()
+  prompt = np.asarray(leaves[0])
+  assert np.min(np.abs(prompt[:, None, :] - emb[None]).max(-1), axis=1).min() > 1e-4
+
+  convert_checkpoint.main(["orbax-to-peft", str(run), str(tmp_path / "peft")])
+  theirs_t = peft.PeftModel.from_pretrained(
+      type(base_t).from_pretrained(str(hf_dir)), str(tmp_path / "peft")).eval()
+  loaded = loading_lib.load(str(hf_dir), adapter=str(run))
+  enc, dec = np.random.default_rng(4).integers(2, 1000, size=(2, 9)), np.array([[0, 5, 7]] * 2)
+  theirs = _peft_logits(theirs_t, enc, dec, t5)
+  cfg = loaded.config
+  tokens = np.concatenate([np.tile(prompt_tuning.virtual_ids(cfg, n), (2, 1)), enc], 1)
+  ours = np.asarray(loaded.model.apply({"params": loaded.params}, *((tokens, dec) if t5
+                                                                     else (tokens,))))
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
