@@ -97,3 +97,25 @@ def test_the_tool_finds_a_module_level_cycle(tmp_path):
   assert out.returncode == 1
   assert "error: import cycle at module level: pkg.a -> pkg.b -> pkg.c -> pkg.a" in out.stdout
   assert "b.py:2: pkg.b imports pkg.c" in out.stdout
+
+
+_DOT_HLO = textwrap.dedent("""
+    import os, flanjax, jax, jax.numpy as jnp
+    f = jax.jit(lambda a, b: a @ b).lower(jnp.ones((256, 128)), jnp.ones((128, 512)))
+    print(os.environ.get("XLA_FLAGS", ""))
+    print("__ynn_fusion" in f.compile().as_text())
+""")
+
+
+@pytest.mark.parametrize("user_flags,ynn", [
+    ("", False),  # flanjax turns YNNPACK's dots off (their segfault; Eigen's are as fast)
+    ("--xla_cpu_experimental_ynn_fusion_type=individual_dot", True),  # the user's choice
+])
+def test_importing_flanjax_sets_xla_cpu_dots_unless_the_user_did(user_flags, ynn):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=user_flags)
+  out = subprocess.run([sys.executable, "-c", _DOT_HLO], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  flags, has_ynn = out.stdout.strip().splitlines()[-2:]
+  assert has_ynn == str(ynn), (flags, out.stdout)
+  assert flags.count("xla_cpu_experimental_ynn_fusion_type") == 1, flags
