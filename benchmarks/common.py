@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Callable
 
+import flanjax  # noqa: F401  pylint: disable=unused-import  # its XLA:CPU flags, before JAX starts
+
 
 def cpu_model() -> str:
   try:
