@@ -88,6 +88,13 @@ def test_length_report_by_encoding_equals_the_tf_data_pass(builtin_vocab):
                      output_features=base.output_features)
   assert pipeline._lengths_by_encoding(other, "train", feats, None) is None  # pylint: disable=protected-access
   assert pipeline._lengths_by_pass(other, "train", feats, None)[0] == 3  # pylint: disable=protected-access
+  # A user's own function that only shares seqio's name is not seqio's tokenize.
+  def tokenize(ds, output_features):  # pylint: disable=unused-argument
+    return ds
+  same_name = seqio.Task("length_report_same_name", source=base.source,
+                         preprocessors=[tokenize, seqio.preprocessors.append_eos_after_trim],
+                         output_features=base.output_features)
+  assert pipeline._lengths_by_encoding(same_name, "train", feats, None) is None  # pylint: disable=protected-access
 
 
 def test_stream_resumes_at_position(builtin_vocab):

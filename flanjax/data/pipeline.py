@@ -88,8 +88,8 @@ def _lengths_by_encoding(task, split: str, feats: list[str],
   """(examples, {feature: token lengths, EOS included}) of a task that only tokenizes its
   source's text and appends EOS (the built-in families), by encoding the text in Python;
   None for any other task."""
-  if [getattr(p, "__name__", None) for p in task.preprocessors] != [
-      "tokenize", "append_eos_after_trim"] or task.source is None:
+  if list(task.preprocessors) != [seqio.preprocessors.tokenize,
+                                  seqio.preprocessors.append_eos_after_trim] or task.source is None:
     return None
   ds = task.source.get_dataset(split=split, shuffle=False)
   if max_examples:
