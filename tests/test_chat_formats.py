@@ -358,3 +358,29 @@ def test_a_run_records_its_format_and_infer_applies_it(tmp_path, llama3_dir, mon
   infer.run(["--checkpoint", str(run), "Can brain cells move?", "--max_decode_len", "2",
              "--prompt_format", "plain"])
   assert seen == ["Can brain cells move?"]
+  # judge and evaluate on the same run wrap their prompts in the recorded template too.
+  head, tail = want.split("Can brain cells move?")
+  answers = tmp_path / "a.jsonl"
+  answers.write_text(json.dumps({"instruction": "Can brain cells move?", "output": "Yes."}) + "\n")
+  other = tmp_path / "b.jsonl"
+  other.write_text(json.dumps({"instruction": "Can brain cells move?", "output": "No."}) + "\n")
+  from flanjax import judge
+  seen.clear()
+  assert judge.run(["pairwise", "--judge", str(run), "--a", str(answers), "--b", str(other),
+                    "--mode", "loglik", "--resamples", "10", "--max_input_length", "512",
+                    "--out", str(tmp_path / "judged")]) == 0
+  assert json.loads((tmp_path / "judged" / "pairwise.json").read_text())["prompt_format"] == (
+      "hf_chat_template")
+  assert len(seen) == 2  # both orders
+  assert all(s.startswith(head) and s.endswith(tail) and "Yes." in s and "No." in s for s in seen)
+  from flanjax.data import registry
+  from flanjax.evaluation import run as evaluation
+  report = evaluation.evaluate(checkpoint=str(run), tasks=["builtin_comparison:validation"],
+                               max_examples=1, input_length=256,
+                               decode=decoding.DecodeConfig(max_decode_len=2),
+                               out_dir=str(tmp_path / "eval"), name="fmt",
+                               register_fns=(registry.register_builtin,), log=lambda _: None)
+  assert report["prompt_format"] == "hf_chat_template"
+  import html
+  page = html.unescape((tmp_path / "eval" / "fmt.html").read_text(encoding="utf-8"))
+  assert head in page and tail in page  # the prompt the review page shows is the wrapped one
