@@ -218,14 +218,24 @@ class Torch:
     return out
 
   def packed_batch(self, fj_batch) -> dict:
-    """flanjax's packed decoder rows as a padding-free batch (DataCollatorWithFlattening's
-    style): no attention mask, position ids restarting at each example, from which
-    transformers builds the block-diagonal causal mask; labels already shifted."""
+    """flanjax's packed decoder rows as a padding-free batch: position ids restarting at
+    each example and a block-diagonal causal mask [b, 1, l, l] (each token sees only
+    its own example's earlier tokens); labels already shifted. The mask is explicit:
+    transformers 5.24 builds none from position ids alone outside flash attention (the
+    examples then attend to each other: 0.015 off flanjax's loss on the benchmark's rows).
+    A boolean mask for SDPA (True = attend), an additive one for the eager attention."""
     torch = self.torch
     w = fj_batch["decoder_loss_weights"] > 0
     labels = np.where(w, fj_batch["decoder_target_tokens"], IGNORE).astype(np.int64)
+    seg = fj_batch["decoder_segment_ids"]
+    length = seg.shape[1]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((length, length), bool))
+    mask = torch.from_numpy(allowed[:, None])
+    if self.attn_implementation != "sdpa":
+      mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     return {"input_ids": torch.from_numpy(fj_batch["decoder_input_tokens"].astype(np.int64)),
             "position_ids": torch.from_numpy(fj_batch["decoder_positions"].astype(np.int64)),
+            "attention_mask": mask,
             "labels": torch.from_numpy(labels), "shift_labels": torch.from_numpy(labels)}
 
   def batch(self, examples) -> dict:

@@ -15,8 +15,8 @@ batches padded to the batch's longest (DataCollatorForSeq2Seq), K examples a
 step where K is what a packed step holds on average (so both take about the
 same number of optimizer steps), in the stream's random order and, separately,
 in transformers' group_by_length order; and, for the decoder, on flanjax's
-packed rows themselves, padding-free (DataCollatorWithFlattening's style:
-position ids restart per example, transformers masks across examples). Real
+packed rows themselves, padding-free (position ids restart per example and a
+block-diagonal causal mask keeps each example to itself). Real
 tokens/s counts non-padding positions; every run sees the same real tokens.
 
 The decoder's objective is the same on both sides: causal attention, loss on

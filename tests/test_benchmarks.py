@@ -112,3 +112,28 @@ def test_windows_shorter_than_a_clock_tick_still_report_the_others_share():
   s = w.summary()
   assert 0.0 <= s["others_cpu_share"] <= 1.0
   assert s["quiet"] == (s["others_cpu_share"] <= 0.10)
+
+
+def test_pytorch_padding_free_rows_see_only_their_own_example():
+  """The packed PyTorch baseline gives flanjax's loss on the same packed rows (several
+  examples a row): its block-diagonal mask keeps each example to itself. Without the
+  mask (position ids alone) transformers lets the examples attend to each other."""
+  import numpy as np
+  from benchmarks import stacks
+  from flanjax.models import decoder
+  cfg = decoder.DecoderConfig(vocab_size=96, d_model=32, num_heads=4, num_kv_heads=2,
+                              head_dim=8, d_ff=64, num_layers=2)
+  rng = np.random.default_rng(0)
+  examples = [{"inputs": rng.integers(3, 96, int(rng.integers(3, 20)), dtype=np.int32),
+               "targets": rng.integers(3, 96, int(rng.integers(2, 9)), dtype=np.int32)}
+              for _ in range(24)]
+  rows, members, _ = stacks.pack_rows(examples, {"inputs": 48, "targets": 16},
+                                      stacks.packing_kind(cfg), window=8)
+  batch = stacks.stack_rows(rows[:4], 4)
+  assert min(len(members[j]) for j in range(4)) >= 2  # rows hold several examples
+  fj = stacks.Flanjax(cfg, stacks.AdamW())
+  th = stacks.Torch(cfg, fj.params(), stacks.AdamW())
+  packed = th.packed_batch(batch)
+  assert th.loss(packed) == pytest.approx(fj.loss(batch), abs=1e-5)
+  leaky = {k: v for k, v in packed.items() if k != "attention_mask"}
+  assert abs(th.loss(leaky) - fj.loss(batch)) > 1e-3
