@@ -286,8 +286,10 @@ def test_broken_niv2_task_file(tmp_path):
       "--gin.train.task_feature_lengths="]),
     (["--gin.train.task_feature_lengths={'inputs': 0, 'targets': 32}"],
      ["train.task_feature_lengths['inputs'] = 0", "at least 1"]),
+    (["--gin.corpus_vocabulary.vocab_size=40"],
+     ["a 40-piece vocabulary cannot hold this text's", "corpus_vocabulary.vocab_size"]),
 ], ids=["unknown_task", "eval_only_task", "eval_only_in_mixture", "policy_typo",
-        "lengths_fit_no_example", "zero_length"])
+        "lengths_fit_no_example", "zero_length", "vocabulary_too_small"])
 def test_bad_configuration_stops_in_one_line(extra, needles, alpaca_file, tmp_path):
   line = one_error_line(*run_train(user_args(alpaca_file, tmp_path / "run", *extra))[::2])
   for needle in needles:

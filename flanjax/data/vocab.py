@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import time
 from typing import Iterable
 
@@ -20,6 +21,7 @@ import seqio
 
 from flanjax.data import cache, registry, tasks
 from flanjax.data.collections import builtin
+from flanjax.errors import UserError
 
 # T5's conventions: pad 0, eos 1, unk 2, no bos.
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -45,9 +47,19 @@ def train_sentencepiece(lines: Iterable[str], path: str, vocab_size: int) -> str
   """Trains a BPE SentencePiece model on `lines` and writes it to `path`."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-      num_threads=os.cpu_count() or 1, minloglevel=2, **TRAINER_SETTINGS)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        num_threads=os.cpu_count() or 1, minloglevel=2, **TRAINER_SETTINGS)
+  except RuntimeError as e:
+    # e.g. "... Vocabulary size is smaller than required_chars. 20 vs 300. ..."
+    need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+    if not need:
+      raise
+    raise UserError(
+        f"a {vocab_size}-piece vocabulary cannot hold this text's {need.group(2)} required "
+        f"characters and pieces: set the vocabulary's vocab_size to {need.group(2)} or more "
+        f"(gin: corpus_vocabulary.vocab_size or builtin_vocabulary.vocab_size)") from None
   data = model.getvalue()
   cache.write_atomic(path, data)  # a reader never sees half a model
   # Written second: a model without its checksum is checked by loading it.
