@@ -298,6 +298,27 @@ def test_a_conversation_is_held_out_whole(tmp_path):
   assert not firsts["train"] & firsts["validation"]
 
 
+
+def test_a_validation_file_is_the_validation_split_and_the_training_file_trains_whole(tmp_path):
+  train = tmp_path / "train.jsonl"
+  train.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "input": "",
+                                       "output": str(i + 1)}) + "\n" for i in range(50)))
+  valid = tmp_path / "valid.json"  # another format, detected on its own
+  valid.write_text(json.dumps([{"prompt": f"Add {i} and 2.", "completion": str(i + 2)}
+                               for i in range(7)], indent=2))
+  (d,), _ = user.user_data([{"name": "own", "path": str(train), "validation_share": 0.3,
+                             "validation_path": str(valid)}])
+  assert d.splits == ("train", "validation")
+  assert [r["answer"] for r in tasks.raw_examples(d, "train")] == [str(i + 1) for i in range(50)]
+  assert [r["answer"] for r in tasks.raw_examples(d, "validation")] == [
+      str(i + 2) for i in range(7)]
+  (missing,), _ = user.user_data([{"name": "own2", "path": str(train),
+                                   "validation_path": str(tmp_path / "nope.jsonl")}])
+  with pytest.raises(UserError, match=r"nope.jsonl does not exist"):
+    tasks.raw_examples(missing, "validation")
+  with pytest.raises(UserError, match="'validation_path' is one file of records"):
+    user.user_data([{"name": "own3", "path": str(train), "validation_path": str(tmp_path)}])
+
 # ------------------------------------------------------------------ BOS, as the tokenizer says
 
 def test_causal_prompts_start_with_bos_only_when_the_tokenizer_adds_it(tmp_path, llama3_dir):

@@ -130,11 +130,18 @@ def test_user_files_mixed_with_builtin_through_gin(tmp_path, builtin_vocab):
   assert code == 2
   last = err.strip().splitlines()[-1]
   assert f"{data}:3: not valid JSON" in last and "bad_records.policy='skip'" in last
-  # With the skip policy it is counted, reported, and the rest trains.
-  proc = subprocess.run(args + ["--gin.bad_records.policy=skip"], capture_output=True, text=True,
-                        timeout=600)
+  # With the skip policy it is counted, reported, and the rest trains; the validation split
+  # is a file of its own (a JSON array, one record without its 'messages').
+  valid = tmp_path / "valid.json"
+  records = [convo(i) for i in range(300, 340)]
+  records[5] = {"text": "no messages here"}
+  valid.write_text(json.dumps(records, indent=1))
+  proc = subprocess.run(args + ["--gin.bad_records.policy=skip",
+                                f"--gin.USER_VALIDATION_FILE='{valid}'"],
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "299 records kept, 1 skipped: 1 malformed JSON lines" in proc.stdout
+  assert f"{valid}: 39 records kept, 1 skipped" in proc.stdout
   summary = json.loads((model_dir / "summary.json").read_text())
   evaluated = {(e["task"], e["split"]) for e in summary["eval"]}
   assert ("user_data", "validation") in evaluated and ("builtin_parity", "validation") in evaluated

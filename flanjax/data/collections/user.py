@@ -34,7 +34,9 @@ train.init_from.
 Optional keys: 'templates' (a template family, or 'none' for the text as given;
 alpaca defaults to the 'instruction' family; plain prompt format only),
 'num_shots', 'validation_share' (a stable share of records held out as the
-validation split), 'train_formats'. Bad records follow `bad_records.policy`.
+validation split), 'validation_path' (a file of the same kind that is the
+validation split; the training file is then all training data, whatever the
+share), 'train_formats'. Bad records follow `bad_records.policy`.
 """
 
 from __future__ import annotations
@@ -406,7 +408,7 @@ def _niv2_defs(spec: Mapping, path: str, splits, share: float, shots: int,
 def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef], list[str]]:
   """TaskDefs of one user spec, and the mixture members if it is a folder."""
   unknown = set(spec) - {"name", "path", "format", "templates", "num_shots",
-                         "validation_share", "train_formats"}
+                         "validation_share", "validation_path", "train_formats"}
   if unknown:
     raise UserError(f"user_data.tasks entry {spec.get('name')!r}: unknown keys {sorted(unknown)}")
   for key in ("name", "path"):
@@ -418,11 +420,17 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
   if spec.get("templates") and fmt.name != "plain":
     raise UserError(f"user_data.tasks entry {name!r}: 'templates' apply to the plain prompt "
                     f"format only, not {fmt.name!r}; drop one of them")
-  share = float(spec.get("validation_share", 0.0))
-  splits = ("train", "validation") if share else ("train",)
+  # A validation file replaces the held-out share: the training file trains whole.
+  vpath = os.path.expanduser(spec["validation_path"]) if spec.get("validation_path") else None
+  share = 0.0 if vpath else float(spec.get("validation_share", 0.0))
+  splits = ("train", "validation") if share or vpath else ("train",)
   shots = int(spec.get("num_shots", 2))
   policy = sources.bad_records()
-  kind = detect_format(path) if kind == "auto" else kind
+  auto = kind == "auto"
+  kind = detect_format(path) if auto else kind
+  if vpath and (kind == "niv2" or os.path.isdir(vpath)):
+    raise UserError(f"user_data.tasks entry {name!r}: 'validation_path' is one file of records; "
+                    f"for a NIv2 folder use 'validation_share'")
   if kind == "niv2":
     defs = _niv2_defs(spec, path, splits, share, shots, fmt)
     return defs, [d.name for d in defs]
@@ -430,6 +438,9 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
     raise UserError(f"{path} is a folder; format {kind!r} reads one file (folders are for 'niv2')")
 
   def load(split):
+    if split == "validation" and vpath:
+      sources.check_file(vpath)
+      return list(_read_file(vpath, detect_format(vpath) if auto else kind, policy))
     if kind is None:  # auto, and the path did not exist at registration
       sources.check_file(path)
     return _split_records(_read_file(path, kind or detect_format(path), policy), split, share)
@@ -443,7 +454,8 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
   return [TaskDef(name=name, load=load, splits=splits, templates=templates,
                   train_formats=formats, num_shots=shots,
                   render_fn=_render_in(fmt) if conversation else None,
-                  fingerprint=lambda: sources.fingerprint_paths([path]) + f"/{share}",
+                  fingerprint=lambda: sources.fingerprint_paths(
+                      [path] + ([vpath] if vpath and os.path.exists(vpath) else [])) + f"/{share}",
                   postprocess_fn=_postprocess(fmt),
                   description=f"{kind or 'auto'} records from {path} ({fmt.name} prompts)")], []
 
