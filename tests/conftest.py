@@ -31,17 +31,6 @@ import flanjax.train  # noqa: E402,F401
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# The longest files first (their durations in docs/results/suite_time.md): with two test
-# processes each taking whole files, one started last would run alone at the end.
-SLOW_FILES_FIRST = ("test_default_job_learns.py", "test_train_e2e.py", "test_lora_training.py",
-                    "test_distributed.py", "test_collections.py", "test_sharding.py",
-                    "test_robustness.py", "test_finetune.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
