@@ -143,7 +143,7 @@ class FlanjaxSetup:
     t, lc = self.trainer, self.trainer.losses
     make = lambda model: step_lib.make_train_step(  # noqa: E731
         model, t.optimizer.tx, t.optimizer.lr_fn, z_loss=lc.z_loss,
-        model_inputs=t.kind.model_inputs)
+        model_inputs=t.kind.model_inputs, output_chunk=lc.output_chunk)
     with self.part.scope():
       if t.adapters is None:
         c = jax.jit(make(t.model)).lower(self.state, batch).compile()

@@ -46,7 +46,7 @@ def packing_kind(cfg) -> str:
 class Flanjax:
   """flanjax's train step on one model; params start from a seeded random init."""
 
-  def __init__(self, cfg, opt: AdamW, seed: int = 0):
+  def __init__(self, cfg, opt: AdamW, seed: int = 0, output_chunk: int | None = None):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
@@ -63,7 +63,8 @@ class Flanjax:
     self.state, shardings = trainer.create_sharded_state(
         self.model, tx, self.mesh, self.rules, seed, dummy)
     self.num_params = int(sum(x.size for x in jax.tree.leaves(self.state["params"])))
-    step = trainer.make_train_step(self.model, tx, lambda s: opt.lr)
+    more = {} if output_chunk is None else {"output_chunk": output_chunk}
+    step = trainer.make_train_step(self.model, tx, lambda s: opt.lr, **more)
     self._step = trainer.jit_train_step(step, shardings, self.mesh)
     self._ctx = lambda: _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
     self._jax = jax

@@ -19,11 +19,16 @@ the windows, with min and max, and its ratio to the first variant.
   proxy/gqa_*             attention scores and mixing with grouped-query heads:
                           key/value heads repeated to the query heads (HF's
                           repeat_kv) vs queries grouped per kv head (no copy)
-  choice/*                the real step as it ships vs with one of its CPU choices
+  choice/*                the real step as it ships vs with one of its choices
                           undone: dense=xla (XLA's own kernel gradients instead of
                           dense.py's custom VJP), query_block=all (the reference
                           attention's scores in one block over all keys instead of
-                          ~160-query blocks that skip keys past a causal block)
+                          ~160-query blocks that skip keys past a causal block),
+                          output_chunk=0 (logits at every position, then the loss,
+                          instead of the output layer inside the loss at loss
+                          positions only: losses.output_cross_entropy)
+
+    python -m benchmarks.variants --model=t5 --parts=choice   # T5's step (4 x 512 + 128)
 """
 
 from __future__ import annotations
@@ -102,10 +107,11 @@ def choice_variants(cfg, batch) -> dict:
   from flanjax.models import dense  # pylint: disable=g-import-not-at-top
   settings = {"choice/shipped": contextlib.nullcontext,
               "choice/dense=xla": lambda: dense.mode("xla"),
-              "choice/query_block=all": lambda: _query_block(1 << 30)}
+              "choice/query_block=all": lambda: _query_block(1 << 30),
+              "choice/output_chunk=0": contextlib.nullcontext}
   fns = {}
   for name, setting in settings.items():
-    fj = stacks.Flanjax(cfg, stacks.AdamW())
+    fj = stacks.Flanjax(cfg, stacks.AdamW(), output_chunk=0 if "output_chunk" in name else None)
     fns[name] = _first_call_under(setting, lambda fj=fj: fj.train([batch]))
   return fns
 
@@ -169,6 +175,9 @@ def proxy_variants(cfg, b: int, s: int) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m benchmarks.variants")
+  ap.add_argument("--model", default="decoder", choices=("decoder", "t5"))
+  ap.add_argument("--parts", default="choice,step,proxy",
+                  help="which of choice, step (decoder), proxy (decoder) to run")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--inputs", type=int, default=512)
   ap.add_argument("--targets", type=int, default=128)
@@ -179,24 +188,31 @@ def main(argv=None):
   a = ap.parse_args(argv)
   from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
   threads = stacks.torch_threads()
-  cfg, lengths, _, batch = profile_step.full_rows("decoder", a.batch, a.inputs, a.targets)
+  parts = [p for p in ("choice", "step", "proxy") if p in a.parts.split(",")]
+  if a.model == "t5" and set(parts) - {"choice"}:
+    ap.error("--model=t5 runs --parts=choice only (the step and proxy variants are the decoder's)")
+  cfg, lengths, _, batch = profile_step.full_rows(a.model, a.batch, a.inputs, a.targets)
   res = {"command": "python -m benchmarks.variants " + " ".join(argv or sys.argv[1:]),
          "commit": common.commit(), "machine": common.machine(threads),
-         "load_before": common.load(), "batch": a.batch, "lengths": lengths,
+         "load_before": common.load(), "model": a.model, "batch": a.batch, "lengths": lengths,
          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  res["choice"] = _interleaved(choice_variants(cfg, batch), a.windows, a.steps)
-  res["step"] = _interleaved(step_variants(cfg, batch, a.impls.split(",")), a.windows, a.steps)
-  import jax  # pylint: disable=g-import-not-at-top
-  proxies = {k: (lambda f=f, x=x: jax.block_until_ready(f(*x)))
-             for k, (f, x) in proxy_variants(cfg, a.batch, a.inputs + a.targets).items()}
-  res["proxy"] = {}
-  for pair in ("proxy/layout_", "proxy/qkv_", "proxy/gqa_"):  # each pair against its own first (what ships)
-    res["proxy"].update(_interleaved({k: f for k, f in proxies.items() if k.startswith(pair)},
-                                     a.windows, a.steps))
+  if "choice" in parts:
+    res["choice"] = _interleaved(choice_variants(cfg, batch), a.windows, a.steps)
+  if "step" in parts:
+    res["step"] = _interleaved(step_variants(cfg, batch, a.impls.split(",")), a.windows,
+                               a.steps)
+  if "proxy" in parts:
+    import jax  # pylint: disable=g-import-not-at-top
+    proxies = {k: (lambda f=f, x=x: jax.block_until_ready(f(*x)))
+               for k, (f, x) in proxy_variants(cfg, a.batch, a.inputs + a.targets).items()}
+    res["proxy"] = {}
+    for pair in ("proxy/layout_", "proxy/qkv_", "proxy/gqa_"):  # each against what ships
+      res["proxy"].update(_interleaved({k: f for k, f in proxies.items() if k.startswith(pair)},
+                                       a.windows, a.steps))
   res["load_after"] = common.load()
   res["quiet"] = common.quiet_start(res["load_before"]) and all(
-      v["quiet"] for part in ("choice", "step", "proxy") for v in res[part].values())
-  for part in ("choice", "step", "proxy"):
+      v["quiet"] for part in parts for v in res[part].values())
+  for part in parts:
     for k, v in res[part].items():
       print(f"{k:40s} {v['ms']:9.1f} ms [{v['ms_min']:.1f}-{v['ms_max']:.1f}]  "
             f"x{v['vs_first']:.3f}" + ("" if v["quiet"] else "  (not quiet)"))

@@ -155,7 +155,8 @@ def train_settings() -> dict:
           "batch_size": int(_bound("train.batch_size", 32)),
           "microbatches": int(_bound("train.microbatches", 1)),
           "mesh_shape": tuple(_bound("train.mesh_shape", (-1, 1, 1))),
-          "pack": bool(_bound("train.pack", True)), "z_loss": float(_bound("train.z_loss", 1e-4))}
+          "pack": bool(_bound("train.pack", True)), "z_loss": float(_bound("train.z_loss", 1e-4)),
+          "output_chunk": int(_bound("train.output_chunk", 128))}
 
 
 def _peft():
@@ -212,7 +213,7 @@ def compile_train_step(settings: dict, devices):
            for k, n in lengths.items()}
   make = lambda m: step_lib.make_train_step(  # noqa: E731
       m, tx, lr_fn, microbatches=settings["microbatches"], z_loss=settings["z_loss"],
-      model_inputs=kind.model_inputs)
+      model_inputs=kind.model_inputs, output_chunk=settings.get("output_chunk", 128))
   # dense.py's CPU formulation is for XLA:CPU; a TPU compiles XLA's own gradient.
   with part.scope(), dense.mode("xla"):
     if peft is None:

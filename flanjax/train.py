@@ -133,7 +133,7 @@ def train(
     eval_max_examples: int | None = None, eval_batch_size: int = 64,
     eval_rank_classification: bool = False, max_decode_len: int | None = None,
     early_stopping=None, peft=None, init_adapter: str | None = None, stop_signal=None,
-    on_step: Callable | None = None, decontamination: str = "warn",
+    on_step: Callable | None = None, decontamination: str = "warn", output_chunk: int = 128,
 ) -> dict:
   """Trains and evaluates; returns a summary dict (also written to model_dir).
 
@@ -145,6 +145,8 @@ def train(
   default the mixture's tasks; eval_splits: default each task's evaluation splits.
   early_stopping: @EarlyStopping() (training/early_stopping.py) on the evaluations.
   decontamination: 'warn' | 'drop' | 'off' (flanjax/curate/decontaminate.check_mixture).
+  output_chunk: the output layer runs inside the loss, at loss positions only, this many
+  positions of each row at a time (losses.output_cross_entropy); 0: logits everywhere.
   peft: @LoraConfig() or @PromptTuningConfig() trains over init_from's frozen model (read on
   resuming too); init_adapter: a PEFT adapter folder to start from.
   """
@@ -182,7 +184,8 @@ def train(
         optimizer=loop.Optimizer(tx, lr_fn), checkpointer=ckpt,
         data=TrainData(mixture, lengths, batch_size, seed, pack, kind), evaluator=evaluator,
         run=run, vocab=vocab, mixture=mixture, seed=seed,
-        losses=loop.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, microbatches),
+        losses=loop.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, microbatches,
+                              output_chunk),
         log=loop.LogConfig(log_every_secs, summary_every_steps, peak_flops, max_nonfinite_in_row),
         run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0,
         early_stopping=early_stopping, adapters=adapter)

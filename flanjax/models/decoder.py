@@ -265,12 +265,16 @@ class Decoder(nn.Module):
 
   def __call__(self, decoder_input_tokens, decoder_target_tokens=None,
                decoder_segment_ids=None, decoder_positions=None,
-               decoder_causal_attention=None, deterministic=True):
+               decoder_causal_attention=None, deterministic=True, return_hidden=False):
     """Logits for every position.
 
     decoder_target_tokens is accepted (the trainer passes a whole batch) but
     not needed: without segment ids a row is one example, and right padding
     never reaches a real token through a causal mask.
+
+    return_hidden: (final hidden states [b, l, d], output matrix) instead, for a
+    loss that applies the output layer itself (losses.output_cross_entropy):
+    the matrix is [d, vocab], or the [vocab, d] embedding when tied.
     """
     del decoder_target_tokens
     tokens = decoder_input_tokens
@@ -282,7 +286,10 @@ class Decoder(nn.Module):
     rope = rope_tables(self.config, pos)
     x = self.dropout(self._embed(tokens), deterministic)
     x, _ = stack.run(self.layers, self.config.num_layers, x, spec, rope, deterministic)
-    return self._logits(self.dropout(self.final_norm(x), deterministic))
+    x = self.dropout(self.final_norm(x), deterministic)
+    if return_hidden:
+      return x, self.embedding if self.config.tie_word_embeddings else self.lm_head
+    return self._logits(x)
 
   # ---------------------------------------------------------------- decoding
   # The cache holds one row per example; slot t of a row holds position t, and

@@ -307,7 +307,8 @@ class T5(nn.Module):
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
              decoder_target_tokens=None, encoder_segment_ids=None,
-             decoder_segment_ids=None, decoder_positions=None, deterministic=True):
+             decoder_segment_ids=None, decoder_positions=None, deterministic=True,
+             return_hidden=False):
     enc_seg = _segments(encoder_input_tokens, encoder_segment_ids)
     if decoder_segment_ids is None:
       # Unpacked: every decoder position belongs to the row's single example.
@@ -324,13 +325,20 @@ class T5(nn.Module):
     x = self.dropout(self._embed(decoder_input_tokens), deterministic)
     x, _ = stack.run(self.decoder_layers, self.config.num_decoder_layers, x, encoded,
                      self_spec, cross_spec, deterministic)
-    return self._logits(self.dropout(self.decoder_norm(x), deterministic))
+    x = self.dropout(self.decoder_norm(x), deterministic)
+    if return_hidden:
+      return self._output_input(x), self.embedding if self.config.tie_word_embeddings else (
+          self.lm_head)
+    return self._logits(x)
+
+  def _output_input(self, x):
+    # The original T5 rescales before the shared (tied) output projection.
+    return x * (self.config.d_model ** -0.5) if self.config.tie_word_embeddings else x
 
   def _logits(self, x):
     c = self.config
     if c.tie_word_embeddings:
-      # The original T5 rescales before the shared output projection.
-      x = x * (c.d_model ** -0.5)
+      x = self._output_input(x)
       logits = dense.project_transposed(x, self.embedding.astype(x.dtype))
     else:
       logits = dense.project(x, self.lm_head.astype(x.dtype))
@@ -369,12 +377,14 @@ class T5(nn.Module):
   def __call__(self, encoder_input_tokens, decoder_input_tokens,
                decoder_target_tokens=None, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None,
-               decoder_positions=None, deterministic=True):
+               decoder_positions=None, deterministic=True, return_hidden=False):
+    """Decoder logits; return_hidden: (the decoder's final hidden states, the output
+    matrix) instead, as Decoder.__call__ (rescaled for the tied output when tied)."""
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                           deterministic)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
-                       decoder_positions, deterministic)
+                       decoder_positions, deterministic, return_hidden)
 
 
 def model_inputs(batch: dict) -> dict:

@@ -68,6 +68,9 @@ class LossConfig:
   label_smoothing: float = 0.0
   loss_normalizing_factor: float | None = None
   microbatches: int = 1
+  # Positions of each row the output layer takes at a time inside the loss (loss positions
+  # only; trainer.make_train_step); 0: logits at every position, then the loss.
+  output_chunk: int = 128
 
 
 @dataclasses.dataclass
@@ -237,7 +240,7 @@ class Trainer:
     make = lambda model: step_lib.make_train_step(  # noqa: E731
         model, self.optimizer.tx, self.optimizer.lr_fn, microbatches=lc.microbatches,
         z_loss=lc.z_loss, label_smoothing=lc.label_smoothing,
-        loss_normalizing_factor=lc.loss_normalizing_factor,
+        loss_normalizing_factor=lc.loss_normalizing_factor, output_chunk=lc.output_chunk,
         dropout=self.dropout or (a is not None and a.dropout > 0),
         model_inputs=self.kind.model_inputs)
     if a is None:

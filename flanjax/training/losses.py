@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def cross_entropy(logits, targets, weights, *, z_loss: float = 0.0,
@@ -45,3 +48,148 @@ def cross_entropy(logits, targets, weights, *, z_loss: float = 0.0,
          "z_loss_sum": jnp.sum(token_z * weights),
          "weight_sum": weight_sum}
   return loss, aux
+
+
+# ------------------------------------------------------------------ output layer + loss
+
+def output_cross_entropy(x, head, targets, weights, *, transposed: bool = False,
+                         z_loss: float = 0.0, label_smoothing: float = 0.0, chunk: int = 128):
+  """The output layer and the weighted cross-entropy together, at loss positions only.
+
+  x [b, l, d] are the final hidden states, head the output matrix ([d, vocab], or
+  [vocab, d] when `transposed`: a tied embedding). Equal to
+  cross_entropy(x @ head, targets, weights, normalize_by=1.0) summed, but a row's
+  positions without loss weight (a prefix-LM's inputs, a chat's prompts, padding)
+  get no logits at all, and the [b, l, vocab] logits never exist: each row's loss
+  positions are taken `chunk` at a time, and the gradients with respect to x and
+  head are made in the same pass as the loss (a training step always wants them),
+  so the backward pass only scales them.
+
+  Returns (total, aux): total = summed loss + z-loss, the value to differentiate;
+  aux holds loss_sum, z_loss_sum and weight_sum as cross_entropy's does (aux is
+  reported, not differentiated: its cotangents are ignored).
+  """
+  return _output_ce(x, head, targets, weights, transposed, float(z_loss),
+                    float(label_smoothing), int(chunk))
+
+
+def _loss_order(weights, chunk: int):
+  """Each row's positions with loss weight first ([b, l] padded to a multiple of chunk
+  with position 0), their counts [b], and the number of chunks the longest row needs."""
+  b, l = weights.shape
+  chunk = max(1, min(chunk, l))
+  has = weights != 0
+  order = jnp.argsort(jnp.logical_not(has), axis=1, stable=True).astype(jnp.int32)
+  padded = -(-l // chunk) * chunk
+  order = jnp.pad(order, ((0, 0), (0, padded - l)))
+  counts = jnp.sum(has, axis=1, dtype=jnp.int32)
+  chunks = (jnp.max(counts) + chunk - 1) // chunk
+  return order, counts, chunks
+
+
+def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk,
+                    with_grads: bool):
+  from flanjax.models import dense  # pylint: disable=g-import-not-at-top
+  b, l, d = x.shape
+  w_mat = head.astype(x.dtype)
+  vocab = w_mat.shape[0] if transposed else w_mat.shape[1]
+  chunk = max(1, min(chunk, l))
+  order, counts, n_chunks = _loss_order(weights, chunk)
+  weights = weights.astype(jnp.float32)
+  confidence = 1.0 - label_smoothing
+  entropy = 0.0
+  if label_smoothing > 0:
+    low = label_smoothing / vocab
+    entropy = -(confidence * np.log(confidence + 1e-20) + (vocab - 1) * low * np.log(low + 1e-20))
+  cpu = dense._cpu_layout()  # pylint: disable=protected-access
+
+  def logits_of(xc):
+    if transposed:  # xc [n, d] . head [v, d]^T
+      return jax.lax.dot_general(xc, w_mat, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(xc, w_mat, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+  def body(carry):
+    k, dx_sorted, d_head, loss_sum, z_sum = carry
+    pos = jax.lax.dynamic_slice_in_dim(order, k * chunk, chunk, axis=1)  # [b, c]
+    slot = k * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]
+    valid = slot < counts[:, None]
+    xc = jnp.take_along_axis(x, pos[..., None], axis=1).reshape(b * chunk, d)
+    # A slot past a row's loss positions may hold any id (a prompt-tuning virtual token is
+    # >= vocab, and an out-of-range gather would be NaN): it weighs 0, so read id 0 there.
+    tc = jnp.where(valid, jnp.take_along_axis(targets, pos, axis=1), 0).reshape(-1)
+    wc = jnp.where(valid, jnp.take_along_axis(weights, pos, axis=1), 0.0).reshape(-1)
+    logits = logits_of(xc)  # [n, v] f32
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    token_loss = log_z - confidence * target_logit
+    if label_smoothing > 0:
+      token_loss = token_loss - label_smoothing / vocab * jnp.sum(logits, axis=-1) - entropy
+    loss_sum = loss_sum + jnp.sum(token_loss * wc)
+    z_sum = z_sum + jnp.sum(z_loss * jnp.square(log_z) * wc)
+    if with_grads:
+      probs = jnp.exp(logits - log_z[:, None])
+      scale = wc * (1.0 + 2.0 * z_loss * log_z)
+      dlogits = probs * scale[:, None]
+      dlogits = dlogits - jax.nn.one_hot(tc, vocab, dtype=jnp.float32) * (confidence * wc)[:, None]
+      if label_smoothing > 0:
+        dlogits = dlogits - (label_smoothing / vocab) * wc[:, None]
+      dlogits = dlogits.astype(x.dtype)
+      if transposed:  # dx = dlogits . head; d_head += dlogits^T . xc
+        dxc = jax.lax.dot_general(dlogits, w_mat, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dh = (dense._at_b(dlogits, xc) if cpu else  # pylint: disable=protected-access
+              jnp.einsum("nv,nd->vd", dlogits, xc, preferred_element_type=jnp.float32))
+      else:  # dx = dlogits . head^T; d_head += xc^T . dlogits
+        dxc = jax.lax.dot_general(dlogits, w_mat, (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dh = (dense._at_b(xc, dlogits) if cpu else  # pylint: disable=protected-access
+              jnp.einsum("nd,nv->dv", xc, dlogits, preferred_element_type=jnp.float32))
+      dx_sorted = jax.lax.dynamic_update_slice_in_dim(
+          dx_sorted, dxc.reshape(b, chunk, d), k * chunk, axis=1)
+      d_head = d_head + dh.astype(jnp.float32)
+    return k + 1, dx_sorted, d_head, loss_sum, z_sum
+
+  padded = order.shape[1]
+  dx_sorted = jnp.zeros((b, padded, d) if with_grads else (0, 0, 0), jnp.float32)
+  d_head = jnp.zeros(head.shape if with_grads else (0,), jnp.float32)
+  zero = jnp.zeros((), jnp.float32)
+  _, dx_sorted, d_head, loss_sum, z_sum = jax.lax.while_loop(
+      lambda c: c[0] < n_chunks, body, (jnp.int32(0), dx_sorted, d_head, zero, zero))
+  aux = {"loss_sum": loss_sum, "z_loss_sum": z_sum, "weight_sum": jnp.sum(weights)}
+  if not with_grads:
+    return loss_sum + z_sum, aux, None
+  # Back from loss-first order to positions: each position sits at one slot.
+  inverse = jnp.argsort(order[:, :l], axis=1).astype(jnp.int32)
+  dx = jnp.take_along_axis(dx_sorted, inverse[..., None], axis=1).astype(x.dtype)
+  return loss_sum + z_sum, aux, (dx, d_head)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _output_ce(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk):
+  total, aux, _ = _output_ce_pass(x, head, targets, weights, transposed, z_loss,
+                                  label_smoothing, chunk, with_grads=False)
+  return total, aux
+
+
+def _output_ce_fwd(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk):
+  total, aux, grads = _output_ce_pass(x, head, targets, weights, transposed, z_loss,
+                                      label_smoothing, chunk, with_grads=True)
+  return (total, aux), (grads, head, targets, weights)
+
+
+def _output_ce_bwd(transposed, z_loss, label_smoothing, chunk, res, g):
+  del transposed, z_loss, label_smoothing, chunk
+  (dx, d_head), head, targets, weights = res
+  g_total = g[0]
+  return ((dx * g_total.astype(dx.dtype)), (d_head * g_total).astype(head.dtype),
+          _int_zeros(targets), jnp.zeros_like(weights) if jnp.issubdtype(
+              weights.dtype, jnp.floating) else _int_zeros(weights))
+
+
+def _int_zeros(a):
+  return np.zeros(a.shape, jax.dtypes.float0)
+
+
+_output_ce.defvjp(_output_ce_fwd, _output_ce_bwd)

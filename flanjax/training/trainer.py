@@ -14,7 +14,7 @@ import optax
 
 from flanjax.models import kinds
 from flanjax.training import partitioning
-from flanjax.training.losses import cross_entropy
+from flanjax.training.losses import cross_entropy, output_cross_entropy
 
 
 # ------------------------------------------------------------------ state
@@ -114,11 +114,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
                     *, microbatches: int = 1, z_loss: float = 0.0,
                     label_smoothing: float = 0.0,
                     loss_normalizing_factor: float | None = None,
-                    dropout: bool = False, model_inputs: Callable | None = None):
+                    dropout: bool = False, model_inputs: Callable | None = None,
+                    output_chunk: int = 128):
   """A pure (state, batch) -> (state, metrics) function.
 
   model_inputs: batch -> the model's keyword arguments; by default the model
   kind's (`kinds.ModelKind.model_inputs`).
+  output_chunk: > 0 applies the output layer inside the loss, at loss positions
+  only, that many positions of each row at a time (losses.output_cross_entropy:
+  no logits for a prompt's or padding's positions, none [batch, length, vocab]
+  at once); 0 computes the logits at every position and then the loss.
 
   Gradients of the summed loss are accumulated over microbatches and divided
   once by the batch's total loss weight, so k microbatches give exactly the
@@ -129,6 +134,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
 
   def summed_loss(params, mb, rng):
     rngs = {"dropout": rng} if dropout else {}
+    if output_chunk > 0:
+      hidden, head = model.apply({"params": params}, **model_inputs(mb),
+                                 deterministic=not dropout, rngs=rngs, return_hidden=True)
+      return output_cross_entropy(
+          hidden, head, mb["decoder_target_tokens"], mb["decoder_loss_weights"],
+          transposed=model.config.tie_word_embeddings, z_loss=z_loss,
+          label_smoothing=label_smoothing, chunk=output_chunk)
     logits = model.apply({"params": params}, **model_inputs(mb),
                          deterministic=not dropout, rngs=rngs)
     _, aux = cross_entropy(logits, mb["decoder_target_tokens"], mb["decoder_loss_weights"],

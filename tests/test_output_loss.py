@@ -1,0 +1,105 @@
+"""The output layer inside the loss (losses.output_cross_entropy, the train step's default)
+against logits at every position then cross_entropy, the plain formulation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flanjax.data import pipeline, registry
+from flanjax.models import decoder, t5
+from flanjax.training import trainer
+from flanjax.training.losses import cross_entropy, output_cross_entropy
+
+LENGTHS = {"inputs": 96, "targets": 32}
+
+
+def _reference(x, head, targets, weights, transposed, z_loss, label_smoothing):
+  logits = (jnp.einsum("bld,vd->blv", x, head) if transposed else x @ head).astype(jnp.float32)
+  _, aux = cross_entropy(logits, targets, weights, z_loss=z_loss,
+                         label_smoothing=label_smoothing, normalize_by=1.0)
+  return aux["loss_sum"] + aux["z_loss_sum"], aux
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["lm_head", "tied"])
+@pytest.mark.parametrize("z_loss,label_smoothing,chunk", [(0.0, 0.0, 64), (1e-3, 0.1, 7),
+                                                          (1e-4, 0.0, 1)])
+def test_values_and_gradients_equal_logits_then_loss(transposed, z_loss, label_smoothing, chunk):
+  rng = np.random.default_rng(0)
+  b, l, d, v = 3, 50, 16, 37
+  x = jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(v, d) if transposed else (d, v)), jnp.float32)
+  # Fractional weights on ~40% of the positions, a row without any; ids out of the
+  # vocabulary (a prompt-tuning virtual token) only where the weight is 0.
+  keep = rng.random((b, l)) < 0.4
+  weights = jnp.asarray(rng.random((b, l)) * keep, jnp.float32).at[2].set(0.0)
+  targets = jnp.asarray(np.where(keep, rng.integers(0, v, (b, l)), v + 3), jnp.int32)
+  targets = targets.at[2].set(v + 1)
+
+  def ours(x, head):
+    return output_cross_entropy(x, head, targets, weights, transposed=transposed,
+                                z_loss=z_loss, label_smoothing=label_smoothing, chunk=chunk)
+
+  (want, want_aux), want_g = jax.value_and_grad(
+      lambda x, h: _reference(x, h, targets, weights, transposed, z_loss, label_smoothing),
+      argnums=(0, 1), has_aux=True)(x, head)
+  (got, got_aux), got_g = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(x, head)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for k in ("loss_sum", "z_loss_sum", "weight_sum"):
+    np.testing.assert_allclose(got_aux[k], want_aux[k], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got_g[0], want_g[0], atol=2e-6)
+  np.testing.assert_allclose(got_g[1], want_g[1], atol=2e-6)
+  # Without a gradient (evaluation) the same value; a cotangent of 3 scales the gradients.
+  np.testing.assert_allclose(jax.jit(ours)(x, head)[0], want, rtol=1e-6)
+  g3 = jax.grad(lambda x, h: 3 * ours(x, h)[0], argnums=(0, 1))(x, head)
+  np.testing.assert_allclose(g3[1], 3 * np.asarray(want_g[1]), atol=6e-6)
+  # The row without loss positions gets no gradient at all.
+  assert not np.any(np.asarray(got_g[0][2]))
+
+
+def test_bfloat16_hidden_states_match_the_bfloat16_logits_path():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 40, 32)), jnp.bfloat16)
+  head = jnp.asarray(rng.normal(size=(32, 64)) * 0.2, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 64, (2, 40)), jnp.int32)
+  weights = jnp.asarray(rng.random((2, 40)) < 0.5, jnp.int32)
+  want = _reference(x, head.astype(jnp.bfloat16), targets, weights, False, 0.0, 0.0)[0]
+  got, _ = output_cross_entropy(x, head, targets, weights, chunk=16)
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-3)
+  gx = jax.grad(lambda x: output_cross_entropy(x, head, targets, weights, chunk=16)[0])(x)
+  assert gx.dtype == jnp.bfloat16
+
+
+def _t5():
+  cfg = t5.T5Config(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+                    num_encoder_layers=1, num_decoder_layers=1)
+  return t5.T5(cfg), t5.dummy_batch(1, 8, 8), "enc_dec"
+
+
+def _prefix_lm():
+  cfg = decoder.DecoderConfig(vocab_size=1024, d_model=32, num_heads=4, num_kv_heads=2,
+                              head_dim=8, d_ff=64, num_layers=2, tie_word_embeddings=True)
+  return decoder.Decoder(cfg), decoder.dummy_batch(1, 8, 8), "prefix_lm"
+
+
+@pytest.mark.parametrize("build", [_t5, _prefix_lm], ids=["t5", "prefix_lm_tied"])
+def test_train_step_equals_the_logits_step_on_real_packed_batches(build, builtin_vocab):
+  model, dummy, kind = build()
+  tx = optax.adam(1e-2)
+  state = nn.unbox(trainer.init_state(model, tx, jax.random.PRNGKey(0), dummy))
+  batch = next(pipeline.get_dataset(registry.BUILTIN_MIXTURE, LENGTHS, "train", batch_size=4,
+                                    seed=0, kind=kind).as_numpy_iterator())
+  w = batch["decoder_loss_weights"]
+  assert 0 < (w > 0).mean() < 1  # prompts (prefix LM) and padding carry no loss
+  kw = dict(z_loss=1e-4, label_smoothing=0.1)
+  plain = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2, output_chunk=0, **kw))
+  fused = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2, output_chunk=24, **kw))
+  two = jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2, microbatches=2, **kw))
+  s0, m0 = plain(state, batch)
+  for s1, m1 in (fused(state, batch), two(state, batch)):
+    for k in ("loss", "cross_entropy", "z_loss", "grad_norm", "loss_weight"):
+      np.testing.assert_allclose(m1[k], m0[k], rtol=2e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(s1["params"])):
+      np.testing.assert_allclose(a, b, atol=2e-5)
