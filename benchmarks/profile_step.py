@@ -66,16 +66,17 @@ def full_rows(model: str, batch_size: int, inputs: int, targets: int):
 def flanjax_phases(cfg, batch, reps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import stacks  # pylint: disable=g-import-not-at-top
-  from flanjax.training.losses import cross_entropy  # pylint: disable=g-import-not-at-top
+  from flanjax.training import losses  # pylint: disable=g-import-not-at-top
   fj = stacks.Flanjax(cfg, stacks.AdamW())
   from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
   inputs = kinds.for_module(fj.model).model_inputs
 
-  def loss_fn(params, b):
-    logits = fj.model.apply({"params": params}, **inputs(b))
-    loss, _ = cross_entropy(logits, b["decoder_target_tokens"],
-                            b["decoder_loss_weights"].astype(np.float32))
-    return loss
+  def loss_fn(params, b):  # the train step's loss: the output layer inside it
+    hidden, head = fj.model.apply({"params": params}, **inputs(b), return_hidden=True)
+    total, aux = losses.output_cross_entropy(
+        hidden, head, b["decoder_target_tokens"], b["decoder_loss_weights"],
+        transposed=fj.model.config.tie_word_embeddings)
+    return total / aux["weight_sum"]
 
   fwd = jax.jit(loss_fn)
   grad = jax.jit(jax.value_and_grad(loss_fn))
