@@ -193,14 +193,18 @@ def train(
                     trainer.abstract_params(), trainer.partitioner.rules)
     state = trainer.init_state(None if adapter else init_params)
     del init_params  # the state holds them now
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    mesh = trainer.partitioner.mesh
-    print(f"model: {kind.describe(cfg)}, {n_params / 1e6:.2f}M parameters; mesh "
-          f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
-          flush=True)
-    if init_from and ckpt.latest_step() is None:
-      print(f"initialised from {os.path.abspath(init_from)}", flush=True)
+    _announce(kind, cfg, state, trainer.partitioner.mesh,
+              init_from if ckpt.latest_step() is None else None)
     return decontaminate.summarised(run, contaminated, trainer.fit(state, num_steps, stop_signal))
+
+
+def _announce(kind, cfg, state, mesh, init_from: str | None) -> None:
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  print(f"model: {kind.describe(cfg)}, {n_params / 1e6:.2f}M parameters; mesh "
+        f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
+        flush=True)
+  if init_from:
+    print(f"initialised from {os.path.abspath(init_from)}", flush=True)
 
 
 def check_mixture_early() -> None:

@@ -1,4 +1,5 @@
-"""Masked cross-entropy with z-loss and label smoothing."""
+"""Masked cross-entropy with z-loss and label smoothing: from logits (cross_entropy), or with
+the output layer inside, at loss positions only (output_cross_entropy, the train step's)."""
 
 from __future__ import annotations
 
@@ -76,8 +77,7 @@ def output_cross_entropy(x, head, targets, weights, *, transposed: bool = False,
 def _loss_order(weights, chunk: int):
   """Each row's positions with loss weight first ([b, l] padded to a multiple of chunk
   with position 0), their counts [b], and the number of chunks the longest row needs."""
-  b, l = weights.shape
-  chunk = max(1, min(chunk, l))
+  l = weights.shape[1]
   has = weights != 0
   order = jnp.argsort(jnp.logical_not(has), axis=1, stable=True).astype(jnp.int32)
   padded = -(-l // chunk) * chunk
