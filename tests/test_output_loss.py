@@ -57,6 +57,14 @@ def test_values_and_gradients_equal_logits_then_loss(transposed, z_loss, label_s
   np.testing.assert_allclose(g3[1], 3 * np.asarray(want_g[1]), atol=6e-6)
   # The row without loss positions gets no gradient at all.
   assert not np.any(np.asarray(got_g[0][2]))
+  # Token accuracy (evaluation): the weight of positions whose argmax is the target,
+  # against a loop over the reference logits.
+  logits = np.asarray(jnp.einsum("bld,vd->blv", x, head) if transposed else x @ head)
+  hits = sum(float(weights[i, j]) for i in range(b) for j in range(l)
+             if weights[i, j] > 0 and int(np.argmax(logits[i, j])) == int(targets[i, j]))
+  _, acc_aux = jax.jit(lambda x, h: output_cross_entropy(
+      x, h, targets, weights, transposed=transposed, chunk=chunk, accuracy=True))(x, head)
+  np.testing.assert_allclose(acc_aux["correct_sum"], hits, rtol=1e-6)
 
 
 def test_bfloat16_hidden_states_match_the_bfloat16_logits_path():
@@ -103,3 +111,28 @@ def test_train_step_equals_the_logits_step_on_real_packed_batches(build, builtin
       np.testing.assert_allclose(m1[k], m0[k], rtol=2e-5, err_msg=k)
     for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(s1["params"])):
       np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+@pytest.mark.parametrize("build", [_t5, _prefix_lm], ids=["t5", "prefix_lm_tied"])
+def test_eval_step_at_loss_positions_equals_the_logits_eval_step(build, builtin_vocab):
+  """Validation loss and token accuracy, with logits only at loss positions, against
+  logits everywhere, after steps that make the model predict some tokens right."""
+  model, dummy, kind = build()
+  tx = optax.adam(3e-2)
+  state = nn.unbox(trainer.init_state(model, tx, jax.random.PRNGKey(0), dummy))
+  batches = pipeline.get_dataset(registry.BUILTIN_MIXTURE, LENGTHS, "train", batch_size=4,
+                                 seed=0, kind=kind).as_numpy_iterator()
+  train = jax.jit(trainer.make_train_step(model, tx, lambda s: 3e-2))
+  for _ in range(8):  # a few batches: right on common tokens, not on all of a new batch
+    state, _ = train(state, next(batches))
+  batch = next(batches)
+  for accuracy in (False, True):
+    plain = jax.jit(trainer.make_eval_step(model, token_accuracy=accuracy, output_chunk=0))
+    fused = jax.jit(trainer.make_eval_step(model, token_accuracy=accuracy, output_chunk=24))
+    want, got = plain(state["params"], batch), fused(state["params"], batch)
+    assert len(got) == len(want) == 2 + accuracy
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    np.testing.assert_allclose(got[1], want[1])
+    if accuracy:
+      assert 0 < float(want[2]) < float(want[1])  # some right, some wrong: a real comparison
+      np.testing.assert_allclose(got[2], want[2])

@@ -253,7 +253,8 @@ class Trainer:
       jit_step = lambda state, batch: jitted(state, batch, self.base)  # noqa: E731
       params_sh = self._merged_shardings()
     eval_step = jax.jit(step_lib.make_eval_step(self.model, self.kind.model_inputs,
-                                                token_accuracy=True),
+                                                token_accuracy=True,
+                                                output_chunk=lc.output_chunk),
                         in_shardings=(params_sh, partitioning.batch_sharding(p.mesh)))
     return jit_step, self._loss_probe(eval_step)
 

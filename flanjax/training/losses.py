@@ -54,7 +54,8 @@ def cross_entropy(logits, targets, weights, *, z_loss: float = 0.0,
 # ------------------------------------------------------------------ output layer + loss
 
 def output_cross_entropy(x, head, targets, weights, *, transposed: bool = False,
-                         z_loss: float = 0.0, label_smoothing: float = 0.0, chunk: int = 128):
+                         z_loss: float = 0.0, label_smoothing: float = 0.0, chunk: int = 128,
+                         accuracy: bool = False):
   """The output layer and the weighted cross-entropy together, at loss positions only.
 
   x [b, l, d] are the final hidden states, head the output matrix ([d, vocab], or
@@ -68,10 +69,11 @@ def output_cross_entropy(x, head, targets, weights, *, transposed: bool = False,
 
   Returns (total, aux): total = summed loss + z-loss, the value to differentiate;
   aux holds loss_sum, z_loss_sum and weight_sum as cross_entropy's does (aux is
-  reported, not differentiated: its cotangents are ignored).
+  reported, not differentiated: its cotangents are ignored); with `accuracy` also
+  correct_sum, the weight of the positions whose argmax logit is the target.
   """
   return _output_ce(x, head, targets, weights, transposed, float(z_loss),
-                    float(label_smoothing), int(chunk))
+                    float(label_smoothing), int(chunk), bool(accuracy))
 
 
 def _loss_order(weights, chunk: int):
@@ -88,7 +90,7 @@ def _loss_order(weights, chunk: int):
 
 
 def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk,
-                    with_grads: bool):
+                    accuracy: bool, with_grads: bool):
   from flanjax.models import dense  # pylint: disable=g-import-not-at-top
   b, l, d = x.shape
   w_mat = head.astype(x.dtype)
@@ -111,7 +113,7 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
                                preferred_element_type=jnp.float32)
 
   def body(carry):
-    k, dx_sorted, d_head, loss_sum, z_sum = carry
+    k, dx_sorted, d_head, loss_sum, z_sum, correct = carry
     pos = jax.lax.dynamic_slice_in_dim(order, k * chunk, chunk, axis=1)  # [b, c]
     slot = k * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]
     valid = slot < counts[:, None]
@@ -128,14 +130,12 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
       token_loss = token_loss - label_smoothing / vocab * jnp.sum(logits, axis=-1) - entropy
     loss_sum = loss_sum + jnp.sum(token_loss * wc)
     z_sum = z_sum + jnp.sum(z_loss * jnp.square(log_z) * wc)
+    if accuracy:
+      hit = (jnp.argmax(logits, axis=-1) == tc) & (wc > 0)
+      correct = correct + jnp.sum(jnp.where(hit, wc, 0.0))
     if with_grads:
-      probs = jnp.exp(logits - log_z[:, None])
-      scale = wc * (1.0 + 2.0 * z_loss * log_z)
-      dlogits = probs * scale[:, None]
-      dlogits = dlogits - jax.nn.one_hot(tc, vocab, dtype=jnp.float32) * (confidence * wc)[:, None]
-      if label_smoothing > 0:
-        dlogits = dlogits - (label_smoothing / vocab) * wc[:, None]
-      dlogits = dlogits.astype(x.dtype)
+      dlogits = _dlogits(logits, log_z, tc, wc, z_loss, confidence, label_smoothing).astype(
+          x.dtype)
       if transposed:  # dx = dlogits . head; d_head += dlogits^T . xc
         dxc = jax.lax.dot_general(dlogits, w_mat, (((1,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
@@ -149,15 +149,17 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
       dx_sorted = jax.lax.dynamic_update_slice_in_dim(
           dx_sorted, dxc.reshape(b, chunk, d), k * chunk, axis=1)
       d_head = d_head + dh.astype(jnp.float32)
-    return k + 1, dx_sorted, d_head, loss_sum, z_sum
+    return k + 1, dx_sorted, d_head, loss_sum, z_sum, correct
 
   padded = order.shape[1]
   dx_sorted = jnp.zeros((b, padded, d) if with_grads else (0, 0, 0), jnp.float32)
   d_head = jnp.zeros(head.shape if with_grads else (0,), jnp.float32)
   zero = jnp.zeros((), jnp.float32)
-  _, dx_sorted, d_head, loss_sum, z_sum = jax.lax.while_loop(
-      lambda c: c[0] < n_chunks, body, (jnp.int32(0), dx_sorted, d_head, zero, zero))
+  _, dx_sorted, d_head, loss_sum, z_sum, correct = jax.lax.while_loop(
+      lambda c: c[0] < n_chunks, body, (jnp.int32(0), dx_sorted, d_head, zero, zero, zero))
   aux = {"loss_sum": loss_sum, "z_loss_sum": z_sum, "weight_sum": jnp.sum(weights)}
+  if accuracy:
+    aux["correct_sum"] = correct
   if not with_grads:
     return loss_sum + z_sum, aux, None
   # Back from loss-first order to positions: each position sits at one slot.
@@ -166,21 +168,34 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
   return loss_sum + z_sum, aux, (dx, d_head)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _output_ce(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk):
+def _dlogits(logits, log_z, tc, wc, z_loss, confidence, label_smoothing):
+  """d(summed loss + z-loss)/d logits for one chunk [n, vocab], float32."""
+  vocab = logits.shape[-1]
+  probs = jnp.exp(logits - log_z[:, None])
+  dlogits = probs * (wc * (1.0 + 2.0 * z_loss * log_z))[:, None]
+  dlogits = dlogits - jax.nn.one_hot(tc, vocab, dtype=jnp.float32) * (confidence * wc)[:, None]
+  if label_smoothing > 0:
+    dlogits = dlogits - (label_smoothing / vocab) * wc[:, None]
+  return dlogits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _output_ce(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk,
+               accuracy):
   total, aux, _ = _output_ce_pass(x, head, targets, weights, transposed, z_loss,
-                                  label_smoothing, chunk, with_grads=False)
+                                  label_smoothing, chunk, accuracy, with_grads=False)
   return total, aux
 
 
-def _output_ce_fwd(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk):
+def _output_ce_fwd(x, head, targets, weights, transposed, z_loss, label_smoothing, chunk,
+                   accuracy):
   total, aux, grads = _output_ce_pass(x, head, targets, weights, transposed, z_loss,
-                                      label_smoothing, chunk, with_grads=True)
+                                      label_smoothing, chunk, accuracy, with_grads=True)
   return (total, aux), (grads, head, targets, weights)
 
 
-def _output_ce_bwd(transposed, z_loss, label_smoothing, chunk, res, g):
-  del transposed, z_loss, label_smoothing, chunk
+def _output_ce_bwd(transposed, z_loss, label_smoothing, chunk, accuracy, res, g):
+  del transposed, z_loss, label_smoothing, chunk, accuracy
   (dx, d_head), head, targets, weights = res
   g_total = g[0]
   return ((dx * g_total.astype(dx.dtype)), (d_head * g_total).astype(head.dtype),

@@ -192,18 +192,28 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
 
 
 def make_eval_step(model: nn.Module, model_inputs: Callable | None = None,
-                   token_accuracy: bool = False):
+                   token_accuracy: bool = False, output_chunk: int = 128):
   """(params, batch) -> (summed loss, summed loss weight), for either model kind.
 
   token_accuracy: also the summed weight of the target tokens the model's argmax
   predicts (teacher-forced), as a third value. Positions without weight count
   nothing, whatever their logits (an all-padding row included).
+  output_chunk: > 0 makes logits only at loss positions, that many per row at a time
+  (losses.output_cross_entropy, as the train step): no [batch, length, vocab] array, so
+  a validation batch fits wherever a training batch does; 0: logits everywhere.
   """
   model_inputs = model_inputs or kinds.for_module(model).model_inputs
 
   def step(params, batch):
-    logits = model.apply({"params": params}, **model_inputs(batch))
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    if output_chunk > 0:
+      hidden, head = model.apply({"params": params}, **model_inputs(batch), return_hidden=True)
+      _, aux = output_cross_entropy(hidden, head, targets, weights,
+                                    transposed=model.config.tie_word_embeddings,
+                                    chunk=output_chunk, accuracy=token_accuracy)
+      out = (aux["loss_sum"], aux["weight_sum"])
+      return out + (aux["correct_sum"],) if token_accuracy else out
+    logits = model.apply({"params": params}, **model_inputs(batch))
     if not token_accuracy:
       _, aux = cross_entropy(logits, targets, weights, normalize_by=1.0)
       return aux["loss_sum"], aux["weight_sum"]
