@@ -27,8 +27,13 @@ the windows, with min and max, and its ratio to the first variant.
                           output_chunk=0 (logits at every position, then the loss,
                           instead of the output layer inside the loss at loss
                           positions only: losses.output_cross_entropy)
+  eval/output_chunk=*     the validation step (loss and token accuracy,
+                          trainer.make_eval_step) with logits at loss positions only
+                          (128, ships) vs at every position (0); with each one's XLA
+                          temporary memory
 
     python -m benchmarks.variants --model=t5 --parts=choice   # T5's step (4 x 512 + 128)
+    python -m benchmarks.variants --parts=eval --out=benchmarks/results/variants_eval_decoder.json
 """
 
 from __future__ import annotations
@@ -173,11 +178,28 @@ def proxy_variants(cfg, b: int, s: int) -> dict:
           "proxy/gqa_grouped": (jax.jit(jax.grad(grouped, argnums=(0, 1))), (q, kv_))}
 
 
+def eval_variants(cfg, batch) -> tuple[dict, dict]:
+  """The validation step at output_chunk 128 (ships) and 0: callables, and MiB of XLA temps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import stacks  # pylint: disable=g-import-not-at-top
+  from flanjax.training import trainer  # pylint: disable=g-import-not-at-top
+  fj = stacks.Flanjax(cfg, stacks.AdamW())
+  params = fj.state["params"]
+  fns, temp = {}, {}
+  for chunk in (128, 0):
+    f = jax.jit(trainer.make_eval_step(fj.model, token_accuracy=True, output_chunk=chunk))
+    name = f"eval/output_chunk={chunk}"
+    mem = f.lower(params, batch).compile().memory_analysis()
+    temp[name] = round(mem.temp_size_in_bytes / 2 ** 20, 1) if mem is not None else None
+    fns[name] = lambda f=f: jax.block_until_ready(f(params, batch))
+  return fns, temp
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m benchmarks.variants")
   ap.add_argument("--model", default="decoder", choices=("decoder", "t5"))
   ap.add_argument("--parts", default="choice,step,proxy",
-                  help="which of choice, step (decoder), proxy (decoder) to run")
+                  help="which of choice, step (decoder), proxy (decoder), eval to run")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--inputs", type=int, default=512)
   ap.add_argument("--targets", type=int, default=128)
@@ -188,9 +210,9 @@ def main(argv=None):
   a = ap.parse_args(argv)
   from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
   threads = stacks.torch_threads()
-  parts = [p for p in ("choice", "step", "proxy") if p in a.parts.split(",")]
-  if a.model == "t5" and set(parts) - {"choice"}:
-    ap.error("--model=t5 runs --parts=choice only (the step and proxy variants are the decoder's)")
+  parts = [p for p in ("choice", "step", "proxy", "eval") if p in a.parts.split(",")]
+  if a.model == "t5" and set(parts) - {"choice", "eval"}:
+    ap.error("--model=t5 runs --parts=choice,eval only (step and proxy are the decoder's)")
   cfg, lengths, _, batch = profile_step.full_rows(a.model, a.batch, a.inputs, a.targets)
   res = {"command": "python -m benchmarks.variants " + " ".join(argv or sys.argv[1:]),
          "commit": common.commit(), "machine": common.machine(threads),
@@ -209,6 +231,9 @@ def main(argv=None):
     for pair in ("proxy/layout_", "proxy/qkv_", "proxy/gqa_"):  # each against what ships
       res["proxy"].update(_interleaved({k: f for k, f in proxies.items() if k.startswith(pair)},
                                        a.windows, a.steps))
+  if "eval" in parts:
+    fns, res["eval_temp_mib"] = eval_variants(cfg, batch)
+    res["eval"] = _interleaved(fns, a.windows, a.steps)
   res["load_after"] = common.load()
   res["quiet"] = common.quiet_start(res["load_before"]) and all(
       v["quiet"] for part in parts for v in res[part].values())
@@ -216,6 +241,8 @@ def main(argv=None):
     for k, v in res[part].items():
       print(f"{k:40s} {v['ms']:9.1f} ms [{v['ms_min']:.1f}-{v['ms_max']:.1f}]  "
             f"x{v['vs_first']:.3f}" + ("" if v["quiet"] else "  (not quiet)"))
+  if "eval" in parts:
+    print("XLA temporary memory (MiB):", res["eval_temp_mib"])
   print(f"load average {res['load_before']} before, {res['load_after']} after")
   common.write_json(a.out, res)
   return 0
