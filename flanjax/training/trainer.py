@@ -110,6 +110,19 @@ def jit_train_step(step_fn, shardings, mesh):
 
 # ------------------------------------------------------------------ step
 
+def _loss_at_loss_positions(model: nn.Module, params, inputs: dict, batch: dict, chunk: int,
+                            *, deterministic: bool = True, rngs=None, **loss_kw):
+  """The model's last hidden states, then the output layer and the summed loss at the
+  batch's loss positions only (losses.output_cross_entropy); shared by the train and
+  eval steps so the tied-head layout is read in one place. Returns (loss, aux)."""
+  hidden, head = model.apply({"params": params}, **inputs, deterministic=deterministic,
+                             rngs=rngs or {}, return_hidden=True)
+  return output_cross_entropy(hidden, head, batch["decoder_target_tokens"],
+                              batch["decoder_loss_weights"],
+                              transposed=model.config.tie_word_embeddings, chunk=chunk,
+                              **loss_kw)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: Callable,
                     *, microbatches: int = 1, z_loss: float = 0.0,
                     label_smoothing: float = 0.0,
@@ -135,12 +148,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
   def summed_loss(params, mb, rng):
     rngs = {"dropout": rng} if dropout else {}
     if output_chunk > 0:
-      hidden, head = model.apply({"params": params}, **model_inputs(mb),
-                                 deterministic=not dropout, rngs=rngs, return_hidden=True)
-      return output_cross_entropy(
-          hidden, head, mb["decoder_target_tokens"], mb["decoder_loss_weights"],
-          transposed=model.config.tie_word_embeddings, z_loss=z_loss,
-          label_smoothing=label_smoothing, chunk=output_chunk)
+      return _loss_at_loss_positions(model, params, model_inputs(mb), mb, output_chunk,
+                                     deterministic=not dropout, rngs=rngs, z_loss=z_loss,
+                                     label_smoothing=label_smoothing)
     logits = model.apply({"params": params}, **model_inputs(mb),
                          deterministic=not dropout, rngs=rngs)
     _, aux = cross_entropy(logits, mb["decoder_target_tokens"], mb["decoder_loss_weights"],
@@ -207,10 +217,8 @@ def make_eval_step(model: nn.Module, model_inputs: Callable | None = None,
   def step(params, batch):
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     if output_chunk > 0:
-      hidden, head = model.apply({"params": params}, **model_inputs(batch), return_hidden=True)
-      _, aux = output_cross_entropy(hidden, head, targets, weights,
-                                    transposed=model.config.tie_word_embeddings,
-                                    chunk=output_chunk, accuracy=token_accuracy)
+      _, aux = _loss_at_loss_positions(model, params, model_inputs(batch), batch,
+                                       output_chunk, accuracy=token_accuracy)
       out = (aux["loss_sum"], aux["weight_sum"])
       return out + (aux["correct_sum"],) if token_accuracy else out
     logits = model.apply({"params": params}, **model_inputs(batch))
