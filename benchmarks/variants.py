@@ -32,7 +32,15 @@ the windows, with min and max, and its ratio to the first variant.
                           (128, ships) vs at every position (0); with each one's XLA
                           temporary memory
 
+  flags/*                 the shipped step under other XLA:CPU flags, each in its own
+                          process (XLA reads XLA_FLAGS once, at start): processes
+                          alternate (A, B, C, A, B, C, ... for --rounds rounds) and
+                          each figure pools every window of its processes; the
+                          per-process medians are kept beside it. Every set keeps
+                          flanjax's YNNPACK-off default (flanjax/__init__.py)
+
     python -m benchmarks.variants --model=t5 --parts=choice   # T5's step (4 x 512 + 128)
+    python -m benchmarks.variants --parts=flags --rounds=3 --out=benchmarks/results/variants_flags_decoder.json
     python -m benchmarks.variants --parts=eval --out=benchmarks/results/variants_eval_decoder.json
 """
 
@@ -65,6 +73,7 @@ def _interleaved(fns: dict, windows: int, per_window: int) -> dict:
     ms = sorted(1e3 * t / per_window for t in win.seconds)
     out[k] = {"ms": round(float(np.median(ms)), 2), "ms_min": round(ms[0], 2),
               "ms_max": round(ms[-1], 2), "windows": s["windows"],
+              "window_ms": [round(1e3 * t / per_window, 2) for t in win.seconds],
               "others_cpu_share": s.get("others_cpu_share"), "quiet": s["quiet"]}
   base = out[next(iter(out))]["ms"]
   for v in out.values():
@@ -195,29 +204,98 @@ def eval_variants(cfg, batch) -> tuple[dict, dict]:
   return fns, temp
 
 
+FLAG_SETS = {
+    "shipped": "",
+    "tree_reduction_rewriter=off": "--xla_disable_hlo_passes=tree_reduction_rewriter",
+    "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+}
+
+
+def flag_variants(a, flag_sets: dict) -> dict:
+  """The shipped step under each XLA flag set, in alternating child processes."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  runs = {k: [] for k in flag_sets}
+  failed = {}
+  for r in range(a.rounds):
+    for name, flags in flag_sets.items():
+      if name in failed:
+        continue
+      with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_cpu_experimental_ynn_fusion_type= {flags}".strip())
+        cmd = [sys.executable, "-m", "benchmarks.variants", f"--model={a.model}",
+               "--parts=shipped", f"--batch={a.batch}", f"--inputs={a.inputs}",
+               f"--targets={a.targets}", f"--windows={a.windows}", f"--steps={a.steps}",
+               f"--out={f.name}"]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if p.returncode:  # a flag set that crashes XLA is a finding, not the end of the run
+          last = (p.stderr.strip().splitlines() or [""])[-1][:300]
+          failed[name] = f"the process exited {p.returncode}: {last}"
+          if name == next(iter(flag_sets)):
+            raise SystemExit(f"flags/{name}: {failed[name]}")
+          print(f"round {r + 1} flags/{name}: {failed[name]}", flush=True)
+          continue
+        runs[name].append(json.load(open(f.name))["shipped"]["choice/shipped"])
+      print(f"round {r + 1} flags/{name}: {runs[name][-1]['ms']:.1f} ms", flush=True)
+  out = {}
+  for name, rs in runs.items():
+    if name in failed:
+      out[f"flags/{name}"] = {"xla_flags": f"--xla_cpu_experimental_ynn_fusion_type= "
+                                           f"{flag_sets[name]}".strip(),
+                              "failed": failed[name]}
+      continue
+    ms = sorted(x for r in rs for x in r["window_ms"])
+    out[f"flags/{name}"] = {
+        "xla_flags": f"--xla_cpu_experimental_ynn_fusion_type= {flag_sets[name]}".strip(),
+        "ms": round(float(np.median(ms)), 2), "ms_min": ms[0], "ms_max": ms[-1],
+        "windows": len(ms), "process_medians_ms": [r["ms"] for r in rs],
+        "others_cpu_share": max((r["others_cpu_share"] or 0.0) for r in rs),
+        "quiet": all(r["quiet"] for r in rs)}
+  base = out[next(iter(out))]["ms"]
+  for v in out.values():
+    if "ms" in v:
+      v["vs_first"] = round(v["ms"] / base, 3)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m benchmarks.variants")
   ap.add_argument("--model", default="decoder", choices=("decoder", "t5"))
   ap.add_argument("--parts", default="choice,step,proxy",
-                  help="which of choice, step (decoder), proxy (decoder), eval to run")
+                  help="which of choice, step (decoder), proxy (decoder), eval, flags to run")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--inputs", type=int, default=512)
   ap.add_argument("--targets", type=int, default=128)
   ap.add_argument("--windows", type=int, default=5)
   ap.add_argument("--steps", type=int, default=2, help="steps (calls) per window")
   ap.add_argument("--impls", default="reference,dot_product,blockwise")
+  ap.add_argument("--rounds", type=int, default=3, help="processes per flag set (flags)")
+  ap.add_argument("--flag_sets", default=",".join(FLAG_SETS),
+                  help="which of " + ", ".join(FLAG_SETS) + " (flags; shipped first)")
   ap.add_argument("--out")
   a = ap.parse_args(argv)
   from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
   threads = stacks.torch_threads()
-  parts = [p for p in ("choice", "step", "proxy", "eval") if p in a.parts.split(",")]
-  if a.model == "t5" and set(parts) - {"choice", "eval"}:
-    ap.error("--model=t5 runs --parts=choice,eval only (step and proxy are the decoder's)")
-  cfg, lengths, _, batch = profile_step.full_rows(a.model, a.batch, a.inputs, a.targets)
+  parts = [p for p in ("choice", "step", "proxy", "eval", "flags", "shipped")
+           if p in a.parts.split(",")]
+  if a.model == "t5" and set(parts) - {"choice", "eval", "flags", "shipped"}:
+    ap.error("--model=t5 runs --parts=choice,eval,flags only (step and proxy are the "
+             "decoder's)")
+  unknown = set(a.flag_sets.split(",")) - set(FLAG_SETS)
+  if unknown:
+    ap.error(f"--flag_sets: unknown {sorted(unknown)}; choose from {', '.join(FLAG_SETS)}")
+  cfg = lengths = batch = None  # the flags part's children build their own rows
+  if set(parts) - {"flags"}:
+    cfg, lengths, _, batch = profile_step.full_rows(a.model, a.batch, a.inputs, a.targets)
+  if "shipped" in parts:
+    fj_shipped = stacks.Flanjax(cfg, stacks.AdamW())
   res = {"command": "python -m benchmarks.variants " + " ".join(argv or sys.argv[1:]),
          "commit": common.commit(), "machine": common.machine(threads),
          "load_before": common.load(), "model": a.model, "batch": a.batch, "lengths": lengths,
-         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+         "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if "choice" in parts:
     res["choice"] = _interleaved(choice_variants(cfg, batch), a.windows, a.steps)
   if "step" in parts:
@@ -231,14 +309,22 @@ def main(argv=None):
     for pair in ("proxy/layout_", "proxy/qkv_", "proxy/gqa_"):  # each against what ships
       res["proxy"].update(_interleaved({k: f for k, f in proxies.items() if k.startswith(pair)},
                                        a.windows, a.steps))
+  if "shipped" in parts:  # one flag set's child process (flag_variants)
+    res["shipped"] = _interleaved({"choice/shipped": lambda: fj_shipped.train([batch])},
+                                  a.windows, a.steps)
+  if "flags" in parts:
+    res["flags"] = flag_variants(a, {k: FLAG_SETS[k] for k in a.flag_sets.split(",")})
   if "eval" in parts:
     fns, res["eval_temp_mib"] = eval_variants(cfg, batch)
     res["eval"] = _interleaved(fns, a.windows, a.steps)
   res["load_after"] = common.load()
   res["quiet"] = common.quiet_start(res["load_before"]) and all(
-      v["quiet"] for part in parts for v in res[part].values())
+      v.get("quiet", True) for part in parts for v in res[part].values())
   for part in parts:
     for k, v in res[part].items():
+      if "failed" in v:
+        print(f"{k:40s} failed: {v['failed']}")
+        continue
       print(f"{k:40s} {v['ms']:9.1f} ms [{v['ms_min']:.1f}-{v['ms_max']:.1f}]  "
             f"x{v['vs_first']:.3f}" + ("" if v["quiet"] else "  (not quiet)"))
   if "eval" in parts:
