@@ -212,8 +212,18 @@ FLAG_SETS = {
 }
 
 
+def _child_flags(flags: str) -> str:
+  """XLA_FLAGS of a flag set's process: this process's (the user's, with flanjax's
+  YNNPACK-off default that `import flanjax` added) and then the set's own."""
+  return f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
 def flag_variants(a, flag_sets: dict) -> dict:
-  """The shipped step under each XLA flag set, in alternating child processes."""
+  """The shipped step under each XLA flag set, in alternating child processes.
+
+  A set whose process fails (XLA crashed, or it ran past --child_timeout) is recorded
+  with its round and takes no further rounds; what its earlier processes measured
+  is kept."""
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
@@ -224,43 +234,48 @@ def flag_variants(a, flag_sets: dict) -> dict:
       if name in failed:
         continue
       with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_cpu_experimental_ynn_fusion_type= {flags}".strip())
         cmd = [sys.executable, "-m", "benchmarks.variants", f"--model={a.model}",
                "--parts=shipped", f"--batch={a.batch}", f"--inputs={a.inputs}",
                f"--targets={a.targets}", f"--windows={a.windows}", f"--steps={a.steps}",
                f"--out={f.name}"]
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if p.returncode:  # a flag set that crashes XLA is a finding, not the end of the run
-          last = (p.stderr.strip().splitlines() or [""])[-1][:300]
-          failed[name] = f"the process exited {p.returncode}: {last}"
-          if name == next(iter(flag_sets)):
-            raise SystemExit(f"flags/{name}: {failed[name]}")
-          print(f"round {r + 1} flags/{name}: {failed[name]}", flush=True)
+        env = dict(os.environ, XLA_FLAGS=_child_flags(flags))
+        try:
+          p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                             timeout=a.child_timeout)
+          why = None if p.returncode == 0 else (
+              f"the process exited {p.returncode}: "
+              + (p.stderr.strip().splitlines() or [""])[-1][:300])
+        except subprocess.TimeoutExpired:
+          why = f"the process ran past --child_timeout={a.child_timeout} s"
+        if why:  # a flag set that crashes XLA is a finding, not the end of the run
+          failed[name] = {"failed": why, "failed_round": r + 1}
+          print(f"round {r + 1} flags/{name}: {why}", flush=True)
           continue
-        runs[name].append(json.load(open(f.name))["shipped"]["choice/shipped"])
+        with open(f.name) as fh:
+          child = json.load(fh)
+      runs[name].append(child["shipped"]["choice/shipped"])
       print(f"round {r + 1} flags/{name}: {runs[name][-1]['ms']:.1f} ms", flush=True)
   out = {}
   for name, rs in runs.items():
-    if name in failed:
-      out[f"flags/{name}"] = {"xla_flags": f"--xla_cpu_experimental_ynn_fusion_type= "
-                                           f"{flag_sets[name]}".strip(),
-                              "failed": failed[name]}
-      continue
-    ms = sorted(x for r in rs for x in r["window_ms"])
-    out[f"flags/{name}"] = {
-        "xla_flags": f"--xla_cpu_experimental_ynn_fusion_type= {flag_sets[name]}".strip(),
-        "ms": round(float(np.median(ms)), 2), "ms_min": ms[0], "ms_max": ms[-1],
-        "windows": len(ms), "process_medians_ms": [r["ms"] for r in rs],
-        "others_cpu_share": max((r["others_cpu_share"] or 0.0) for r in rs),
-        "quiet": all(r["quiet"] for r in rs)}
-  base = out[next(iter(out))]["ms"]
+    v = {"xla_flags": _child_flags(flag_sets[name]), **failed.get(name, {})}
+    if rs:
+      ms = sorted(x for r in rs for x in r["window_ms"])
+      shares = [r["others_cpu_share"] for r in rs]
+      v.update({"ms": round(float(np.median(ms)), 2), "ms_min": ms[0], "ms_max": ms[-1],
+                "windows": len(ms), "window_ms": [x for r in rs for x in r["window_ms"]],
+                "process_medians_ms": [r["ms"] for r in rs],
+                "others_cpu_share": None if None in shares else max(shares),
+                "quiet": all(r["quiet"] for r in rs)})
+    out[f"flags/{name}"] = v
+  base = out[f"flags/{next(iter(flag_sets))}"].get("ms")
   for v in out.values():
-    if "ms" in v:
+    if "ms" in v and base:
       v["vs_first"] = round(v["ms"] / base, 3)
   return out
 
 
-def main(argv=None):
+def _args(argv):
+  """The parsed command line and the parts to run (checked: errors exit 2)."""
   ap = argparse.ArgumentParser(prog="python -m benchmarks.variants")
   ap.add_argument("--model", default="decoder", choices=("decoder", "t5"))
   ap.add_argument("--parts", default="choice,step,proxy",
@@ -273,11 +288,12 @@ def main(argv=None):
   ap.add_argument("--impls", default="reference,dot_product,blockwise")
   ap.add_argument("--rounds", type=int, default=3, help="processes per flag set (flags)")
   ap.add_argument("--flag_sets", default=",".join(FLAG_SETS),
-                  help="which of " + ", ".join(FLAG_SETS) + " (flags; shipped first)")
+                  help="which of " + ", ".join(FLAG_SETS) + " (flags; shipped is always "
+                  "run, first: the others' ratios are to it)")
+  ap.add_argument("--child_timeout", type=int, default=1800,
+                  help="seconds a flag set's process may take (flags)")
   ap.add_argument("--out")
   a = ap.parse_args(argv)
-  from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
-  threads = stacks.torch_threads()
   parts = [p for p in ("choice", "step", "proxy", "eval", "flags", "shipped")
            if p in a.parts.split(",")]
   if a.model == "t5" and set(parts) - {"choice", "eval", "flags", "shipped"}:
@@ -286,6 +302,15 @@ def main(argv=None):
   unknown = set(a.flag_sets.split(",")) - set(FLAG_SETS)
   if unknown:
     ap.error(f"--flag_sets: unknown {sorted(unknown)}; choose from {', '.join(FLAG_SETS)}")
+  if min(a.rounds, a.windows, a.steps, a.child_timeout) < 1:
+    ap.error("--rounds, --windows, --steps and --child_timeout must be at least 1")
+  return a, parts
+
+
+def main(argv=None):
+  a, parts = _args(argv)
+  from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
+  threads = stacks.torch_threads()
   cfg = lengths = batch = None  # the flags part's children build their own rows
   if set(parts) - {"flags"}:
     cfg, lengths, _, batch = profile_step.full_rows(a.model, a.batch, a.inputs, a.targets)
@@ -313,7 +338,10 @@ def main(argv=None):
     res["shipped"] = _interleaved({"choice/shipped": lambda: fj_shipped.train([batch])},
                                   a.windows, a.steps)
   if "flags" in parts:
-    res["flags"] = flag_variants(a, {k: FLAG_SETS[k] for k in a.flag_sets.split(",")})
+    names = ["shipped"] + [k for k in a.flag_sets.split(",") if k != "shipped"]
+    res["flags"] = flag_variants(a, {k: FLAG_SETS[k] for k in names})
+    res["lengths"] = {"inputs": a.inputs, "targets": a.targets}
+    res["xla_flags_note"] = "each flags/* entry's xla_flags are its processes'"
   if "eval" in parts:
     fns, res["eval_temp_mib"] = eval_variants(cfg, batch)
     res["eval"] = _interleaved(fns, a.windows, a.steps)
@@ -331,6 +359,9 @@ def main(argv=None):
     print("XLA temporary memory (MiB):", res["eval_temp_mib"])
   print(f"load average {res['load_before']} before, {res['load_after']} after")
   common.write_json(a.out, res)
+  if "flags" in parts and "vs_first" not in res["flags"]["flags/shipped"]:
+    print("the shipped flag set measured nothing: no ratios (see its 'failed')", file=sys.stderr)
+    return 1
   return 0
 
 

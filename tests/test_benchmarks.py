@@ -137,3 +137,44 @@ def test_pytorch_padding_free_rows_see_only_their_own_example():
   assert th.loss(packed) == pytest.approx(fj.loss(batch), abs=1e-5)
   leaky = {k: v for k, v in packed.items() if k != "attention_mask"}
   assert abs(th.loss(leaky) - fj.loss(batch)) > 1e-3
+
+
+def test_flag_sets_pool_their_processes_windows_and_record_a_crash(monkeypatch):
+  """benchmarks.variants --parts=flags: each set's figure is the median of all its
+  processes' windows; a set whose process crashes in a later round keeps what its earlier
+  rounds measured and says which round failed; every process gets the set's flags on top
+  of the parent's. (Child processes stood in for: the real ones train a model each.)"""
+  import argparse
+  import subprocess
+  import numpy as np
+  from benchmarks import variants
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  seen, windows = [], {"shipped": [[10.0, 12.0], [11.0, 30.0], [9.0, 13.0]],
+                   "xnnpack": [[20.0, 22.0]]}
+
+  def fake_run(cmd, env, **kw):
+    name = "shipped" if env["XLA_FLAGS"].endswith("=") else "xnnpack"
+    seen.append((name, env["XLA_FLAGS"], kw["timeout"]))
+    if name == "xnnpack" and sum(1 for s in seen if s[0] == name) == 2:
+      return subprocess.CompletedProcess(cmd, -4, "", "boom\nF0000 partition compile failed")
+    ms = windows[name][sum(1 for s in seen if s[0] == name) - 1]
+    out = [c for c in cmd if c.startswith("--out=")][0][len("--out="):]
+    with open(out, "w", encoding="utf-8") as f:
+      json.dump({"shipped": {"choice/shipped": {
+          "ms": float(np.median(ms)), "window_ms": ms, "others_cpu_share": 0.01,
+          "quiet": True}}}, f)
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(subprocess, "run", fake_run)
+  a = argparse.Namespace(model="t5", batch=1, inputs=8, targets=4, windows=2, steps=1,
+                         rounds=3, child_timeout=60)
+  res = variants.flag_variants(a, {"shipped": "", "xnnpack": "--xla_cpu_use_xnnpack=true"})
+  ship, xnn = res["flags/shipped"], res["flags/xnnpack"]
+  assert ship["windows"] == 6 and ship["ms"] == 11.5 and ship["ms_max"] == 30.0
+  assert ship["process_medians_ms"] == [11.0, 20.5, 11.0] and ship["vs_first"] == 1.0
+  assert xnn["failed_round"] == 2 and "exited -4: F0000 partition compile failed" in xnn["failed"]
+  assert xnn["windows"] == 2 and xnn["ms"] == 21.0 and xnn["vs_first"] == round(21.0 / 11.5, 3)
+  assert [s[0] for s in seen] == ["shipped", "xnnpack"] * 2 + ["shipped"]  # none after its crash
+  assert xnn["xla_flags"] == ("--xla_cpu_experimental_ynn_fusion_type= "
+                              "--xla_cpu_use_xnnpack=true")
+  assert all(t == 60 for _, _, t in seen)
