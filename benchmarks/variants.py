@@ -58,6 +58,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 
+def _figure(window_ms: list) -> dict:
+  """Median, min and max ms of a figure's windows, and the windows in the order run."""
+  ms = sorted(window_ms)
+  return {"ms": round(float(np.median(ms)), 2), "ms_min": round(ms[0], 2),
+          "ms_max": round(ms[-1], 2), "windows": len(ms),
+          "window_ms": [round(x, 2) for x in window_ms]}
+
+
+def _add_ratios(out: dict, base: str) -> dict:
+  """Each measured figure's vs_first: its median over the `base` figure's."""
+  ms = out[base].get("ms")
+  for v in out.values():
+    if "ms" in v and ms:
+      v["vs_first"] = round(v["ms"] / ms, 3)
+  return out
+
+
 def _interleaved(fns: dict, windows: int, per_window: int) -> dict:
   """{name: median/min/max ms per call} of callables timed in interleaved windows."""
   from benchmarks import common  # pylint: disable=g-import-not-at-top
@@ -70,15 +87,9 @@ def _interleaved(fns: dict, windows: int, per_window: int) -> dict:
   out = {}
   for k, win in w.items():
     s = win.summary()
-    ms = sorted(1e3 * t / per_window for t in win.seconds)
-    out[k] = {"ms": round(float(np.median(ms)), 2), "ms_min": round(ms[0], 2),
-              "ms_max": round(ms[-1], 2), "windows": s["windows"],
-              "window_ms": [round(1e3 * t / per_window, 2) for t in win.seconds],
+    out[k] = {**_figure([1e3 * t / per_window for t in win.seconds]),
               "others_cpu_share": s.get("others_cpu_share"), "quiet": s["quiet"]}
-  base = out[next(iter(out))]["ms"]
-  for v in out.values():
-    v["vs_first"] = round(v["ms"] / base, 3)
-  return out
+  return _add_ratios(out, next(iter(out)))
 
 
 def step_variants(cfg, batch, impls) -> dict:
@@ -259,19 +270,13 @@ def flag_variants(a, flag_sets: dict) -> dict:
   for name, rs in runs.items():
     v = {"xla_flags": _child_flags(flag_sets[name]), **failed.get(name, {})}
     if rs:
-      ms = sorted(x for r in rs for x in r["window_ms"])
       shares = [r["others_cpu_share"] for r in rs]
-      v.update({"ms": round(float(np.median(ms)), 2), "ms_min": ms[0], "ms_max": ms[-1],
-                "windows": len(ms), "window_ms": [x for r in rs for x in r["window_ms"]],
+      v.update({**_figure([x for r in rs for x in r["window_ms"]]),
                 "process_medians_ms": [r["ms"] for r in rs],
                 "others_cpu_share": None if None in shares else max(shares),
                 "quiet": all(r["quiet"] for r in rs)})
     out[f"flags/{name}"] = v
-  base = out[f"flags/{next(iter(flag_sets))}"].get("ms")
-  for v in out.values():
-    if "ms" in v and base:
-      v["vs_first"] = round(v["ms"] / base, 3)
-  return out
+  return _add_ratios(out, f"flags/{next(iter(flag_sets))}")
 
 
 def _args(argv):

@@ -155,9 +155,10 @@ def test_flag_sets_pool_their_processes_windows_and_record_a_crash(monkeypatch):
   def fake_run(cmd, env, **kw):
     name = "shipped" if env["XLA_FLAGS"].endswith("=") else "xnnpack"
     seen.append((name, env["XLA_FLAGS"], kw["timeout"]))
-    if name == "xnnpack" and sum(1 for s in seen if s[0] == name) == 2:
+    n = sum(1 for s in seen if s[0] == name)  # this set's process count, this one included
+    if name == "xnnpack" and n == 2:
       return subprocess.CompletedProcess(cmd, -4, "", "boom\nF0000 partition compile failed")
-    ms = windows[name][sum(1 for s in seen if s[0] == name) - 1]
+    ms = windows[name][n - 1]
     out = [c for c in cmd if c.startswith("--out=")][0][len("--out="):]
     with open(out, "w", encoding="utf-8") as f:
       json.dump({"shipped": {"choice/shipped": {
