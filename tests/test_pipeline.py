@@ -97,6 +97,47 @@ def test_length_report_by_encoding_equals_the_tf_data_pass(builtin_vocab):
   assert pipeline._lengths_by_encoding(same_name, "train", feats, None) is None  # pylint: disable=protected-access
 
 
+def test_texts_in_memory_and_the_majority_answer_equal_a_pass_through_tf_data(builtin_vocab):
+  # The evaluation's baseline (the train split's most common answer) and the length report
+  # read the built-in families' and flanjax's own tasks' text from memory; the reference is
+  # the task's unshuffled preprocessed dataset through tf.data, example by example.
+  import collections  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from conftest import shared_data  # pylint: disable=g-import-not-at-top
+  from flanjax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  def majority(task, records):  # the first of the most common answers, as Counter keeps it
+    post = harness.answer_fn(task)
+    counts = collections.Counter(str(post(r["targets_pretokenized"])) for r in records)
+    return counts.most_common(1)[0][0]
+
+  names = [t.name for t in seqio.get_mixture_or_task(registry.BUILTIN_MIXTURE).tasks]
+  shared_data("flan_cot")
+  registry.register_all(builtin_vocab)  # flanjax's own tasks (TaskDefs) over real files
+  names += ["flan_cot_creak_direct", "flan_cot_gsm8k"]
+  for name in names:
+    task = seqio.get_mixture_or_task(name)
+    held = pipeline.texts_in_memory(task, "train", 2000)
+    ds = task.get_dataset(None, split="train", shuffle=False, num_epochs=1, use_cached=False)
+    want = [{k: ex[k].decode("utf-8") for k in ("inputs_pretokenized", "targets_pretokenized")}
+            for ex in ds.take(2000).as_numpy_iterator()]
+    assert held is not None and len(held) == len(want) > 100, name
+    for got, ref in zip(held, want):
+      assert {k: got[k] for k in ref} == ref, name
+    assert harness._count_majority(task, 2000) == majority(task, want), name  # pylint: disable=protected-access
+  # Another preprocessor (here one that drops examples) leaves it to tf.data.
+  base = seqio.get_mixture_or_task(names[0])
+  other = seqio.Task("texts_in_memory_other_preprocessing", source=base.source,
+                     preprocessors=[seqio.preprocessors.tokenize, lambda ds: ds.take(3),
+                                    seqio.preprocessors.append_eos_after_trim],
+                     output_features=base.output_features, postprocess_fn=base.postprocess_fn)
+  assert pipeline.texts_in_memory(other, "train") is None
+  three = [{"targets_pretokenized": ex["targets_pretokenized"].decode("utf-8")} for ex in
+           other.get_dataset(None, split="train", shuffle=False).as_numpy_iterator()]
+  assert len(three) == 3
+  assert harness._count_majority(other, 2000) == majority(other, three)  # pylint: disable=protected-access
+  registry.register_all(builtin_vocab)  # the session's registration again
+
+
 def test_stream_resumes_at_position(builtin_vocab):
   make = lambda: pipeline.get_dataset(registry.BUILTIN_MIXTURE, LENGTHS, "train", 4, seed=1)
   a = pipeline.BatchStream(make)

@@ -32,9 +32,13 @@ BUILTIN_MIXTURE = "flanjax_builtin"
 EVAL_SPLITS = ("validation", "heldout_templates")
 
 
+def _builtin_records(family: str, split: str, modes) -> tuple[dict, ...]:
+  return builtin.rendered_examples(family, split, modes[0] if split == "train" else modes[1])
+
+
 def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family, modes):
   del shuffle_files, seed  # the split is one in-memory shard; seqio shuffles it
-  records = builtin.rendered_examples(family, split, modes[0] if split == "train" else modes[1])
+  records = _builtin_records(family, split, modes)
   return tf.data.Dataset.from_tensor_slices({
       "inputs": [r["inputs"] for r in records],
       "targets": [r["targets"] for r in records],
@@ -44,6 +48,21 @@ def _builtin_dataset_fn(split, shuffle_files, seed=None, *, family, modes):
       "options": [json.dumps(r["options"], ensure_ascii=False) for r in records],
       "task": [BUILTIN_PREFIX + family] * len(records),
   })
+
+
+class _BuiltinSource(seqio.FunctionDataSource):
+  """A built-in family's splits, rendered in memory: their text is read without tf.data."""
+
+  def __init__(self, family: str, modes: tuple[str, str]):
+    super().__init__(functools.partial(_builtin_dataset_fn, family=family, modes=modes),
+                     splits=list(builtin.SPLIT_SIZES),
+                     num_input_examples=dict(builtin.SPLIT_SIZES))
+    self._family, self._modes = family, modes
+
+  def pretokenized_texts(self, split: str) -> list[dict]:
+    """Each example's text in source order, as seqio's tokenize keeps it (*_pretokenized)."""
+    return [{"inputs_pretokenized": r["inputs"], "targets_pretokenized": r["targets"]}
+            for r in _builtin_records(self._family, split, self._modes)]
 
 
 def _replace(name: str, registry) -> None:
@@ -68,10 +87,7 @@ def register_builtin(vocabulary: seqio.Vocabulary, input_length: int | None = No
     _replace(name, seqio.TaskRegistry)
     seqio.TaskRegistry.add(
         name,
-        source=seqio.FunctionDataSource(
-            functools.partial(_builtin_dataset_fn, family=fam.name, modes=modes),
-            splits=list(builtin.SPLIT_SIZES),
-            num_input_examples=dict(builtin.SPLIT_SIZES)),
+        source=_BuiltinSource(fam.name, modes),
         preprocessors=[
             seqio.preprocessors.tokenize,
             seqio.preprocessors.append_eos_after_trim,

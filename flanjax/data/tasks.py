@@ -399,6 +399,10 @@ class _Source(seqio.FunctionDataSource):
   def num_input_examples(self, split: str) -> int:
     return len(raw_examples(self._defn, split))
 
+  def pretokenized_texts(self, split: str) -> list[dict]:
+    """Each example's text in source order (*_pretokenized), from the tokenized cache."""
+    return DEFS[self._defn.name].tokenized(split).texts  # what _dataset_fn reads
+
 
 def answer_accuracy(targets, predictions):
   """Exact match of the extracted answers, in percent."""

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import seqio
 
+from flanjax.data import pipeline
 from flanjax.data import tasks as task_lib
 from flanjax.data.collections import mmlu
 from flanjax.errors import UserError
@@ -100,12 +101,19 @@ def majority_answer(task: seqio.Task, max_examples: int = 2000) -> str | None:
 
 
 def _count_majority(task: seqio.Task, max_examples: int) -> str:
-  ds = task.get_dataset(None, split="train", shuffle=False, num_epochs=1,
-                        use_cached=False).take(max_examples)
+  held = pipeline.texts_in_memory(task, "train", max_examples)
+  if held is not None:  # the same texts in the same order, without tf.data
+    targets = (t["targets_pretokenized"] for t in held)
+  else:
+    targets = (ex["targets_pretokenized"].decode("utf-8") for ex in _train_dataset(task).take(
+        max_examples).as_numpy_iterator())
   post = answer_fn(task)
-  counts = collections.Counter(
-      str(post(ex["targets_pretokenized"].decode("utf-8"))) for ex in ds.as_numpy_iterator())
+  counts = collections.Counter(str(post(t)) for t in targets)
   return counts.most_common(1)[0][0] if counts else ""
+
+
+def _train_dataset(task: seqio.Task):
+  return task.get_dataset(None, split="train", shuffle=False, num_epochs=1, use_cached=False)
 
 
 def _baseline(task, targets_pp) -> tuple[float | None, str | None]:
