@@ -38,6 +38,33 @@ def test_json_has_every_section(result):
   assert "flanjax / eager" in result["table"]
 
 
+def test_targets_are_issue_20s_recomputed_from_the_figures(result):
+  """Each target's value is its two figures' ratio; the bound note holds the shares' ratio."""
+  from benchmarks import run as bench
+  targets = {t["target"]: t for t in result["targets"]}
+  for m in ("t5", "decoder"):
+    tr = result["train"][m]
+    ours = tr["real"]["flanjax_packed"]["real_tokens_per_s"]
+    grouped = next(t for name, t in targets.items()
+                   if name.startswith(m + ":") and "group_by_length" in name)
+    want = round(ours / tr["real"]["torch_eager_grouped"]["real_tokens_per_s"], 2)
+    assert grouped["value"] == want and grouped["met"] == (want >= 1.5)
+    bound = (tr["real"]["flanjax_packed"]["non_padding_share"]
+             / tr["real"]["torch_eager_grouped"]["non_padding_share"])
+    assert f"at most {bound:.2f}x" in grouped["note"]
+    assert f"{1.5 / bound:.2f}x faster per token" in grouped["note"]
+    packed = next(t for name, t in targets.items()
+                  if name.startswith(m + ":") and "padding-free" in name)
+    if "skipped" in tr["real"]["torch_eager_packed"]:  # T5: no packed PyTorch baseline
+      assert packed["met"] is None and packed["note"] == tr["real"]["torch_eager_packed"]["skipped"]
+    else:
+      want = round(ours / tr["real"]["torch_eager_packed"]["real_tokens_per_s"], 2)
+      assert packed["value"] == want and packed["met"] == (want >= 1.0)
+  assert bench.TARGETS["real_vs_grouped"] == 1.5 and bench.TARGETS["real_vs_packed"] == 1.0
+  for t in result["targets"]:
+    assert t["target"] in result["table"]
+
+
 def test_every_figure_is_a_median_of_windows_with_its_device_and_load(result):
   from benchmarks import run as bench
   figs = list(bench._figures(result))
