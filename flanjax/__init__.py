@@ -29,4 +29,34 @@ def _xla_cpu_flags() -> None:
   _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
 
+class _NoSklearnForKeras:
+  """Refuses `import sklearn` to keras's scikit-learn wrappers, and only to them.
+
+  TensorFlow imports keras, whose wrappers import scikit-learn when it is installed (lm-eval
+  installs it): 1.3 s of every flanjax process's start, for wrappers flanjax never uses.
+  keras treats it as absent (its wrappers then say scikit-learn is needed); any other
+  importer, lm-eval's metrics included, gets it as usual.
+  """
+
+  def find_spec(self, name, path=None, target=None):  # pylint: disable=unused-argument
+    import sys  # pylint: disable=g-import-not-at-top
+    if name != "sklearn":
+      return None
+    frame = sys._getframe(1)  # pylint: disable=protected-access
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("importlib"):
+      frame = frame.f_back  # the import system's own frames, up to the importing module
+    if frame is not None and frame.f_globals.get("__name__", "").startswith("keras.src.wrappers"):
+      raise ModuleNotFoundError("scikit-learn is not imported for keras's wrappers in flanjax",
+                                name=name)
+    return None
+
+
+def _keras_without_sklearn() -> None:
+  import sys  # pylint: disable=g-import-not-at-top
+  if "keras" not in sys.modules and not any(isinstance(f, _NoSklearnForKeras)
+                                            for f in sys.meta_path):
+    sys.meta_path.insert(0, _NoSklearnForKeras())
+
+
 _xla_cpu_flags()
+_keras_without_sklearn()

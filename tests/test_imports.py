@@ -119,3 +119,22 @@ def test_importing_flanjax_sets_xla_cpu_dots_unless_the_user_did(user_flags, ynn
   flags, has_ynn = out.stdout.strip().splitlines()[-2:]
   assert has_ynn == str(ynn), (flags, out.stdout)
   assert flags.count("xla_cpu_experimental_ynn_fusion_type") == 1, flags
+
+
+def test_tensorflows_keras_starts_without_sklearn_and_others_still_get_it():
+  """keras's scikit-learn wrappers are refused sklearn (1.3 s of every start); nobody else is."""
+  code = textwrap.dedent("""
+      import sys
+      import flanjax.train
+      import keras
+      assert "keras.src.wrappers.sklearn_wrapper" in sys.modules  # keras got that far
+      assert "sklearn" not in sys.modules, "keras imported scikit-learn"
+      from keras.src.wrappers import fixes, sklearn_wrapper
+      assert fixes.sklearn is None and sklearn_wrapper.sklearn is None
+      from sklearn.metrics import f1_score  # anyone else: the real package
+      assert f1_score([1, 0, 1], [1, 0, 0]) == 2 / 3
+  """)
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
