@@ -13,13 +13,15 @@ import json
 import subprocess
 import sys
 
+from conftest import optimized_env
+
 
 def test_shortened_default_job_beats_the_baseline(tmp_path, builtin_vocab):
   model_dir = tmp_path / "run"
   proc = subprocess.run(
       [sys.executable, "-m", "flanjax.train", "--gin_file=flan.gin", "--gin.train.num_steps=160",
        f"--gin.train.model_dir={model_dir}", "--gin.train.eval_max_examples=30"],
-      capture_output=True, text=True, timeout=900)
+      capture_output=True, text=True, timeout=900, env=optimized_env())
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   summary = json.loads((model_dir / "summary.json").read_text())
   assert summary["mean_score_validation"] >= 25.0, summary["mean_score_validation"]
