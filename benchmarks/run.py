@@ -237,10 +237,8 @@ def targets(r: dict) -> list[dict]:
   pipe = _get(r, "pipeline", "warm", "examples_per_s")
   trainer = _get(r, "train", "t5", "real", "flanjax_packed", "examples_per_s")
   if pipe and trainer:
-    v = _ratio(pipe, trainer)
-    out.append({"target": f"data pipeline >= {TARGETS['pipeline_vs_trainer']}x what the "
-                          "T5 trainer consumes (examples/s)",
-                "value": v, "met": v >= TARGETS["pipeline_vs_trainer"]})
+    add(f"data pipeline >= {TARGETS['pipeline_vs_trainer']}x what the T5 trainer consumes "
+        "(examples/s)", pipe, trainer, TARGETS["pipeline_vs_trainer"])
   mfu = r.get("mfu") or {}
   if "skipped" in mfu:
     out.append({"target": f"H100: MFU >= {TARGETS['mfu_h100']:.0%} at the largest size that fits",

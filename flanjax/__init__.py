@@ -1,6 +1,7 @@
 """flanjax: instruction tuning in JAX."""
 
 import os as _os
+import sys as _sys
 
 
 def _xla_cpu_flags() -> None:
@@ -39,10 +40,9 @@ class _NoSklearnForKeras:
   """
 
   def find_spec(self, name, path=None, target=None):  # pylint: disable=unused-argument
-    import sys  # pylint: disable=g-import-not-at-top
-    if name != "sklearn":
+    if name != "sklearn":  # asked of every import the process makes: answer at once
       return None
-    frame = sys._getframe(1)  # pylint: disable=protected-access
+    frame = _sys._getframe(1)  # pylint: disable=protected-access
     while frame is not None and frame.f_globals.get("__name__", "").startswith("importlib"):
       frame = frame.f_back  # the import system's own frames, up to the importing module
     if frame is not None and frame.f_globals.get("__name__", "").startswith("keras.src.wrappers"):
@@ -52,10 +52,9 @@ class _NoSklearnForKeras:
 
 
 def _keras_without_sklearn() -> None:
-  import sys  # pylint: disable=g-import-not-at-top
-  if "keras" not in sys.modules and not any(isinstance(f, _NoSklearnForKeras)
-                                            for f in sys.meta_path):
-    sys.meta_path.insert(0, _NoSklearnForKeras())
+  if "keras" not in _sys.modules and not any(isinstance(f, _NoSklearnForKeras)
+                                             for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _NoSklearnForKeras())
 
 
 _xla_cpu_flags()
