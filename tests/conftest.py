@@ -37,6 +37,15 @@ def optimized_env(**extra) -> dict:
   return env
 
 
+def devices_env(count: int, **extra) -> dict:
+  """os.environ (plus extra) for a command on `count` simulated CPU devices, the suite's
+  XLA flags (its -O level) kept: a mesh test compiles one program per mesh."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={count}")
+  return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", **extra)
+
+
 import pytest  # noqa: E402
 
 # Every module that defines gin configurables, imported before any test: a test
@@ -113,3 +122,23 @@ def command_in_process(main_fn, argv, session_vocab, prog_file=None):
     gin.clear_config()
     registry.register_all(session_vocab)
   return code, out.getvalue(), err.getvalue()
+
+
+# The test files that take longest, slowest first (sums of their tests' durations in a full
+# `--durations=0` run; docs/results/suite_time.md). xdist hands out the files with the most
+# tests first, which put the one-test default-job file last, alone on one worker for ~4
+# minutes; the long files first (`--no-loadscope-reorder` in pyproject's addopts keeps this
+# order) let the short ones fill in at the end: 3,669 s of tests ended 37 s after half of
+# that. A file missing here only runs later; the order changes no result.
+SLOWEST_FILES = (
+    "test_train_e2e.py", "test_default_job_learns.py", "test_robustness.py",
+    "test_lora_training.py", "test_finetune.py", "test_collections.py", "test_sharding.py",
+    "test_aot.py", "test_distributed.py", "test_output_loss.py", "test_scan_layers.py",
+    "test_decoding.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+  # A stable sort by file keeps each file's tests together and in their own order.
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import command_in_process  # noqa: E402  pylint: disable=g-import-not-at-top
+from conftest import command_in_process, devices_env  # noqa: E402  pylint: disable=g-import-not-at-top
 from test_lora import tiny_t5  # noqa: E402  pylint: disable=g-import-not-at-top
 from test_train_e2e import _interrupt_when, run_beside  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -21,8 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_lora_meshes_agree_with_one_device_and_only_adapters_train(builtin_vocab):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = devices_env(8)
   proc = subprocess.run([sys.executable, os.path.join(HERE, "_lora_mesh_worker.py")], env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import devices_env
 
 from flanjax.training import partitioning
 
@@ -16,8 +17,7 @@ def worker(builtin_vocab):
   cost more than either part): _mesh_worker.py's losses on meshes of 8 devices, then the
   divisibility cases below; {"meshes": ..., "divisible": ...}. The workers read the
   session's built-in vocabulary from its cache."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16",
-             JAX_PLATFORMS="cpu")
+  env = devices_env(16)
   script = ("import sys; sys.path.insert(0, sys.argv[1]); import _mesh_worker\n"
             "_mesh_worker.main()\nprint('\\n--- divisible ---')\n" + _DIVISIBLE_WORKER)
   proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,

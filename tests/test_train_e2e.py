@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import command_in_process
+from conftest import command_in_process, devices_env
 
 TINY = ["--gin_file=flan.gin", "--gin.train.batch_size=8",
         "--gin.train.task_feature_lengths={'inputs': 160, 'targets': 48}",
@@ -214,8 +214,7 @@ def test_sigterm_and_sigkill_then_resume_onto_another_mesh_continue_the_same_run
   """A preempted VM (SIGTERM) saves and exits 0; a kill -9 loses only what followed the newest
   checkpoint. Resumed on a (2,2,2) mesh, then (8,1,1) again, the 30 losses equal an
   uninterrupted (8,1,1) run's."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = devices_env(8, TF_CPP_MIN_LOG_LEVEL="3")
   steps = ["--gin.train.num_steps=30", "--gin.train.eval_at_end=False",
            "--gin.Checkpointer.every_steps=4"]
   mesh8, mesh222 = ["--gin.train.mesh_shape=[8, 1, 1]"], ["--gin.train.mesh_shape=[2, 2, 2]"]
