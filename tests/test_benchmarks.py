@@ -53,6 +53,14 @@ def test_targets_are_issue_20s_recomputed_from_the_figures(result):
              / tr["real"]["torch_eager_grouped"]["non_padding_share"])
     assert f"at most {bound:.2f}x" in grouped["note"]
     assert f"{1.5 / bound:.2f}x faster per token" in grouped["note"]
+    # The ratio is the shares' bound times the rate per padded token on the same batches.
+    fj, pt = tr["real"]["flanjax_packed"], tr["real"]["torch_eager_grouped"]
+    per_token = ((fj["real_tokens_per_s"] / fj["non_padding_share"])
+                 / (pt["real_tokens_per_s"] / pt["non_padding_share"]))
+    assert f"flanjax runs {per_token:.2f}x PyTorch's grouped step" in grouped["note"]
+    row = fj["padded_tokens"] / fj["steps"] / tr["real"]["flanjax_rows_per_step"]
+    assert f"its packed rows {row:.0f} tokens" in grouped["note"]
+    assert f"the grouped rows {pt['padded_tokens'] / pt['examples']:.0f} on average" in grouped["note"]
     packed = next(t for name, t in targets.items()
                   if name.startswith(m + ":") and "padding-free" in name)
     if "skipped" in tr["real"]["torch_eager_packed"]:  # T5: no packed PyTorch baseline
