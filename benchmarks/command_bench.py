@@ -173,6 +173,7 @@ def run_command(gin_args: list[str], steps: int, skip_steps: int, log_every_secs
   }
   if a and b and b[1] > a[1]:
     fig["others_cpu_share"] = round(common._others_share(a, b), 3)  # pylint: disable=protected-access
+    fig["steal_cpu_share"] = round(common._steal_share(a, b), 3)  # pylint: disable=protected-access
   fig["quiet"] = common.quiet(fig)
   return fig, cfg
 

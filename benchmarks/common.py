@@ -100,15 +100,18 @@ QUIET_LOAD = 0.5  # 1-minute load average (other jobs) under which a machine cou
 QUIET_OTHERS = 0.10  # share of the machine's CPU time other processes may take in a window
 
 
-def _cpu_ticks() -> tuple[int, int, int] | None:
-  """(busy ticks of the whole machine, all ticks, this process's own ticks), or None."""
+def _cpu_ticks() -> tuple[int, int, int, int] | None:
+  """(busy ticks of the whole machine, all ticks, this process's own ticks, steal ticks), or
+  None. Steal (the 8th field) is time the hypervisor gave to other virtual machines: busy to
+  /proc/stat and lost to this one, though no process here used it."""
   try:
     with open("/proc/stat", encoding="utf-8") as f:
       v = [int(x) for x in f.readline().split()[1:]]
     with open("/proc/self/stat", encoding="utf-8") as f:
       own = f.read().rsplit(")", 1)[1].split()
     # idle and iowait are the 4th and 5th fields; utime, stime, cutime, cstime: 12-15 after ')'
-    return sum(v) - v[3] - v[4], sum(v), sum(int(x) for x in own[11:15])
+    return (sum(v) - v[3] - v[4], sum(v), sum(int(x) for x in own[11:15]),
+            v[7] if len(v) > 7 else 0)
   except (OSError, IndexError, ValueError):
     return None
 
@@ -117,13 +120,19 @@ def _others_share(a, b) -> float:
   return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]))
 
 
+def _steal_share(a, b) -> float:
+  """The part of _others_share that was the hypervisor's steal, not a process here."""
+  return max(0.0, (b[3] - a[3]) / (b[1] - a[1]))
+
+
 class Windows:
   """Timed windows of one figure: each window's rate, and how much of the machine
-  other processes took meanwhile (/proc/stat's busy time less this process's own),
-  so a figure taken on a busy machine says so."""
+  other processes took meanwhile (/proc/stat's busy time less this process's own; the
+  hypervisor's steal counts, and is also given apart), so a figure taken on a busy machine
+  says so."""
 
   def __init__(self):
-    self.rates, self.seconds, self.others = [], [], []
+    self.rates, self.seconds, self.others, self.steal = [], [], [], []
     self.load_before = load()
     self._first = self._last = None  # ticks around all windows, for windows under a tick
 
@@ -140,6 +149,7 @@ class Windows:
       self._last = b
       if b[1] > a[1]:
         self.others.append(_others_share(a, b))
+        self.steal.append(_steal_share(a, b))
     self.seconds.append(secs)
     self.rates.append(amount / secs)
     return out
@@ -153,11 +163,14 @@ class Windows:
            "load_before": self.load_before, "load_after": load()}
     if self.others:
       out["others_cpu_share"] = round(max(self.others), 3)
+      out["steal_cpu_share"] = round(max(self.steal), 3)
     elif self._first and self._last:
       # Every window was shorter than a clock tick (fast machines, tiny configs): the share
       # over the span of all windows instead; no tick at all means nothing ran measurably.
       a, b = self._first, self._last
-      out["others_cpu_share"] = round(_others_share(a, b), 3) if b[1] > a[1] else 0.0
+      ticked = b[1] > a[1]
+      out["others_cpu_share"] = round(_others_share(a, b), 3) if ticked else 0.0
+      out["steal_cpu_share"] = round(_steal_share(a, b), 3) if ticked else 0.0
     out["quiet"] = quiet(out)
     return out
 

@@ -57,6 +57,7 @@ def _figure(w, device, dtype, **extra) -> dict:
           "windows": f["windows"], "seconds": round(float(np.median(w.seconds)), 4),
           "device": device, "dtype": dtype, "load_before": f["load_before"],
           "load_after": f["load_after"], "others_cpu_share": f.get("others_cpu_share"),
+          "steal_cpu_share": f.get("steal_cpu_share"),
           "quiet": f["quiet"], **extra}
 
 

@@ -260,7 +260,8 @@ def _step_figure(w: common.Windows, steps: int) -> dict:
       1 / fig["max"], 5), "step_seconds_max": round(1 / fig["min"], 5),
           "windows": fig["windows"], "steps_per_window": steps,
           "load_before": fig["load_before"], "load_after": fig["load_after"],
-          "others_cpu_share": fig.get("others_cpu_share"), "quiet": fig["quiet"]}
+          "others_cpu_share": fig.get("others_cpu_share"),
+          "steal_cpu_share": fig.get("steal_cpu_share"), "quiet": fig["quiet"]}
 
 
 def _peak_rss_growth(fn) -> int:
@@ -360,7 +361,8 @@ def real_lengths(tmodel, family, size, targets, examples, windows, log) -> dict:
     out[name] = {"real_tokens_per_s": fig["median"], "real_tokens_per_s_min": fig["min"],
                  "real_tokens_per_s_max": fig["max"], "windows": fig["windows"],
                  "load_before": fig["load_before"], "load_after": fig["load_after"],
-                 "others_cpu_share": fig.get("others_cpu_share"), "quiet": fig["quiet"]}
+                 "others_cpu_share": fig.get("others_cpu_share"),
+                 "steal_cpu_share": fig.get("steal_cpu_share"), "quiet": fig["quiet"]}
   r = sorted(a / b for a, b in zip(w["flanjax_lora_r8"].rates, w["peft_lora_r8"].rates))
   out["flanjax_vs_peft_tokens_per_s"] = {"median": round(statistics.median(r), 3),
                                          "min": round(r[0], 3), "max": round(r[-1], 3)}

@@ -75,6 +75,7 @@ def run(mixture: str, lengths: dict, batch_size: int, batches: int, vocab_size: 
                  "seconds": round(secs, 3), "examples_per_s": fig["median"],
                  "examples_per_s_min": fig["min"], "examples_per_s_max": fig["max"],
                  "windows": windows, "others_cpu_share": fig.get("others_cpu_share"),
+                 "steal_cpu_share": fig.get("steal_cpu_share"),
                  "quiet": fig["quiet"],
                  "rows_per_s": round(batches * batch_size / max(secs, 1e-9), 1),
                  "examples_per_row": round(n / (batches * batch_size), 2),

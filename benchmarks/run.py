@@ -306,11 +306,14 @@ def warnings(r: dict) -> list[str]:
     out.append(f"WARNING: the machine was not quiet: load average {r.get('load_start')} at "
                f"start (over {common.QUIET_LOAD} x cores); these figures are loaded, not "
                "to be quoted")
-  busy = [f.get("others_cpu_share") for f in _figures(r) if not f["quiet"]]
-  if busy:
+  loud = [f for f in _figures(r) if not f["quiet"]]
+  if loud:
+    busy = max(f.get("others_cpu_share") for f in loud)
+    steal = max(f.get("steal_cpu_share") or 0.0 for f in loud)
     out.append(f"WARNING: the machine was not quiet: other processes took up to "
-               f"{max(busy):.0%} of the CPU during {len(busy)} figure(s)' windows (over "
-               f"{common.QUIET_OTHERS:.0%}); these figures are loaded, not to be quoted")
+               f"{busy:.0%} of the CPU during {len(loud)} figure(s)' windows (over "
+               f"{common.QUIET_OTHERS:.0%}; the hypervisor's steal for other virtual machines "
+               f"up to {steal:.0%}); these figures are loaded, not to be quoted")
   n = _get(r, "settings", "windows")
   if n is not None and n < 5:
     out.append(f"note: {n} timed windows per figure (5 or more for a figure to quote)")

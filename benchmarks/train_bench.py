@@ -53,7 +53,8 @@ def _measure(stack, windows_batches, train, counts, examples=None) -> dict:
        "real_tokens_per_s_max": fig["max"], "window_rates": fig["window_rates"],
        "non_padding_share": round(real / max(padded, 1), 4),
        "load_before": fig["load_before"], "load_after": fig["load_after"],
-       "others_cpu_share": fig.get("others_cpu_share"), "quiet": fig["quiet"]}
+       "others_cpu_share": fig.get("others_cpu_share"),
+       "steal_cpu_share": fig.get("steal_cpu_share"), "quiet": fig["quiet"]}
   if real == padded:  # every position real: the padded-token rate is the same figure
     r.update(tokens_per_s=fig["median"], tokens_per_s_min=fig["min"],
              tokens_per_s_max=fig["max"])

@@ -88,7 +88,8 @@ def _interleaved(fns: dict, windows: int, per_window: int) -> dict:
   for k, win in w.items():
     s = win.summary()
     out[k] = {**_figure([1e3 * t / per_window for t in win.seconds]),
-              "others_cpu_share": s.get("others_cpu_share"), "quiet": s["quiet"]}
+              "others_cpu_share": s.get("others_cpu_share"),
+              "steal_cpu_share": s.get("steal_cpu_share"), "quiet": s["quiet"]}
   return _add_ratios(out, next(iter(out)))
 
 
