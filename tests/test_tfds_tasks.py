@@ -145,11 +145,14 @@ def test_unlabelled_examples_are_skipped_with_a_count(capsys):
 
 @pytest.fixture
 def empty_data_dir(tmp_path):
-  gin.bind_parameter("tfds_data_dir.path", str(tmp_path))
+  # A test before this one in the worker may have left gin's config locked (it parsed gin).
+  with gin.unlock_config():
+    gin.bind_parameter("tfds_data_dir.path", str(tmp_path))
   try:
     yield str(tmp_path)
   finally:
-    gin.bind_parameter("tfds_data_dir.path", None)
+    with gin.unlock_config():
+      gin.bind_parameter("tfds_data_dir.path", None)
 
 
 def test_missing_dataset_is_a_one_line_error_naming_the_fix(empty_data_dir):
