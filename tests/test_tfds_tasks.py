@@ -172,7 +172,8 @@ def test_fingerprint_reads_no_examples_and_follows_the_data_dir(empty_data_dir, 
   src = SOURCES["tfds_mnli"]
   fp = tfds_tasks.fingerprint(src)
   assert "glue/mnli/" in fp and empty_data_dir in fp
-  gin.bind_parameter("tfds_data_dir.path", empty_data_dir + "/other")
+  with gin.unlock_config():
+    gin.bind_parameter("tfds_data_dir.path", empty_data_dir + "/other")
   assert tfds_tasks.fingerprint(src) != fp
 
 
