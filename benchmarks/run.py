@@ -187,10 +187,12 @@ def _packing_bound(tr: dict) -> str | None:
   """What packing alone can win over group_by_length: the ratio of the two non-padding shares.
 
   Beyond it a ratio to group_by_length needs flanjax faster per token, so a target above
-  it asks the step for the rest; the note says how much.
+  it asks the step for the rest; the note says how much, and how fast flanjax is per padded
+  token on these very batches (the other factor of the ratio).
   """
-  ours = _get(tr, "real", "flanjax_packed", "non_padding_share")
-  theirs = _get(tr, "real", "torch_eager_grouped", "non_padding_share")
+  packed = _get(tr, "real", "flanjax_packed") or {}
+  grouped = _get(tr, "real", "torch_eager_grouped") or {}
+  ours, theirs = packed.get("non_padding_share"), grouped.get("non_padding_share")
   if not ours or not theirs:
     return None
   bound = ours / theirs
@@ -198,13 +200,13 @@ def _packing_bound(tr: dict) -> str | None:
           f"{ours:.0%}: packing alone gains at most {bound:.2f}x over them, so "
           f"{TARGETS['real_vs_grouped']}x needs flanjax "
           f"{TARGETS['real_vs_grouped'] / bound:.2f}x faster per token")
-  # The rest of the ratio is the rate per padded token on these very batches. Grouped rows
-  # are as long as their batch's longest example, packed rows the full length, and attention
-  # costs more per token in a longer row: this factor sits below the padded benchmark's.
-  packed, grouped = _get(tr, "real", "flanjax_packed"), _get(tr, "real", "torch_eager_grouped")
+  # Grouped rows are as long as their batch's longest example, packed rows the full length,
+  # and attention costs more per token in a longer row: this factor sits below the padded
+  # benchmark's.
   ours_tps, theirs_tps = packed.get("real_tokens_per_s"), grouped.get("real_tokens_per_s")
   rows = _get(tr, "real", "flanjax_rows_per_step")
-  if ours_tps and theirs_tps and rows and packed.get("steps") and grouped.get("examples"):
+  if (ours_tps and theirs_tps and rows and packed.get("steps") and packed.get("padded_tokens")
+      and grouped.get("examples") and grouped.get("padded_tokens")):
     per_token = (ours_tps / ours) / (theirs_tps / theirs)
     note += (f"; per padded token on these batches flanjax runs {per_token:.2f}x PyTorch's "
              f"grouped step (its packed rows {packed['padded_tokens'] / packed['steps'] / rows:.0f}"
