@@ -64,6 +64,7 @@ def benchmark(
     gen_prompt_len: int = 128,
     gen_new_tokens: int = 32,
     gen_reps: int = 5,
+    gen_min_window_s: float = 0.5,
     pipeline_batches: int = 100,
     pipeline_cold: bool = True,
     mfu_sizes=("t5_base", "t5_large", "decoder_1b"),
@@ -82,7 +83,8 @@ def benchmark(
       examples=examples, torch_compile=torch_compile,
       cold_inductor_cache=cold_inductor_cache, learning_rate=learning_rate, seed=seed,
       gen_batch_sizes=tuple(gen_batch_sizes), gen_prompt_len=gen_prompt_len,
-      gen_new_tokens=gen_new_tokens, gen_reps=gen_reps, pipeline_batches=pipeline_batches,
+      gen_new_tokens=gen_new_tokens, gen_reps=gen_reps,
+      gen_min_window_s=gen_min_window_s, pipeline_batches=pipeline_batches,
       pipeline_cold=pipeline_cold, mfu_sizes=tuple(mfu_sizes), mfu_steps=mfu_steps,
       mfu_overrides=dict(mfu_overrides or {}), mfu_force=mfu_force)
 
@@ -146,7 +148,8 @@ def run(settings: dict, log, command: str = "") -> dict:
     from benchmarks import gen_bench  # pylint: disable=g-import-not-at-top
     result["generate"] = {m: gen_bench.run(cfgs[m], s["gen_batch_sizes"], s["gen_prompt_len"],
                                            s["gen_new_tokens"], s["gen_reps"], s["seed"],
-                                           vocab_ids, log) for m in s["models"]}
+                                           vocab_ids, log, s["gen_min_window_s"])
+                          for m in s["models"]}
   if "pipeline" in s["sections"]:
     if s["mixture"] == "synthetic":
       result["pipeline"] = {"skipped": "synthetic examples have no raw files"}

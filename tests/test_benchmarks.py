@@ -35,6 +35,8 @@ def test_json_has_every_section(result):
       assert tr["real"][run]["real_tokens_per_s"] > 0
     gen = result["generate"][m]["batch_2"]
     assert gen["flanjax"]["tokens_per_s"] > 0 and gen["torch_eager"]["tokens_per_s"] > 0
+    for stack in ("flanjax", "torch_eager"):
+      assert gen[stack]["calls_per_window"] >= 1 and gen[stack]["seconds_per_call"] > 0
   assert "flanjax / eager" in result["table"]
 
 
@@ -249,3 +251,27 @@ def test_flag_sets_pool_their_processes_windows_and_record_a_crash(monkeypatch):
   assert xnn["xla_flags"] == ("--xla_cpu_experimental_ynn_fusion_type= "
                               "--xla_cpu_use_xnnpack=true")
   assert all(t == 60 for _, _, t in seen)
+
+
+def test_generation_windows_repeat_the_call_to_last_min_window_s(monkeypatch):
+  """A window holds enough calls to last min_window_s, and its rate counts every call's
+  tokens (a fake clock: each call takes 0.05 s)."""
+  from benchmarks import gen_bench
+  clock = [0.0]
+  monkeypatch.setattr(gen_bench.time, "perf_counter", lambda: clock[0])
+  monkeypatch.setattr(gen_bench.common.time, "perf_counter", lambda: clock[0])
+  calls = []
+
+  def call():
+    calls.append(1)
+    clock[0] += 0.05
+
+  n = gen_bench._calls_per_window(call, 0.5)
+  assert n == 10 and len(calls) == 1
+  assert gen_bench._calls_per_window(call, 0.01) == 1
+  calls.clear()
+  w = gen_bench._windows(call, 3, n, 16)
+  assert len(calls) == 3 * n
+  assert w.rates == [pytest.approx(10 * 16 / 0.5)] * 3
+  fig = gen_bench._figure(w, n, "cpu", "float32")
+  assert fig["calls_per_window"] == 10 and fig["seconds_per_call"] == pytest.approx(0.05)
