@@ -72,6 +72,17 @@ def _isolated_cache(tmp_path_factory):
     os.environ["FLANJAX_CACHE"] = old
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _gin_unlocked_between_files():
+  """A file that ends with gin's config finalized (a command parsed in-process and not
+  cleared) would leave it locked for whichever file its worker runs next: the order is
+  xdist's, so that broke tests by their neighbours (test_tfds_tasks' fixture, 90392a2)."""
+  yield
+  import gin  # pylint: disable=g-import-not-at-top
+  if gin.config_is_locked():
+    gin.clear_config()
+
+
 @pytest.fixture(scope="session")
 def builtin_vocab(_isolated_cache):
   from flanjax.data import registry, vocab
