@@ -76,7 +76,8 @@ def _isolated_cache(tmp_path_factory):
 def _gin_unlocked_between_files():
   """A file that ends with gin's config finalized (a command parsed in-process and not
   cleared) would leave it locked for whichever file its worker runs next: the order is
-  xdist's, so that broke tests by their neighbours (test_tfds_tasks' fixture, 90392a2)."""
+  xdist's, so that broke tests by their neighbours (test_tfds_tasks' fixture, 90392a2). So
+  no file needs gin.unlock_config() against what another file left."""
   yield
   import gin  # pylint: disable=g-import-not-at-top
   if gin.config_is_locked():

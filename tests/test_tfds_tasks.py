@@ -145,14 +145,11 @@ def test_unlabelled_examples_are_skipped_with_a_count(capsys):
 
 @pytest.fixture
 def empty_data_dir(tmp_path):
-  # A test before this one in the worker may have left gin's config locked (it parsed gin).
-  with gin.unlock_config():
-    gin.bind_parameter("tfds_data_dir.path", str(tmp_path))
+  gin.bind_parameter("tfds_data_dir.path", str(tmp_path))
   try:
     yield str(tmp_path)
   finally:
-    with gin.unlock_config():
-      gin.bind_parameter("tfds_data_dir.path", None)
+    gin.bind_parameter("tfds_data_dir.path", None)
 
 
 def test_missing_dataset_is_a_one_line_error_naming_the_fix(empty_data_dir):
@@ -172,8 +169,7 @@ def test_fingerprint_reads_no_examples_and_follows_the_data_dir(empty_data_dir, 
   src = SOURCES["tfds_mnli"]
   fp = tfds_tasks.fingerprint(src)
   assert "glue/mnli/" in fp and empty_data_dir in fp
-  with gin.unlock_config():
-    gin.bind_parameter("tfds_data_dir.path", empty_data_dir + "/other")
+  gin.bind_parameter("tfds_data_dir.path", empty_data_dir + "/other")
   assert tfds_tasks.fingerprint(src) != fp
 
 
