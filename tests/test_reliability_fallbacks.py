@@ -33,14 +33,11 @@ def tfds_tasks(tfds_mod):
 
 @pytest.fixture
 def empty_data_dir(tmp_path):
-  # An earlier in-process run may have left gin's config locked (finalized).
-  with gin.unlock_config():
-    gin.bind_parameter("tfds_data_dir.path", str(tmp_path))
+  gin.bind_parameter("tfds_data_dir.path", str(tmp_path))
   try:
     yield str(tmp_path)
   finally:
-    with gin.unlock_config():
-      gin.bind_parameter("tfds_data_dir.path", None)
+    gin.bind_parameter("tfds_data_dir.path", None)
 
 
 def _source(tfds_tasks, task):

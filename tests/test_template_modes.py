@@ -21,15 +21,13 @@ MODES = templates.MODES
 
 @contextlib.contextmanager
 def bound_modes(mode, eval_mode="instructions"):
-  with gin.unlock_config():
-    gin.bind_parameter("template_mode.mode", mode)
-    gin.bind_parameter("template_mode.eval_mode", eval_mode)
+  gin.bind_parameter("template_mode.mode", mode)
+  gin.bind_parameter("template_mode.eval_mode", eval_mode)
   try:
     yield
   finally:
-    with gin.unlock_config():
-      gin.bind_parameter("template_mode.mode", "instructions")
-      gin.bind_parameter("template_mode.eval_mode", "instructions")
+    gin.bind_parameter("template_mode.mode", "instructions")
+    gin.bind_parameter("template_mode.eval_mode", "instructions")
 
 
 def _words(text):
