@@ -18,12 +18,13 @@ TINY = ["--gin_file=flan.gin", "--gin.train.batch_size=8",
         "--gin.Checkpointer.every_steps=4"]
 
 
-def run(model_dir, *extra, eval_examples=8):
+def run(model_dir, *extra, eval_examples=8, env=None, stderr=False):
+  """The command's stdout (and stderr, if asked); it must succeed."""
   args = [sys.executable, "-m", "flanjax.train", *TINY, f"--gin.train.model_dir={model_dir}",
           f"--gin.train.eval_max_examples={eval_examples}", *extra]
-  proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc.stdout
+  return (proc.stdout, proc.stderr) if stderr else proc.stdout
 
 
 def losses(model_dir):
@@ -103,12 +104,19 @@ def test_default_job_end_to_end_and_exact_resume(tmp_path, tiny_trained_run):
     assert all(r["examples"] == 4 and 0 <= r["score"] <= 100 for r in e["results"])
   tags = _scalar_tags(resumed / "tensorboard")
   assert "eval/builtin_parity/validation/accuracy" in tags.get(3, set()), tags
-  out = run(resumed, "--gin.train.num_steps=10", "--gin.train.eval_at_end=False")
+  # JAX's compiler logs each cache lookup (hit or miss) at debug level with the program's name.
+  out, err = run(resumed, "--gin.train.num_steps=10", "--gin.train.eval_at_end=False",
+                 env=dict(os.environ, JAX_DEBUG_LOG_MODULES="jax._src.compiler"), stderr=True)
   assert "resumed from step 6" in out
   a, b = losses(straight), losses(resumed)
   assert sorted(b) == list(range(1, 11))
   for s in range(1, 11):
     assert a[s] == pytest.approx(b[s], abs=1e-6), (s, a[s], b[s])
+  # The resumed process took its train step from the compilation cache that earlier processes
+  # of these shapes wrote (the suite's JAX_COMPILATION_CACHE_DIR, conftest; a user's run: the
+  # commands' own, config.enable_compilation_cache) instead of compiling it again.
+  assert "Persistent compilation cache hit for 'jit_step'" in err, err[-3000:]
+  assert "COMPILATION CACHE MISS for 'jit_step'" not in err
 
 
 def test_user_files_mixed_with_builtin_through_gin(tmp_path, builtin_vocab):
