@@ -1,8 +1,10 @@
 """The real command, end to end on a tiny config: progress, TensorBoard, checkpoints, resume."""
 
 import glob
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,3 +265,34 @@ def _interrupted_three_times(cmd, env, run_dir, mesh8, mesh222):
   assert final.returncode == 0, final.stderr[-3000:]
   resumed_from = int(final.stdout.split("resumed from step ")[1].split()[0])
   assert later <= resumed_from < 30
+
+
+def _file_hashes(path):
+  """Every file under `path` with its bytes' hash (names and contents)."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def test_another_optimizer_on_a_run_folder_is_refused_in_one_line(tmp_path, tiny_trained_run):
+  """Switching the optimizer on a folder with checkpoints: one line, nothing renamed or written.
+  (In this file, not one of its own, so it runs on this file's test worker and reuses its
+  tiny_trained_run instead of training another on the other worker.)"""
+  # A copy of the shared 10-step Adafactor run (TINY), its checkpoints 8 and 10.
+  model_dir = tmp_path / "run"
+  shutil.copytree(tiny_trained_run[0], model_dir)
+  before = _file_hashes(model_dir / "checkpoints")
+  assert any(k.startswith("10/") for k in before)
+  second = subprocess.run([sys.executable, "-m", "flanjax.train", *TINY,
+                           f"--gin.train.model_dir={model_dir}", "--gin.train.num_steps=14",
+                           "--gin.optimizer.name='adamw'"],
+                          capture_output=True, text=True, timeout=600)
+  assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+  last = second.stderr.strip().splitlines()[-1]
+  assert "optimizer" in last and "adafactor" in last and "adamw" in last, last
+  assert _file_hashes(model_dir / "checkpoints") == before  # nothing renamed, nothing written
+  assert not any(".unreadable" in k for k in _file_hashes(model_dir))
