@@ -34,7 +34,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,11 +75,6 @@ def late_intervals(lines: list[dict], num_steps: int, skip_steps: int,
   if log_every_secs > 0 and out and out[-1]["step"] == num_steps:
     out = out[:-1]
   return out
-
-
-def _spread(values) -> dict:
-  return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-          "max": round(max(values), 3)}
 
 
 def _gin_job(gin_args: list[str]) -> dict:
@@ -146,16 +140,16 @@ def run_command(gin_args: list[str], steps: int, skip_steps: int, log_every_secs
   cfg = loading.config_from_file(os.path.join(model_dir, "run_info.json"))  # the run's model
   shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints are of no further use
   packing = summary["packing"]
-  tok = _spread([x["tokens_per_s"] for x in late])
+  tok = common.spread([x["tokens_per_s"] for x in late])
   per_step = shape["batch_size"] * sum(shape["lengths"].values())
   # steps/s from the console's tokens/s (printed to 2 decimals only): tokens / step is exact.
-  sps = _spread([x["tokens_per_s"] / per_step for x in late])
+  sps = common.spread([x["tokens_per_s"] / per_step for x in late])
   wait_ms = packing["data_wait_ms_per_batch"]
   fig = {
       "command": ["python", "-m", "flanjax.train", *argv],
       "tokens_per_s": tok["median"], "tokens_per_s_min": tok["min"],
       "tokens_per_s_max": tok["max"],
-      "real_tokens_per_s": _spread([x["real_tokens_per_s"] for x in late])["median"],
+      "real_tokens_per_s": common.spread([x["real_tokens_per_s"] for x in late])["median"],
       "steps_per_s": sps["median"], "steps_per_s_min": sps["min"],
       "steps_per_s_max": sps["max"],
       "windows": len(late), "window_rates": [x["tokens_per_s"] for x in late],

@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Callable
 
 import flanjax  # noqa: F401  pylint: disable=unused-import  # its XLA:CPU flags, before JAX starts
+
+
+def spread(values, digits: int = 3) -> dict:
+  """Median, min and max of a figure's windows or rounds."""
+  return {"median": round(statistics.median(values), digits),
+          "min": round(min(values), digits), "max": round(max(values), digits)}
 
 
 def cpu_model() -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,11 +47,6 @@ def _one(gin_args: list[str], model_dir: str, cache_dir: str, timeout: float) ->
   return {"first_step_s": round(first_step, 2), "total_s": round(total, 2)}
 
 
-def _spread(values: list[float]) -> dict:
-  return {"median": round(statistics.median(values), 2), "min": min(values),
-          "max": max(values), "values": values}
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--gin_file", default="flan.gin")
@@ -83,8 +77,9 @@ def main(argv=None) -> int:
         print(f"round {r + 1}/{args.rounds} {kind}: first step at {res['first_step_s']:.1f} s, "
               f"done at {res['total_s']:.1f} s", flush=True)
       shutil.rmtree(cache, ignore_errors=True)
-  summary = {kind: {field: _spread([r[field] for r in rs]) for field in ("first_step_s",
-                                                                          "total_s")}
+  summary = {kind: {field: {**common.spread([r[field] for r in rs], 2),
+                            "values": [r[field] for r in rs]}
+                     for field in ("first_step_s", "total_s")}
              for kind, rs in runs.items()}
   result = {
       "what": "the training command's start: process start to its first step line and to "
