@@ -12,8 +12,9 @@ chosen by the config's `attention_impl`:
                softmax: the mask and T5's bias are computed per block from the
                positions, never [q, k] at once; the backward pass recomputes
                each block (jax.checkpoint), so memory is linear in the length.
-  dot_product  jax.nn.dot_product_attention (cuDNN on a GPU where it applies,
-               XLA elsewhere) with the mask and bias materialised.
+  dot_product  jax.nn.dot_product_attention with the mask and bias materialised:
+               cuDNN's fused attention on a GPU where it applies (`sdpa_backend`),
+               XLA elsewhere.
   flash        on a TPU, the Pallas flash kernel (models/flash_tpu.py; segments,
                causal, T5's bias as a full [b, h, q, k] array, so for T5 blockwise
                needs less memory); prefix-LM masks and decoding fall back to blockwise.
@@ -223,7 +224,20 @@ def _dot_product(q, k, v, spec, scale):
     bias = bias[None].astype(q.dtype)
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=allowed[:, None],
-      scale=1.0 if scale is None else scale).astype(q.dtype)
+      scale=1.0 if scale is None else scale, implementation=sdpa_backend(q)).astype(q.dtype)
+
+
+def sdpa_backend(q) -> str | None:
+  """"cudnn" (fused flash attention: no [q, k] probabilities kept for the backward pass)
+  on a GPU where cuDNN takes the shape: bf16/fp16, head dim a multiple of 8 up to 128,
+  more than one query (not a decoding step). None (XLA's einsums) elsewhere: jax's own
+  default is XLA everywhere. The mask and T5's bias travel as one additive bias; the
+  bias's gradient comes back (T5's position table trains)."""
+  d = q.shape[-1]
+  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+      and d % 8 == 0 and d <= 128 and q.shape[1] > 1):
+    return "cudnn"
+  return None
 
 
 def _blocks(x, n, size, fill):
