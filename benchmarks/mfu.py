@@ -133,8 +133,12 @@ def _measure(cfg, lengths, batch, steps, warmup, windows, torch_side, log, name)
 
   fj = stacks.Flanjax(cfg, stacks.AdamW())
   res["params"] = fj.num_params
-  th = None
-  params = fj.params() if torch_side else None  # the twin's weights: before any update
+  if torch_side:
+    # PyTorch first, from the initial weights, then its cache emptied: JAX's allocator keeps
+    # what it grew to, so PyTorch run second would get what is left (it ran out of memory
+    # so at the 1.1B decoder's batch on an H200).
+    res["torch"] = _measure_torch(cfg, fj.params(), fixed, tokens, steps, warmup, windows,
+                                  log, name)
   t0 = time.perf_counter()
   # The first step's loss is on the initial weights (no z-loss here): the parity figure,
   # without compiling an evaluation step too (minutes of a GPU lease at these sizes).
@@ -149,14 +153,18 @@ def _measure(cfg, lengths, batch, steps, warmup, windows, torch_side, log, name)
                     "compile_and_first_step_s": round(compile_s, 2),
                     "steps_per_s": s, "seconds_per_step": round(1 / s["median"], 5),
                     "tokens_per_s": round(tokens * s["median"], 1)}
+  th_loss0 = (res.get("torch") or {}).get("loss_before")
   log(f"MFU {name}: flanjax {fj.num_params / 1e6:.0f}M params, batch {batch}, "
-      f"{1e3 / s['median']:.1f} ms/step [{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]")
-  del fj
-  gc.collect()
-  if not torch_side:
-    return res
+      f"{1e3 / s['median']:.1f} ms/step [{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]; "
+      f"initial loss {fj_loss0:.4f}" + ("" if th_loss0 is None else f" (PyTorch {th_loss0:.4f})"))
+  return res
+
+
+def _measure_torch(cfg, params, fixed, tokens, steps, warmup, windows, log, name) -> dict:
+  """transformers' twin on the same weights and rows: its figure, or its error."""
+  import torch  # pylint: disable=g-import-not-at-top
+  th = None
   try:
-    import torch  # pylint: disable=g-import-not-at-top
     th = stacks.Torch(cfg, params, stacks.AdamW())
     del params
     tb = th.batch(fixed)
@@ -169,28 +177,21 @@ def _measure(cfg, lengths, batch, steps, warmup, windows, torch_side, log, name)
     for _ in range(windows):
       w.time(lambda: th.train([tb] * steps), steps)
     s = w.summary()
-    res["torch"] = {"device": th.device, "dtype": th.dtype, "torch": torch.__version__,
-                    "attn_implementation": th.attn_implementation,
-                    "optimizer": f"torch.optim.AdamW ({th.optimizer_impl})",
-                    "loss_before": round(th_loss0, 5), "warmup_s": round(first_s, 2),
-                    "steps_per_s": s, "seconds_per_step": round(1 / s["median"], 5),
-                    "tokens_per_s": round(tokens * s["median"], 1)}
+    out = {"device": th.device, "dtype": th.dtype, "torch": torch.__version__,
+           "attn_implementation": th.attn_implementation,
+           "optimizer": f"torch.optim.AdamW ({th.optimizer_impl})",
+           "loss_before": round(th_loss0, 5), "warmup_s": round(first_s, 2),
+           "steps_per_s": s, "seconds_per_step": round(1 / s["median"], 5),
+           "tokens_per_s": round(tokens * s["median"], 1)}
     log(f"MFU {name}: PyTorch eager {1e3 / s['median']:.1f} ms/step "
-        f"[{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]; losses before training "
-        f"{fj_loss0:.4f} (flanjax) {th_loss0:.4f} (PyTorch)")
+        f"[{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]")
   except Exception as e:  # pylint: disable=broad-except
-    if _oom(e):
-      res["torch"] = {"error": f"out of memory at batch {batch}"}
-    else:
-      res["torch"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    log(f"MFU {name}: PyTorch {res['torch']['error']}")
+    out = {"error": (f"out of memory at batch {len(fixed)}" if _oom(e)
+                     else f"{type(e).__name__}: {str(e)[:300]}")}
+    log(f"MFU {name}: PyTorch {out['error']}")
   finally:
     del th
     gc.collect()
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-      if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    except ImportError:
-      pass
-  return res
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+  return out

@@ -275,3 +275,35 @@ def test_generation_windows_repeat_the_call_to_last_min_window_s(monkeypatch):
   assert w.rates == [pytest.approx(10 * 16 / 0.5)] * 3
   fig = gen_bench._figure(w, n, "cpu", "float32")
   assert fig["calls_per_window"] == 10 and fig["seconds_per_call"] == pytest.approx(0.05)
+
+
+def test_mfu_section_times_pytorch_beside_flanjax_on_the_same_weights():
+  """benchmarks/mfu.py at a minuscule size (forced off-GPU, where peaks are unknown): both
+  stacks, the same initial loss, the speed-up from the two step times; a variant takes its
+  size's PyTorch figure; a partial result is handed on after each size."""
+  from benchmarks import mfu
+  from flanjax.training import flops
+  tiny = {"vocab_size": 512, "batch": 2, "lengths": {"inputs": 24, "targets": 8}}
+  overrides = {"decoder_1b": dict(tiny, d_model=32, d_ff=64, num_heads=4, num_kv_heads=2,
+                                   head_dim=8, num_layers=1)}
+  saved = []
+  # (T5's twin and its loss parity: the smoke run's tests above.)
+  out = mfu.run(["decoder_1b", "decoder_1b@blockwise"], steps=1, warmup=0,
+                force=True, log=lambda _: None, overrides=overrides, windows=1,
+                on_size=lambda o: saved.append(sorted(k for k in o if k in mfu.SIZES
+                                                      or "@" in k)))
+  assert saved == [["decoder_1b"], ["decoder_1b", "decoder_1b@blockwise"]]
+  for name in ("decoder_1b",):
+    r = out[name]
+    cfg, lengths, batch = mfu.size_config(name, overrides)
+    assert r["flops_per_step"] == flops.step_flops(
+        cfg, mfu.packing.row_lengths(lengths, mfu.stacks.packing_kind(cfg)), batch)
+    fj, th = r["flanjax"], r["torch"]
+    assert th["device"].startswith("cpu") and th["dtype"] == "bfloat16 autocast"
+    # transformers' twin computes the loss flanjax's first step starts from (bf16 both sides).
+    assert abs(fj["loss_before"] - th["loss_before"]) < 5e-3, (fj, th)
+    assert r["speedup_vs_torch"] == round(th["seconds_per_step"] / fj["seconds_per_step"], 3)
+  var = out["decoder_1b@blockwise"]
+  assert "torch" not in var and var["attention_impl"] == "blockwise"
+  assert var["speedup_vs_torch"] == round(
+      out["decoder_1b"]["torch"]["seconds_per_step"] / var["flanjax"]["seconds_per_step"], 3)
