@@ -307,3 +307,30 @@ def test_mfu_section_times_pytorch_beside_flanjax_on_the_same_weights():
   assert "torch" not in var and var["attention_impl"] == "blockwise"
   assert var["speedup_vs_torch"] == round(
       out["decoder_1b"]["torch"]["seconds_per_step"] / var["flanjax"]["seconds_per_step"], 3)
+
+
+def test_readmes_gpu_mfu_table_is_the_committed_h200_jsons():
+  """The README's GPU rows are the two H200 runs' JSONs, recomputed from their step times."""
+  import pathlib
+  from benchmarks import run as bench
+  repo = pathlib.Path(bench.HERE).parent
+  res = repo / "benchmarks" / "results"
+  t5 = json.loads((res / "gpu_h200_mfu_run1.json").read_text())["mfu"]
+  dec = json.loads((res / "gpu_h200_mfu_run2.json").read_text())["mfu"]
+  assert t5["device"] == dec["device"] == "NVIDIA H200" and t5["peak_flops"] == 989e12
+
+  def ms(side):  # median [min-max] ms a step, as the table writes it
+    s = side["steps_per_s"]
+    return f"{1e3 / s['median']:.1f} [{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]"
+
+  def mfu(r, side):
+    return f"{r['flops_per_step'] / r[side]['seconds_per_step'] / 989e12:.1%}"
+
+  b, d = t5["t5_base"], dec["decoder_1b@dot_product"]
+  row_t5 = (f"| {ms(b['flanjax'])} | {mfu(b, 'flanjax')} | {ms(b['torch'])} | "
+            f"{mfu(b, 'torch')} | **{b['speedup_vs_torch']:.2f}x** |")
+  row_dec = f"| {ms(d['flanjax'])} | {mfu(d, 'flanjax')} | not measured |"
+  readme = (repo / "README.md").read_text()
+  assert row_t5 in readme and "| 119.0 [118.5-119.5] | 23.8% |" in row_t5
+  assert row_dec in readme and "48.0%" in row_dec
+  assert d["attention_impl"] == "dot_product" and "out of memory" in d["torch"]["error"]
