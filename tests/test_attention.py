@@ -144,3 +144,24 @@ def test_unknown_implementation_names_the_field():
     t5.T5Config(attention_impl="flash2")
   with pytest.raises(ValueError, match="DecoderConfig.attention_block"):
     decoder.DecoderConfig(attention_block=0)
+
+
+def test_dot_product_asks_for_cudnn_only_where_cudnn_flash_attention_runs(monkeypatch):
+  """jax's own default is XLA everywhere; flanjax names cuDNN on an Ampere-or-newer NVIDIA GPU
+  for bf16/fp16 queries of a supported head dim, never for a one-query decoding step."""
+
+  class Dev:
+    def __init__(self, cc):
+      self.compute_capability = cc
+
+  q = lambda dtype=jnp.bfloat16, lq=16, d=64: jnp.zeros((2, lq, 4, d), dtype)  # noqa: E731
+  assert attention.sdpa_backend(q()) is None  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for cc, want in (("9.0", "cudnn"), ("8.0", "cudnn"), ("7.5", None), ("gfx90a", None)):
+    monkeypatch.setattr(jax, "devices", lambda cc=cc: [Dev(cc)])
+    assert attention.sdpa_backend(q()) == want, cc
+  monkeypatch.setattr(jax, "devices", lambda: [Dev("9.0")])
+  assert attention.sdpa_backend(q(jnp.float16)) == "cudnn"
+  assert attention.sdpa_backend(q(jnp.float32)) is None
+  assert attention.sdpa_backend(q(lq=1)) is None  # a decoding step
+  assert attention.sdpa_backend(q(d=256)) is None and attention.sdpa_backend(q(d=60)) is None

@@ -228,16 +228,21 @@ def _dot_product(q, k, v, spec, scale):
 
 
 def sdpa_backend(q) -> str | None:
-  """"cudnn" (fused flash attention: no [q, k] probabilities kept for the backward pass)
-  on a GPU where cuDNN takes the shape: bf16/fp16, head dim a multiple of 8 up to 128,
-  more than one query (not a decoding step). None (XLA's einsums) elsewhere: jax's own
-  default is XLA everywhere. The mask and T5's bias travel as one additive bias; the
-  bias's gradient comes back (T5's position table trains)."""
+  """'cudnn' (fused flash attention: no [q, k] probabilities kept for the backward pass) on
+  an NVIDIA GPU that cuDNN's flash attention runs on (compute capability 8.0 or newer) for
+  the shapes it takes: bf16/fp16, head dim a multiple of 8 up to 128, more than one query
+  (not a decoding step). None (XLA's einsums) elsewhere: jax's own default is XLA
+  everywhere. The mask and T5's bias travel as one additive bias, whose gradient jax's cuDNN
+  path returns (measured on an H200 for the decoder; T5 not yet run there)."""
   d = q.shape[-1]
-  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-      and d % 8 == 0 and d <= 128 and q.shape[1] > 1):
-    return "cudnn"
-  return None
+  if not (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and d % 8 == 0 and d <= 128 and q.shape[1] > 1):
+    return None
+  try:
+    major = int(str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0])
+  except ValueError:
+    return None
+  return "cudnn" if major >= 8 else None
 
 
 def _blocks(x, n, size, fill):
