@@ -109,11 +109,13 @@ def run(sizes, steps: int, warmup: int, force: bool, log, overrides=None, window
       if isinstance(r, dict) and "seconds_per_step" in r:
         r["mfu"] = round(res["flops_per_step"] / r["seconds_per_step"] / peak, 4) if peak else None
     fj, th = res.get("flanjax") or {}, res.get("torch") or {}
-    if not twin and isinstance(out.get(first), dict) and out[first].get("batch") == res.get("batch"):
-      th = out[first].get("torch") or {}
+    if name != first:
+      res["torch_of"] = first  # the entry whose PyTorch figure this one is set beside
+      if isinstance(out.get(first), dict) and out[first].get("batch") == res.get("batch"):
+        th = out[first].get("torch") or {}
     if fj.get("seconds_per_step") and th.get("seconds_per_step"):
       res["speedup_vs_torch"] = round(th["seconds_per_step"] / fj["seconds_per_step"], 3)
-    if "flanjax" in res:  # the figure older results carried at the top level
+    if "flanjax" in res:  # flanjax's MFU also at the top level, as results carried it before
       res["mfu"] = fj.get("mfu")
     out[name] = res
     if on_size:
@@ -145,19 +147,25 @@ def _measure(cfg, lengths, batch, steps, warmup, windows, torch_side, log, name)
   fj_loss0 = fj.train([b])
   compile_s = time.perf_counter() - t0
   fj.train([b] * warmup)
-  w = common.Windows()
-  for _ in range(windows):
-    w.time(lambda: fj.train([b] * steps), steps)
-  s = w.summary()
+  fig, ms = _windows(lambda: fj.train([b] * steps), steps, windows, tokens)
   res["flanjax"] = {"device": fj.device, "dtype": fj.dtype, "loss_before": round(fj_loss0, 5),
-                    "compile_and_first_step_s": round(compile_s, 2),
-                    "steps_per_s": s, "seconds_per_step": round(1 / s["median"], 5),
-                    "tokens_per_s": round(tokens * s["median"], 1)}
+                    "compile_and_first_step_s": round(compile_s, 2), **fig}
   th_loss0 = (res.get("torch") or {}).get("loss_before")
-  log(f"MFU {name}: flanjax {fj.num_params / 1e6:.0f}M params, batch {batch}, "
-      f"{1e3 / s['median']:.1f} ms/step [{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]; "
+  log(f"MFU {name}: flanjax {fj.num_params / 1e6:.0f}M params, batch {batch}, {ms}; "
       f"initial loss {fj_loss0:.4f}" + ("" if th_loss0 is None else f" (PyTorch {th_loss0:.4f})"))
   return res
+
+
+def _windows(step_fn, steps: int, windows: int, tokens: int):
+  """Both stacks' timing: `windows` calls of step_fn (`steps` steps each) -> the figure's
+  fields and its ms a step as "median [fastest-slowest]"."""
+  w = common.Windows()
+  for _ in range(windows):
+    w.time(step_fn, steps)
+  s = w.summary()
+  fig = {"steps_per_s": s, "seconds_per_step": round(1 / s["median"], 5),
+         "tokens_per_s": round(tokens * s["median"], 1)}
+  return fig, f"{1e3 / s['median']:.1f} ms/step [{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]"
 
 
 def _measure_torch(cfg, params, fixed, tokens, steps, warmup, windows, log, name) -> dict:
@@ -173,18 +181,12 @@ def _measure_torch(cfg, params, fixed, tokens, steps, warmup, windows, log, name
     t0 = time.perf_counter()
     th.train([tb] * (1 + warmup))
     first_s = time.perf_counter() - t0
-    w = common.Windows()
-    for _ in range(windows):
-      w.time(lambda: th.train([tb] * steps), steps)
-    s = w.summary()
+    fig, ms = _windows(lambda: th.train([tb] * steps), steps, windows, tokens)
     out = {"device": th.device, "dtype": th.dtype, "torch": torch.__version__,
            "attn_implementation": th.attn_implementation,
            "optimizer": f"torch.optim.AdamW ({th.optimizer_impl})",
-           "loss_before": round(th_loss0, 5), "warmup_s": round(first_s, 2),
-           "steps_per_s": s, "seconds_per_step": round(1 / s["median"], 5),
-           "tokens_per_s": round(tokens * s["median"], 1)}
-    log(f"MFU {name}: PyTorch eager {1e3 / s['median']:.1f} ms/step "
-        f"[{1e3 / s['max']:.1f}-{1e3 / s['min']:.1f}]")
+           "loss_before": round(th_loss0, 5), "warmup_s": round(first_s, 2), **fig}
+    log(f"MFU {name}: PyTorch eager {ms}")
   except Exception as e:  # pylint: disable=broad-except
     out = {"error": (f"out of memory at batch {len(fixed)}" if _oom(e)
                      else f"{type(e).__name__}: {str(e)[:300]}")}

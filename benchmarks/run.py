@@ -423,13 +423,10 @@ def table(r: dict) -> str:
   for k, v in mfu.items():
     if isinstance(v, dict) and isinstance(v.get("flanjax"), dict):
       fj, th = v["flanjax"], v.get("torch")
-      first = next((n for n in mfu if n.partition("@")[0] == k.partition("@")[0]), k)
-      twin = _mfu_cell(th) if th else (f"as {first}" if first != k else "not run")
+      twin = _mfu_cell(th) if th else (f"as {v['torch_of']}" if "torch_of" in v else "not run")
       cells = [_mfu_cell(fj), twin, _x(v.get("speedup_vs_torch"))]
       lines.append(f"| MFU {k}, batch {v['batch']}, bf16: flanjax / PyTorch eager / speed-up | "
                    + " / ".join(cells) + " |")
-    elif isinstance(v, dict) and "mfu" in v:  # results written before the PyTorch side
-      lines.append(f"| MFU {k}, batch {v['batch']}, bf16 | {v['mfu']:.1%} |")
     elif isinstance(v, dict) and "error" in v:
       lines.append(f"| MFU {k} | {v['error'][:80]} |")
   lines.append("")

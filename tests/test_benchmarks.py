@@ -305,6 +305,7 @@ def test_mfu_section_times_pytorch_beside_flanjax_on_the_same_weights():
     assert r["speedup_vs_torch"] == round(th["seconds_per_step"] / fj["seconds_per_step"], 3)
   var = out["decoder_1b@blockwise"]
   assert "torch" not in var and var["attention_impl"] == "blockwise"
+  assert var["torch_of"] == "decoder_1b" and "torch_of" not in out["decoder_1b"]
   assert var["speedup_vs_torch"] == round(
       out["decoder_1b"]["torch"]["seconds_per_step"] / var["flanjax"]["seconds_per_step"], 3)
 
