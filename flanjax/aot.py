@@ -117,7 +117,7 @@ def refusal_line(what: str, topology: str, devices, settings: dict, refusal,
              "train.task_feature_lengths"]
   if getattr(cfg, "remat_policy", "none") == "none" and not getattr(cfg, "remat", True):
     fixes.append(f"{owner}.remat=True")
-  if getattr(cfg, "attention_impl", "blockwise") == "reference":
+  if getattr(cfg, "attention_impl", "blockwise") in ("auto", "reference"):
     fixes.append(f"{owner}.attention_impl='blockwise'")
   if str(getattr(cfg, "dtype", "bfloat16")) == "float32":
     fixes.append(f"{owner}.dtype='bfloat16'")

@@ -13,9 +13,10 @@ from flanjax.models import attention, decoder, t5
 
 T5_CFG = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,
                      num_encoder_layers=1, num_decoder_layers=1,
-                     relative_attention_num_buckets=8, relative_attention_max_distance=16)
+                     relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                     attention_impl="reference")
 DEC_CFG = decoder.DecoderConfig(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2,
-                                head_dim=8, d_ff=48, num_layers=1)
+                                head_dim=8, d_ff=48, num_layers=1, attention_impl="reference")
 # Block 8: several query and key blocks, the last ones padded (rows of 21, 13 and 23).
 IMPLS = [("blockwise", 8), ("dot_product", 512)]
 
@@ -165,3 +166,59 @@ def test_dot_product_asks_for_cudnn_only_where_cudnn_flash_attention_runs(monkey
   assert attention.sdpa_backend(q(jnp.float32)) is None
   assert attention.sdpa_backend(q(lq=1)) is None  # a decoding step
   assert attention.sdpa_backend(q(d=256)) is None and attention.sdpa_backend(q(d=60)) is None
+  # With a mask, jax's cuDNN path refuses odd lengths in training: XLA there instead.
+  assert attention.sdpa_backend(q(lq=15)) is None
+  assert attention.sdpa_backend(q(), q(lq=15)) is None
+  assert attention.sdpa_backend(q(), q(lq=40)) == "cudnn"
+
+
+class _Dev:
+  compute_capability = "9.0"
+
+
+def _calls_to_dot_product(monkeypatch, cfg, build, inputs, train=False):
+  """How many attention calls of one forward pass take the dot_product path, on a faked
+  Hopper GPU (the spy computes the reference, so the pass runs on this CPU)."""
+  params = build(cfg).init(jax.random.PRNGKey(0), **inputs)["params"]
+  calls = []
+
+  def spy(q, k, v, spec, scale):
+    calls.append(q.shape)
+    return attention._reference(q, k, v, spec, scale, None)  # pylint: disable=protected-access
+
+  with monkeypatch.context() as m:
+    m.setattr(attention, "_dot_product", spy)
+    m.setattr(jax, "default_backend", lambda: "gpu")
+    m.setattr(jax, "devices", lambda *a: [_Dev()])
+    rngs = {"dropout": jax.random.PRNGKey(1)} if train else None
+    build(cfg).apply({"params": params}, **inputs, deterministic=not train, rngs=rngs)
+  return len(calls)
+
+
+def test_auto_runs_cudnn_only_for_the_decoder_attention_measured_on_a_gpu(monkeypatch):
+  """attention_impl='auto' (the default) takes cuDNN's fused attention for a decoder's causal
+  self-attention in bf16 on a GPU, as run at 48% MFU on an H200, and the reference for
+  everything else: T5 (bias, cross-attention), float32, odd lengths, attention dropout."""
+  assert decoder.DecoderConfig().attention_impl == "auto" == t5.T5Config().attention_impl
+  dec = dataclasses.replace(DEC_CFG, attention_impl="auto", dtype="bfloat16", num_layers=2)
+  rng = np.random.default_rng(5)
+  rows = [_packed_row(rng, lens, 24) for lens in ([6, 10, 4], [17])]
+  tok, seg, pos = (np.stack(x) for x in zip(*rows))
+  batch = dict(decoder_input_tokens=tok, decoder_segment_ids=seg, decoder_positions=pos)
+  prefix = dict(batch, decoder_causal_attention=((pos < 3) & (seg > 0)).astype(np.int32))
+  assert _calls_to_dot_product(monkeypatch, dec, decoder.Decoder, batch) == 2  # a layer each
+  assert _calls_to_dot_product(monkeypatch, dec, decoder.Decoder, prefix) == 2
+  odd = {k: v[:, :23] for k, v in batch.items()}
+  assert _calls_to_dot_product(monkeypatch, dec, decoder.Decoder, odd) == 0
+  assert _calls_to_dot_product(monkeypatch, dataclasses.replace(dec, dtype="float32"),
+                               decoder.Decoder, batch) == 0
+  drop = dataclasses.replace(dec, dropout_rate=0.1)
+  assert _calls_to_dot_product(monkeypatch, drop, decoder.Decoder, batch, train=True) == 0
+  t5_auto = dataclasses.replace(T5_CFG, attention_impl="auto", dtype="bfloat16")
+  assert _calls_to_dot_product(monkeypatch, t5_auto, t5.T5, t5.dummy_batch(2, 16, 8)) == 0
+  # Off the (faked) GPU, 'auto' is the reference: same logits, bit for bit.
+  params = decoder.Decoder(dec).init(jax.random.PRNGKey(0), **batch)["params"]
+  np.testing.assert_array_equal(
+      decoder.Decoder(dec).apply({"params": params}, **batch),
+      decoder.Decoder(dataclasses.replace(dec, attention_impl="reference")).apply(
+          {"params": params}, **batch))

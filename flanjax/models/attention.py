@@ -5,6 +5,9 @@ A model projects q, k and v and describes what may attend to what with a `Spec`
 position table); `attend` does the rest with one of three implementations,
 chosen by the config's `attention_impl`:
 
+  auto         (the default) dot_product where cuDNN's fused attention runs and has
+               been measured (a GPU, bf16/fp16, a causal self-attention without T5's
+               position bias, no attention dropout: `auto_impl`), reference elsewhere.
   reference    the scores [b, heads, q, k] materialised in float32, a block of
                about 160 queries at a time (the original arithmetic row by row,
                kept as the reference; the only one with attention dropout).
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 Array = Any
 NEG_INF = -1e10  # mask bias; finite so a fully masked row gives a uniform softmax, not NaN
 _PAD = -1e30  # keys added to fill the last block: below any mask, so they never count
-IMPLS = ("reference", "blockwise", "dot_product", "flash")
+IMPLS = ("auto", "reference", "blockwise", "dot_product", "flash")
 
 
 def check_impl(owner: str, impl: str, block: int) -> None:
@@ -120,7 +123,23 @@ class Spec:
     return allowed, self.position_bias(self.q_positions[0], self.kv_positions[0])
 
 
-def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "reference",
+def auto_impl(q: Array, k: Array, spec: Spec, dropout: Callable | None = None) -> str:
+  """What attention_impl='auto' runs for these operands.
+
+  cuDNN's fused attention keeps no [q, k] probabilities for the backward pass, which at a
+  1.1B decoder's 16 x 2,048 rows would be 8.6 GB a layer in float32 (the reference's
+  scores); on an H200 it ran that decoder at 48% MFU. It is chosen only for what was run
+  there: causal self-attention (decoder rows, packed or prefix-LM: the mask is an array
+  either way) with no position bias. T5's attention (its bias, and cross-attention) stays
+  on the reference until it is measured on a GPU; CPU and TPU keep the reference, the
+  fastest measured on XLA:CPU at the benchmark's sizes."""
+  if (dropout is None and spec.rel_table is None and spec.causal and spec.aligned
+      and sdpa_backend(q, k) == "cudnn"):
+    return "dot_product"
+  return "reference"
+
+
+def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "auto",
            scale: float | None = None, block: int = 512,
            dropout: Callable | None = None) -> Array:
   """q [b, q, heads, d], k and v [b, k, kv_heads, d] -> [b, q, heads, d] in q's dtype.
@@ -129,6 +148,8 @@ def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "reference",
   attention in Hugging Face's repeat_kv order). scale multiplies the scores
   (None: not scaled, as T5). dropout: applied to the probabilities (reference only).
   """
+  if impl == "auto":
+    impl = auto_impl(q, k, spec, dropout)
   if impl == "reference":
     return _reference(q, k, v, spec, scale, dropout)
   if dropout is not None:
@@ -224,19 +245,21 @@ def _dot_product(q, k, v, spec, scale):
     bias = bias[None].astype(q.dtype)
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=allowed[:, None],
-      scale=1.0 if scale is None else scale, implementation=sdpa_backend(q)).astype(q.dtype)
+      scale=1.0 if scale is None else scale, implementation=sdpa_backend(q, k)).astype(q.dtype)
 
 
-def sdpa_backend(q) -> str | None:
+def sdpa_backend(q, k=None) -> str | None:
   """'cudnn' (fused flash attention: no [q, k] probabilities kept for the backward pass) on
   an NVIDIA GPU that cuDNN's flash attention runs on (compute capability 8.0 or newer) for
   the shapes it takes: bf16/fp16, head dim a multiple of 8 up to 128, more than one query
-  (not a decoding step). None (XLA's einsums) elsewhere: jax's own default is XLA
-  everywhere. The mask and T5's bias travel as one additive bias, whose gradient jax's cuDNN
+  (not a decoding step), and an even number of queries and keys (k: the keys, or None for
+  as many as queries; with a bias or mask jax's cuDNN path refuses odd lengths in training).
+  None (XLA's einsums) elsewhere: jax's own default is XLA everywhere. The mask and T5's bias travel as one additive bias, whose gradient jax's cuDNN
   path returns (measured on an H200 for the decoder; T5 not yet run there)."""
   d = q.shape[-1]
   if not (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-          and d % 8 == 0 and d <= 128 and q.shape[1] > 1):
+          and d % 8 == 0 and d <= 128 and q.shape[1] > 1 and q.shape[1] % 2 == 0
+          and (k is None or k.shape[1] % 2 == 0)):
     return None
   try:
     major = int(str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0])

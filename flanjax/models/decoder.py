@@ -70,9 +70,10 @@ class DecoderConfig:
   # models/stack.py: what the backward pass keeps ('none', 'full', 'dots_saveable', ...)
   remat_policy: str = "none"
   scan_layers: bool = False  # the layers under nn.scan (one compiled body)
-  # models/attention.py: "reference" (scores in full), "blockwise" (memory linear in the
+  # models/attention.py: "auto" (cuDNN's fused attention where measured, else
+  # "reference"), "reference" (scores in full), "blockwise" (memory linear in the
   # length), "dot_product" (jax.nn.dot_product_attention: cuDNN on a GPU)
-  attention_impl: str = "reference"
+  attention_impl: str = "auto"
   attention_block: int = 512  # query and key block of "blockwise"
 
   def __post_init__(self):
