@@ -221,6 +221,8 @@ FLAG_SETS = {
     "tree_reduction_rewriter=off": "--xla_disable_hlo_passes=tree_reduction_rewriter",
     "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
+    # XLA:CPU's loops use 256-bit vectors by default, also on AVX-512 hosts.
+    "vector_width=512": "--xla_cpu_prefer_vector_width=512",
 }
 
 
