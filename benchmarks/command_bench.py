@@ -263,6 +263,48 @@ def torch_loop(cfg, job: dict, warmup: int, windows: int, steps_per_window: int,
           "others_cpu_share": fig.get("others_cpu_share"), "quiet": fig["quiet"]}
 
 
+# ------------------------------------------------------------------ the step alone
+
+def flanjax_step(cfg, job: dict, warmup: int, windows: int, steps_per_window: int, seed: int,
+                 log) -> dict:
+  """The command's own train step (the trainer's, with the job's optimizer, schedule and
+  z-loss) on rows of the job's shape, every position real as in PyTorch's batches, timed
+  as the PyTorch loop is: what the command would reach if nothing but the step ran."""
+  from benchmarks import examples as ex_lib, stacks  # pylint: disable=g-import-not-at-top
+  from flanjax.training import optimizers  # pylint: disable=g-import-not-at-top
+  lr_fn = optimizers.schedule(**job["schedule"])
+  tx, _ = optimizers.optimizer(name=job["optimizer"], learning_rate=lr_fn)
+  fj = stacks.Flanjax(cfg, None, seed=seed, tx=tx, lr_fn=lr_fn, z_loss=job["z_loss"])
+  bsz, li, lt = job["batch_size"], job["lengths"]["inputs"], job["lengths"]["targets"]
+  rows, _, _ = stacks.pack_rows(ex_lib.fixed_examples(bsz * 4, li, lt, seed, cfg.vocab_size),
+                                job["lengths"], stacks.packing_kind(cfg))
+  batches = [stacks.stack_rows(rows[i * bsz:(i + 1) * bsz], bsz) for i in range(4)]
+  log(f"flanjax step alone: {fj.num_params / 1e6:.3f}M parameters; {warmup} warm-up steps, "
+      f"{windows} windows of {steps_per_window}")
+  step_no = [0]
+
+  def steps(n):
+    bs = [batches[(step_no[0] + i) % len(batches)] for i in range(n)]
+    step_no[0] += n
+    return fj.train(bs)
+
+  steps(max(warmup, 1))  # the first call compiles
+  w = common.Windows()
+  per_step = bsz * (li + lt)
+  for _ in range(windows):
+    w.time(lambda: steps(steps_per_window), per_step * steps_per_window)
+  fig = w.summary()
+  return {"what": "the trainer's train step alone, in this process, on full rows",
+          "num_params": fj.num_params, "device": fj.device, "dtype": fj.dtype,
+          "tokens_per_s": fig["median"], "tokens_per_s_min": fig["min"],
+          "tokens_per_s_max": fig["max"],
+          "steps_per_s": round(fig["median"] / per_step, 4),
+          "windows": fig["windows"], "window_rates": fig["window_rates"],
+          "steps_per_window": steps_per_window, "warmup_steps": max(warmup, 1),
+          "load_before": fig["load_before"], "load_after": fig["load_after"],
+          "others_cpu_share": fig.get("others_cpu_share"), "quiet": fig["quiet"]}
+
+
 # ------------------------------------------------------------------ report
 
 def table(result: dict) -> str:
@@ -277,11 +319,18 @@ def table(result: dict) -> str:
 
   lines = ["| default job, padded tokens/s | median [min-max] | steps/s | windows | "
            "load (1 min) | others' CPU |", "|---|---|---|---|---|---|",
-           row("flanjax command (console)", fj), row("PyTorch loop (eager)", th), "",
+           row("flanjax command (console)", fj)]
+  if result.get("flanjax_step"):
+    lines.append(row("flanjax step alone (full rows, in-process)", result["flanjax_step"]))
+  lines += [row("PyTorch loop (eager)", th), "",
            f"flanjax / PyTorch: {result['ratio']:.2f}x; flanjax real tokens/s "
            f"{fj['real_tokens_per_s']:,.0f} (non-padding share {fj['non_padding_share']:.3f}); "
            f"data wait {fj['data_wait_ms_per_batch']:.1f} ms/batch "
            f"({100 * fj['data_wait_share_of_step']:.1f}% of a late step)"]
+  if result.get("flanjax_step"):
+    lines.append(f"flanjax step alone / PyTorch: {result['step_ratio']:.2f}x; the command "
+                 f"reaches {100 * result['command_of_step']:.0f}% of its step alone (the rest: "
+                 "data pipeline, host work and the steps' warm-up sharing the cores)")
   if not result["quiet"]:
     lines.append("WARNING: the machine was not quiet; these figures are not for the README")
   return "\n".join(lines)
@@ -317,6 +366,10 @@ def main(argv=None) -> int:
   log(f"flanjax: {fj['tokens_per_s']:,.0f} tok/s [{fj['tokens_per_s_min']:,.0f}-"
       f"{fj['tokens_per_s_max']:,.0f}] over {fj['windows']} console intervals")
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top
+  step = flanjax_step(cfg, job, args.warmup, args.windows, args.steps_per_window, args.seed,
+                      log)
+  log(f"flanjax step alone: {step['tokens_per_s']:,.0f} tok/s [{step['tokens_per_s_min']:,.0f}-"
+      f"{step['tokens_per_s_max']:,.0f}]")
   th = torch_loop(cfg, job, args.warmup, args.windows, args.steps_per_window, args.seed, log)
   log(f"torch: {th['tokens_per_s']:,.0f} tok/s [{th['tokens_per_s_min']:,.0f}-"
       f"{th['tokens_per_s_max']:,.0f}]")
@@ -329,12 +382,15 @@ def main(argv=None) -> int:
       "load_start": load_start, "load_end": common.load(),
       "job": {**job, "model": loading.config_to_json(cfg),
               "tokens_per_step": job["batch_size"] * sum(job["lengths"].values())},
-      "flanjax": fj, "torch": th,
+      "flanjax": fj, "flanjax_step": step, "torch": th,
       "ratio": round(fj["tokens_per_s"] / th["tokens_per_s"], 3),
+      "step_ratio": round(step["tokens_per_s"] / th["tokens_per_s"], 3),
+      "command_of_step": round(fj["tokens_per_s"] / step["tokens_per_s"], 3),
       "ratio_min_max": [round(fj["tokens_per_s_min"] / th["tokens_per_s_max"], 3),
                         round(fj["tokens_per_s_max"] / th["tokens_per_s_min"], 3)],
   }
-  result["quiet"] = bool(common.quiet_start(load_start) and fj["quiet"] and th["quiet"])
+  result["quiet"] = bool(common.quiet_start(load_start) and fj["quiet"] and step["quiet"]
+                         and th["quiet"])
   common.write_json(args.out, result)
   print(table(result))
   return 0

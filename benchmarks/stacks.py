@@ -46,7 +46,10 @@ def packing_kind(cfg) -> str:
 class Flanjax:
   """flanjax's train step on one model; params start from a seeded random init."""
 
-  def __init__(self, cfg, opt: AdamW, seed: int = 0, output_chunk: int | None = None):
+  def __init__(self, cfg, opt: AdamW | None, seed: int = 0, output_chunk: int | None = None,
+               tx=None, lr_fn=None, z_loss: float = 0.0):
+    """opt: the benchmark's AdamW, or None with `tx` and `lr_fn` (an optax transformation
+    and its learning-rate schedule, e.g. training/optimizers.optimizer()'s)."""
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
@@ -57,14 +60,16 @@ class Flanjax:
       self.model, dummy = t5.T5(cfg), t5.dummy_batch(1, 8, 8)
     else:
       self.model, dummy = decoder.Decoder(cfg), decoder.dummy_batch(1, 8, 8)
-    tx = optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt is not None:
+      tx = optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+      lr_fn = lambda s: opt.lr  # noqa: E731
     self.mesh = partitioning.make_mesh((-1, 1, 1))
     self.rules = partitioning.logical_rules()
     self.state, shardings = trainer.create_sharded_state(
         self.model, tx, self.mesh, self.rules, seed, dummy)
     self.num_params = int(sum(x.size for x in jax.tree.leaves(self.state["params"])))
     more = {} if output_chunk is None else {"output_chunk": output_chunk}
-    step = trainer.make_train_step(self.model, tx, lambda s: opt.lr, **more)
+    step = trainer.make_train_step(self.model, tx, lr_fn, z_loss=z_loss, **more)
     self._step = trainer.jit_train_step(step, shardings, self.mesh)
     self._ctx = lambda: _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
     self._jax = jax

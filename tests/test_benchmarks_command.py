@@ -70,9 +70,17 @@ def test_minuscule_run_records_every_figure(tmp_path, builtin_vocab):
   cfg = loading.config_from_file(str(tmp_path / "model.json"))
   import jax  # pylint: disable=g-import-not-at-top
   assert th["num_params"] == sum(x.size for x in jax.tree.leaves(kinds.abstract_params(cfg)))
-  for f in (fj, th):
+  for f in (fj, th, r["flanjax_step"]):
     assert len(f["load_before"]) == 3 and len(f["load_after"]) == 3
     assert isinstance(f["quiet"], bool) and f["others_cpu_share"] is not None
   assert r["ratio"] == round(fj["tokens_per_s"] / th["tokens_per_s"], 3)
+  # The command's own step alone, timed as PyTorch's loop is, on the same model.
+  st = r["flanjax_step"]
+  assert st["num_params"] == th["num_params"] and st["windows"] == 5
+  assert st["tokens_per_s"] == statistics.median(st["window_rates"]) > 0
+  assert st["tokens_per_s_min"] <= st["tokens_per_s"] <= st["tokens_per_s_max"]
+  assert r["step_ratio"] == round(st["tokens_per_s"] / th["tokens_per_s"], 3)
+  assert r["command_of_step"] == round(fj["tokens_per_s"] / st["tokens_per_s"], 3)
+  assert "flanjax step alone / PyTorch" in proc.stdout
   assert isinstance(r["quiet"], bool) and r["machine"]["cores"] >= 1 and r["commit"]
   assert "flanjax / PyTorch" in proc.stdout
