@@ -84,3 +84,25 @@ def test_minuscule_run_records_every_figure(tmp_path, builtin_vocab):
   assert "flanjax step alone / PyTorch" in proc.stdout
   assert isinstance(r["quiet"], bool) and r["machine"]["cores"] >= 1 and r["commit"]
   assert "flanjax / PyTorch" in proc.stdout
+
+
+def test_readmes_amd_command_rows_are_the_committed_json():
+  """The README's command table on the AMD host: the figures of command_cpu_amd_ad5f95a.json."""
+  import pathlib
+  repo = pathlib.Path(command_bench.__file__).resolve().parent.parent
+  r = json.loads((repo / "benchmarks" / "results" / "command_cpu_amd_ad5f95a.json").read_text())
+  assert r["quiet"] and r["commit"] == "ad5f95a"
+  readme = (repo / "README.md").read_text()
+  for name, key in (("flanjax command (console, 9 late intervals)", "flanjax"),
+                    ("flanjax step alone (5 windows of 4 steps)", "flanjax_step"),
+                    ("PyTorch loop (eager, 5 windows of 4 steps)", "torch")):
+    f = r[key]
+    row = (f"| {name} | {f['tokens_per_s']:,.0f} [{f['tokens_per_s_min']:,.0f}-"
+           f"{f['tokens_per_s_max']:,.0f}] | {f['steps_per_s']:.2f} |")
+    assert row in readme, row
+  assert r["flanjax"]["windows"] == 9
+  text = " ".join(readme.split())
+  assert (f"The step alone runs {r['step_ratio']:.2f}x PyTorch's loop; the command reaches "
+          f"{100 * r['command_of_step']:.0f}% of its step alone") in text
+  assert (f"the command is at **{r['ratio']:.2f}x** PyTorch ({r['ratio_min_max'][0]:.2f}x-"
+          f"{r['ratio_min_max'][1]:.2f}x over the windows' extremes)") in text
