@@ -369,3 +369,31 @@ def test_token_id_zero_inside_an_example_is_still_trained():
       ("decoder", {"targets": 8}, [1, 1, 1, 1, 0, 0, 0, 0])):
     rows = list(Packer(lengths, kind).pack([ex]))
     np.testing.assert_array_equal(rows[0]["decoder_loss_weights"], want, err_msg=kind)
+
+
+def test_examples_fetched_in_batches_are_the_per_example_stream():
+  """packing.numpy_examples (the packer's source, fetched SOURCE_BATCH at a time) gives what
+  as_numpy_iterator gives one by one: same order, lengths (empty ones too), dtypes, scalars."""
+  rng = np.random.default_rng(0)
+  n = 2 * packing.SOURCE_BATCH + 37  # two full batches and a partial one
+  ins = [rng.integers(1, 500, int(rng.integers(0, 30)), dtype=np.int32) for _ in range(n)]
+  tgs = [rng.integers(1, 500, int(rng.integers(1, 9)), dtype=np.int32) for _ in range(n)]
+  tasks = [f"task_{i % 3}".encode() for i in range(n)]
+
+  def gen():
+    for i in range(n):
+      yield {"inputs": ins[i], "targets": tgs[i], "task": tasks[i], "id": np.int64(i)}
+
+  sig = {"inputs": tf.TensorSpec((None,), tf.int32), "targets": tf.TensorSpec((None,), tf.int32),
+         "task": tf.TensorSpec((), tf.string), "id": tf.TensorSpec((), tf.int64)}
+  ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+  want, got = list(ds.as_numpy_iterator()), list(packing.numpy_examples(ds))
+  assert len(got) == len(want) == n
+  for w, g in zip(want, got):
+    assert g.keys() == w.keys() and g["task"] == w["task"] and g["id"] == w["id"]
+    for k in ("inputs", "targets"):
+      assert g[k].dtype == w[k].dtype and np.array_equal(g[k], w[k])
+  # A feature of rank 2 is fetched one example at a time, as before.
+  two_d = tf.data.Dataset.from_tensor_slices({"x": np.arange(12).reshape(3, 2, 2)})
+  assert [e["x"].tolist() for e in packing.numpy_examples(two_d)] == \
+      [e["x"].tolist() for e in two_d.as_numpy_iterator()]

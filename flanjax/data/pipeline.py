@@ -281,7 +281,7 @@ def _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names: Sequence[str
         row[TASK_COUNTS] = counts
         yield row
 
-    for i, ex in enumerate(src.as_numpy_iterator()):
+    for i, ex in enumerate(packing.numpy_examples(src)):
       task_of[i] = index[ex.pop("task")]
       yield from counted(packer.add(ex))
     yield from counted(packer.flush())
