@@ -29,6 +29,7 @@ load at start or either share says the machine was busy (common.QUIET_LOAD / QUI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -89,6 +90,7 @@ def _gin_job(gin_args: list[str]) -> dict:
     v = bound(selector)
     return default if v is None else v
 
+  from flanjax.run_folder import TRAINING_FIELDS  # pylint: disable=g-import-not-at-top
   return {"batch_size": int(value("train.batch_size", 32)),
           "lengths": dict(value("train.task_feature_lengths", {"inputs": 256, "targets": 64})),
           "z_loss": float(value("train.z_loss", 1e-4)),
@@ -97,7 +99,16 @@ def _gin_job(gin_args: list[str]) -> dict:
                        "peak": float(value("schedule.peak", 0.01)),
                        "warmup_steps": int(value("schedule.warmup_steps", 100))},
           "dropout_rate": float(value("T5Config.dropout_rate", 0.0)),
-          "log_every_secs": float(value("train.log_every_secs", 5.0))}
+          "log_every_secs": float(value("train.log_every_secs", 5.0)),
+          # The rest of the train step's settings, for the step alone (flanjax_step).
+          "step": {"microbatches": int(value("train.microbatches", 1)),
+                   "label_smoothing": float(value("train.label_smoothing", 0.0)),
+                   "loss_normalizing_factor": value("train.loss_normalizing_factor", None),
+                   "output_chunk": int(value("train.output_chunk", 128))},
+          # The model's training fields the gin binds (run_info.json's record leaves them
+          # out): the command applies them, so the step alone does too.
+          "model_training": {f: v for f in TRAINING_FIELDS
+                             if (v := bound(f"T5Config.{f}")) is not None}}
 
 
 # ------------------------------------------------------------------ flanjax
@@ -272,9 +283,11 @@ def flanjax_step(cfg, job: dict, warmup: int, windows: int, steps_per_window: in
   as the PyTorch loop is: what the command would reach if nothing but the step ran."""
   from benchmarks import examples as ex_lib, stacks  # pylint: disable=g-import-not-at-top
   from flanjax.training import optimizers  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(cfg, **job.get("model_training", {}))
   lr_fn = optimizers.schedule(**job["schedule"])
   tx, _ = optimizers.optimizer(name=job["optimizer"], learning_rate=lr_fn)
-  fj = stacks.Flanjax(cfg, None, seed=seed, tx=tx, lr_fn=lr_fn, z_loss=job["z_loss"])
+  fj = stacks.Flanjax(cfg, None, seed=seed, tx=tx, lr_fn=lr_fn, z_loss=job["z_loss"],
+                      dropout=cfg.dropout_rate > 0, **job.get("step", {}))
   bsz, li, lt = job["batch_size"], job["lengths"]["inputs"], job["lengths"]["targets"]
   rows, _, _ = stacks.pack_rows(ex_lib.fixed_examples(bsz * 4, li, lt, seed, cfg.vocab_size),
                                 job["lengths"], stacks.packing_kind(cfg))
@@ -294,7 +307,10 @@ def flanjax_step(cfg, job: dict, warmup: int, windows: int, steps_per_window: in
   for _ in range(windows):
     w.time(lambda: steps(steps_per_window), per_step * steps_per_window)
   fig = w.summary()
+  from flanjax.run_folder import TRAINING_FIELDS  # pylint: disable=g-import-not-at-top
   return {"what": "the trainer's train step alone, in this process, on full rows",
+          "model_training": {f: getattr(cfg, f) for f in TRAINING_FIELDS},
+          "step_settings": {"z_loss": job["z_loss"], **job.get("step", {})},
           "num_params": fj.num_params, "device": fj.device, "dtype": fj.dtype,
           "tokens_per_s": fig["median"], "tokens_per_s_min": fig["min"],
           "tokens_per_s_max": fig["max"],

@@ -87,9 +87,38 @@ def machine(torch_threads: int) -> dict:
           "xla_cpu_threads": usable_cores(),
       },
   }
+  info["scheduling"] = _scheduling()
+  info["cpu_vector_isa"] = _vector_isa()
   if dev.platform == "gpu":
     info["torch_cuda"] = bool(torch.cuda.is_available())
   return info
+
+
+def _scheduling() -> str:
+  """This process's scheduling policy: 'real-time ...' when run under chrt, as the README's
+  runs were meant to be."""
+  try:
+    policy = os.sched_getscheduler(0)
+  except (AttributeError, OSError):
+    return "unknown"
+  names = {getattr(os, n): n[6:].lower() for n in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR",
+                                                   "SCHED_BATCH", "SCHED_IDLE")
+           if hasattr(os, n)}
+  name = names.get(policy, str(policy))
+  if name in ("fifo", "rr"):
+    return f"real-time ({name}, priority {os.sched_getparam(0).sched_priority})"
+  return name
+
+
+def _vector_isa() -> list[str]:
+  """The CPU's vector extensions from /proc/cpuinfo (AVX2, AVX-512, AMX), for XLA:CPU's choices."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return []
+  return sorted(x for x in set(flags) if x in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                                 "amx_tile", "amx_bf16", "fma"))
 
 
 def _memory_gib() -> float | None:

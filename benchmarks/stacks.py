@@ -47,9 +47,10 @@ class Flanjax:
   """flanjax's train step on one model; params start from a seeded random init."""
 
   def __init__(self, cfg, opt: AdamW | None, seed: int = 0, output_chunk: int | None = None,
-               tx=None, lr_fn=None, z_loss: float = 0.0):
+               tx=None, lr_fn=None, **step_settings):
     """opt: the benchmark's AdamW, or None with `tx` and `lr_fn` (an optax transformation
-    and its learning-rate schedule, e.g. training/optimizers.optimizer()'s)."""
+    and its learning-rate schedule, e.g. training/optimizers.optimizer()'s). step_settings:
+    more of trainer.make_train_step's (z_loss, microbatches, dropout, ...)."""
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
@@ -69,7 +70,7 @@ class Flanjax:
         self.model, tx, self.mesh, self.rules, seed, dummy)
     self.num_params = int(sum(x.size for x in jax.tree.leaves(self.state["params"])))
     more = {} if output_chunk is None else {"output_chunk": output_chunk}
-    step = trainer.make_train_step(self.model, tx, lr_fn, z_loss=z_loss, **more)
+    step = trainer.make_train_step(self.model, tx, lr_fn, **step_settings, **more)
     self._step = trainer.jit_train_step(step, shardings, self.mesh)
     self._ctx = lambda: _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
     self._jax = jax

@@ -8,7 +8,8 @@ whose load drifts slows them alike; each figure is the median ms per step over
 the windows, with min and max, and its ratio to the first variant.
 
   step/attention_impl=*   the real flanjax step (trainer's jitted step, AdamW) with
-                          DecoderConfig.attention_impl 'reference' (ships),
+                          DecoderConfig.attention_impl 'reference' (what the
+                          default 'auto' runs on a CPU),
                           'dot_product' (jax.nn.dot_product_attention), 'blockwise'
   proxy/qkv_*             forward + backward of the q, k, v projections alone (pure
                           JAX, the decoder's shapes): three einsums as the model does

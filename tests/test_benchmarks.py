@@ -333,6 +333,8 @@ def test_mfu_section_times_pytorch_beside_flanjax_on_the_same_weights():
     assert r["speedup_vs_torch"] == round(th["seconds_per_step"] / fj["seconds_per_step"], 3)
   var = out["decoder_1b@blockwise"]
   assert "torch" not in var and var["attention_impl"] == "blockwise"
+  assert out["decoder_1b"]["attention_runs"] == "reference"  # 'auto', off the GPU
+  assert "attention_runs" not in var
   assert var["torch_of"] == "decoder_1b" and "torch_of" not in out["decoder_1b"]
   assert var["speedup_vs_torch"] == round(
       out["decoder_1b"]["torch"]["seconds_per_step"] / var["flanjax"]["seconds_per_step"], 3)
@@ -363,3 +365,37 @@ def test_readmes_gpu_mfu_table_is_the_committed_h200_jsons():
   assert row_t5 in readme and "| 119.0 [118.5-119.5] | 23.8% |" in row_t5
   assert row_dec in readme and "48.0%" in row_dec
   assert d["attention_impl"] == "dot_product" and "out of memory" in d["torch"]["error"]
+
+
+def test_machine_records_real_time_scheduling_and_vector_isa(monkeypatch):
+  """A run under chrt says so in its JSON (the README's quiet runs are taken that way), and
+  the CPU's vector extensions are named (XLA:CPU's code differs with AVX-512)."""
+  import os
+  from benchmarks import common
+  monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_RR)
+  monkeypatch.setattr(os, "sched_getparam", lambda pid: os.sched_param(7))
+  assert common._scheduling() == "real-time (rr, priority 7)"
+  monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
+  assert common._scheduling() == "other"
+  isa = common._vector_isa()
+  assert isinstance(isa, list) and set(isa) <= {"avx2", "avx512f", "avx512_bf16",
+                                                "avx512_vnni", "amx_tile", "amx_bf16", "fma"}
+
+
+def test_mfu_names_what_auto_attention_runs_at_each_size(monkeypatch):
+  """An MFU row of a plain size (attention_impl='auto') says what ran: cuDNN's dot_product
+  for the 1.1B decoder in bf16 on an Ampere-or-newer GPU, the reference for T5 and off it."""
+  import jax
+  from benchmarks import mfu
+
+  class Dev:
+    compute_capability = "9.0"
+
+  dec, dec_len, dec_batch = mfu.size_config("decoder_1b")
+  t5_cfg, t5_len, t5_batch = mfu.size_config("t5_base")
+  assert dec.attention_impl == "auto" == t5_cfg.attention_impl
+  assert mfu.auto_attention(dec, dec_len, dec_batch) == "reference"  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [Dev()])
+  assert mfu.auto_attention(dec, dec_len, dec_batch) == "dot_product"
+  assert mfu.auto_attention(t5_cfg, t5_len, t5_batch) == "reference"

@@ -37,7 +37,8 @@ def test_console_lines_and_late_intervals():
 
 TINY = ["--gin=train.batch_size=8", "--gin=train.task_feature_lengths={'inputs': 160, 'targets': 48}",
         "--gin=T5Config.d_model=32", "--gin=T5Config.d_ff=64", "--gin=T5Config.num_heads=2",
-        "--gin=T5Config.d_kv=16", "--gin=train.log_every_secs=0"]
+        "--gin=T5Config.d_kv=16", "--gin=train.log_every_secs=0", "--gin=T5Config.remat=True",
+        "--gin=train.label_smoothing=0.1"]
 
 
 def test_minuscule_run_records_every_figure(tmp_path, builtin_vocab):
@@ -82,6 +83,9 @@ def test_minuscule_run_records_every_figure(tmp_path, builtin_vocab):
   assert r["step_ratio"] == round(st["tokens_per_s"] / th["tokens_per_s"], 3)
   assert r["command_of_step"] == round(fj["tokens_per_s"] / st["tokens_per_s"], 3)
   assert "flanjax step alone / PyTorch" in proc.stdout
+  # ... with the command's training fields and loss settings, which run_info.json leaves out.
+  assert r["job"]["model_training"]["remat"] is True and st["model_training"]["remat"] is True
+  assert st["step_settings"]["label_smoothing"] == 0.1 and st["step_settings"]["z_loss"] == 1e-4
   assert isinstance(r["quiet"], bool) and r["machine"]["cores"] >= 1 and r["commit"]
   assert "flanjax / PyTorch" in proc.stdout
 

@@ -393,7 +393,10 @@ def test_examples_fetched_in_batches_are_the_per_example_stream():
     assert g.keys() == w.keys() and g["task"] == w["task"] and g["id"] == w["id"]
     for k in ("inputs", "targets"):
       assert g[k].dtype == w[k].dtype and np.array_equal(g[k], w[k])
-  # A feature of rank 2 is fetched one example at a time, as before.
+  assert all(g["inputs"].base is None for g in got)  # copies: no batch kept alive
+  # A feature of rank 2, or a nested dict, is fetched one example at a time, as before.
+  nested = tf.data.Dataset.from_tensor_slices({"a": {"b": np.arange(3)}})
+  assert [e["a"]["b"] for e in packing.numpy_examples(nested)] == [0, 1, 2]
   two_d = tf.data.Dataset.from_tensor_slices({"x": np.arange(12).reshape(3, 2, 2)})
   assert [e["x"].tolist() for e in packing.numpy_examples(two_d)] == \
       [e["x"].tolist() for e in two_d.as_numpy_iterator()]

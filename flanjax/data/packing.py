@@ -391,17 +391,21 @@ SOURCE_BATCH = 128
 def numpy_examples(ds, batch: int = SOURCE_BATCH) -> Iterator[dict]:
   """ds's examples as dicts of numpy arrays, in ds's order, as ds.as_numpy_iterator() gives
   them, fetched `batch` at a time: padded together with each 1-D feature's length, then
-  cut back to it. Features of any other rank than 0 or 1: one at a time, as before."""
+  cut back to it (copied, so a buffered example does not keep its whole batch alive).
+  Anything but a flat dict of rank-0/1 tensors: one at a time, as before. An error in ds
+  surfaces when its batch is fetched, before the examples ahead of it in that batch."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   spec = ds.element_spec
-  if not isinstance(spec, Mapping) or any(s.shape.rank not in (0, 1) for s in spec.values()):
+  if (not isinstance(spec, Mapping) or not spec
+      or not all(isinstance(s, tf.TensorSpec) and s.shape.rank in (0, 1)
+                 for s in spec.values())):
     yield from ds.as_numpy_iterator()
     return
   seqs = [k for k, s in spec.items() if s.shape.rank == 1]
   batched = ds.map(lambda ex: (ex, {k: tf.shape(ex[k])[0] for k in seqs})).padded_batch(batch)
   for b, n in batched.as_numpy_iterator():
     for j in range(len(next(iter(b.values())))):
-      yield {k: b[k][j, :n[k][j]] if k in n else b[k][j] for k in spec}
+      yield {k: b[k][j, :n[k][j]].copy() if k in n else b[k][j] for k in spec}
 
 
 def pack_dataset(ds, lengths: Mapping[str, int], kind: str = "enc_dec",
