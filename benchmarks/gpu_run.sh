@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One GPU machine's checks, in order of worth, each under its own time limit so that what
 # finished is kept when time runs out:
+#   0. attention_impl='auto' (cuDNN) against the reference on packed and prefix-LM decoder
+#      rows in bf16: logits and gradients (benchmarks/attention_parity.py, about a minute);
 #   1. MFU of flanjax and PyTorch eager on the same GPU, bf16: T5-base, the 1.1B decoder
 #      (cuDNN attention), T5-large, then variants (gpu.gin's mfu_sizes; benchmarks/mfu.py);
 #   2. the step benchmark at gpu.gin's size (T5 and decoder, flanjax vs PyTorch eager).
 # Needs a GPU with jax[cuda], torch (CUDA), transformers, flax, optax, gin-config; seqio and
 # TensorFlow are not needed (synthetic examples). Run from the repository's root:
 #   bash benchmarks/gpu_run.sh [seconds, default 500]
-# Writes mfu.json, train_t5.json, train_decoder.json, logs and machine.txt under
+# Writes attention_parity.json, mfu.json, train_t5.json, train_decoder.json, logs and machine.txt under
 # ${OUT:-benchmarks/results/gpu_run}. Wheels in .whl/ (e.g. gin-config) are installed first
 # into /tmp/site, for machines that cannot reach a package index.
 set -uo pipefail
@@ -42,6 +44,10 @@ bench() {  # name, seconds at most, gin bindings...
     --out="$out/$name.json" 2>&1 | tee "$out/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS} s"
 }
+echo "== attention_parity (at most 150 s)"
+timeout --signal=INT --kill-after=10 150 $py -m benchmarks.attention_parity \
+  --out="$out/attention_parity.json" 2>&1 | tee "$out/attention_parity.log"
+echo "== attention_parity: exit ${PIPESTATUS[0]} at ${SECONDS} s"
 bench mfu $((budget * 3 / 5)) --gin.benchmark.sections="['mfu']"
 bench train_t5 $(( ($(left) - 10) / 2 )) --gin.benchmark.sections="['train']" \
   --gin.benchmark.models="['t5']" --gin.benchmark.torch_compile=False

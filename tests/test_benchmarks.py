@@ -399,3 +399,23 @@ def test_mfu_names_what_auto_attention_runs_at_each_size(monkeypatch):
   monkeypatch.setattr(jax, "devices", lambda *a: [Dev()])
   assert mfu.auto_attention(dec, dec_len, dec_batch) == "dot_product"
   assert mfu.auto_attention(t5_cfg, t5_len, t5_batch) == "reference"
+
+
+def test_attention_parity_script_checks_an_implementation_on_packed_and_prefix_rows(
+    tmp_path, monkeypatch):
+  """benchmarks/attention_parity.py (run on a GPU for 'auto' = cuDNN): on this CPU,
+  dot_product's XLA path against the reference passes at float32's tolerance, and an
+  implementation that returns wrong values fails with exit 1."""
+  from benchmarks import attention_parity
+  from flanjax.models import attention
+  args = ["--impl=dot_product", "--dtype=float32", "--rows=2", "--length=320", "--tol=1e-4"]
+  out = tmp_path / "parity.json"
+  assert attention_parity.main(args + [f"--out={out}"]) == 0
+  r = json.loads(out.read_text())
+  assert r["runs"] == "dot_product" and r["within_tol"] and r["segments_per_row"] > 1
+  assert r["packed_prefix_lm"]["grads_max_rel_diff"] <= 1e-4
+  assert attention_parity.main(["--impl=auto", "--dtype=float32", "--rows=1",
+                                "--length=64"]) == 0  # 'auto' is the reference here
+  monkeypatch.setattr(attention, "_dot_product",
+                      lambda q, k, v, spec, scale: q * 0.5)  # wrong on purpose
+  assert attention_parity.main(args) == 1
