@@ -41,17 +41,15 @@ def compare(cfg, impl: str, rows: int, length: int, seed: int = 0) -> dict:
   """Largest relative differences of `impl` against the reference, causal and prefix-LM."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flanjax.models import attention, decoder  # pylint: disable=g-import-not-at-top
+  from benchmarks import stacks  # pylint: disable=g-import-not-at-top
+  from flanjax.models import decoder  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   tok, seg, pos = _packed(rng, rows, length, cfg.vocab_size)
   ref_model = decoder.Decoder(dataclasses.replace(cfg, attention_impl="reference"))
   model = decoder.Decoder(dataclasses.replace(cfg, attention_impl=impl))
   base = dict(decoder_input_tokens=tok, decoder_segment_ids=seg, decoder_positions=pos)
   params = ref_model.init(jax.random.PRNGKey(seed), **base)["params"]
-  q = jax.ShapeDtypeStruct((rows, length, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
-  k = jax.ShapeDtypeStruct((rows, length, cfg.num_kv_heads, cfg.head_dim), cfg.compute_dtype)
-  spec = attention.Spec(seg, seg, pos, pos, causal=True, aligned=True)
-  runs = attention.auto_impl(q, k, spec) if impl == "auto" else impl
+  runs = stacks.auto_attention(cfg, rows, length) if impl == "auto" else impl
   out = {"impl": impl, "runs": runs, "rows": rows, "length": length,
          "segments_per_row": float(np.mean(seg.max(1))), "dtype": str(cfg.dtype)}
   for name, extra in (("packed_causal", {}),

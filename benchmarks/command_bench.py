@@ -251,19 +251,25 @@ def torch_loop(cfg, job: dict, warmup: int, windows: int, steps_per_window: int,
 
   log(f"torch: T5ForConditionalGeneration, {num_params / 1e6:.3f}M parameters, {threads} "
       f"threads; {warmup} warm-up steps, {windows} windows of {steps_per_window}")
-  steps(warmup)
-  w = common.Windows()
-  per_step = bsz * (li + lt)
-  for _ in range(windows):
-    w.time(lambda: steps(steps_per_window), per_step * steps_per_window)
-  fig = w.summary()
   return {"model": "transformers.T5ForConditionalGeneration", "num_params": num_params,
           "attn_implementation": getattr(model.config, "_attn_implementation", None),
           "optimizer": "transformers.optimization.Adafactor (scale_parameter, relative_step "
                        "off, beta1 None, decay_rate -0.8, clip_threshold 1) + LambdaLR "
                        f"({job['schedule']['name']})",
           "mode": "eager", "device": "cpu", "dtype": "float32", "threads": threads,
-          "tokens_per_s": fig["median"], "tokens_per_s_min": fig["min"],
+          **_timed(steps, bsz * (li + lt), warmup, windows, steps_per_window)}
+
+
+def _timed(steps, per_step: int, warmup: int, windows: int, steps_per_window: int) -> dict:
+  """A loop's figure, as the step alone and PyTorch's are taken: steps(warmup), then
+  `windows` windows of steps(steps_per_window); padded tokens/s and steps/s
+  (median, min, max), each window's rate, the load and the others' CPU share."""
+  steps(warmup)
+  w = common.Windows()
+  for _ in range(windows):
+    w.time(lambda: steps(steps_per_window), per_step * steps_per_window)
+  fig = w.summary()
+  return {"tokens_per_s": fig["median"], "tokens_per_s_min": fig["min"],
           "tokens_per_s_max": fig["max"],
           "steps_per_s": round(fig["median"] / per_step, 4),
           "steps_per_s_min": round(fig["min"] / per_step, 4),
@@ -301,24 +307,13 @@ def flanjax_step(cfg, job: dict, warmup: int, windows: int, steps_per_window: in
     step_no[0] += n
     return fj.train(bs)
 
-  steps(max(warmup, 1))  # the first call compiles
-  w = common.Windows()
-  per_step = bsz * (li + lt)
-  for _ in range(windows):
-    w.time(lambda: steps(steps_per_window), per_step * steps_per_window)
-  fig = w.summary()
   from flanjax.run_folder import TRAINING_FIELDS  # pylint: disable=g-import-not-at-top
   return {"what": "the trainer's train step alone, in this process, on full rows",
           "model_training": {f: getattr(cfg, f) for f in TRAINING_FIELDS},
           "step_settings": {"z_loss": job["z_loss"], **job.get("step", {})},
           "num_params": fj.num_params, "device": fj.device, "dtype": fj.dtype,
-          "tokens_per_s": fig["median"], "tokens_per_s_min": fig["min"],
-          "tokens_per_s_max": fig["max"],
-          "steps_per_s": round(fig["median"] / per_step, 4),
-          "windows": fig["windows"], "window_rates": fig["window_rates"],
-          "steps_per_window": steps_per_window, "warmup_steps": max(warmup, 1),
-          "load_before": fig["load_before"], "load_after": fig["load_after"],
-          "others_cpu_share": fig.get("others_cpu_share"), "quiet": fig["quiet"]}
+          # At least one warm-up call: the first compiles.
+          **_timed(steps, bsz * (li + lt), max(warmup, 1), windows, steps_per_window)}
 
 
 # ------------------------------------------------------------------ report

@@ -19,15 +19,20 @@ def spread(values, digits: int = 3) -> dict:
           "min": round(min(values), digits), "max": round(max(values), digits)}
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+  """The first value of `field` in /proc/cpuinfo (None where there is none)."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("model name"):
+        if line.startswith(field):
           return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return None
+
+
+def cpu_model() -> str:
+  return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def commit() -> str | None:
@@ -112,12 +117,8 @@ def _scheduling() -> str:
 
 def _vector_isa() -> list[str]:
   """The CPU's vector extensions from /proc/cpuinfo (AVX2, AVX-512, AMX), for XLA:CPU's choices."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-  except OSError:
-    return []
-  return sorted(x for x in set(flags) if x in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+  flags = set((_cpuinfo("flags") or "").split())
+  return sorted(x for x in flags if x in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
                                                  "amx_tile", "amx_bf16", "fma"))
 
 

@@ -123,23 +123,6 @@ def run(sizes, steps: int, warmup: int, force: bool, log, overrides=None, window
   return out
 
 
-def auto_attention(cfg, lengths: dict, batch: int) -> str:
-  """What attention_impl='auto' runs in this size's self-attention on this machine
-  (attention.auto_impl on the step's shapes; T5's carries its position bias)."""
-  import types  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from flanjax.models import attention  # pylint: disable=g-import-not-at-top
-  t5_kind = stacks.family(cfg) == "t5"
-  length = lengths["inputs"] if t5_kind else lengths["inputs"] + lengths["targets"]
-  dim = cfg.d_kv if t5_kind else cfg.head_dim
-  kv_heads = cfg.num_heads if t5_kind else cfg.num_kv_heads
-  q = jax.ShapeDtypeStruct((batch, length, cfg.num_heads, dim), cfg.compute_dtype)
-  k = jax.ShapeDtypeStruct((batch, length, kv_heads, dim), cfg.compute_dtype)
-  spec = types.SimpleNamespace(rel_table=True if t5_kind else None, causal=not t5_kind,
-                               aligned=True)
-  return attention.auto_impl(q, k, spec, None if cfg.dropout_rate == 0 else (lambda p: p))
-
-
 def _measure(cfg, lengths, batch, steps, warmup, windows, torch_side, log, name) -> dict:
   kind = stacks.packing_kind(cfg)
   fixed = ex_lib.fixed_examples(batch, lengths["inputs"], lengths["targets"], 0,
@@ -150,7 +133,8 @@ def _measure(cfg, lengths, batch, steps, warmup, windows, torch_side, log, name)
   res = {"batch": batch, "lengths": lengths, "remat": cfg.remat,
          "attention_impl": cfg.attention_impl, "flops_per_step": train_flops(cfg, lengths, batch)}
   if cfg.attention_impl == "auto":
-    res["attention_runs"] = auto_attention(cfg, lengths, batch)
+    length = lengths["inputs"] if stacks.family(cfg) == "t5" else sum(lengths.values())
+    res["attention_runs"] = stacks.auto_attention(cfg, batch, length)
 
   fj = stacks.Flanjax(cfg, stacks.AdamW())
   res["params"] = fj.num_params

@@ -37,6 +37,24 @@ def family(cfg) -> str:
   return "t5" if isinstance(cfg, t5.T5Config) else "decoder"
 
 
+def auto_attention(cfg, batch: int, length: int, dropout: bool = False) -> str:
+  """What attention_impl='auto' runs in cfg's self-attention on rows of `length` tokens on
+  this machine (attention.auto_impl on the step's shapes; T5's carries its position bias).
+  dropout: whether the step applies dropout (stacks.Flanjax's does not)."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from flanjax.models import attention  # pylint: disable=g-import-not-at-top
+  t5_kind = family(cfg) == "t5"
+  dim = cfg.d_kv if t5_kind else cfg.head_dim
+  kv_heads = cfg.num_heads if t5_kind else cfg.num_kv_heads
+  q = jax.ShapeDtypeStruct((batch, length, cfg.num_heads, dim), cfg.compute_dtype)
+  k = jax.ShapeDtypeStruct((batch, length, kv_heads, dim), cfg.compute_dtype)
+  spec = types.SimpleNamespace(rel_table=True if t5_kind else None, causal=not t5_kind,
+                               aligned=True)
+  drop = (lambda p: p) if dropout and cfg.dropout_rate > 0 else None  # noqa: E731
+  return attention.auto_impl(q, k, spec, drop)
+
+
 def packing_kind(cfg) -> str:
   return "enc_dec" if family(cfg) == "t5" else "prefix_lm"
 

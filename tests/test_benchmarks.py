@@ -394,11 +394,13 @@ def test_mfu_names_what_auto_attention_runs_at_each_size(monkeypatch):
   dec, dec_len, dec_batch = mfu.size_config("decoder_1b")
   t5_cfg, t5_len, t5_batch = mfu.size_config("t5_base")
   assert dec.attention_impl == "auto" == t5_cfg.attention_impl
-  assert mfu.auto_attention(dec, dec_len, dec_batch) == "reference"  # this CPU
+  from benchmarks import stacks
+  dec_row = sum(dec_len.values())
+  assert stacks.auto_attention(dec, dec_batch, dec_row) == "reference"  # this CPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda *a: [Dev()])
-  assert mfu.auto_attention(dec, dec_len, dec_batch) == "dot_product"
-  assert mfu.auto_attention(t5_cfg, t5_len, t5_batch) == "reference"
+  assert stacks.auto_attention(dec, dec_batch, dec_row) == "dot_product"
+  assert stacks.auto_attention(t5_cfg, t5_batch, t5_len["inputs"]) == "reference"
 
 
 def test_attention_parity_script_checks_an_implementation_on_packed_and_prefix_rows(

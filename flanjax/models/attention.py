@@ -254,8 +254,9 @@ def sdpa_backend(q, k=None) -> str | None:
   the shapes it takes: bf16/fp16, head dim a multiple of 8 up to 128, more than one query
   (not a decoding step), and an even number of queries and keys (k: the keys, or None for
   as many as queries; with a bias or mask jax's cuDNN path refuses odd lengths in training).
-  None (XLA's einsums) elsewhere: jax's own default is XLA everywhere. The mask and T5's bias travel as one additive bias, whose gradient jax's cuDNN
-  path returns (measured on an H200 for the decoder; T5 not yet run there)."""
+  None (XLA's einsums) elsewhere: jax's own default is XLA everywhere. The mask and T5's
+  bias travel as one additive bias, whose gradient jax's cuDNN path returns (measured on an
+  H200 for the decoder; T5 not yet run there)."""
   d = q.shape[-1]
   if not (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
           and d % 8 == 0 and d <= 128 and q.shape[1] > 1 and q.shape[1] % 2 == 0
