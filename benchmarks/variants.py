@@ -27,7 +27,10 @@ the windows, with min and max, and its ratio to the first variant.
                           ~160-query blocks that skip keys past a causal block),
                           output_chunk=0 (logits at every position, then the loss,
                           instead of the output layer inside the loss at loss
-                          positions only: losses.output_cross_entropy)
+                          positions only: losses.output_cross_entropy),
+                          update_skip=select (a non-finite step's update undone by
+                          a select over every parameter and moment instead of
+                          skipped by a conditional: trainer._update_if)
   eval/output_chunk=*     the validation step (loss and token accuracy,
                           trainer.make_eval_step) with logits at loss positions only
                           (128, ships) vs at every position (0); with each one's XLA
@@ -128,6 +131,16 @@ def _query_block(n: int):
     attention.QUERY_BLOCK = old
 
 
+@contextlib.contextmanager
+def _update_skip(how: str):
+  from flanjax.training import trainer  # pylint: disable=g-import-not-at-top
+  old, trainer.UPDATE_SKIP = trainer.UPDATE_SKIP, how
+  try:
+    yield
+  finally:
+    trainer.UPDATE_SKIP = old
+
+
 def choice_variants(cfg, batch) -> dict:
   """The shipped step and the step with one of this project's CPU choices undone."""
   from benchmarks import stacks  # pylint: disable=g-import-not-at-top
@@ -135,7 +148,8 @@ def choice_variants(cfg, batch) -> dict:
   settings = {"choice/shipped": contextlib.nullcontext,
               "choice/dense=xla": lambda: dense.mode("xla"),
               "choice/query_block=all": lambda: _query_block(1 << 30),
-              "choice/output_chunk=0": contextlib.nullcontext}
+              "choice/output_chunk=0": contextlib.nullcontext,
+              "choice/update_skip=select": lambda: _update_skip("select")}
   fns = {}
   for name, setting in settings.items():
     fj = stacks.Flanjax(cfg, stacks.AdamW(), output_chunk=0 if "output_chunk" in name else None)

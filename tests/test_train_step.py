@@ -75,3 +75,42 @@ def test_non_finite_step_is_not_applied(setup):
   assert float(m["applied"]) == 0.0 and not np.isfinite(float(m["loss"]))
   emb_old, emb_new = bad["params"]["token_embedding"], new["params"]["token_embedding"]
   np.testing.assert_array_equal(emb_old, emb_new)
+
+
+@pytest.mark.parametrize("mode", ["cpu", "xla"])
+def test_update_is_skipped_or_applied_alike_by_cond_and_select(setup, mode):
+  """The CPU formulation skips a non-finite update with a conditional, the others with
+  a select (trainer._update_if): the same state either way, donated as the trainer does."""
+  from flanjax.models import dense  # pylint: disable=g-import-not-at-top
+  model, tx, state, batch = setup
+  bad = jax.tree.map(lambda x: x, state)
+  bad["params"] = dict(bad["params"])
+  bad["params"]["lm_head"] = bad["params"]["lm_head"].at[0, 0].set(jnp.nan)
+  with dense.mode(mode):
+    fn = trainer.make_train_step(model, tx, lambda s: 1e-2)
+    hlo = jax.jit(fn).lower(state, batch).as_text()
+    step = jax.jit(fn, donate_argnums=(0,))
+    copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731 (the step donates its input)
+    good_new, good_m = step(copy(state), batch)
+    bad_new, bad_m = step(copy(bad), batch)
+  assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == (mode == "cpu")
+  # Skipped: every parameter and optimizer moment as it was, bit for bit.
+  assert float(bad_m["applied"]) == 0.0
+  for old, new in zip(jax.tree.leaves((bad["params"], bad["opt_state"])),
+                      jax.tree.leaves((bad_new["params"], bad_new["opt_state"]))):
+    np.testing.assert_array_equal(old, new)
+  assert int(bad_new["step"]) == 1  # the position moves on; the weights do not
+  # Applied: the optimizer's own update, by hand.
+  assert float(good_m["applied"]) == 1.0
+  def loss(p):  # the step's loss, written out: masked token cross-entropy
+    logits = model.apply({"params": p}, **t5.model_inputs(batch))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                         batch["decoder_target_tokens"])
+    w = batch["decoder_loss_weights"]
+    return (ce * w).sum() / w.sum()
+
+  grads = jax.grad(loss)(state["params"])
+  updates, _ = tx.update(grads, state["opt_state"], state["params"])
+  want = optax.apply_updates(state["params"], updates)
+  for w, got in zip(jax.tree.leaves(want), jax.tree.leaves(good_new["params"])):
+    np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)

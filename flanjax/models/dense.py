@@ -43,7 +43,9 @@ def mode(name: str):
     _MODE.reset(token)
 
 
-def _cpu_layout() -> bool:
+def cpu_formulation() -> bool:
+  """Whether traces now take XLA:CPU's formulations (this module's, and others' that
+  follow the same mode: losses.py, the train step's skip of a non-finite update)."""
   m = _MODE.get()
   return m == "cpu" or (m == "auto" and jax.default_backend() == "cpu")
 
@@ -76,7 +78,7 @@ _project.defvjp(_project_fwd, _project_bwd)
 def project(x, w, n_in: int = 1):
   """x [..., *in] times w [*in, *out] (n_in leading axes of w contracted) -> [..., *out]."""
   ins, outs = w.shape[:n_in], w.shape[n_in:]
-  if not _cpu_layout():
+  if not cpu_formulation():
     return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)),
                                        tuple(range(n_in))), ((), ())))
   lead = x.shape[:x.ndim - n_in]
@@ -87,7 +89,7 @@ def project(x, w, n_in: int = 1):
 
 def project_transposed(x, w):
   """x [..., d] times w^T for w [v, d] (a tied embedding as the output layer) -> [..., v]."""
-  if not _cpu_layout():
+  if not cpu_formulation():
     return jnp.einsum("...d,vd->...v", x, w)
   # The [v, d] -> [d, v] copy is the kernel's size, once per step, not the activations'.
   return project(x, w.T)

@@ -103,7 +103,7 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
   if label_smoothing > 0:
     low = label_smoothing / vocab
     entropy = -(confidence * np.log(confidence + 1e-20) + (vocab - 1) * low * np.log(low + 1e-20))
-  cpu = dense._cpu_layout()  # pylint: disable=protected-access
+  cpu = dense.cpu_formulation()
 
   def logits_of(xc):
     if transposed:  # xc [n, d] . head [v, d]^T

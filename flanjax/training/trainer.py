@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flanjax.models import kinds
+from flanjax.models import dense, kinds
 from flanjax.training import partitioning
 from flanjax.training.losses import cross_entropy, output_cross_entropy
 
@@ -123,6 +123,34 @@ def _loss_at_loss_positions(model: nn.Module, params, inputs: dict, batch: dict,
                               **loss_kw)
 
 
+# How a step with a non-finite loss or gradient leaves the state as it was: "auto"
+# (a conditional on XLA:CPU, a select elsewhere; _update_if says why), "cond" or
+# "select". Read when a step is traced (benchmarks.variants undoes the choice).
+UPDATE_SKIP = "auto"
+
+
+def _update_if(ok, tx: optax.GradientTransformation, grads, params, opt_state):
+  """(params, opt_state) after tx's update where `ok`, else the same as given.
+
+  On XLA:CPU a conditional skips the update: XLA:CPU did not fuse a select over every
+  parameter and moment into the optimizer's update, and that select cost the
+  benchmark's T5 step 3.5% and its decoder step 0.6%
+  (benchmarks/results/variants_update_skip_*.json). Elsewhere the select, which GPUs and TPUs fuse into the update: a GPU's
+  conditional copies its predicate to the host, which would stall the step's dispatch.
+  """
+
+  def update(operand):
+    p, o = operand
+    updates, new_o = tx.update(grads, o, p)
+    new = (optax.apply_updates(p, updates), new_o)
+    return jax.tree.map(lambda n, old: n.astype(old.dtype), new, operand)
+
+  if UPDATE_SKIP == "cond" or (UPDATE_SKIP == "auto" and dense.cpu_formulation()):
+    return jax.lax.cond(ok, update, lambda operand: operand, (params, opt_state))
+  new = update((params, opt_state))
+  return jax.tree.map(lambda n, old: jnp.where(ok, n, old), new, (params, opt_state))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: Callable,
                     *, microbatches: int = 1, z_loss: float = 0.0,
                     label_smoothing: float = 0.0,
@@ -185,12 +213,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = (aux["loss_sum"] + aux["z_loss_sum"]) / denom
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = {"params": keep(new_params, params),
-                 "opt_state": keep(opt_state, state["opt_state"]),
+    new_params, opt_state = _update_if(ok, tx, grads, params, state["opt_state"])
+    new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": state["rng"]}
     metrics = {"loss": loss, "cross_entropy": aux["loss_sum"] / denom,
                "z_loss": aux["z_loss_sum"] / denom, "grad_norm": grad_norm,
