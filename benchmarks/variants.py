@@ -30,7 +30,10 @@ the windows, with min and max, and its ratio to the first variant.
                           positions only: losses.output_cross_entropy),
                           update_skip=select (a non-finite step's update undone by
                           a select over every parameter and moment instead of
-                          skipped by a conditional: trainer._update_if)
+                          skipped by a conditional: trainer._update_if),
+                          softmax_values=off (the reference attention's softmax
+                          by jax.nn.softmax and its gradient, then the values dot,
+                          instead of attention._softmax_values)
   eval/output_chunk=*     the validation step (loss and token accuracy,
                           trainer.make_eval_step) with logits at loss positions only
                           (128, ships) vs at every position (0); with each one's XLA
@@ -141,6 +144,16 @@ def _update_skip(how: str):
     trainer.UPDATE_SKIP = old
 
 
+@contextlib.contextmanager
+def _softmax_values(on: bool):
+  from flanjax.models import attention  # pylint: disable=g-import-not-at-top
+  old, attention.SOFTMAX_VALUES = attention.SOFTMAX_VALUES, on
+  try:
+    yield
+  finally:
+    attention.SOFTMAX_VALUES = old
+
+
 def choice_variants(cfg, batch) -> dict:
   """The shipped step and the step with one of this project's CPU choices undone."""
   from benchmarks import stacks  # pylint: disable=g-import-not-at-top
@@ -149,7 +162,8 @@ def choice_variants(cfg, batch) -> dict:
               "choice/dense=xla": lambda: dense.mode("xla"),
               "choice/query_block=all": lambda: _query_block(1 << 30),
               "choice/output_chunk=0": contextlib.nullcontext,
-              "choice/update_skip=select": lambda: _update_skip("select")}
+              "choice/update_skip=select": lambda: _update_skip("select"),
+              "choice/softmax_values=off": lambda: _softmax_values(False)}
   fns = {}
   for name, setting in settings.items():
     fj = stacks.Flanjax(cfg, stacks.AdamW(), output_chunk=0 if "output_chunk" in name else None)

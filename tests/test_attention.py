@@ -222,3 +222,31 @@ def test_auto_runs_cudnn_only_for_the_decoder_attention_measured_on_a_gpu(monkey
       decoder.Decoder(dec).apply({"params": params}, **batch),
       decoder.Decoder(dataclasses.replace(dec, attention_impl="reference")).apply(
           {"params": params}, **batch))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_values_matches_softmax_then_the_values_dot(dtype):
+  """attention._softmax_values (normalised after the dot, FlashAttention's backward) against
+  jax.nn.softmax then the einsum, values and both gradients, with masked keys and a row
+  with none allowed (uniform, as the reference)."""
+  rng = np.random.default_rng(0)
+  scores = rng.standard_normal((2, 3, 7, 11)).astype(np.float32) * 4
+  scores[:, :, :, 8:] = attention.NEG_INF  # masked keys
+  scores[1, 2, 5, :] = attention.NEG_INF  # a padding query: nothing allowed
+  scores = jnp.asarray(scores)
+  v = jnp.asarray(rng.standard_normal((2, 3, 11, 5)), dtype)
+  g = jnp.asarray(rng.standard_normal((2, 3, 7, 5)), jnp.float32)
+
+  def plain(s, v):
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqt,bhtd->bhqd", p, v).astype(jnp.float32)
+
+  def fused(s, v):
+    return attention._softmax_values(s, v).astype(jnp.float32)  # pylint: disable=protected-access
+
+  tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  (want, want_vjp), (got, got_vjp) = (jax.vjp(f, scores, v) for f in (plain, fused))
+  np.testing.assert_allclose(got, want, **tol)
+  np.testing.assert_allclose(got[1, 2, 5], np.asarray(v[1, 2], np.float32).mean(0), **tol)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)

@@ -10,7 +10,9 @@ chosen by the config's `attention_impl`:
                position bias, no attention dropout: `auto_impl`), reference elsewhere.
   reference    the scores [b, heads, q, k] materialised in float32, a block of
                about 160 queries at a time (the original arithmetic row by row,
-               kept as the reference; the only one with attention dropout).
+               kept as the reference; the only one with attention dropout); the
+               softmax is normalised after the values dot and differentiated as
+               FlashAttention does (`_softmax_values`), fewer passes over [q, k].
   blockwise    query and key blocks under lax.map / lax.scan with an online
                softmax: the mask and T5's bias are computed per block from the
                positions, never [q, k] at once; the backward pass recomputes
@@ -192,6 +194,42 @@ def _add_shared_bwd(b, g):
 _add_shared.defvjp(_add_shared_fwd, _add_shared_bwd)
 
 
+SOFTMAX_VALUES = True  # the reference's softmax and values dot as _softmax_values (no dropout)
+
+
+@jax.custom_vjp
+def _softmax_values(scores, v):
+  """softmax(scores) @ v for float32 scores [b, h, q, t] and v [b, h, t, d]: [b, h, q, d]
+  in float32, the same as jax.nn.softmax then the dot, in fewer passes over [q, t].
+
+  The exponentials are normalised after the values dot (a [q, d] division, not [q, t]),
+  and the backward pass takes the softmax's row term from the [q, d] output and its
+  gradient, sum(dO * O), instead of reducing dP * P over the keys (FlashAttention's
+  backward, with the exponentials kept rather than recomputed)."""
+  return _softmax_values_fwd(scores, v)[0]
+
+
+def _softmax_values_fwd(scores, v):
+  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  e = jnp.exp(scores - m)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum("bhqt,bhtd->bhqd", e.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) / total
+  return out, (e, total, out, v)
+
+
+def _softmax_values_bwd(res, g):
+  e, total, out, v = res
+  g = g.astype(jnp.float32) / total
+  dv = jnp.einsum("bhqt,bhqd->bhtd", e.astype(v.dtype), g.astype(v.dtype))
+  dp = jnp.einsum("bhqd,bhtd->bhqt", g.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  ds = e * (dp - jnp.sum(g * out, axis=-1, keepdims=True))
+  return ds, dv.astype(v.dtype)
+
+
+_softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
+
+
 QUERY_BLOCK = 160  # rows of scores the reference materialises at once (about; see _reference)
 
 
@@ -231,6 +269,9 @@ def _reference(q, k, v, spec, scale, dropout):
     bias = spec.position_bias(spec.q_positions[0, lo:hi], spec.kv_positions[0, :kend])
     if bias is not None:
       scores = _add_shared(scores, bias)
+    if dropout is None and SOFTMAX_VALUES:
+      outs.append(_softmax_values(scores, vh[:, :, :kend]).astype(q.dtype))
+      continue
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     if dropout is not None:
       probs = dropout(probs)
