@@ -110,3 +110,28 @@ def test_readmes_amd_command_rows_are_the_committed_json():
           f"{100 * r['command_of_step']:.0f}% of its step alone") in text
   assert (f"the command is at **{r['ratio']:.2f}x** PyTorch ({r['ratio_min_max'][0]:.2f}x-"
           f"{r['ratio_min_max'][1]:.2f}x over the windows' extremes)") in text
+
+
+def test_readmes_two_amd_command_runs_at_b60d6a7_are_the_committed_jsons():
+  """The README's two-run command table at b60d6a7: each cell is its JSON's figure."""
+  import pathlib
+  repo = pathlib.Path(command_bench.__file__).resolve().parent.parent
+  runs = [json.loads((repo / "benchmarks" / "results" /
+                      f"command_cpu_amd_b60d6a7_run{i}.json").read_text()) for i in (1, 2)]
+  assert all(r["quiet"] and r["commit"].startswith("b60d6a7") for r in runs)
+  readme = (repo / "README.md").read_text()
+  cell = lambda f: (f"{f['tokens_per_s']:,.0f} [{f['tokens_per_s_min']:,.0f}-"  # noqa: E731
+                    f"{f['tokens_per_s_max']:,.0f}]")
+  for name, key in (("flanjax command (console, late intervals)", "flanjax"),
+                    ("flanjax step alone (5 windows of 4 steps)", "flanjax_step"),
+                    ("PyTorch loop (eager, 5 windows of 4 steps)", "torch")):
+    row = f"| {name} | {cell(runs[0][key])} | {cell(runs[1][key])} |"
+    assert row in readme, row
+  text = " ".join(readme.split())
+  a, b = runs
+  assert (f"at **{a['ratio']:.2f}x** and **{b['ratio']:.2f}x** PyTorch "
+          f"({a['ratio_min_max'][0]:.2f}x-{a['ratio_min_max'][1]:.2f}x and "
+          f"{b['ratio_min_max'][0]:.2f}x-{b['ratio_min_max'][1]:.2f}x over the windows' "
+          "extremes); its step alone at "
+          f"{a['step_ratio']:.2f}x and {b['step_ratio']:.2f}x; the command kept "
+          f"{100 * a['command_of_step']:.0f}% and {100 * b['command_of_step']:.0f}%") in text
