@@ -250,3 +250,7 @@ def test_softmax_values_matches_softmax_then_the_values_dot(dtype):
   np.testing.assert_allclose(got[1, 2, 5], np.asarray(v[1, 2], np.float32).mean(0), **tol)
   for a, b in zip(got_vjp(g), want_vjp(g)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+  # Adding a constant to a row of scores changes nothing, so each row of their gradient
+  # sums to 0; in bf16 too, as the probabilities the dot used are the ones differentiated.
+  ds = np.asarray(got_vjp(g)[0], np.float64)
+  assert np.abs(ds.sum(-1)).max() < 1e-4 * max(1.0, np.abs(ds).max())

@@ -211,19 +211,21 @@ def _softmax_values(scores, v):
 
 def _softmax_values_fwd(scores, v):
   m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-  e = jnp.exp(scores - m)
-  total = jnp.sum(e, axis=-1, keepdims=True)
-  out = jnp.einsum("bhqt,bhtd->bhqd", e.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32) / total
+  # In v's dtype throughout (the dot's operand, the total and the backward's), so a
+  # bf16 row's probabilities sum to 1 as used and its score gradient sums to 0.
+  e = jnp.exp(scores - m).astype(v.dtype)
+  total = jnp.sum(e.astype(jnp.float32), axis=-1, keepdims=True)
+  out = jnp.einsum("bhqt,bhtd->bhqd", e, v, preferred_element_type=jnp.float32) / total
   return out, (e, total, out, v)
 
 
 def _softmax_values_bwd(res, g):
   e, total, out, v = res
-  g = g.astype(jnp.float32) / total
-  dv = jnp.einsum("bhqt,bhqd->bhtd", e.astype(v.dtype), g.astype(v.dtype))
-  dp = jnp.einsum("bhqd,bhtd->bhqt", g.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  ds = e * (dp - jnp.sum(g * out, axis=-1, keepdims=True))
+  g = (g.astype(jnp.float32) / total).astype(v.dtype)
+  dv = jnp.einsum("bhqt,bhqd->bhtd", e, g)
+  dp = jnp.einsum("bhqd,bhtd->bhqt", g, v, preferred_element_type=jnp.float32)
+  ds = e.astype(jnp.float32) * (dp - jnp.sum(g.astype(jnp.float32) * out, axis=-1,
+                                             keepdims=True))
   return ds, dv.astype(v.dtype)
 
 

@@ -143,8 +143,13 @@ def _update_if(ok, tx: optax.GradientTransformation, grads, params, opt_state):
     p, o = operand
     updates, new_o = tx.update(grads, o, p)
     new = (optax.apply_updates(p, updates), new_o)
-    return jax.tree.map(lambda n, old: n.astype(old.dtype), new, operand)
+    # The branches must agree on dtypes; key-typed leaves cannot be cast, so only cast
+    # what the optimizer changed.
+    return jax.tree.map(lambda n, old: n if n.dtype == old.dtype else n.astype(old.dtype),
+                        new, operand)
 
+  if UPDATE_SKIP not in ("auto", "cond", "select"):
+    raise ValueError(f"trainer.UPDATE_SKIP={UPDATE_SKIP!r} is not one of auto, cond, select")
   if UPDATE_SKIP == "cond" or (UPDATE_SKIP == "auto" and dense.cpu_formulation()):
     return jax.lax.cond(ok, update, lambda operand: operand, (params, opt_state))
   new = update((params, opt_state))
