@@ -125,33 +125,16 @@ def _first_call_under(setting, f):
 
 
 @contextlib.contextmanager
-def _query_block(n: int):
-  from flanjax.models import attention  # pylint: disable=g-import-not-at-top
-  old, attention.QUERY_BLOCK = attention.QUERY_BLOCK, n
+def _setting(module: str, name: str, value):
+  """One of flanjax's module-level settings, changed while the traces inside run."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  mod = importlib.import_module(module)
+  old = getattr(mod, name)
+  setattr(mod, name, value)
   try:
     yield
   finally:
-    attention.QUERY_BLOCK = old
-
-
-@contextlib.contextmanager
-def _update_skip(how: str):
-  from flanjax.training import trainer  # pylint: disable=g-import-not-at-top
-  old, trainer.UPDATE_SKIP = trainer.UPDATE_SKIP, how
-  try:
-    yield
-  finally:
-    trainer.UPDATE_SKIP = old
-
-
-@contextlib.contextmanager
-def _softmax_values(on: bool):
-  from flanjax.models import attention  # pylint: disable=g-import-not-at-top
-  old, attention.SOFTMAX_VALUES = attention.SOFTMAX_VALUES, on
-  try:
-    yield
-  finally:
-    attention.SOFTMAX_VALUES = old
+    setattr(mod, name, old)
 
 
 def choice_variants(cfg, batch) -> dict:
@@ -160,10 +143,13 @@ def choice_variants(cfg, batch) -> dict:
   from flanjax.models import dense  # pylint: disable=g-import-not-at-top
   settings = {"choice/shipped": contextlib.nullcontext,
               "choice/dense=xla": lambda: dense.mode("xla"),
-              "choice/query_block=all": lambda: _query_block(1 << 30),
+              "choice/query_block=all": lambda: _setting("flanjax.models.attention",
+                                                         "QUERY_BLOCK", 1 << 30),
               "choice/output_chunk=0": contextlib.nullcontext,
-              "choice/update_skip=select": lambda: _update_skip("select"),
-              "choice/softmax_values=off": lambda: _softmax_values(False)}
+              "choice/update_skip=select": lambda: _setting("flanjax.training.trainer",
+                                                            "UPDATE_SKIP", "select"),
+              "choice/softmax_values=off": lambda: _setting("flanjax.models.attention",
+                                                            "SOFTMAX_VALUES", False)}
   fns = {}
   for name, setting in settings.items():
     fj = stacks.Flanjax(cfg, stacks.AdamW(), output_chunk=0 if "output_chunk" in name else None)

@@ -421,3 +421,19 @@ def test_attention_parity_script_checks_an_implementation_on_packed_and_prefix_r
   monkeypatch.setattr(attention, "_dot_product",
                       lambda q, k, v, spec, scale: q * 0.5)  # wrong on purpose
   assert attention_parity.main(args) == 1
+
+
+def test_variants_choice_settings_are_changed_for_the_trace_and_restored():
+  """benchmarks.variants undoes a choice through the module setting the model reads when it
+  is traced, and puts it back afterwards, also when the trace fails."""
+  from benchmarks import variants
+  from flanjax.models import attention
+  from flanjax.training import trainer
+  with variants._setting("flanjax.training.trainer", "UPDATE_SKIP", "select"):
+    assert trainer.UPDATE_SKIP == "select"
+  assert trainer.UPDATE_SKIP == "auto"
+  with pytest.raises(RuntimeError):
+    with variants._setting("flanjax.models.attention", "SOFTMAX_VALUES", False):
+      assert attention.SOFTMAX_VALUES is False
+      raise RuntimeError("a failed trace")
+  assert attention.SOFTMAX_VALUES is True
