@@ -85,11 +85,12 @@ def test_tiny_t5_train_and_decode_steps_compile_for_a_v5e_topology(tmp_path):
 
 
 def test_a_step_xla_refuses_for_memory_ends_in_one_line_and_exit_1(tmp_path):
-  # One layer each way, 2,048 rows of 1,024 inputs under the reference attention: its
-  # [512, 4, 1024, 1024] scores per chip alone are 8 GiB in fp32, over a v5e chip's 16 GiB
-  # with their gradient; XLA refuses it at compile time (RESOURCE_EXHAUSTED).
+  # One layer each way, 4,096 rows of 1,024 inputs under the reference attention: its
+  # [1024, 4, 1024, 1024] scores per chip alone are 16 GiB in fp32, a v5e chip's whole HBM;
+  # XLA refuses it at compile time (RESOURCE_EXHAUSTED). (2,048 rows needed 20.72 GiB of
+  # temporaries before attention._softmax_values and fit in 14.51 GiB after it.)
   got, out = _run_aot(tmp_path, "--gin.train.task_feature_lengths={'inputs': 1024, 'targets': 16}",
-                      "--gin.train.batch_size=2048", "--gin.T5Config.num_encoder_layers=1",
+                      "--gin.train.batch_size=4096", "--gin.T5Config.num_encoder_layers=1",
                       "--gin.T5Config.num_decoder_layers=1")
   assert got.returncode == 1, got.stderr[-3000:]
   assert "Traceback" not in got.stderr
@@ -100,7 +101,7 @@ def test_a_step_xla_refuses_for_memory_ends_in_one_line_and_exit_1(tmp_path):
   assert last.startswith("train step does NOT fit 4 x TPU v5 lite (v5e:2x2): it needs "
                          f"{row['temp_gib']:.2f} GiB")
   assert f"{row['hbm_gib']:.2f} GiB XLA leaves free of 16 GiB HBM" in last
-  for fix in ("train.batch_size (now 2048)", "train.microbatches (now 1)",
+  for fix in ("train.batch_size (now 4096)", "train.microbatches (now 1)",
               "T5Config.remat=True", "T5Config.attention_impl='blockwise'", "more chips"):
     assert fix in last
 
