@@ -135,8 +135,9 @@ def _update_if(ok, tx: optax.GradientTransformation, grads, params, opt_state):
   On XLA:CPU a conditional skips the update: XLA:CPU did not fuse a select over every
   parameter and moment into the optimizer's update, and that select cost the
   benchmark's T5 step 3.5% and its decoder step 0.6%
-  (benchmarks/results/variants_update_skip_*.json). Elsewhere the select, which GPUs and TPUs fuse into the update: a GPU's
-  conditional copies its predicate to the host, which would stall the step's dispatch.
+  (benchmarks/results/variants_update_skip_*.json). Elsewhere the select, which GPUs
+  and TPUs fuse into the update: a GPU's conditional copies its predicate to the host,
+  which would stall the step's dispatch.
   """
 
   def update(operand):
