@@ -67,6 +67,24 @@ def test_values_and_gradients_equal_logits_then_loss(transposed, z_loss, label_s
   np.testing.assert_allclose(acc_aux["correct_sum"], hits, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [64, 8], ids=["one_chunk", "chunked"])
+def test_a_batch_without_loss_positions_gives_zero_loss_and_gradients(chunk):
+  # The first chunk is computed outside the loop even when no row has a loss position
+  # (and l <= chunk takes every position at once): all of it must weigh 0, also where a
+  # target id is out of the vocabulary.
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 40, 16)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(16, 29)), jnp.float32)
+  targets = jnp.full((2, 40), 29 + 5, jnp.int32)
+  weights = jnp.zeros((2, 40), jnp.float32)
+  f = lambda x, h: output_cross_entropy(x, h, targets, weights, chunk=chunk, z_loss=1e-3,
+                                        accuracy=True)
+  (total, aux), (gx, gh) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, head)
+  assert float(total) == 0.0 and float(aux["weight_sum"]) == 0.0
+  assert float(aux["correct_sum"]) == 0.0
+  assert not np.any(np.asarray(gx)) and not np.any(np.asarray(gh))
+
+
 def test_bfloat16_hidden_states_match_the_bfloat16_logits_path():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 40, 32)), jnp.bfloat16)

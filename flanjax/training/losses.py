@@ -96,7 +96,6 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
   w_mat = head.astype(x.dtype)
   vocab = w_mat.shape[0] if transposed else w_mat.shape[1]
   chunk = max(1, min(chunk, l))
-  order, counts, n_chunks = _loss_order(weights, chunk)
   weights = weights.astype(jnp.float32)
   confidence = 1.0 - label_smoothing
   entropy = 0.0
@@ -112,8 +111,62 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
     return jax.lax.dot_general(xc, w_mat, (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
-  def body(carry):
-    k, dx_sorted, d_head, loss_sum, z_sum, correct = carry
+  def terms(xc, tc, wc):
+    """One chunk's (loss, z-loss, correct, dx [n, d] f32, d_head f32) sums."""
+    logits = logits_of(xc)  # [n, v] f32
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    token_loss = log_z - confidence * target_logit
+    if label_smoothing > 0:
+      token_loss = token_loss - label_smoothing / vocab * jnp.sum(logits, axis=-1) - entropy
+    loss = jnp.sum(token_loss * wc)
+    z = jnp.sum(z_loss * jnp.square(log_z) * wc)
+    correct = jnp.zeros((), jnp.float32)
+    if accuracy:
+      hit = (jnp.argmax(logits, axis=-1) == tc) & (wc > 0)
+      correct = jnp.sum(jnp.where(hit, wc, 0.0))
+    if not with_grads:
+      return loss, z, correct, None, None
+    dlogits = _dlogits(logits, log_z, tc, wc, z_loss, confidence, label_smoothing).astype(
+        x.dtype)
+    if transposed:  # dx = dlogits . head; d_head = dlogits^T . xc
+      dxc = jax.lax.dot_general(dlogits, w_mat, (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+      dh = (dense._at_b(dlogits, xc) if cpu else  # pylint: disable=protected-access
+            jnp.einsum("nv,nd->vd", dlogits, xc, preferred_element_type=jnp.float32))
+    else:  # dx = dlogits . head^T; d_head = xc^T . dlogits
+      dxc = jax.lax.dot_general(dlogits, w_mat, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+      dh = (dense._at_b(xc, dlogits) if cpu else  # pylint: disable=protected-access
+            jnp.einsum("nd,nv->dv", xc, dlogits, preferred_element_type=jnp.float32))
+    return loss, z, correct, dxc, dh.astype(jnp.float32)
+
+  aux = {"weight_sum": jnp.sum(weights)}
+  if l <= chunk:
+    # One chunk holds every position: sorting the loss positions first would gain nothing.
+    # A position without weight may hold any id (a prompt-tuning virtual token is >= vocab,
+    # and an out-of-range gather would be NaN): it weighs 0, so read id 0 there.
+    wc = weights.reshape(-1)
+    tc = jnp.where(wc != 0, targets.reshape(-1), 0)
+    loss_sum, z_sum, correct, dxc, d_head = terms(x.reshape(b * l, d), tc, wc)
+    dx = None if dxc is None else dxc.reshape(b, l, d)
+  else:
+    loss_sum, z_sum, correct, dx, d_head = _chunked(x, targets, weights, chunk, terms,
+                                                    with_grads)
+  aux.update(loss_sum=loss_sum, z_loss_sum=z_sum)
+  if accuracy:
+    aux["correct_sum"] = correct
+  if not with_grads:
+    return loss_sum + z_sum, aux, None
+  return loss_sum + z_sum, aux, (dx.astype(x.dtype), d_head)
+
+
+def _chunked(x, targets, weights, chunk, terms, with_grads):
+  """terms() summed over each row's loss positions, `chunk` of them at a time."""
+  b, l, d = x.shape
+  order, counts, n_chunks = _loss_order(weights, chunk)
+
+  def chunk_terms(k):
     pos = jax.lax.dynamic_slice_in_dim(order, k * chunk, chunk, axis=1)  # [b, c]
     slot = k * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]
     valid = slot < counts[:, None]
@@ -122,50 +175,37 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
     # >= vocab, and an out-of-range gather would be NaN): it weighs 0, so read id 0 there.
     tc = jnp.where(valid, jnp.take_along_axis(targets, pos, axis=1), 0).reshape(-1)
     wc = jnp.where(valid, jnp.take_along_axis(weights, pos, axis=1), 0.0).reshape(-1)
-    logits = logits_of(xc)  # [n, v] f32
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-    token_loss = log_z - confidence * target_logit
-    if label_smoothing > 0:
-      token_loss = token_loss - label_smoothing / vocab * jnp.sum(logits, axis=-1) - entropy
-    loss_sum = loss_sum + jnp.sum(token_loss * wc)
-    z_sum = z_sum + jnp.sum(z_loss * jnp.square(log_z) * wc)
-    if accuracy:
-      hit = (jnp.argmax(logits, axis=-1) == tc) & (wc > 0)
-      correct = correct + jnp.sum(jnp.where(hit, wc, 0.0))
+    return terms(xc, tc, wc)
+
+  def body(carry):
+    k, dx_sorted, d_head, loss_sum, z_sum, correct = carry
+    loss, z, hit, dxc, dh = chunk_terms(k)
     if with_grads:
-      dlogits = _dlogits(logits, log_z, tc, wc, z_loss, confidence, label_smoothing).astype(
-          x.dtype)
-      if transposed:  # dx = dlogits . head; d_head += dlogits^T . xc
-        dxc = jax.lax.dot_general(dlogits, w_mat, (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-        dh = (dense._at_b(dlogits, xc) if cpu else  # pylint: disable=protected-access
-              jnp.einsum("nv,nd->vd", dlogits, xc, preferred_element_type=jnp.float32))
-      else:  # dx = dlogits . head^T; d_head += xc^T . dlogits
-        dxc = jax.lax.dot_general(dlogits, w_mat, (((1,), (1,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-        dh = (dense._at_b(xc, dlogits) if cpu else  # pylint: disable=protected-access
-              jnp.einsum("nd,nv->dv", xc, dlogits, preferred_element_type=jnp.float32))
       dx_sorted = jax.lax.dynamic_update_slice_in_dim(
           dx_sorted, dxc.reshape(b, chunk, d), k * chunk, axis=1)
-      d_head = d_head + dh.astype(jnp.float32)
-    return k + 1, dx_sorted, d_head, loss_sum, z_sum, correct
+      d_head = d_head + dh
+    return k + 1, dx_sorted, d_head, loss_sum + loss, z_sum + z, correct + hit
 
+  # The first chunk is taken outside the loop, so its gradient starts the output matrix's
+  # sum (no zero-filled [vocab, d] accumulator and one pass less over it); were there no
+  # loss positions at all, its weights are all 0 and it adds nothing.
+  loss_sum, z_sum, correct, dxc, d_head = chunk_terms(0)
   padded = order.shape[1]
-  dx_sorted = jnp.zeros((b, padded, d) if with_grads else (0, 0, 0), jnp.float32)
-  d_head = jnp.zeros(head.shape if with_grads else (0,), jnp.float32)
-  zero = jnp.zeros((), jnp.float32)
+  if with_grads:
+    dx_sorted = jnp.zeros((b, padded, d), jnp.float32)
+    dx_sorted = jax.lax.dynamic_update_slice_in_dim(dx_sorted, dxc.reshape(b, chunk, d), 0,
+                                                    axis=1)
+  else:
+    dx_sorted, d_head = jnp.zeros((0, 0, 0), jnp.float32), jnp.zeros((0,), jnp.float32)
   _, dx_sorted, d_head, loss_sum, z_sum, correct = jax.lax.while_loop(
-      lambda c: c[0] < n_chunks, body, (jnp.int32(0), dx_sorted, d_head, zero, zero, zero))
-  aux = {"loss_sum": loss_sum, "z_loss_sum": z_sum, "weight_sum": jnp.sum(weights)}
-  if accuracy:
-    aux["correct_sum"] = correct
+      lambda c: c[0] < n_chunks, body, (jnp.int32(1), dx_sorted, d_head, loss_sum, z_sum,
+                                        correct))
   if not with_grads:
-    return loss_sum + z_sum, aux, None
+    return loss_sum, z_sum, correct, None, None
   # Back from loss-first order to positions: each position sits at one slot.
   inverse = jnp.argsort(order[:, :l], axis=1).astype(jnp.int32)
-  dx = jnp.take_along_axis(dx_sorted, inverse[..., None], axis=1).astype(x.dtype)
-  return loss_sum + z_sum, aux, (dx, d_head)
+  dx = jnp.take_along_axis(dx_sorted, inverse[..., None], axis=1)
+  return loss_sum, z_sum, correct, dx, d_head
 
 
 def _dlogits(logits, log_z, tc, wc, z_loss, confidence, label_smoothing):
