@@ -33,7 +33,10 @@ the windows, with min and max, and its ratio to the first variant.
                           skipped by a conditional: trainer._update_if),
                           softmax_values=off (the reference attention's softmax
                           by jax.nn.softmax and its gradient, then the values dot,
-                          instead of attention._softmax_values)
+                          instead of attention._softmax_values),
+                          loss_single_pass=off (rows no longer than a loss chunk
+                          sorted loss positions first and taken through the chunked
+                          loop, instead of every position in one pass)
   eval/output_chunk=*     the validation step (loss and token accuracy,
                           trainer.make_eval_step) with logits at loss positions only
                           (128, ships) vs at every position (0); with each one's XLA
@@ -149,7 +152,9 @@ def choice_variants(cfg, batch) -> dict:
               "choice/update_skip=select": lambda: _setting("flanjax.training.trainer",
                                                             "UPDATE_SKIP", "select"),
               "choice/softmax_values=off": lambda: _setting("flanjax.models.attention",
-                                                            "SOFTMAX_VALUES", False)}
+                                                            "SOFTMAX_VALUES", False),
+              "choice/loss_single_pass=off": lambda: _setting("flanjax.training.losses",
+                                                              "SINGLE_PASS", False)}
   fns = {}
   for name, setting in settings.items():
     fj = stacks.Flanjax(cfg, stacks.AdamW(), output_chunk=0 if "output_chunk" in name else None)

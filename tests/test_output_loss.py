@@ -1,6 +1,8 @@
 """The output layer inside the loss (losses.output_cross_entropy, the train step's default)
 against logits at every position then cross_entropy, the plain formulation."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -154,3 +156,27 @@ def test_eval_step_at_loss_positions_equals_the_logits_eval_step(build, builtin_
     if accuracy:
       assert 0 < float(want[2]) < float(want[1])  # some right, some wrong: a real comparison
       np.testing.assert_allclose(got[2], want[2])
+
+
+def test_rows_no_longer_than_a_chunk_take_one_pass_and_equal_the_chunked_loop(monkeypatch):
+  from flanjax.training import losses
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 24, 8)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(8, 19)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 19, (2, 24)), jnp.int32)
+  weights = jnp.asarray(rng.random((2, 24)) < 0.5, jnp.float32)
+  # A new function for each trace: jit would reuse the first trace under the new setting.
+  g = lambda: jax.jit(jax.value_and_grad(
+      lambda x, h: output_cross_entropy(x, h, targets, weights, chunk=32, z_loss=1e-3)[0],
+      argnums=(0, 1)))
+  one_pass = g().lower(x, head).as_text()
+  got = g()(x, head)
+  monkeypatch.setattr(losses, "SINGLE_PASS", False)
+  looped = g().lower(x, head).as_text()
+  want = g()(x, head)
+  prims = lambda text: set(re.findall(r"stablehlo\.(while|sort)\b", text))
+  assert not {"while", "sort"} & prims(one_pass)
+  assert {"while", "sort"} <= prims(looped)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, atol=2e-6)

@@ -53,6 +53,11 @@ def cross_entropy(logits, targets, weights, *, z_loss: float = 0.0,
 
 # ------------------------------------------------------------------ output layer + loss
 
+# Rows no longer than a chunk take every position in one pass (no sort, gathers or loop).
+# False sends them through the chunked loop as well: for benchmarks.variants' A/B only.
+SINGLE_PASS = True
+
+
 def output_cross_entropy(x, head, targets, weights, *, transposed: bool = False,
                          z_loss: float = 0.0, label_smoothing: float = 0.0, chunk: int = 128,
                          accuracy: bool = False):
@@ -142,7 +147,7 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
     return loss, z, correct, dxc, dh.astype(jnp.float32)
 
   aux = {"weight_sum": jnp.sum(weights)}
-  if l <= chunk:
+  if l <= chunk and SINGLE_PASS:
     # One chunk holds every position: sorting the loss positions first would gain nothing.
     # A position without weight may hold any id (a prompt-tuning virtual token is >= vocab,
     # and an out-of-range gather would be NaN): it weighs 0, so read id 0 there.
