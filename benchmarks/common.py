@@ -94,6 +94,8 @@ def machine(torch_threads: int) -> dict:
   }
   info["scheduling"] = _scheduling()
   info["cpu_vector_isa"] = _vector_isa()
+  import flanjax  # pylint: disable=g-import-not-at-top
+  info["huge_pages"] = flanjax.huge_pages_state()
   if dev.platform == "gpu":
     info["torch_cuda"] = bool(torch.cuda.is_available())
   return info

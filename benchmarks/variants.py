@@ -47,11 +47,14 @@ the windows, with min and max, and its ratio to the first variant.
                           alternate (A, B, C, A, B, C, ... for --rounds rounds) and
                           each figure pools every window of its processes; the
                           per-process medians are kept beside it. Every set keeps
-                          flanjax's YNNPACK-off default (flanjax/__init__.py)
+                          flanjax's YNNPACK-off default (flanjax/__init__.py);
+                          huge_pages=off is the shipped flags in a process without
+                          glibc's huge pages for malloc's large blocks
 
     python -m benchmarks.variants --model=t5 --parts=choice   # T5's step (4 x 512 + 128)
     python -m benchmarks.variants --parts=flags --rounds=3 --out=benchmarks/results/variants_flags_decoder.json
     python -m benchmarks.variants --parts=eval --out=benchmarks/results/variants_eval_decoder.json
+    python -m benchmarks.variants --model=t5 --parts=flags --flag_sets=huge_pages=off --rounds=3
 """
 
 from __future__ import annotations
@@ -243,6 +246,9 @@ FLAG_SETS = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     # XLA:CPU's loops use 256-bit vectors by default, also on AVX-512 hosts.
     "vector_width=512": "--xla_cpu_prefer_vector_width=512",
+    # Not an XLA flag: the process without glibc's huge pages for malloc's large blocks
+    # (flanjax/__init__.py asks for them in a command's process); see _child_env.
+    "huge_pages=off": "",
 }
 
 
@@ -250,6 +256,19 @@ def _child_flags(flags: str) -> str:
   """XLA_FLAGS of a flag set's process: this process's (the user's, with flanjax's
   YNNPACK-off default that `import flanjax` added) and then the set's own."""
   return f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
+def _child_env(name: str, flags: str) -> dict:
+  """The environment of a flag set's process: XLA_FLAGS as _child_flags says; for
+  huge_pages=off also without glibc.malloc.hugetlb (which this process's own start put
+  into GLIBC_TUNABLES, and a child inherits) and with flanjax's opt-out."""
+  env = dict(os.environ, XLA_FLAGS=_child_flags(flags))
+  if name == "huge_pages=off":
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+            if t and not t.startswith("glibc.malloc.hugetlb")]
+    env["GLIBC_TUNABLES"] = ":".join(kept)
+    env["FLANJAX_HUGE_PAGES"] = "0"
+  return env
 
 
 def flag_variants(a, flag_sets: dict) -> dict:
@@ -272,7 +291,7 @@ def flag_variants(a, flag_sets: dict) -> dict:
                "--parts=shipped", f"--batch={a.batch}", f"--inputs={a.inputs}",
                f"--targets={a.targets}", f"--windows={a.windows}", f"--steps={a.steps}",
                f"--out={f.name}"]
-        env = dict(os.environ, XLA_FLAGS=_child_flags(flags))
+        env = _child_env(name, flags)
         try:
           p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
                              timeout=a.child_timeout)
@@ -291,7 +310,9 @@ def flag_variants(a, flag_sets: dict) -> dict:
       print(f"round {r + 1} flags/{name}: {runs[name][-1]['ms']:.1f} ms", flush=True)
   out = {}
   for name, rs in runs.items():
-    v = {"xla_flags": _child_flags(flag_sets[name]), **failed.get(name, {})}
+    v = {"xla_flags": _child_flags(flag_sets[name]),
+         "glibc_tunables": _child_env(name, flag_sets[name]).get("GLIBC_TUNABLES", ""),
+         **failed.get(name, {})}
     if rs:
       shares = [r["others_cpu_share"] for r in rs]
       v.update({**_figure([x for r in rs for x in r["window_ms"]]),

@@ -57,5 +57,78 @@ def _keras_without_sklearn() -> None:
     _sys.meta_path.insert(0, _NoSklearnForKeras())
 
 
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def huge_pages_state() -> dict:
+  """What decides whether a flanjax command runs with transparent huge pages for malloc's
+  large blocks: the kernel's THP mode, glibc's version, GLIBC_TUNABLES and the opt-out."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="utf-8") as f:
+      thp = f.read().split("[", 1)[1].split("]", 1)[0]
+  except (OSError, IndexError):
+    thp = None
+  try:
+    libc = _os.confstr("CS_GNU_LIBC_VERSION") or ""  # 'glibc 2.36'
+  except (AttributeError, ValueError, OSError):
+    libc = ""
+  return {"transparent_hugepage": thp, "libc": libc,
+          "glibc_tunables": _os.environ.get("GLIBC_TUNABLES", ""),
+          "opt_out": _os.environ.get("FLANJAX_HUGE_PAGES", "") == "0"}
+
+
+def _glibc_at_least(libc: str, want=(2, 35)) -> bool:
+  name, _, version = libc.partition(" ")
+  try:
+    return name == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= want
+  except ValueError:
+    return False
+
+
+def _is_command(argv) -> bool:
+  """`python -m flanjax.<x>` / `-m benchmarks.<x>`, or an installed flanjax-* script."""
+  if "-m" in argv[1:]:
+    i = argv.index("-m", 1)
+    return i + 1 < len(argv) and argv[i + 1].startswith(("flanjax.", "benchmarks."))
+  return any(_os.path.basename(a).startswith("flanjax-") for a in argv[1:2])
+
+
+def _huge_pages_for_commands() -> None:
+  """Runs a flanjax command again, at once, with glibc's malloc asking for transparent
+  huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) where the kernel gives them on
+  request (THP mode 'madvise').
+
+  XLA:CPU allocates each step's temporaries as one block (219 MB for the T5 benchmark's
+  step) and frees it after the step; glibc maps and unmaps such blocks, so every step took
+  ~54,000 page faults, ~100 ms of kernel time on two cores. With huge pages the faults are
+  ~1% of that and the step's buffers need fewer TLB entries (figures:
+  benchmarks/README.md). Only a command is run again (its own process, before jax starts
+  anything): never a notebook or a library user's process. FLANJAX_HUGE_PAGES=0 or a
+  glibc.malloc.hugetlb of one's own in GLIBC_TUNABLES keeps the process as it is.
+  """
+  if not _sys.platform.startswith("linux"):
+    return
+  orig = getattr(_sys, "orig_argv", None)
+  if not orig or not _is_command(orig) or "jax" in _sys.modules:
+    return
+  state = huge_pages_state()
+  if (state["opt_out"] or state["transparent_hugepage"] != "madvise"
+      or "glibc.malloc.hugetlb" in state["glibc_tunables"]
+      or not _glibc_at_least(state["libc"])):
+    return
+  env = dict(_os.environ)
+  env["GLIBC_TUNABLES"] = ":".join(t for t in (state["glibc_tunables"], HUGE_PAGES_TUNABLE) if t)
+  for stream in (_sys.stdout, _sys.stderr):
+    try:
+      stream.flush()
+    except (AttributeError, OSError, ValueError):
+      pass
+  try:
+    _os.execve(_sys.executable, [_sys.executable] + list(orig[1:]), env)
+  except OSError:
+    return  # the command goes on as it is: slower, not wrong
+
+
+_huge_pages_for_commands()
 _xla_cpu_flags()
 _keras_without_sklearn()

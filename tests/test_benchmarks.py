@@ -281,6 +281,20 @@ def test_flag_sets_pool_their_processes_windows_and_record_a_crash(monkeypatch):
   assert all(t == 60 for _, _, t in seen)
 
 
+def test_huge_pages_off_child_drops_the_inherited_tunable_and_opts_out(monkeypatch):
+  """The parent's own start put glibc.malloc.hugetlb=1 into GLIBC_TUNABLES; the huge_pages=off
+  child must not inherit it (its other tunables stay), and must not ask for it again."""
+  from benchmarks import variants
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  monkeypatch.delenv("FLANJAX_HUGE_PAGES", raising=False)
+  off = variants._child_env("huge_pages=off", variants.FLAG_SETS["huge_pages=off"])
+  assert off["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+  assert off["FLANJAX_HUGE_PAGES"] == "0"
+  shipped = variants._child_env("shipped", "")
+  assert shipped["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert "FLANJAX_HUGE_PAGES" not in shipped
+
+
 def test_generation_windows_repeat_the_call_to_last_min_window_s(monkeypatch):
   """A window holds enough calls to last min_window_s, and its rate counts every call's
   tokens (a fake clock: each call takes 0.05 s)."""
