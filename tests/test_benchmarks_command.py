@@ -112,13 +112,16 @@ def test_readmes_amd_command_rows_are_the_committed_json():
           f"{r['ratio_min_max'][1]:.2f}x over the windows' extremes)") in text
 
 
-def test_readmes_two_amd_command_runs_at_b60d6a7_are_the_committed_jsons():
-  """The README's two-run command table at b60d6a7: each cell is its JSON's figure."""
+def test_readmes_two_amd_command_runs_at_3e1ebbb_are_the_committed_jsons():
+  """The README's two-run command table at 3e1ebbb: each cell is its JSON's figure; the
+  second run is marked not quiet in its JSON and in its file's name."""
   import pathlib
   repo = pathlib.Path(command_bench.__file__).resolve().parent.parent
   runs = [json.loads((repo / "benchmarks" / "results" /
-                      f"command_cpu_amd_b60d6a7_run{i}.json").read_text()) for i in (1, 2)]
-  assert all(r["quiet"] and r["commit"].startswith("b60d6a7") for r in runs)
+                      f"command_cpu_amd_3e1ebbb_run{n}.json").read_text())
+          for n in ("1", "2_not_quiet")]
+  assert all(r["commit"].startswith("3e1ebbb") for r in runs)
+  assert runs[0]["quiet"] and not runs[1]["quiet"]
   readme = (repo / "README.md").read_text()
   cell = lambda f: (f"{f['tokens_per_s']:,.0f} [{f['tokens_per_s_min']:,.0f}-"  # noqa: E731
                     f"{f['tokens_per_s_max']:,.0f}]")
