@@ -109,7 +109,7 @@ def _huge_pages_for_commands() -> None:
   if not _sys.platform.startswith("linux"):
     return
   orig = getattr(_sys, "orig_argv", None)
-  if not orig or not _is_command(orig) or "jax" in _sys.modules:
+  if not orig or not _sys.executable or not _is_command(orig) or "jax" in _sys.modules:
     return
   state = huge_pages_state()
   if (state["opt_out"] or state["transparent_hugepage"] != "madvise"

@@ -63,3 +63,26 @@ def test_a_command_runs_again_with_huge_pages_once(tmp_path):
   assert _starts(tmp_path / "c", {"FLANJAX_HUGE_PAGES": "0"}) == ["None"]
   assert _starts(tmp_path / "d", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == [
       "'glibc.malloc.hugetlb=0'"]
+
+
+def test_the_restart_runs_the_same_command_with_the_tunable_added(monkeypatch):
+  """In-process, with execve recorded instead of run: the same interpreter and arguments,
+  the tunable appended to the user's; nothing without an interpreter path to run."""
+  calls = []
+  monkeypatch.setattr(flanjax._os, "execve", lambda *a: calls.append(a))
+  monkeypatch.setattr(flanjax, "huge_pages_state", lambda: {
+      "transparent_hugepage": "madvise", "libc": "glibc 2.36",
+      "glibc_tunables": "glibc.malloc.arena_max=2", "opt_out": False})
+  monkeypatch.setattr(sys, "platform", "linux")
+  monkeypatch.delitem(sys.modules, "jax", raising=False)
+  monkeypatch.setattr(sys, "orig_argv", ["python3", "-u", "-m", "flanjax.train", "--x=1"],
+                      raising=False)
+  flanjax._huge_pages_for_commands()
+  (path, argv, env), = calls
+  assert path == sys.executable and argv == [sys.executable, "-u", "-m", "flanjax.train", "--x=1"]
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + flanjax.HUGE_PAGES_TUNABLE
+  monkeypatch.setattr(sys, "executable", "")
+  flanjax._huge_pages_for_commands()
+  monkeypatch.setattr(sys, "executable", None)
+  flanjax._huge_pages_for_commands()
+  assert len(calls) == 1
