@@ -118,6 +118,9 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
 
   def terms(xc, tc, wc):
     """One chunk's (loss, z-loss, correct, dx [n, d] f32, d_head f32) sums."""
+    # A position without weight may hold any id (a prompt-tuning virtual token is >= vocab,
+    # and an out-of-range gather would be NaN): it weighs 0, so read id 0 there.
+    tc = jnp.where(wc != 0, tc, 0)
     logits = logits_of(xc)  # [n, v] f32
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
@@ -149,11 +152,8 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
   aux = {"weight_sum": jnp.sum(weights)}
   if l <= chunk and SINGLE_PASS:
     # One chunk holds every position: sorting the loss positions first would gain nothing.
-    # A position without weight may hold any id (a prompt-tuning virtual token is >= vocab,
-    # and an out-of-range gather would be NaN): it weighs 0, so read id 0 there.
-    wc = weights.reshape(-1)
-    tc = jnp.where(wc != 0, targets.reshape(-1), 0)
-    loss_sum, z_sum, correct, dxc, d_head = terms(x.reshape(b * l, d), tc, wc)
+    loss_sum, z_sum, correct, dxc, d_head = terms(x.reshape(b * l, d), targets.reshape(-1),
+                                                  weights.reshape(-1))
     dx = None if dxc is None else dxc.reshape(b, l, d)
   else:
     loss_sum, z_sum, correct, dx, d_head = _chunked(x, targets, weights, chunk, terms,
@@ -176,9 +176,8 @@ def _chunked(x, targets, weights, chunk, terms, with_grads):
     slot = k * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]
     valid = slot < counts[:, None]
     xc = jnp.take_along_axis(x, pos[..., None], axis=1).reshape(b * chunk, d)
-    # A slot past a row's loss positions may hold any id (a prompt-tuning virtual token is
-    # >= vocab, and an out-of-range gather would be NaN): it weighs 0, so read id 0 there.
-    tc = jnp.where(valid, jnp.take_along_axis(targets, pos, axis=1), 0).reshape(-1)
+    # A slot past a row's loss positions weighs 0 (terms then reads id 0 there).
+    tc = jnp.take_along_axis(targets, pos, axis=1).reshape(-1)
     wc = jnp.where(valid, jnp.take_along_axis(weights, pos, axis=1), 0.0).reshape(-1)
     return terms(xc, tc, wc)
 
