@@ -90,7 +90,7 @@ def _is_command(argv) -> bool:
   if "-m" in argv[1:]:
     i = argv.index("-m", 1)
     return i + 1 < len(argv) and argv[i + 1].startswith(("flanjax.", "benchmarks."))
-  return any(_os.path.basename(a).startswith("flanjax-") for a in argv[1:2])
+  return len(argv) > 1 and _os.path.basename(argv[1]).startswith("flanjax-")
 
 
 def _huge_pages_for_commands() -> None:
