@@ -164,8 +164,10 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
   assert "the grouped rows 198 on average" in notes["decoder"]
   assert "flanjax runs 1.24x PyTorch's grouped step" in notes["t5"]
   assert "the grouped rows 259 on average" in notes["t5"]
-  ratio = lambda m, a, b: round(r["train"][m][a[0]][a[1]]["real_tokens_per_s"]  # noqa: E731
-                                / r["train"][m][b[0]][b[1]]["real_tokens_per_s"], 2)
+  def ratio_of(run):
+    return lambda m, a, b: round(run["train"][m][a[0]][a[1]]["real_tokens_per_s"]
+                                 / run["train"][m][b[0]][b[1]]["real_tokens_per_s"], 2)
+  ratio = ratio_of(r)
   assert ratio("t5", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.05
   assert ratio("decoder", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.50
   assert ratio("t5", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")) == 1.43
@@ -183,8 +185,7 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
   r2 = json.loads((repo / "benchmarks" / "results" /
                    "cpu_amd_2b91594_run2_not_quiet.json").read_text())
   assert not r2["quiet"] and r2["commit"] == "2b91594"
-  ratio2 = lambda m, a, b: round(r2["train"][m][a[0]][a[1]]["real_tokens_per_s"]  # noqa: E731
-                                 / r2["train"][m][b[0]][b[1]]["real_tokens_per_s"], 2)
+  ratio2 = ratio_of(r2)
   assert ratio2("t5", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.05
   assert ratio2("decoder", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.44
   assert ratio2("t5", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")) == 1.61
