@@ -100,9 +100,9 @@ def _huge_pages_for_commands() -> None:
 
   XLA:CPU allocates each step's temporaries as one block (219 MB for the T5 benchmark's
   step) and frees it after the step; glibc maps and unmaps such blocks, so every step took
-  ~54,000 page faults, ~100 ms of kernel time on two cores. With huge pages the faults are
-  ~1% of that and the step's buffers need fewer TLB entries (figures:
-  benchmarks/README.md). Only a command is run again (its own process, before jax starts
+  ~54,000 page faults, ~100 ms of kernel time on two cores (scratch measurements). With
+  huge pages the faults are ~1% of that and the step's buffers need fewer TLB entries
+  (the whole-step A/B: benchmarks/results/variants_huge_pages_*.json). Only a command is run again (its own process, before jax starts
   anything): never a notebook or a library user's process. FLANJAX_HUGE_PAGES=0 or a
   glibc.malloc.hugetlb of one's own in GLIBC_TUNABLES keeps the process as it is.
   """
