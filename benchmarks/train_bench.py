@@ -1,9 +1,11 @@
 """Training throughput: padded tokens/s, and real tokens/s on a real length distribution.
 
 Every figure is the median of `windows` timed windows (>= 5), with their min and
-max, the device and dtype it ran in, the load average before and after, and the
-share of the machine's CPU other processes took during its windows (a figure
-above common.QUIET_OTHERS is marked not quiet).
+max (the real-length runs deal their steps out to the windows in turn, so each
+window spans the run's lengths: `_split`), the device and dtype it ran in, the
+load average before and after, and the share of the machine's CPU other
+processes took during its windows (a figure above common.QUIET_OTHERS is marked
+not quiet).
 
 Padded: B rows of exactly (inputs + targets) random tokens, the same tensors on
 both stacks; tokens/s counts every position.
@@ -51,6 +53,8 @@ def _measure(stack, windows_batches, train, counts, examples=None) -> dict:
        # the figure: median over windows of real tokens / s (every position when padded)
        "real_tokens_per_s": fig["median"], "real_tokens_per_s_min": fig["min"],
        "real_tokens_per_s_max": fig["max"], "window_rates": fig["window_rates"],
+       # every window's tokens over every window's seconds (the median's check)
+       "real_tokens_per_s_overall": round(real / max(secs, 1e-9), 1),
        "non_padding_share": round(real / max(padded, 1), 4),
        "load_before": fig["load_before"], "load_after": fig["load_after"],
        "others_cpu_share": fig.get("others_cpu_share"),
@@ -67,9 +71,19 @@ def _measure(stack, windows_batches, train, counts, examples=None) -> dict:
 
 
 def _split(batches, windows: int) -> list[list]:
-  """Consecutive, near-equal windows of steps."""
-  edges = np.linspace(0, len(batches), windows + 1).round().astype(int)
-  return [batches[a:b] for a, b in zip(edges[:-1], edges[1:])]
+  """Near-equal windows of steps, dealt out back and forth: 0, 1, .., w-1, w-1, .., 0, 0, ..
+
+  Not consecutive runs: group_by_length's order is sorted by length (one megabatch
+  holds all ~500 examples), so consecutive windows would each time one length band,
+  and their median would be one band's rate, not the run's (3e1ebbb's PyTorch T5
+  windows ran 3,828-6,595 tokens/s by band; their median 4,497, the whole run 5,522).
+  Dealt back and forth, each window takes one step of every 2w in turn, and a sorted
+  order gives every window about the same mix of lengths."""
+  out = [[] for _ in range(windows)]
+  for i, b in enumerate(batches):
+    r = i % (2 * windows)
+    out[r if r < windows else 2 * windows - 1 - r].append(b)
+  return [w for w in out if w]
 
 
 def _real_rows(rows, members, steady, batch_size, windows, real_examples):

@@ -466,3 +466,25 @@ def test_variants_choice_settings_are_changed_for_the_trace_and_restored():
       assert attention.SOFTMAX_VALUES is False
       raise RuntimeError("a failed trace")
   assert attention.SOFTMAX_VALUES is True
+
+
+def test_real_length_windows_each_span_a_sorted_orders_lengths():
+  """group_by_length sorts the whole run by length: windows of consecutive steps would each
+  time one length band. _split deals each step to one window, and every window gets about
+  the run's mean padded length (consecutive windows: the shortest band's mean is far below)."""
+  import numpy as np
+  from benchmarks import examples as ex_lib, stacks, train_bench
+  exs, _, _ = ex_lib.synthetic_examples({"inputs": 512, "targets": 128}, 520, 0, 100)
+  order = stacks.grouped_order(exs, 11, 0, "enc_dec")
+  batches = [order[s:s + 11] for s in range(0, len(order), 11)]
+  padded = {id(b): max(len(exs[i]["inputs"]) for i in b) for b in batches}
+  windows = train_bench._split(batches, 5)
+  assert len(windows) == 5
+  assert sorted(id(b) for w in windows for b in w) == sorted(map(id, batches))
+  assert max(map(len, windows)) - min(map(len, windows)) <= 1
+  mean = np.mean(list(padded.values()))
+  spread = lambda ws: max(abs(np.mean([padded[id(b)] for b in w]) / mean - 1) for w in ws)  # noqa: E731
+  assert spread(windows) < 0.1, spread(windows)
+  edges = np.linspace(0, len(batches), 6).round().astype(int)
+  consecutive = [batches[a:b] for a, b in zip(edges[:-1], edges[1:])]
+  assert spread(consecutive) > 0.4, spread(consecutive)
