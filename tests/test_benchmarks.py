@@ -488,3 +488,43 @@ def test_real_length_windows_each_span_a_sorted_orders_lengths():
   edges = np.linspace(0, len(batches), 6).round().astype(int)
   consecutive = [batches[a:b] for a, b in zip(edges[:-1], edges[1:])]
   assert spread(consecutive) > 0.4, spread(consecutive)
+
+
+def test_attention_share_key_windows_match_a_brute_force_count():
+  """benchmarks.attention_share.key_work against a loop over every query block, row, query and
+  key, on packed rows with padding, for causal and bidirectional attention."""
+  import numpy as np
+  from benchmarks import attention_share
+  rng = np.random.default_rng(3)
+  rows = []
+  for _ in range(3):
+    lens = rng.integers(3, 30, 8)
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[:80]
+    rows.append(np.pad(seg, (0, 96 - len(seg))))  # padding (segment 0) at the end
+  seg = np.stack(rows)
+  for causal, kv_padding in ((True, False), (False, True)):
+    for block in (8, 16, 32):
+      got = attention_share.key_work(seg, seg, causal, kv_padding, block, now_block=40)
+      lq = lk = seg.shape[1]
+      batch = row = pairs = 0
+      for lo in range(0, lq, block):
+        hi = min(lo + block, lq)
+        spans = []
+        for r in range(len(seg)):
+          ok = [[seg[r, i] == seg[r, j] and (not kv_padding or seg[r, j] > 0)
+                 and (not causal or j <= i) for j in range(lk)] for i in range(lo, hi)]
+          pairs += sum(map(sum, ok))
+          if not all(any(o) for o in ok):
+            spans.append((0, lk))
+            continue
+          keys = [j for j in range(lk) if any(o[j] for o in ok)]
+          spans.append((keys[0] // block * block, min(lk, (keys[-1] // block + 1) * block)))
+        row += (hi - lo) * sum(b - a for a, b in spans)
+        batch += (hi - lo) * len(seg) * (max(b for _, b in spans) - min(a for a, _ in spans))
+      n = round(lq / 40)
+      size = -(-lq // n)
+      now = sum(len(seg) * (min(lo + size, lq) - lo) * (min(lo + size, lq) if causal else lk)
+                for lo in range(0, lq, size))
+      assert (got["now"], got["batch_window"], got["row_window"], got["allowed_pairs"]) == \
+          (now, batch, row, pairs), (causal, block)
+      assert got["allowed_pairs"] <= got["row_window"] <= got["batch_window"] <= got["now"]
