@@ -24,6 +24,10 @@ much that costs and how much a block-sparse attention could win back:
           the best block size: an upper bound on that lever (smaller blocks cost more ops,
           and a row's own window needs a branch per row and block under XLA's static
           shapes).
+  blocks  the step with the reference attention's query blocks smaller than it ships
+          (attention.QUERY_BLOCK): under a causal mask each block reads keys only up to its
+          last query, so smaller blocks score fewer pairs with no branch at all; this
+          times what the extra, smaller ops cost against the pairs they save.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ def key_work(q_seg, kv_seg, causal: bool, kv_padding: bool, block: int,
           "allowed_pairs_of_now": round(allowed.sum() / now, 3)}
 
 
-def measure(model: str, steps: int, windows: int, batch: int, seed: int) -> dict:
+def measure(model: str, steps: int, windows: int, batch: int, seed: int,
+            query_blocks: tuple = ()) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import stacks, variants  # pylint: disable=g-import-not-at-top
   from flanjax.models import attention  # pylint: disable=g-import-not-at-top
@@ -122,6 +127,11 @@ def measure(model: str, steps: int, windows: int, batch: int, seed: int) -> dict
     fj = stacks.Flanjax(cfg, stacks.AdamW())
     run = lambda fj=fj: fj.train(dev)  # noqa: E731
     fns[name] = run if setting is None else variants._first_call_under(setting, run)  # pylint: disable=protected-access
+  for qb in query_blocks:
+    fj = stacks.Flanjax(cfg, stacks.AdamW())
+    fns[f"query blocks of {qb}"] = variants._first_call_under(  # pylint: disable=protected-access
+        lambda qb=qb: variants._setting("flanjax.models.attention", "QUERY_BLOCK", qb),  # pylint: disable=protected-access
+        lambda fj=fj: fj.train(dev))
   timed = variants._interleaved(fns, windows, 1)  # pylint: disable=protected-access
   step_ms = {k: v["ms"] / steps for k, v in timed.items()}
   ship, stand = step_ms["step as it ships"], step_ms["attention core replaced"]
@@ -142,13 +152,21 @@ def measure(model: str, steps: int, windows: int, batch: int, seed: int) -> dict
   best = min((sum(keys[n][f"block_{bl}"]["row_window"] for n in keys), bl) for bl in (32, 64, 128))
   floor = sum(keys[n]["block_64"]["allowed_pairs"] for n in keys)
   core = ship - stand
+  blocks = {}
+  for qb in query_blocks:
+    pairs = sum(key_work(*a, 32, qb)["now"] for b in batches for a in _attentions(model, b).values())
+    shipped = sum(key_work(*a, 32, attention.QUERY_BLOCK)["now"]
+                  for b in batches for a in _attentions(model, b).values())
+    blocks[qb] = {"step_ms": round(step_ms[f"query blocks of {qb}"], 2),
+                  "step_vs_shipped": round(step_ms[f"query blocks of {qb}"] / ship, 3),
+                  "pairs_of_shipped": round(pairs / shipped, 3)}
   real = sum(stacks.flanjax_counts(b, stacks.packing_kind(cfg))[0] for b in batches) / steps
   return {"model": model, "steps_per_window": steps, "rows_per_step": batch,
           "real_tokens_per_step": round(real, 1),
           "step_ms": {k: round(v, 2) for k, v in step_ms.items()},
           "windows": {k: {kk: vv for kk, vv in v.items()} for k, v in timed.items()},
           "attention_core_ms": round(core, 2), "attention_core_share": round(core / ship, 3),
-          "keys": keys,
+          "keys": keys, "query_blocks": {"shipped": attention.QUERY_BLOCK, **blocks},
           "bound": {"row_window_block": best[1], "keys_of_now": round(best[0] / now, 3),
                     "step_ms": round(stand + core * best[0] / now, 2),
                     "step_speedup": round(ship / (stand + core * best[0] / now), 3),
@@ -164,6 +182,8 @@ def main(argv=None) -> None:
   ap.add_argument("--windows", type=int, default=7)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--query_blocks", default="80,32",
+                  help="reference attention query blocks to time beside the shipped one")
   ap.add_argument("--out")
   a = ap.parse_args(argv)
   from benchmarks import common, stacks  # pylint: disable=g-import-not-at-top
@@ -173,7 +193,8 @@ def main(argv=None) -> None:
          "load_before": common.load(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
          "models": {}}
   for m in a.models.split(","):
-    r = res["models"][m] = measure(m, a.steps, a.windows, a.batch, a.seed)
+    qbs = tuple(int(x) for x in a.query_blocks.split(",") if x)
+    r = res["models"][m] = measure(m, a.steps, a.windows, a.batch, a.seed, qbs)
     bd = r["bound"]
     print(f"{m}: step {r['step_ms']['step as it ships']:.1f} ms, attention core "
           f"{r['attention_core_ms']:.1f} ms ({r['attention_core_share']:.0%}); per-row key "
@@ -181,6 +202,10 @@ def main(argv=None) -> None:
           "today's (query, key) pairs: "
           f"at best x{bd['step_speedup']:.3f} a step (per-example floor "
           f"{bd['floor_keys_of_now']:.0%}, x{bd['floor_step_speedup']:.3f})", flush=True)
+    for qb, q in r["query_blocks"].items():
+      if qb != "shipped":
+        print(f"  query blocks of {qb}: {q['pairs_of_shipped']:.0%} of the pairs, step "
+              f"x{q['step_vs_shipped']:.3f} the shipped one's time", flush=True)
   res["load_after"] = common.load()
   res["quiet"] = common.quiet_start(res["load_before"]) and all(
       w.get("quiet", True) for r in res["models"].values() for w in r["windows"].values())
