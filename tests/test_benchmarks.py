@@ -153,46 +153,69 @@ def test_windows_shorter_than_a_clock_tick_still_report_the_others_share():
 
 def test_readmes_per_token_factors_are_the_latest_runs_json():
   """The README's factors per padded token on the grouped batches, and its target ratios,
-  are the latest committed run's (cpu_amd_3e1ebbb.json), recomputed from its figures."""
+  are the latest committed run's (cpu_amd_625a19b_run3.json) and, in the three-run table,
+  each run's own, recomputed from their figures."""
   import pathlib
   from benchmarks import run as bench
   repo = pathlib.Path(bench.HERE).parent
-  r = json.loads((repo / "benchmarks" / "results" / "cpu_amd_3e1ebbb.json").read_text())
-  assert r["quiet"] and r["commit"] == "3e1ebbb"
+  results = repo / "benchmarks" / "results"
+  r = json.loads((results / "cpu_amd_625a19b_run3.json").read_text())
+  assert r["quiet"] and r["commit"].startswith("625a19b")
   notes = {m: bench._packing_bound(r["train"][m]) for m in ("t5", "decoder")}
-  assert "flanjax runs 1.18x PyTorch's grouped step" in notes["decoder"]
+  assert "flanjax runs 1.29x PyTorch's grouped step" in notes["decoder"]
   assert "the grouped rows 198 on average" in notes["decoder"]
-  assert "flanjax runs 1.24x PyTorch's grouped step" in notes["t5"]
+  assert "flanjax runs 1.21x PyTorch's grouped step" in notes["t5"]
   assert "the grouped rows 259 on average" in notes["t5"]
+
   def ratio_of(run):
     return lambda m, a, b: round(run["train"][m][a[0]][a[1]]["real_tokens_per_s"]
                                  / run["train"][m][b[0]][b[1]]["real_tokens_per_s"], 2)
-  ratio = ratio_of(r)
+
+  def five(run):  # the three-run table's five ratios
+    ratio = ratio_of(run)
+    return (ratio("t5", ("padded", "flanjax"), ("padded", "torch_eager")),
+            ratio("decoder", ("padded", "flanjax"), ("padded", "torch_eager")),
+            ratio("t5", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")),
+            ratio("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")),
+            ratio("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_packed")))
+
+  readme = " ".join((repo / "README.md").read_text().split())
+  runs = {1: ("cpu_amd_f2d8a0d_run1_not_quiet.json", False, (1.08, 1.51, 1.34, 1.18, 1.29)),
+          2: ("cpu_amd_f2d8a0d_run2.json", True, (0.97, 1.44, 1.22, 1.20, 1.32)),
+          3: ("cpu_amd_625a19b_run3.json", True, (0.96, 1.33, 1.39, 1.32, 1.47))}
+  for n, (name, quiet, want) in runs.items():
+    run = json.loads((results / name).read_text())
+    assert run["quiet"] is quiet and five(run) == want, (name, five(run))
+    t5, dec = run["train"]["t5"]["padded"], run["train"]["decoder"]["padded"]
+    cells = [f"{want[0]:.2f}x ({t5['flanjax']['tokens_per_s']:,.0f} against "
+             f"{t5['torch_eager']['tokens_per_s']:,.0f})",
+             f"{want[1]:.2f}x ({dec['flanjax']['tokens_per_s']:,.0f} against "
+             f"{dec['torch_eager']['tokens_per_s']:,.0f})"] + [f"{x:.2f}x" for x in want[2:]]
+    assert f"`{name}`" in readme and " | ".join(cells) + " |" in readme, (name, cells)
+  # The run before at 3e1ebbb: its grouped medians and its whole-run ratios, as quoted.
+  old = json.loads((results / "cpu_amd_3e1ebbb.json").read_text())
+  assert old["quiet"] and old["commit"] == "3e1ebbb"
+  ratio = ratio_of(old)
   assert ratio("t5", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.05
   assert ratio("decoder", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.50
   assert ratio("t5", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")) == 1.43
   assert ratio("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")) == 1.21
-  assert ratio("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_packed")) == 1.41
-  readme = " ".join((repo / "README.md").read_text().split())
-  assert ("flanjax runs 1.18x PyTorch's grouped step for the decoder, against 1.50x on full "
-          "padded rows, and 1.24x for T5 (1.05x padded)") in readme
-  assert "198 (decoder) and 259 (T5) tokens on average, flanjax's packed rows all 640" in readme
-  assert ("(1.43x T5, 1.21x decoder; the second, not-quiet run 1.61x and 1.27x; b60d6a7: "
-          "1.34x, 0.97x;") in readme
-  assert "**met for the decoder** (1.50x;" in readme and "**met for T5** (1.05x;" in readme
-  assert "**met** (decoder 1.41x;" in readme
-  # The second run at the same code, marked not quiet (its pipeline windows), as quoted.
-  r2 = json.loads((repo / "benchmarks" / "results" /
-                   "cpu_amd_2b91594_run2_not_quiet.json").read_text())
+  whole = lambda run, m: round(  # noqa: E731
+      (lambda q: (q["flanjax_packed"]["real_tokens"] / q["flanjax_packed"]["seconds"])
+       / (q["torch_eager_grouped"]["real_tokens"] / q["torch_eager_grouped"]["seconds"]))(
+           run["train"][m]["real"]), 2)
+  assert (whole(old, "t5"), whole(old, "decoder")) == (1.20, 1.25)
+  assert "over the whole run, all windows' tokens over all their seconds, they were 1.20x and 1.25x" in readme
+  r2 = json.loads((results / "cpu_amd_2b91594_run2_not_quiet.json").read_text())
   assert not r2["quiet"] and r2["commit"] == "2b91594"
-  ratio2 = ratio_of(r2)
-  assert ratio2("t5", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.05
-  assert ratio2("decoder", ("padded", "flanjax"), ("padded", "torch_eager")) == 1.44
-  assert ratio2("t5", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")) == 1.61
-  assert ratio2("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")) == 1.27
-  assert ratio2("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_packed")) == 1.40
+  assert (whole(r2, "t5"), whole(r2, "decoder")) == (1.24, 1.33)
+  assert "its grouped medians 1.61x and 1.27x were 1.24x and 1.33x over the whole run" in readme
   assert ("token T5 **1.05x** (7,569 [7,131-8,032] against 7,189 [6,984-7,400]) and the "
           "decoder **1.44x** (4,699 against 3,254)") in readme
+  assert "In this run flanjax runs 1.29x PyTorch's grouped step per padded token for the decoder and 1.21x for T5" in readme
+  assert "(1.39x T5, 1.32x decoder; 1.34x / 1.18x and 1.22x / 1.20x in the two runs at f2d8a0d;" in readme
+  assert "**met for the decoder** (1.33x;" in readme and "0.96x in this quiet run" in readme
+  assert "**met** (decoder 1.47x;" in readme
   # Every row of the README's table is a row of the JSON's own table (names shortened).
   short = (("decoder (Llama, causal both sides)", "decoder"),
            (" on flan_cot lengths (flanjax packed vs padded per batch, random batches)",
