@@ -77,8 +77,8 @@ def _split(batches, windows: int) -> list[list]:
   holds all ~500 examples), so consecutive windows would each time one length band,
   and their median would be one band's rate, not the run's (3e1ebbb's PyTorch T5
   windows ran 3,828-6,595 tokens/s by band; their median 4,497, the whole run 5,522).
-  Dealt back and forth, each window takes one step of every 2w in turn, and a sorted
-  order gives every window about the same mix of lengths."""
+  Dealt back and forth, each window takes two of every 2w steps (one going, one coming
+  back), and a sorted order gives every window about the same mix of lengths."""
   out = [[] for _ in range(windows)]
   for i, b in enumerate(batches):
     r = i % (2 * windows)
