@@ -210,6 +210,15 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
   assert not r2["quiet"] and r2["commit"] == "2b91594"
   assert (whole(r2, "t5"), whole(r2, "decoder")) == (1.24, 1.33)
   assert "its grouped medians 1.61x and 1.27x were 1.24x and 1.33x over the whole run" in readme
+  # benchmarks/README's whole-run ratios of the older runs, and run 3's (where they agree).
+  bench_readme = " ".join((repo / "benchmarks" / "README.md").read_text().split())
+  for name, quoted in (("cpu_amd_b60d6a7.json", "b60d6a7 1.11x / 1.08x"),
+                       ("cpu_amd_e401d35.json", "e401d35 0.99x / 1.04x"),
+                       ("cpu.json", "dacbaf6 on the Intel host 1.04x / 0.84x"),
+                       ("cpu_amd_625a19b_run3.json", "whole-run ratios 1.37x / 1.29x")):
+    run = json.loads((results / name).read_text())
+    assert quoted.endswith(f"{whole(run, 't5'):.2f}x / {whole(run, 'decoder'):.2f}x"), name
+    assert quoted in bench_readme, quoted
   assert ("token T5 **1.05x** (7,569 [7,131-8,032] against 7,189 [6,984-7,400]) and the "
           "decoder **1.44x** (4,699 against 3,254)") in readme
   assert "In this run flanjax runs 1.29x PyTorch's grouped step per padded token for the decoder and 1.21x for T5" in readme
