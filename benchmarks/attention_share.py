@@ -78,6 +78,14 @@ def _blocks(lq: int, size: int) -> list[tuple[int, int]]:
   return [(lo, min(lo + size, lq)) for lo in range(0, lq, size)]
 
 
+def pairs_scored(bsz: int, lq: int, lk: int, causal: bool, query_block: int) -> int:
+  """(query, key) pairs attention._reference scores with its query blocks of ~query_block:
+  every key, or under a causal mask the keys up to each block's last query."""
+  n = max(1, round(lq / query_block))  # attention._reference's blocks
+  return sum(bsz * (hi - lo) * (min(hi, lk) if causal else lk)
+             for lo, hi in _blocks(lq, -(-lq // n)))
+
+
 def key_work(q_seg, kv_seg, causal: bool, kv_padding: bool, block: int,
              now_block: int) -> dict:
   """(query, key) pairs scored, over rows and query blocks, now and with per-block key windows.
@@ -93,9 +101,7 @@ def key_work(q_seg, kv_seg, causal: bool, kv_padding: bool, block: int,
     allowed &= kv_seg[:, None, :] > 0
   if causal:
     allowed &= np.arange(lk)[None, None, :] <= np.arange(lq)[None, :, None]
-  n = max(1, round(lq / now_block))  # attention._reference's blocks
-  now = sum(bsz * (hi - lo) * (min(hi, lk) if causal else lk)
-            for lo, hi in _blocks(lq, -(-lq // n)))
+  now = pairs_scored(bsz, lq, lk, causal, now_block)
   batch = row = 0
   for lo, hi in _blocks(lq, block):
     a = allowed[:, lo:hi]
@@ -153,18 +159,17 @@ def measure(model: str, steps: int, windows: int, batch: int, seed: int,
   floor = sum(keys[n]["block_64"]["allowed_pairs"] for n in keys)
   core = ship - stand
   blocks = {}
-  for qb in query_blocks:
-    pairs = sum(key_work(*a, 32, qb)["now"] for b in batches for a in _attentions(model, b).values())
-    shipped = sum(key_work(*a, 32, attention.QUERY_BLOCK)["now"]
-                  for b in batches for a in _attentions(model, b).values())
+  for qb in query_blocks:  # `now` is the pairs scored with the shipped blocks
+    pairs = sum(pairs_scored(q.shape[0], q.shape[1], kv.shape[1], causal, qb)
+                for b in batches for q, kv, causal, _ in _attentions(model, b).values())
     blocks[qb] = {"step_ms": round(step_ms[f"query blocks of {qb}"], 2),
                   "step_vs_shipped": round(step_ms[f"query blocks of {qb}"] / ship, 3),
-                  "pairs_of_shipped": round(pairs / shipped, 3)}
+                  "pairs_of_shipped": round(pairs / now, 3)}
   real = sum(stacks.flanjax_counts(b, stacks.packing_kind(cfg))[0] for b in batches) / steps
   return {"model": model, "steps_per_window": steps, "rows_per_step": batch,
           "real_tokens_per_step": round(real, 1),
           "step_ms": {k: round(v, 2) for k, v in step_ms.items()},
-          "windows": {k: {kk: vv for kk, vv in v.items()} for k, v in timed.items()},
+          "windows": timed,
           "attention_core_ms": round(core, 2), "attention_core_share": round(core / ship, 3),
           "keys": keys, "query_blocks": {"shipped": attention.QUERY_BLOCK, **blocks},
           "bound": {"row_window_block": best[1], "keys_of_now": round(best[0] / now, 3),
@@ -192,8 +197,8 @@ def main(argv=None) -> None:
          "commit": common.commit(), "machine": common.machine(threads),
          "load_before": common.load(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
          "models": {}}
+  qbs = tuple(int(x) for x in a.query_blocks.split(",") if x)
   for m in a.models.split(","):
-    qbs = tuple(int(x) for x in a.query_blocks.split(",") if x)
     r = res["models"][m] = measure(m, a.steps, a.windows, a.batch, a.seed, qbs)
     bd = r["bound"]
     print(f"{m}: step {r['step_ms']['step as it ships']:.1f} ms, attention core "
