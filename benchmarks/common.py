@@ -164,14 +164,36 @@ def _steal_share(a, b) -> float:
   return max(0.0, (b[3] - a[3]) / (b[1] - a[1]))
 
 
+_COPY = []  # the probe's two buffers, made once
+
+
+def copy_bandwidth(mib: int = 64, reps: int = 3) -> float:
+  """GB/s (read + write) of numpy copying `mib` MiB, the best of `reps`: the memory
+  bandwidth this machine had just then. Other virtual machines on the same host share it,
+  and neither /proc/stat nor the load average sees them (how far each stack's step follows
+  it: `python -m benchmarks.bandwidth_step`)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not _COPY or _COPY[0].nbytes != mib << 20:
+    _COPY[:] = [np.ones(mib << 17), np.empty(mib << 17)]
+  src, dst = _COPY
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t0)
+  return 2 * src.nbytes / best / 1e9 if best > 0 else float("nan")  # nan: a stopped clock
+
+
 class Windows:
   """Timed windows of one figure: each window's rate, and how much of the machine
   other processes took meanwhile (/proc/stat's busy time less this process's own; the
   hypervisor's steal counts, and is also given apart), so a figure taken on a busy machine
-  says so."""
+  says so; and the memory bandwidth left right after each window (`copy_bandwidth`),
+  which other virtual machines on the host take without showing in either."""
 
-  def __init__(self):
+  def __init__(self, bandwidth: bool = True):
     self.rates, self.seconds, self.others, self.steal = [], [], [], []
+    self.bandwidth = [] if bandwidth else None
     self.load_before = load()
     self._first = self._last = None  # ticks around all windows, for windows under a tick
 
@@ -191,6 +213,8 @@ class Windows:
         self.steal.append(_steal_share(a, b))
     self.seconds.append(secs)
     self.rates.append(amount / secs)
+    if self.bandwidth is not None:
+      self.bandwidth.append(copy_bandwidth())
     return out
 
   def summary(self) -> dict:
@@ -200,6 +224,8 @@ class Windows:
     out = {"median": round(median, 3), "min": round(r[0], 3), "max": round(r[-1], 3),
            "windows": n, "window_rates": [round(x, 3) for x in self.rates],
            "load_before": self.load_before, "load_after": load()}
+    if self.bandwidth:
+      out["memory_gbps"] = [round(x, 1) if x == x else None for x in self.bandwidth]
     if self.others:
       out["others_cpu_share"] = round(max(self.others), 3)
       out["steal_cpu_share"] = round(max(self.steal), 3)

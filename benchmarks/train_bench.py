@@ -3,9 +3,11 @@
 Every figure is the median of `windows` timed windows (>= 5), with their min and
 max (the real-length runs deal their steps out to the windows in turn, so each
 window spans the run's lengths: `_split`), the device and dtype it ran in, the
-load average before and after, and the share of the machine's CPU other
+load average before and after, the share of the machine's CPU other
 processes took during its windows (a figure above common.QUIET_OTHERS is marked
-not quiet).
+not quiet) and the memory bandwidth left after each window. The stacks' windows
+are interleaved (window 1 of each, then window 2 of each, ...: `_measure`), every
+stack warmed up and compiled before the first.
 
 Padded: B rows of exactly (inputs + targets) random tokens, the same tensors on
 both stacks; tokens/s counts every position.
@@ -36,15 +38,31 @@ from benchmarks import examples as ex_lib
 from benchmarks import stacks
 
 
-def _measure(stack, windows_batches, train, counts, examples=None) -> dict:
-  """Times train(batches) once per window; counts(b) -> (real, padded) of a batch."""
-  w = common.Windows()
-  real = padded = 0
-  for wb in windows_batches:
-    c = [counts(b) for b in wb]
-    real += sum(x[0] for x in c)
-    padded += sum(x[1] for x in c)
-    w.time(lambda wb=wb: train(wb), sum(x[0] for x in c))
+def _measure(entries: dict) -> dict:
+  """Times every entry's windows in turn: window 1 of each, then window 2 of each, ...
+
+  entries: name -> (stack, windows_batches, train, counts, examples or None), where
+  counts(b) -> (real, padded) of a batch and train(batches) runs them. Interleaved, not one
+  stack's windows after the other's, so both stacks sample the same stretches of the
+  host: on the shared 2-core host the memory bandwidth other virtual machines leave comes
+  and goes over seconds to minutes, and a stack timed only in a bad stretch was slow by it
+  alone (each window records that bandwidth: common.Windows)."""
+  timers = {name: common.Windows() for name in entries}
+  tally = {name: [0, 0] for name in entries}
+  for w in range(max(len(e[1]) for e in entries.values())):
+    for name, (_, windows_batches, train, counts, _) in entries.items():
+      if w >= len(windows_batches):
+        continue
+      wb = windows_batches[w]
+      c = [counts(b) for b in wb]
+      tally[name][0] += sum(x[0] for x in c)
+      tally[name][1] += sum(x[1] for x in c)
+      timers[name].time(lambda wb=wb, train=train: train(wb), sum(x[0] for x in c))
+  return {name: _result(entries[name][0], timers[name], entries[name][1], *tally[name],
+                        entries[name][4]) for name in entries}
+
+
+def _result(stack, w, windows_batches, real, padded, examples) -> dict:
   fig = w.summary()
   secs = sum(w.seconds)
   r = {"device": stack.device, "dtype": stack.dtype, "windows": fig["windows"],
@@ -58,7 +76,8 @@ def _measure(stack, windows_batches, train, counts, examples=None) -> dict:
        "non_padding_share": round(real / max(padded, 1), 4),
        "load_before": fig["load_before"], "load_after": fig["load_after"],
        "others_cpu_share": fig.get("others_cpu_share"),
-       "steal_cpu_share": fig.get("steal_cpu_share"), "quiet": fig["quiet"]}
+       "steal_cpu_share": fig.get("steal_cpu_share"), "quiet": fig["quiet"],
+       "memory_gbps": fig.get("memory_gbps")}
   if real == padded:  # every position real: the padded-token rate is the same figure
     r.update(tokens_per_s=fig["median"], tokens_per_s_min=fig["min"],
              tokens_per_s_max=fig["max"])
@@ -155,35 +174,35 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
   log(f"{name}: initial loss flanjax {par['flanjax_loss']:.5f}, PyTorch "
       f"{par['torch_loss']:.5f} (largest difference over the checked batches {par['abs_diff']})")
 
-  # ---- padded
-  padded_res = {}
-  win = [[fj_batch] * steps] * windows
+  # ---- padded: every stack warmed (compiled) first, then their windows interleaved
   _, compile_s = common.timed(lambda: fj.train([fj_batch]))
   fj.train([fj_batch] * max(warmup - 1, 0))
-  padded_res["flanjax"] = _measure(fj, win, fj.train, fj_counts)
-  padded_res["flanjax"]["compile_and_first_step_s"] = round(compile_s, 2)
-  log(f"{name} padded: flanjax {padded_res['flanjax']['tokens_per_s']:,.0f} tok/s "
-      f"(compile + first step {compile_s:.1f}s)")
   th.train([th_batch] * warmup)
-  padded_res["torch_eager"] = _measure(th, [[th_batch] * steps] * windows, th.train,
-                                       th.counts)
-  log(f"{name} padded: PyTorch eager {padded_res['torch_eager']['tokens_per_s']:,.0f} tok/s")
+  padded = {"flanjax": (fj, [[fj_batch] * steps] * windows, fj.train, fj_counts, None),
+            "torch_eager": (th, [[th_batch] * steps] * windows, th.train, th.counts, None)}
+  compiled = {"skipped": "torch_compile=False"}
   if torch_compile:
     try:
       th.compile()
-      _, compile_s = common.timed(lambda: th.train([th_batch], compiled=True))
+      _, th_compile_s = common.timed(lambda: th.train([th_batch], compiled=True))
       th.train([th_batch] * max(warmup - 1, 0), compiled=True)
-      padded_res["torch_compile"] = _measure(
-          th, [[th_batch] * steps] * windows, lambda bs: th.train(bs, compiled=True), th.counts)
-      padded_res["torch_compile"]["compile_and_first_step_s"] = round(compile_s, 2)
-      log(f"{name} padded: PyTorch compiled "
-          f"{padded_res['torch_compile']['tokens_per_s']:,.0f} tok/s "
-          f"(compile + first step {compile_s:.1f}s)")
+      padded["torch_compile"] = (th, [[th_batch] * steps] * windows,
+                                 lambda bs: th.train(bs, compiled=True), th.counts, None)
     except Exception as e:  # pylint: disable=broad-except
-      padded_res["torch_compile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      compiled = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
       log(f"{name} padded: torch.compile failed: {e}")
+  padded_res = _measure(padded)
+  padded_res["flanjax"]["compile_and_first_step_s"] = round(compile_s, 2)
+  log(f"{name} padded: flanjax {padded_res['flanjax']['tokens_per_s']:,.0f} tok/s "
+      f"(compile + first step {compile_s:.1f}s)")
+  log(f"{name} padded: PyTorch eager {padded_res['torch_eager']['tokens_per_s']:,.0f} tok/s")
+  if "torch_compile" in padded_res:
+    padded_res["torch_compile"]["compile_and_first_step_s"] = round(th_compile_s, 2)
+    log(f"{name} padded: PyTorch compiled "
+        f"{padded_res['torch_compile']['tokens_per_s']:,.0f} tok/s "
+        f"(compile + first step {th_compile_s:.1f}s)")
   else:
-    padded_res["torch_compile"] = {"skipped": "torch_compile=False"}
+    padded_res["torch_compile"] = compiled
   out["padded"] = padded_res
 
   # ---- real lengths
@@ -192,9 +211,7 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
               "torch_examples_per_step": per_step, "flanjax_rows_per_step": batch_size,
               "lengths": ex_lib.length_summary([examples[i] for i in ids])}
   fj.train([fj_warm])
-  real_res["flanjax_packed"] = _measure(fj, _split(fj_batches, windows), fj.train, fj_counts,
-                                        len(ids))
-  _log_real(log, name, "flanjax packed", real_res["flanjax_packed"])
+  real = {"flanjax_packed": (fj, _split(fj_batches, windows), fj.train, fj_counts, len(ids))}
   orders = {"random": ids,
             "grouped": [ids[k] for k in stacks.grouped_order([examples[i] for i in ids],
                                                              per_step, seed, kind)]}
@@ -203,15 +220,19 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
                for s in range(0, len(seq), per_step)]
     assert sum(th.counts(b)[0] for b in batches) == fj_real  # the same real tokens
     th.train([th.batch([examples[i] for i in warm_ids[:per_step]])])
-    real_res[f"torch_eager_{order}"] = _measure(th, _split(batches, windows), th.train,
-                                                th.counts, len(ids))
-    _log_real(log, name, f"PyTorch eager, {order} order", real_res[f"torch_eager_{order}"])
+    real[f"torch_eager_{order}"] = (th, _split(batches, windows), th.train, th.counts,
+                                    len(ids))
   if kind != "enc_dec":
     th.train([th.packed_batch(fj_warm)])
     packed = [th.packed_batch(b) for b in fj_batches]
     counts = dict(zip(map(id, packed), map(fj_counts, fj_batches)))
-    real_res["torch_eager_packed"] = _measure(th, _split(packed, windows), th.train,
-                                              lambda b: counts[id(b)], len(ids))
+    real["torch_eager_packed"] = (th, _split(packed, windows), th.train,
+                                  lambda b: counts[id(b)], len(ids))
+  real_res.update(_measure(real))
+  _log_real(log, name, "flanjax packed", real_res["flanjax_packed"])
+  for order in orders:
+    _log_real(log, name, f"PyTorch eager, {order} order", real_res[f"torch_eager_{order}"])
+  if kind != "enc_dec":
     _log_real(log, name, "PyTorch eager, packed padding-free", real_res["torch_eager_packed"])
   else:
     real_res["torch_eager_packed"] = {

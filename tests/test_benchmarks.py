@@ -523,6 +523,34 @@ def test_real_length_windows_each_span_a_sorted_orders_lengths():
   assert spread(consecutive) > 0.4, spread(consecutive)
 
 
+def test_stacks_windows_interleave_and_record_the_memory_bandwidth():
+  """_measure times window 1 of every stack, then window 2 of every stack, ...; each figure
+  counts its own batches' tokens, and every window records the copy probe's bandwidth."""
+  from benchmarks import train_bench
+
+  class Stack:
+    device, dtype = "cpu", "float32"
+
+  calls = []
+
+  def entry(name, n_windows, steps, real, padded):
+    windows = [[(name, w, s) for s in range(steps)] for w in range(n_windows)]
+    return (Stack(), windows, lambda wb: calls.append((wb[0][0], wb[0][1])),
+            lambda b: (real, padded), None)
+
+  res = train_bench._measure({"a": entry("a", 3, 2, 10, 10), "b": entry("b", 3, 1, 7, 9),
+                              "c": entry("c", 2, 3, 5, 5)})
+  assert calls == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2),
+                   ("b", 2)]
+  assert (res["a"]["real_tokens"], res["a"]["padded_tokens"], res["a"]["steps"]) == (60, 60, 6)
+  assert (res["b"]["real_tokens"], res["b"]["padded_tokens"], res["b"]["steps"]) == (21, 27, 3)
+  assert res["c"]["windows"] == 2 and res["b"]["windows"] == 3
+  assert res["b"]["non_padding_share"] == round(21 / 27, 4)
+  for r in res.values():
+    assert len(r["memory_gbps"]) == r["windows"]
+    assert all(x > 0.1 for x in r["memory_gbps"])  # GB/s of a real 64 MiB copy
+
+
 def test_attention_share_key_windows_match_a_brute_force_count():
   """benchmarks.attention_share.key_work against a loop over every query block, row, query and
   key, on packed rows with padding, for causal and bidirectional attention."""
@@ -561,3 +589,29 @@ def test_attention_share_key_windows_match_a_brute_force_count():
       assert (got["now"], got["batch_window"], got["row_window"], got["allowed_pairs"]) == \
           (now, batch, row, pairs), (causal, block)
       assert got["allowed_pairs"] <= got["row_window"] <= got["batch_window"] <= got["now"]
+
+
+def test_bandwidth_step_figures_in_the_readme_are_its_json():
+  """benchmarks/README's drift figures are the committed bandwidth_step run's, and its
+  split by the probe's reading matches a plain loop."""
+  import pathlib
+  import numpy as np
+  from benchmarks import bandwidth_step
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  r = json.loads((repo / "benchmarks/results/bandwidth_step_t5_cpu_amd_run1.json").read_text())
+  text = " ".join((repo / "benchmarks/README.md").read_text().split())
+  fj, th = r["flanjax"], r["torch_eager"]
+  assert (f"flanjax {min(fj['step_ms']):.0f}-{max(fj['step_ms']):.0f} ms a step, PyTorch "
+          f"{min(th['step_ms']):.0f}-{max(th['step_ms']):.0f} ms, load "
+          f"{r['load_before'][0]} at start") in text
+  assert (f"correlation with it was {fj['corr_step_ms_vs_gbps']} (flanjax) and "
+          f"{th['corr_step_ms_vs_gbps']} (PyTorch)") in text
+  assert f"--chunks={r['chunks']}" in text and r["steps_per_chunk"] == 5
+  for side in (fj, th):
+    ms, gbps = side["step_ms"], side["gbps_after"]
+    cut = sorted(gbps)[len(gbps) // 2] if len(gbps) % 2 else (
+        sorted(gbps)[len(gbps) // 2 - 1] + sorted(gbps)[len(gbps) // 2]) / 2
+    hi = sorted(m for m, g in zip(ms, gbps) if g >= cut)
+    got = bandwidth_step._split_by_bandwidth(ms, gbps)
+    assert got["step_ms_at_high_gbps"] == round(float(np.median(hi)), 1)
+    assert got == {k: side[k] for k in got}

@@ -1,0 +1,93 @@
+"""How much each stack's train step moves with the host's memory bandwidth.
+
+    python -m benchmarks.bandwidth_step --model=t5 --out=benchmarks/results/bw_t5.json
+
+On a virtual machine other tenants share the host's memory bandwidth, and neither
+/proc/stat nor the load average sees them. This alternates, in one process, a chunk of
+flanjax steps, the copy probe (common.copy_bandwidth), a chunk of PyTorch steps and the
+probe again, `--chunks` times, at the benchmark's size (benchmarks/configs/cpu.gin, rows of
+exactly inputs + targets tokens); then, per stack, the correlation of its step time with
+the probe's reading after it, and its median step time in the chunks whose reading was at
+or above the median reading against those below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+
+def _split_by_bandwidth(ms, gbps) -> dict:
+  ms, gbps = np.asarray(ms), np.asarray(gbps)
+  cut = float(np.median(gbps))
+  hi, lo = ms[gbps >= cut], ms[gbps < cut]
+  out = {"corr_step_ms_vs_gbps": round(float(np.corrcoef(ms, gbps)[0, 1]), 3),
+         "median_gbps": round(cut, 1),
+         "step_ms_median": round(float(np.median(ms)), 1),
+         "step_ms_min": round(float(ms.min()), 1), "step_ms_max": round(float(ms.max()), 1)}
+  if len(hi) and len(lo):
+    out["step_ms_at_high_gbps"] = round(float(np.median(hi)), 1)
+    out["step_ms_at_low_gbps"] = round(float(np.median(lo)), 1)
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.bandwidth_step")
+  ap.add_argument("--model", default="t5", choices=["decoder", "t5"])
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--inputs", type=int, default=512)
+  ap.add_argument("--targets", type=int, default=128)
+  ap.add_argument("--steps", type=int, default=5, help="steps per chunk")
+  ap.add_argument("--chunks", type=int, default=20)
+  ap.add_argument("--out")
+  a = ap.parse_args(argv)
+  from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
+  threads = stacks.torch_threads()
+  load_before = common.load()
+  cfg, lengths, fixed, batch = profile_step.full_rows(a.model, a.batch, a.inputs, a.targets)
+  fj = stacks.Flanjax(cfg, stacks.AdamW())
+  th = stacks.Torch(cfg, fj.params(), stacks.AdamW())
+  th_batch = th.batch(fixed)
+  for _ in range(3):
+    fj.train([batch])
+    th.train([th_batch])
+  rows = {"flanjax": ([], []), "torch_eager": ([], [])}
+  runs = {"flanjax": lambda: fj.train([batch] * a.steps),
+          "torch_eager": lambda: th.train([th_batch] * a.steps)}
+  t_start = time.perf_counter()
+  for c in range(a.chunks):
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      run()
+      ms = (time.perf_counter() - t0) / a.steps * 1e3
+      gbps = common.copy_bandwidth()
+      rows[name][0].append(round(ms, 1))
+      rows[name][1].append(round(gbps, 1))
+    print(f"chunk {c + 1}/{a.chunks}: " + "  ".join(
+        f"{n} {rows[n][0][-1]:.0f} ms/step at {rows[n][1][-1]:.1f} GB/s" for n in runs),
+        file=sys.stderr, flush=True)
+  res = {"command": "python -m benchmarks.bandwidth_step " + " ".join(argv or sys.argv[1:]),
+         "commit": common.commit(), "machine": common.machine(threads), "model": a.model,
+         "batch": a.batch, "lengths": lengths, "steps_per_chunk": a.steps, "chunks": a.chunks,
+         "seconds": round(time.perf_counter() - t_start, 1), "load_before": load_before,
+         "load_after": common.load()}
+  for name, (ms, gbps) in rows.items():
+    res[name] = {"step_ms": ms, "gbps_after": gbps, **_split_by_bandwidth(ms, gbps)}
+    r = res[name]
+    print(f"{name}: step {r['step_ms_median']} ms [{r['step_ms_min']}-{r['step_ms_max']}], "
+          f"correlation with the probe {r['corr_step_ms_vs_gbps']}; "
+          f"{r.get('step_ms_at_high_gbps')} ms at >= {r['median_gbps']} GB/s, "
+          f"{r.get('step_ms_at_low_gbps')} ms below")
+  res["quiet"] = common.quiet_start(load_before)
+  common.write_json(a.out, res)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
