@@ -7,8 +7,9 @@ On a virtual machine other tenants share the host's memory bandwidth, and neithe
 flanjax steps, the copy probe (common.copy_bandwidth), a chunk of PyTorch steps and the
 probe again, `--chunks` times, at the benchmark's size (benchmarks/configs/cpu.gin, rows of
 exactly inputs + targets tokens); then, per stack, the correlation of its step time with
-the probe's reading after it, and its median step time in the chunks whose reading was at
-or above the median reading against those below.
+the probe's reading after it, its median step time in the chunks whose reading was at
+or above the median reading against those below, and the median of each chunk's first
+step (the first after the other stack's chunk) against that of the chunks' other steps.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def _split_by_bandwidth(ms, gbps) -> dict:
   return out
 
 
+def _first_and_rest(each) -> dict:
+  """Medians of each chunk's first step (the first after the other stack's chunk) and of
+  the chunks' other steps."""
+  return {"first_step_ms": round(float(np.median([c[0] for c in each])), 1),
+          "other_steps_ms": round(float(np.median([x for c in each for x in c[1:]])), 1)}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m benchmarks.bandwidth_step")
   ap.add_argument("--model", default="t5", choices=["decoder", "t5"])
@@ -57,18 +65,20 @@ def main(argv=None):
   for _ in range(3):
     fj.train([batch])
     th.train([th_batch])
-  rows = {"flanjax": ([], []), "torch_eager": ([], [])}
-  runs = {"flanjax": lambda: fj.train([batch] * a.steps),
-          "torch_eager": lambda: th.train([th_batch] * a.steps)}
+  rows = {"flanjax": ([], [], []), "torch_eager": ([], [], [])}
+  runs = {"flanjax": lambda: fj.train([batch]), "torch_eager": lambda: th.train([th_batch])}
   t_start = time.perf_counter()
   for c in range(a.chunks):
     for name, run in runs.items():
-      t0 = time.perf_counter()
-      run()
-      ms = (time.perf_counter() - t0) / a.steps * 1e3
+      each = []
+      for _ in range(a.steps):  # each step timed (both stacks wait for their step's loss)
+        t0 = time.perf_counter()
+        run()
+        each.append((time.perf_counter() - t0) * 1e3)
       gbps = common.copy_bandwidth()
-      rows[name][0].append(round(ms, 1))
+      rows[name][0].append(round(sum(each) / a.steps, 1))
       rows[name][1].append(round(gbps, 1))
+      rows[name][2].append([round(x, 1) for x in each])
     print(f"chunk {c + 1}/{a.chunks}: " + "  ".join(
         f"{n} {rows[n][0][-1]:.0f} ms/step at {rows[n][1][-1]:.1f} GB/s" for n in runs),
         file=sys.stderr, flush=True)
@@ -77,13 +87,15 @@ def main(argv=None):
          "batch": a.batch, "lengths": lengths, "steps_per_chunk": a.steps, "chunks": a.chunks,
          "seconds": round(time.perf_counter() - t_start, 1), "load_before": load_before,
          "load_after": common.load()}
-  for name, (ms, gbps) in rows.items():
-    res[name] = {"step_ms": ms, "gbps_after": gbps, **_split_by_bandwidth(ms, gbps)}
+  for name, (ms, gbps, each) in rows.items():
+    res[name] = {"step_ms": ms, "gbps_after": gbps, "each_step_ms": each,
+                 **_split_by_bandwidth(ms, gbps), **_first_and_rest(each)}
     r = res[name]
     print(f"{name}: step {r['step_ms_median']} ms [{r['step_ms_min']}-{r['step_ms_max']}], "
           f"correlation with the probe {r['corr_step_ms_vs_gbps']}; "
           f"{r.get('step_ms_at_high_gbps')} ms at >= {r['median_gbps']} GB/s, "
-          f"{r.get('step_ms_at_low_gbps')} ms below")
+          f"{r.get('step_ms_at_low_gbps')} ms below; a chunk's first step "
+          f"{r['first_step_ms']} ms, the others {r['other_steps_ms']} ms (medians)")
   res["quiet"] = common.quiet_start(load_before)
   common.write_json(a.out, res)
   return 0

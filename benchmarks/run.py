@@ -75,6 +75,7 @@ def benchmark(
     mfu_overrides=None,
     mfu_force: bool = False,
     mfu_torch: bool = True,
+    interleave: bool = False,
 ):
   """The settings of one run (gin: benchmark.*); returns them as a dict."""
   from flanjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
@@ -91,7 +92,7 @@ def benchmark(
       gen_min_window_s=gen_min_window_s, pipeline_batches=pipeline_batches,
       pipeline_cold=pipeline_cold, mfu_sizes=tuple(mfu_sizes), mfu_steps=mfu_steps,
       mfu_overrides=dict(mfu_overrides or {}), mfu_force=mfu_force,
-      mfu_torch=mfu_torch)
+      mfu_torch=mfu_torch, interleave=interleave)
 
 
 def _vocab_sized(cfg, vocab_ids: int):
@@ -149,7 +150,7 @@ def run(settings: dict, log, command: str = "", save=None) -> dict:
       result["train"][m] = train_bench.run(
           cfgs[m], exs, lengths, s["batch_size"], s["steps"], s["warmup"], s["torch_compile"],
           stacks.AdamW(lr=s["learning_rate"]), s["seed"], log, vocab_ids,
-          windows=s["windows"], real_examples=s["real_examples"])
+          windows=s["windows"], real_examples=s["real_examples"], interleave=s["interleave"])
   if "generate" in s["sections"]:
     from benchmarks import gen_bench  # pylint: disable=g-import-not-at-top
     result["generate"] = {m: gen_bench.run(cfgs[m], s["gen_batch_sizes"], s["gen_prompt_len"],

@@ -5,9 +5,9 @@ max (the real-length runs deal their steps out to the windows in turn, so each
 window spans the run's lengths: `_split`), the device and dtype it ran in, the
 load average before and after, the share of the machine's CPU other
 processes took during its windows (a figure above common.QUIET_OTHERS is marked
-not quiet) and the memory bandwidth left after each window. The stacks' windows
-are interleaved (window 1 of each, then window 2 of each, ...: `_measure`), every
-stack warmed up and compiled before the first.
+not quiet) and the memory bandwidth left after each window. Every stack is warmed
+up and compiled before the first window; each window starts with an untimed step;
+`interleave` times window 1 of each stack, then window 2 of each, ... (`_measure`).
 
 Padded: B rows of exactly (inputs + targets) random tokens, the same tensors on
 both stacks; tokens/s counts every position.
@@ -38,26 +38,32 @@ from benchmarks import examples as ex_lib
 from benchmarks import stacks
 
 
-def _measure(entries: dict) -> dict:
-  """Times every entry's windows in turn: window 1 of each, then window 2 of each, ...
+def _measure(entries: dict, interleave: bool = False) -> dict:
+  """Times every entry's windows: all of one entry's, then the next entry's (the default), or
+  interleaved (window 1 of each, then window 2 of each, ...: benchmark.interleave).
 
   entries: name -> (stack, windows_batches, train, counts, examples or None), where
-  counts(b) -> (real, padded) of a batch and train(batches) runs them. Interleaved, not one
-  stack's windows after the other's, so both stacks sample the same stretches of the
-  host: on the shared 2-core host the memory bandwidth other virtual machines leave comes
-  and goes over seconds to minutes, and a stack timed only in a bad stretch was slow by it
-  alone (each window records that bandwidth: common.Windows)."""
+  counts(b) -> (real, padded) of a batch and train(batches) runs them. Each window starts
+  with one untimed step of its first batch: flanjax's first step after a PyTorch chunk took
+  ~1.5x its next ones, PyTorch's did not (`python -m benchmarks.bandwidth_step`,
+  `first_step_ms`), and a training run never switches stacks. Interleaved, both stacks sample
+  the same stretches of a host whose speed drifts, but in one process flanjax then always
+  runs right after PyTorch, which slowed it in scratch runs (benchmarks/README.md)."""
   timers = {name: common.Windows() for name in entries}
   tally = {name: [0, 0] for name in entries}
-  for w in range(max(len(e[1]) for e in entries.values())):
-    for name, (_, windows_batches, train, counts, _) in entries.items():
-      if w >= len(windows_batches):
-        continue
-      wb = windows_batches[w]
-      c = [counts(b) for b in wb]
-      tally[name][0] += sum(x[0] for x in c)
-      tally[name][1] += sum(x[1] for x in c)
-      timers[name].time(lambda wb=wb, train=train: train(wb), sum(x[0] for x in c))
+  n = max(len(e[1]) for e in entries.values())
+  order = ([(w, name) for w in range(n) for name in entries] if interleave else
+           [(w, name) for name in entries for w in range(n)])
+  for w, name in order:
+    _, windows_batches, train, counts, _ = entries[name]
+    if w >= len(windows_batches):
+      continue
+    wb = windows_batches[w]
+    c = [counts(b) for b in wb]
+    tally[name][0] += sum(x[0] for x in c)
+    tally[name][1] += sum(x[1] for x in c)
+    train(wb[:1])  # untimed (see above)
+    timers[name].time(lambda wb=wb, train=train: train(wb), sum(x[0] for x in c))
   return {name: _result(entries[name][0], timers[name], entries[name][1], *tally[name],
                         entries[name][4]) for name in entries}
 
@@ -125,7 +131,7 @@ def _real_rows(rows, members, steady, batch_size, windows, real_examples):
 
 def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
         torch_compile: bool, opt: stacks.AdamW, seed: int, log, vocab_ids: int,
-        windows: int = 5, real_examples: int = 500) -> dict:
+        windows: int = 5, real_examples: int = 500, interleave: bool = False) -> dict:
   kind = stacks.packing_kind(cfg)
   name = stacks.family(cfg)
   out = {"kind": kind, "objective": "causal LM, loss on targets" if kind != "enc_dec"
@@ -174,7 +180,7 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
   log(f"{name}: initial loss flanjax {par['flanjax_loss']:.5f}, PyTorch "
       f"{par['torch_loss']:.5f} (largest difference over the checked batches {par['abs_diff']})")
 
-  # ---- padded: every stack warmed (compiled) first, then their windows interleaved
+  # ---- padded: every stack warmed (compiled) first, then their windows
   _, compile_s = common.timed(lambda: fj.train([fj_batch]))
   fj.train([fj_batch] * max(warmup - 1, 0))
   th.train([th_batch] * warmup)
@@ -191,7 +197,7 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
     except Exception as e:  # pylint: disable=broad-except
       compiled = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
       log(f"{name} padded: torch.compile failed: {e}")
-  padded_res = _measure(padded)
+  padded_res = _measure(padded, interleave)
   padded_res["flanjax"]["compile_and_first_step_s"] = round(compile_s, 2)
   log(f"{name} padded: flanjax {padded_res['flanjax']['tokens_per_s']:,.0f} tok/s "
       f"(compile + first step {compile_s:.1f}s)")
@@ -228,7 +234,7 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
     counts = dict(zip(map(id, packed), map(fj_counts, fj_batches)))
     real["torch_eager_packed"] = (th, _split(packed, windows), th.train,
                                   lambda b: counts[id(b)], len(ids))
-  real_res.update(_measure(real))
+  real_res.update(_measure(real, interleave))
   _log_real(log, name, "flanjax packed", real_res["flanjax_packed"])
   for order in orders:
     _log_real(log, name, f"PyTorch eager, {order} order", real_res[f"torch_eager_{order}"])

@@ -523,32 +523,40 @@ def test_real_length_windows_each_span_a_sorted_orders_lengths():
   assert spread(consecutive) > 0.4, spread(consecutive)
 
 
-def test_stacks_windows_interleave_and_record_the_memory_bandwidth():
-  """_measure times window 1 of every stack, then window 2 of every stack, ...; each figure
-  counts its own batches' tokens, and every window records the copy probe's bandwidth."""
+def test_stacks_windows_in_turn_or_interleaved_each_after_an_untimed_step():
+  """_measure times one stack's windows after the other's, or (interleave) window 1 of every
+  stack, then window 2 of every stack, ...; each window after one untimed step of its first
+  batch; each figure counts its own batches' tokens, and every window records the copy
+  probe's bandwidth."""
   from benchmarks import train_bench
 
   class Stack:
     device, dtype = "cpu", "float32"
 
-  calls = []
+  for interleave in (False, True):
+    calls = []
 
-  def entry(name, n_windows, steps, real, padded):
-    windows = [[(name, w, s) for s in range(steps)] for w in range(n_windows)]
-    return (Stack(), windows, lambda wb: calls.append((wb[0][0], wb[0][1])),
-            lambda b: (real, padded), None)
+    def entry(name, n_windows, steps, real, padded):
+      windows = [[(name, w, s) for s in range(steps)] for w in range(n_windows)]
+      return (Stack(), windows, lambda wb: calls.append((wb[0][0], wb[0][1], len(wb))),
+              lambda b: (real, padded), None)
 
-  res = train_bench._measure({"a": entry("a", 3, 2, 10, 10), "b": entry("b", 3, 1, 7, 9),
-                              "c": entry("c", 2, 3, 5, 5)})
-  assert calls == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2),
-                   ("b", 2)]
-  assert (res["a"]["real_tokens"], res["a"]["padded_tokens"], res["a"]["steps"]) == (60, 60, 6)
-  assert (res["b"]["real_tokens"], res["b"]["padded_tokens"], res["b"]["steps"]) == (21, 27, 3)
-  assert res["c"]["windows"] == 2 and res["b"]["windows"] == 3
-  assert res["b"]["non_padding_share"] == round(21 / 27, 4)
-  for r in res.values():
-    assert len(r["memory_gbps"]) == r["windows"]
-    assert all(x > 0.1 for x in r["memory_gbps"])  # GB/s of a real 64 MiB copy
+    res = train_bench._measure({"a": entry("a", 3, 2, 10, 10), "b": entry("b", 3, 1, 7, 9),
+                                "c": entry("c", 2, 3, 5, 5)}, interleave)
+    # (stack, window, steps): the untimed single step, then the window
+    windows = ([("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2),
+                ("b", 2)] if interleave else
+               [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2), ("c", 0),
+                ("c", 1)])
+    steps = {"a": 2, "b": 1, "c": 3}
+    assert calls == [x for s, w in windows for x in ((s, w, 1), (s, w, steps[s]))]
+    assert (res["a"]["real_tokens"], res["a"]["padded_tokens"], res["a"]["steps"]) == (60, 60, 6)
+    assert (res["b"]["real_tokens"], res["b"]["padded_tokens"], res["b"]["steps"]) == (21, 27, 3)
+    assert res["c"]["windows"] == 2 and res["b"]["windows"] == 3
+    assert res["b"]["non_padding_share"] == round(21 / 27, 4)
+    for r in res.values():
+      assert len(r["memory_gbps"]) == r["windows"]
+      assert all(x > 0.1 for x in r["memory_gbps"])  # GB/s of a real 64 MiB copy
 
 
 def test_attention_share_key_windows_match_a_brute_force_count():
@@ -592,26 +600,79 @@ def test_attention_share_key_windows_match_a_brute_force_count():
 
 
 def test_bandwidth_step_figures_in_the_readme_are_its_json():
-  """benchmarks/README's drift figures are the committed bandwidth_step run's, and its
-  split by the probe's reading matches a plain loop."""
+  """benchmarks/README's drift and first-step figures are the committed bandwidth_step run's,
+  and its summaries match plain loops over its per-step times."""
   import pathlib
   import numpy as np
   from benchmarks import bandwidth_step
   repo = pathlib.Path(__file__).resolve().parents[1]
-  r = json.loads((repo / "benchmarks/results/bandwidth_step_t5_cpu_amd_run1.json").read_text())
+  r = json.loads((repo / "benchmarks/results/bandwidth_step_t5_cpu_amd.json").read_text())
+  assert r["quiet"] and r["chunks"] == 24 and r["steps_per_chunk"] == 5
   text = " ".join((repo / "benchmarks/README.md").read_text().split())
   fj, th = r["flanjax"], r["torch_eager"]
-  assert (f"flanjax {min(fj['step_ms']):.0f}-{max(fj['step_ms']):.0f} ms a step, PyTorch "
-          f"{min(th['step_ms']):.0f}-{max(th['step_ms']):.0f} ms, load "
-          f"{r['load_before'][0]} at start") in text
+  assert (f"flanjax's chunks averaged {min(fj['step_ms']):.0f}-{max(fj['step_ms']):.0f} ms a "
+          f"step, PyTorch's {min(th['step_ms']):.0f}-{max(th['step_ms']):.0f} ms") in text
+  assert (f"its first step after a PyTorch chunk took {fj['first_step_ms']:.0f} ms "
+          f"(median), its other steps {fj['other_steps_ms']:.0f} ms; PyTorch's first "
+          f"{th['first_step_ms']:.0f} ms, its others {th['other_steps_ms']:.0f} ms") in text
   assert (f"correlation with it was {fj['corr_step_ms_vs_gbps']} (flanjax) and "
           f"{th['corr_step_ms_vs_gbps']} (PyTorch)") in text
-  assert f"--chunks={r['chunks']}" in text and r["steps_per_chunk"] == 5
   for side in (fj, th):
+    each = side["each_step_ms"]
+    assert len(each) == 24 and all(len(c) == 5 for c in each)
+    # each step is kept to 0.1 ms, the chunk's mean from the unrounded times
+    assert side["step_ms"] == pytest.approx([sum(c) / 5 for c in each], abs=0.1)
+    firsts = sorted(c[0] for c in each)
+    assert side["first_step_ms"] == round((firsts[11] + firsts[12]) / 2, 1)
+    rest = sorted(x for c in each for x in c[1:])
+    assert side["other_steps_ms"] == round(float(rest[len(rest) // 2] + rest[len(rest) // 2 - 1]) / 2, 1)
     ms, gbps = side["step_ms"], side["gbps_after"]
-    cut = sorted(gbps)[len(gbps) // 2] if len(gbps) % 2 else (
-        sorted(gbps)[len(gbps) // 2 - 1] + sorted(gbps)[len(gbps) // 2]) / 2
-    hi = sorted(m for m, g in zip(ms, gbps) if g >= cut)
+    cut = float(np.median(gbps))
+    hi = [m for m, g in zip(ms, gbps) if g >= cut]
     got = bandwidth_step._split_by_bandwidth(ms, gbps)
     assert got["step_ms_at_high_gbps"] == round(float(np.median(hi)), 1)
     assert got == {k: side[k] for k in got}
+  run3 = json.loads((repo / "benchmarks/results/cpu_amd_625a19b_run3.json").read_text())
+  rates = run3["train"]["t5"]["padded"]["flanjax"]["window_rates"]
+  assert rates == sorted(rates)
+  assert f"rose in order from {rates[0]:,.0f} to {rates[-1]:,.0f} tokens/s" in text
+
+
+def test_interleaved_runs_figures_in_the_readme_are_their_jsons():
+  """benchmarks/README's two interleaved runs: their ratios, quiet flags and CPU shares as
+  recomputed from the committed JSONs, and the runs were interleaved."""
+  import pathlib
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  text = " ".join((repo / "benchmarks/README.md").read_text().split())
+
+  def five(run):
+    r = lambda m, a, b: (run["train"][m][a[0]][a[1]]["real_tokens_per_s"]  # noqa: E731
+                         / run["train"][m][b[0]][b[1]]["real_tokens_per_s"])
+    return [f"{x:.2f}x" for x in (
+        r("t5", ("padded", "flanjax"), ("padded", "torch_eager")),
+        r("decoder", ("padded", "flanjax"), ("padded", "torch_eager")),
+        r("t5", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")),
+        r("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_grouped")),
+        r("decoder", ("real", "flanjax_packed"), ("real", "torch_eager_packed")))]
+
+  one = json.loads((repo / "benchmarks/results/cpu_amd_e119a0e_interleaved.json").read_text())
+  two = json.loads((repo / "benchmarks/results/"
+                    "cpu_amd_e119a0e_interleaved_run2_not_quiet.json").read_text())
+  assert one["quiet"] and not two["quiet"]
+  a, b = five(one), five(two)
+  assert (f"padded token {a[0]} / {a[1]}, against `group_by_length` {a[2]} / {a[3]}, decoder "
+          f"against packed PyTorch {a[4]}") in text
+  assert f"and {b[0]} / {b[1]}, {b[2]} / {b[3]}, {b[4]}" in text
+  assert two["pipeline"]["warm"]["others_cpu_share"] == 0.125 and "others 12.5%" in text
+  shares = [v["others_cpu_share"] for m in ("t5", "decoder") for sec in ("padded", "real")
+            for v in two["train"][m][sec].values() if isinstance(v, dict) and "window_rates" in v]
+  assert max(shares) == 0.017 and "at most 1.7% in a training figure's" in text
+  top = " ".join((repo / "README.md").read_text().split())
+  assert a[0] == b[0] and f"{a[0]} in both interleaved runs at e119a0e" in top
+  assert f"interleaved runs at e119a0e gave {a[2]} / {a[3]} and {b[2]} / {b[3]})" in top
+  # e119a0e interleaved every run (no setting yet); the second ran it with the untimed step
+  assert one["commit"] == "e119a0e" and two["commit"] == "e119a0e+changes"
+  for run in (one, two):  # every figure has memory_gbps: these ran the probe
+    assert all(len(v["memory_gbps"]) == 5 for m in ("t5", "decoder")
+               for v in run["train"][m]["real"].values()
+               if isinstance(v, dict) and "window_rates" in v)
