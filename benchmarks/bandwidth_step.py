@@ -4,12 +4,13 @@
 
 On a virtual machine other tenants share the host's memory bandwidth, and neither
 /proc/stat nor the load average sees them. This alternates, in one process, a chunk of
-flanjax steps, the copy probe (common.copy_bandwidth), a chunk of PyTorch steps and the
-probe again, `--chunks` times, at the benchmark's size (benchmarks/configs/cpu.gin, rows of
-exactly inputs + targets tokens); then, per stack, the correlation of its step time with
-the probe's reading after it, its median step time in the chunks whose reading was at
-or above the median reading against those below, and the median of each chunk's first
-step (the first after the other stack's chunk) against that of the chunks' other steps.
+flanjax steps and a chunk of PyTorch steps (with --probe, the copy probe
+common.copy_bandwidth after each), `--chunks` times, at the benchmark's size (benchmarks/configs/cpu.gin, rows of
+exactly inputs + targets tokens); then, per stack, the median of each chunk's first step
+(the first after the other stack's chunk) against that of the chunks' other steps and,
+with --probe, the correlation of its step time with the probe's reading after it and its
+median step time in the chunks whose reading was at or above the median reading against
+those below.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main(argv=None):
   ap.add_argument("--targets", type=int, default=128)
   ap.add_argument("--steps", type=int, default=5, help="steps per chunk")
   ap.add_argument("--chunks", type=int, default=20)
+  ap.add_argument("--probe", action="store_true",
+                  help="run the copy probe after each chunk (it slowed flanjax's next steps)")
   ap.add_argument("--out")
   a = ap.parse_args(argv)
   from benchmarks import common, profile_step, stacks  # pylint: disable=g-import-not-at-top
@@ -75,7 +78,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         run()
         each.append((time.perf_counter() - t0) * 1e3)
-      gbps = common.copy_bandwidth()
+      gbps = common.copy_bandwidth() if a.probe else float("nan")
       rows[name][0].append(round(sum(each) / a.steps, 1))
       rows[name][1].append(round(gbps, 1))
       rows[name][2].append([round(x, 1) for x in each])
@@ -88,14 +91,15 @@ def main(argv=None):
          "seconds": round(time.perf_counter() - t_start, 1), "load_before": load_before,
          "load_after": common.load()}
   for name, (ms, gbps, each) in rows.items():
-    res[name] = {"step_ms": ms, "gbps_after": gbps, "each_step_ms": each,
-                 **_split_by_bandwidth(ms, gbps), **_first_and_rest(each)}
+    res[name] = {"step_ms": ms, "each_step_ms": each, **_first_and_rest(each)}
+    if a.probe:
+      res[name].update(gbps_after=gbps, **_split_by_bandwidth(ms, gbps))
     r = res[name]
-    print(f"{name}: step {r['step_ms_median']} ms [{r['step_ms_min']}-{r['step_ms_max']}], "
-          f"correlation with the probe {r['corr_step_ms_vs_gbps']}; "
-          f"{r.get('step_ms_at_high_gbps')} ms at >= {r['median_gbps']} GB/s, "
-          f"{r.get('step_ms_at_low_gbps')} ms below; a chunk's first step "
-          f"{r['first_step_ms']} ms, the others {r['other_steps_ms']} ms (medians)")
+    probe = (f"; correlation with the probe {r['corr_step_ms_vs_gbps']}, "
+             f"{r.get('step_ms_at_high_gbps')} ms at >= {r['median_gbps']} GB/s, "
+             f"{r.get('step_ms_at_low_gbps')} ms below") if a.probe else ""
+    print(f"{name}: chunks of {min(ms):.0f}-{max(ms):.0f} ms a step; a chunk's first step "
+          f"{r['first_step_ms']} ms, the others {r['other_steps_ms']} ms (medians){probe}")
   res["quiet"] = common.quiet_start(load_before)
   common.write_json(a.out, res)
   return 0

@@ -169,9 +169,9 @@ _COPY = []  # the probe's two buffers, made once
 
 def copy_bandwidth(mib: int = 64, reps: int = 3) -> float:
   """GB/s (read + write) of numpy copying `mib` MiB, the best of `reps`: the memory
-  bandwidth this machine had just then. Other virtual machines on the same host share it,
-  and neither /proc/stat nor the load average sees them (how far each stack's step follows
-  it: `python -m benchmarks.bandwidth_step`)."""
+  bandwidth this machine had just then (other virtual machines on the host share it unseen).
+  Not run between timed windows: with it after each window, flanjax's next windows ran
+  slower (benchmarks/README.md, Method); `python -m benchmarks.bandwidth_step --probe`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   if not _COPY or _COPY[0].nbytes != mib << 20:
     _COPY[:] = [np.ones(mib << 17), np.empty(mib << 17)]
@@ -188,12 +188,10 @@ class Windows:
   """Timed windows of one figure: each window's rate, and how much of the machine
   other processes took meanwhile (/proc/stat's busy time less this process's own; the
   hypervisor's steal counts, and is also given apart), so a figure taken on a busy machine
-  says so; and the memory bandwidth left right after each window (`copy_bandwidth`),
-  which other virtual machines on the host take without showing in either."""
+  says so."""
 
-  def __init__(self, bandwidth: bool = True):
+  def __init__(self):
     self.rates, self.seconds, self.others, self.steal = [], [], [], []
-    self.bandwidth = [] if bandwidth else None
     self.load_before = load()
     self._first = self._last = None  # ticks around all windows, for windows under a tick
 
@@ -213,8 +211,6 @@ class Windows:
         self.steal.append(_steal_share(a, b))
     self.seconds.append(secs)
     self.rates.append(amount / secs)
-    if self.bandwidth is not None:
-      self.bandwidth.append(copy_bandwidth())
     return out
 
   def summary(self) -> dict:
@@ -224,8 +220,6 @@ class Windows:
     out = {"median": round(median, 3), "min": round(r[0], 3), "max": round(r[-1], 3),
            "windows": n, "window_rates": [round(x, 3) for x in self.rates],
            "load_before": self.load_before, "load_after": load()}
-    if self.bandwidth:
-      out["memory_gbps"] = [round(x, 1) if x == x else None for x in self.bandwidth]
     if self.others:
       out["others_cpu_share"] = round(max(self.others), 3)
       out["steal_cpu_share"] = round(max(self.steal), 3)

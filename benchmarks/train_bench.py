@@ -5,9 +5,9 @@ max (the real-length runs deal their steps out to the windows in turn, so each
 window spans the run's lengths: `_split`), the device and dtype it ran in, the
 load average before and after, the share of the machine's CPU other
 processes took during its windows (a figure above common.QUIET_OTHERS is marked
-not quiet) and the memory bandwidth left after each window. Every stack is warmed
-up and compiled before the first window; each window starts with an untimed step;
-`interleave` times window 1 of each stack, then window 2 of each, ... (`_measure`).
+not quiet). Each stack is warmed up and compiled before its windows; each window
+starts with an untimed step; `interleave` times window 1 of each stack, then window
+2 of each, ... (`_measure`).
 
 Padded: B rows of exactly (inputs + targets) random tokens, the same tensors on
 both stacks; tokens/s counts every position.
@@ -38,25 +38,44 @@ from benchmarks import examples as ex_lib
 from benchmarks import stacks
 
 
-def _measure(entries: dict, interleave: bool = False) -> dict:
+def _measure(entries: dict, interleave: bool = False, warm: dict | None = None) -> dict:
   """Times every entry's windows: all of one entry's, then the next entry's (the default), or
   interleaved (window 1 of each, then window 2 of each, ...: benchmark.interleave).
 
   entries: name -> (stack, windows_batches, train, counts, examples or None), where
-  counts(b) -> (real, padded) of a batch and train(batches) runs them. Each window starts
-  with one untimed step of its first batch: flanjax's first step after a PyTorch chunk took
-  ~1.5x its next ones, PyTorch's did not (`python -m benchmarks.bandwidth_step`,
-  `first_step_ms`), and a training run never switches stacks. Interleaved, both stacks sample
-  the same stretches of a host whose speed drifts, but in one process flanjax then always
-  runs right after PyTorch, which slowed it in scratch runs (benchmarks/README.md)."""
+  counts(b) -> (real, padded) of a batch and train(batches) runs them. warm: name -> a
+  callable run before that entry's first window (in turn: just before it; interleaved: all
+  before any window); one that raises drops its entry, whose result is {"error": ...}.
+  Each window starts with one untimed step of its first batch: flanjax's first step after a
+  PyTorch chunk took ~1.5x its next ones, PyTorch's did not (`python -m
+  benchmarks.bandwidth_step`, `first_step_ms`), and a training run never switches stacks.
+  In turn, a stack's warm-up runs right before its own windows, not before the other
+  stack's: flanjax's windows right after PyTorch's warm-up steps ran slower (T5 real-length
+  rows, benchmarks/README.md). Interleaved, both stacks sample the same stretches of a host
+  whose speed drifts, but in one process flanjax then always runs right after PyTorch."""
+  warm = warm or {}
+  failed = {}
+
+  def warm_up(name):
+    try:
+      if name in warm:
+        warm[name]()
+    except Exception as e:  # pylint: disable=broad-except
+      failed[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
   timers = {name: common.Windows() for name in entries}
   tally = {name: [0, 0] for name in entries}
   n = max(len(e[1]) for e in entries.values())
+  if interleave:
+    for name in entries:
+      warm_up(name)
   order = ([(w, name) for w in range(n) for name in entries] if interleave else
            [(w, name) for name in entries for w in range(n)])
   for w, name in order:
+    if w == 0 and not interleave:
+      warm_up(name)
     _, windows_batches, train, counts, _ = entries[name]
-    if w >= len(windows_batches):
+    if w >= len(windows_batches) or name in failed:
       continue
     wb = windows_batches[w]
     c = [counts(b) for b in wb]
@@ -64,8 +83,9 @@ def _measure(entries: dict, interleave: bool = False) -> dict:
     tally[name][1] += sum(x[1] for x in c)
     train(wb[:1])  # untimed (see above)
     timers[name].time(lambda wb=wb, train=train: train(wb), sum(x[0] for x in c))
-  return {name: _result(entries[name][0], timers[name], entries[name][1], *tally[name],
-                        entries[name][4]) for name in entries}
+  return {name: failed.get(name) or _result(entries[name][0], timers[name], entries[name][1],
+                                            *tally[name], entries[name][4])
+          for name in entries}
 
 
 def _result(stack, w, windows_batches, real, padded, examples) -> dict:
@@ -82,8 +102,7 @@ def _result(stack, w, windows_batches, real, padded, examples) -> dict:
        "non_padding_share": round(real / max(padded, 1), 4),
        "load_before": fig["load_before"], "load_after": fig["load_after"],
        "others_cpu_share": fig.get("others_cpu_share"),
-       "steal_cpu_share": fig.get("steal_cpu_share"), "quiet": fig["quiet"],
-       "memory_gbps": fig.get("memory_gbps")}
+       "steal_cpu_share": fig.get("steal_cpu_share"), "quiet": fig["quiet"]}
   if real == padded:  # every position real: the padded-token rate is the same figure
     r.update(tokens_per_s=fig["median"], tokens_per_s_min=fig["min"],
              tokens_per_s_max=fig["max"])
@@ -180,35 +199,42 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
   log(f"{name}: initial loss flanjax {par['flanjax_loss']:.5f}, PyTorch "
       f"{par['torch_loss']:.5f} (largest difference over the checked batches {par['abs_diff']})")
 
-  # ---- padded: every stack warmed (compiled) first, then their windows
-  _, compile_s = common.timed(lambda: fj.train([fj_batch]))
-  fj.train([fj_batch] * max(warmup - 1, 0))
-  th.train([th_batch] * warmup)
+  # ---- padded: each stack warmed (compiled) before its windows (_measure)
+  compile_s = {}
+
+  def warm_flanjax():
+    compile_s["flanjax"] = common.timed(lambda: fj.train([fj_batch]))[1]
+    fj.train([fj_batch] * max(warmup - 1, 0))
+
+  def warm_compiled():
+    th.compile()
+    compile_s["torch_compile"] = common.timed(lambda: th.train([th_batch], compiled=True))[1]
+    th.train([th_batch] * max(warmup - 1, 0), compiled=True)
+
   padded = {"flanjax": (fj, [[fj_batch] * steps] * windows, fj.train, fj_counts, None),
             "torch_eager": (th, [[th_batch] * steps] * windows, th.train, th.counts, None)}
-  compiled = {"skipped": "torch_compile=False"}
+  warms = {"flanjax": warm_flanjax, "torch_eager": lambda: th.train([th_batch] * warmup)}
   if torch_compile:
-    try:
-      th.compile()
-      _, th_compile_s = common.timed(lambda: th.train([th_batch], compiled=True))
-      th.train([th_batch] * max(warmup - 1, 0), compiled=True)
-      padded["torch_compile"] = (th, [[th_batch] * steps] * windows,
-                                 lambda bs: th.train(bs, compiled=True), th.counts, None)
-    except Exception as e:  # pylint: disable=broad-except
-      compiled = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-      log(f"{name} padded: torch.compile failed: {e}")
-  padded_res = _measure(padded, interleave)
-  padded_res["flanjax"]["compile_and_first_step_s"] = round(compile_s, 2)
+    padded["torch_compile"] = (th, [[th_batch] * steps] * windows,
+                               lambda bs: th.train(bs, compiled=True), th.counts, None)
+    warms["torch_compile"] = warm_compiled
+  padded_res = _measure(padded, interleave, warms)
+  if "error" in padded_res["flanjax"]:
+    raise RuntimeError(f"flanjax's padded step failed: {padded_res['flanjax']['error']}")
+  padded_res["flanjax"]["compile_and_first_step_s"] = round(compile_s["flanjax"], 2)
   log(f"{name} padded: flanjax {padded_res['flanjax']['tokens_per_s']:,.0f} tok/s "
-      f"(compile + first step {compile_s:.1f}s)")
+      f"(compile + first step {compile_s['flanjax']:.1f}s)")
   log(f"{name} padded: PyTorch eager {padded_res['torch_eager']['tokens_per_s']:,.0f} tok/s")
-  if "torch_compile" in padded_res:
-    padded_res["torch_compile"]["compile_and_first_step_s"] = round(th_compile_s, 2)
+  if not torch_compile:
+    padded_res["torch_compile"] = {"skipped": "torch_compile=False"}
+  elif "error" in padded_res["torch_compile"]:
+    log(f"{name} padded: torch.compile failed: {padded_res['torch_compile']['error']}")
+  else:
+    padded_res["torch_compile"]["compile_and_first_step_s"] = round(
+        compile_s["torch_compile"], 2)
     log(f"{name} padded: PyTorch compiled "
         f"{padded_res['torch_compile']['tokens_per_s']:,.0f} tok/s "
-        f"(compile + first step {th_compile_s:.1f}s)")
-  else:
-    padded_res["torch_compile"] = compiled
+        f"(compile + first step {compile_s['torch_compile']:.1f}s)")
   out["padded"] = padded_res
 
   # ---- real lengths
@@ -216,25 +242,29 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
   real_res = {"examples": len(ids), "steps": len(fj_batches), "windows": windows,
               "torch_examples_per_step": per_step, "flanjax_rows_per_step": batch_size,
               "lengths": ex_lib.length_summary([examples[i] for i in ids])}
-  fj.train([fj_warm])
   real = {"flanjax_packed": (fj, _split(fj_batches, windows), fj.train, fj_counts, len(ids))}
+  warms = {"flanjax_packed": lambda: fj.train([fj_warm])}
   orders = {"random": ids,
             "grouped": [ids[k] for k in stacks.grouped_order([examples[i] for i in ids],
                                                              per_step, seed, kind)]}
+  th_warm = th.batch([examples[i] for i in warm_ids[:per_step]])
   for order, seq in orders.items():
     batches = [th.batch([examples[i] for i in seq[s:s + per_step]])
                for s in range(0, len(seq), per_step)]
     assert sum(th.counts(b)[0] for b in batches) == fj_real  # the same real tokens
-    th.train([th.batch([examples[i] for i in warm_ids[:per_step]])])
     real[f"torch_eager_{order}"] = (th, _split(batches, windows), th.train, th.counts,
                                     len(ids))
+    warms[f"torch_eager_{order}"] = lambda: th.train([th_warm])
   if kind != "enc_dec":
-    th.train([th.packed_batch(fj_warm)])
     packed = [th.packed_batch(b) for b in fj_batches]
     counts = dict(zip(map(id, packed), map(fj_counts, fj_batches)))
     real["torch_eager_packed"] = (th, _split(packed, windows), th.train,
                                   lambda b: counts[id(b)], len(ids))
-  real_res.update(_measure(real, interleave))
+    warms["torch_eager_packed"] = lambda: th.train([th.packed_batch(fj_warm)])
+  real_res.update(_measure(real, interleave, warms))
+  for k in real:
+    if "error" in real_res[k]:
+      raise RuntimeError(f"{name} real lengths, {k}: {real_res[k]['error']}")
   _log_real(log, name, "flanjax packed", real_res["flanjax_packed"])
   for order in orders:
     _log_real(log, name, f"PyTorch eager, {order} order", real_res[f"torch_eager_{order}"])
