@@ -49,10 +49,9 @@ def _measure(entries: dict, interleave: bool = False, warm: dict | None = None) 
   Each window starts with one untimed step of its first batch: flanjax's first step after a
   PyTorch chunk took ~1.5x its next ones, PyTorch's did not (`python -m
   benchmarks.bandwidth_step`, `first_step_ms`), and a training run never switches stacks.
-  In turn, a stack's warm-up runs right before its own windows, not before the other
-  stack's: flanjax's windows right after PyTorch's warm-up steps ran slower (T5 real-length
-  rows, benchmarks/README.md). Interleaved, both stacks sample the same stretches of a host
-  whose speed drifts, but in one process flanjax then always runs right after PyTorch."""
+  In turn, each stack's warm-up runs just before its own windows (the order of the runs
+  before 2026-12-05). Interleaved, both stacks sample the same stretches of a host whose
+  speed drifts, but in one process flanjax then always runs right after PyTorch."""
   warm = warm or {}
   failed = {}
 
