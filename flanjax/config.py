@@ -268,11 +268,10 @@ def compilation_cache_dir() -> str | None:
     return None
   if value:
     return os.path.abspath(os.path.expanduser(value))
-  # The data caches' folder (flanjax.data.cache.default_cache_dir), read here from the
-  # environment: the data package imports this module, not the other way round.
-  data_cache = os.environ.get(
-      "FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
-  return os.path.join(data_cache, "xla")
+  # Under the data caches' folder. flanjax.data.cache needs only the standard library, so
+  # importing it here (not at the top: the data package imports this module) is cheap.
+  from flanjax.data import cache  # pylint: disable=g-import-not-at-top
+  return os.path.join(cache.default_cache_dir(), "xla")
 
 
 def enable_compilation_cache() -> str | None:

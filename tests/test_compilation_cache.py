@@ -92,18 +92,20 @@ def test_off_and_an_unwritable_folder_leave_it_off(tmp_path):
 
 
 def test_the_default_folder_sits_in_the_data_cache(monkeypatch, tmp_path):
-  """config reads the data caches' folder from the environment itself (the data package
-  imports config): the two must agree, with FLANJAX_CACHE set and without."""
+  """The compilation cache lives under the data caches' folder, with FLANJAX_CACHE set,
+  unset, and set but empty (which counts as unset: never the working directory)."""
   from flanjax import config
   from flanjax.data import cache
   monkeypatch.delenv("FLANJAX_COMPILATION_CACHE", raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  for value in (None, str(tmp_path / "data_cache")):
+  home = os.path.join(str(tmp_path / "home"), ".cache", "flanjax")
+  for value, want in ((None, home), (str(tmp_path / "data_cache"), str(tmp_path / "data_cache")),
+                      ("", home), ("  ", home)):
     if value is None:
       monkeypatch.delenv("FLANJAX_CACHE", raising=False)
     else:
       monkeypatch.setenv("FLANJAX_CACHE", value)
-    assert config.compilation_cache_dir() == os.path.join(cache.default_cache_dir(), "xla")
-  assert config.compilation_cache_dir().startswith(str(tmp_path))
+    assert cache.default_cache_dir() == want, repr(value)
+    assert config.compilation_cache_dir() == os.path.join(want, "xla")
   monkeypatch.setenv("FLANJAX_COMPILATION_CACHE", "OFF")
   assert config.compilation_cache_dir() is None

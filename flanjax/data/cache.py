@@ -24,9 +24,10 @@ MANIFEST_VERSION = 1
 
 
 def default_cache_dir() -> str:
-  """$FLANJAX_CACHE, else ~/.cache/flanjax."""
-  return os.environ.get(
-      "FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
+  """$FLANJAX_CACHE, else ~/.cache/flanjax. Set but empty counts as unset: an empty path
+  would put the caches in the working directory (a repository's checkout, say)."""
+  value = os.environ.get("FLANJAX_CACHE", "").strip()
+  return value or os.path.join(os.path.expanduser("~"), ".cache", "flanjax")
 
 
 # ------------------------------------------------------------------ on disk
