@@ -5,7 +5,7 @@
 On a virtual machine other tenants share the host's memory bandwidth, and neither
 /proc/stat nor the load average sees them. This alternates, in one process, a chunk of
 flanjax steps and a chunk of PyTorch steps (with --probe, the copy probe
-common.copy_bandwidth after each), `--chunks` times, at the benchmark's size (benchmarks/configs/cpu.gin, rows of
+copy_bandwidth after each), `--chunks` times, at the benchmark's size (benchmarks/configs/cpu.gin, rows of
 exactly inputs + targets tokens); then, per stack, the median of each chunk's first step
 (the first after the other stack's chunk) against that of the chunks' other steps and,
 with --probe, the correlation of its step time with the probe's reading after it and its
@@ -23,6 +23,25 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+
+
+_COPY = []  # the probe's two buffers, made once
+
+
+def copy_bandwidth(mib: int = 64, reps: int = 3) -> float:
+  """GB/s (read + write) of numpy copying `mib` MiB, the best of `reps`: the memory
+  bandwidth this machine had just then (other virtual machines on the host share it unseen).
+  Not run between the benchmark's timed windows: with it after each window, flanjax's next
+  windows ran slower (benchmarks/README.md, Method)."""
+  if not _COPY or _COPY[0].nbytes != mib << 20:
+    _COPY[:] = [np.ones(mib << 17), np.empty(mib << 17)]
+  src, dst = _COPY
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t0)
+  return 2 * src.nbytes / best / 1e9 if best > 0 else float("nan")  # nan: a stopped clock
 
 
 def _split_by_bandwidth(ms, gbps) -> dict:
@@ -78,7 +97,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         run()
         each.append((time.perf_counter() - t0) * 1e3)
-      gbps = common.copy_bandwidth() if a.probe else float("nan")
+      gbps = copy_bandwidth() if a.probe else float("nan")
       rows[name][0].append(round(sum(each) / a.steps, 1))
       rows[name][1].append(round(gbps, 1))
       rows[name][2].append([round(x, 1) for x in each])

@@ -164,26 +164,6 @@ def _steal_share(a, b) -> float:
   return max(0.0, (b[3] - a[3]) / (b[1] - a[1]))
 
 
-_COPY = []  # the probe's two buffers, made once
-
-
-def copy_bandwidth(mib: int = 64, reps: int = 3) -> float:
-  """GB/s (read + write) of numpy copying `mib` MiB, the best of `reps`: the memory
-  bandwidth this machine had just then (other virtual machines on the host share it unseen).
-  Not run between timed windows: with it after each window, flanjax's next windows ran
-  slower (benchmarks/README.md, Method); `python -m benchmarks.bandwidth_step --probe`."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if not _COPY or _COPY[0].nbytes != mib << 20:
-    _COPY[:] = [np.ones(mib << 17), np.empty(mib << 17)]
-  src, dst = _COPY
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - t0)
-  return 2 * src.nbytes / best / 1e9 if best > 0 else float("nan")  # nan: a stopped clock
-
-
 class Windows:
   """Timed windows of one figure: each window's rate, and how much of the machine
   other processes took meanwhile (/proc/stat's busy time less this process's own; the
