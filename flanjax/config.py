@@ -268,10 +268,12 @@ def compilation_cache_dir() -> str | None:
     return None
   if value:
     return os.path.abspath(os.path.expanduser(value))
-  # Under the data caches' folder. flanjax.data.cache needs only the standard library, so
-  # importing it here (not at the top: the data package imports this module) is cheap.
-  from flanjax.data import cache  # pylint: disable=g-import-not-at-top
-  return os.path.join(cache.default_cache_dir(), "xla")
+  # The data caches' folder (flanjax.data.cache.default_cache_dir, empty counting as unset),
+  # read here from the environment: importing the data package from here, even inside this
+  # function, would make an import cycle (tests/test_imports.py); a test keeps the two equal.
+  data_cache = os.environ.get("FLANJAX_CACHE", "").strip() or os.path.join(
+      os.path.expanduser("~"), ".cache", "flanjax")
+  return os.path.join(data_cache, "xla")
 
 
 def enable_compilation_cache() -> str | None:
