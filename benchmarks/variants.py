@@ -36,7 +36,14 @@ the windows, with min and max, and its ratio to the first variant.
                           instead of attention._softmax_values),
                           loss_single_pass=off (rows no longer than a loss chunk
                           sorted loss positions first and taken through the chunked
-                          loop, instead of every position in one pass)
+                          loop, instead of every position in one pass),
+                          post_gradient=separate (the gradients divided by the loss
+                          weight after differentiating and their norm by
+                          optax.tree.norm, instead of the loss divided before and
+                          the norm by trainer.global_norm's dots); --choices picks some
+  post/*                  the step's part after differentiating alone
+                          (trainer.apply_gradients: gradient norm, non-finite check,
+                          AdamW), as it ships vs POST_GRADIENT "separate"
   eval/output_chunk=*     the validation step (loss and token accuracy,
                           trainer.make_eval_step) with logits at loss positions only
                           (128, ships) vs at every position (0); with each one's XLA
@@ -143,8 +150,13 @@ def _setting(module: str, name: str, value):
     setattr(mod, name, old)
 
 
-def choice_variants(cfg, batch) -> dict:
-  """The shipped step and the step with one of this project's CPU choices undone."""
+CHOICES = ("dense=xla", "query_block=all", "output_chunk=0", "update_skip=select",
+           "softmax_values=off", "loss_single_pass=off", "post_gradient=separate")
+
+
+def choice_variants(cfg, batch, only=None) -> dict:
+  """The shipped step and the step with one of this project's CPU choices undone
+  (`only`: those of CHOICES, the shipped step always)."""
   from benchmarks import stacks  # pylint: disable=g-import-not-at-top
   from flanjax.models import dense  # pylint: disable=g-import-not-at-top
   settings = {"choice/shipped": contextlib.nullcontext,
@@ -157,11 +169,47 @@ def choice_variants(cfg, batch) -> dict:
               "choice/softmax_values=off": lambda: _setting("flanjax.models.attention",
                                                             "SOFTMAX_VALUES", False),
               "choice/loss_single_pass=off": lambda: _setting("flanjax.training.losses",
-                                                              "SINGLE_PASS", False)}
+                                                              "SINGLE_PASS", False),
+              "choice/post_gradient=separate": lambda: _setting(
+                  "flanjax.training.trainer", "POST_GRADIENT", "separate")}
+  if only:
+    settings = {k: v for k, v in settings.items()
+                if k == "choice/shipped" or k.split("/", 1)[1] in only}
   fns = {}
   for name, setting in settings.items():
     fj = stacks.Flanjax(cfg, stacks.AdamW(), output_chunk=0 if "output_chunk" in name else None)
     fns[name] = _first_call_under(setting, lambda fj=fj: fj.train([batch]))
+  return fns
+
+
+def post_gradient_variants(cfg) -> dict:
+  """The train step's part after differentiating (trainer.apply_gradients: the gradient
+  norm, the non-finite check and AdamW's update) alone, on the model's parameters, as it
+  ships (the loss divided before differentiating, trainer.global_norm) and with
+  POST_GRADIENT "separate" (the gradients divided here, optax.tree.norm)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from benchmarks import stacks  # pylint: disable=g-import-not-at-top
+  from flanjax.training import trainer  # pylint: disable=g-import-not-at-top
+  opt = stacks.AdamW()
+  tx = optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+  fns = {}
+  for name, value in (("post/shipped", "fused"), ("post/post_gradient=separate", "separate")):
+    state = stacks.Flanjax(cfg, opt).state
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state["params"])
+    with _setting("flanjax.training.trainer", "POST_GRADIENT", value):
+      f = jax.jit(lambda p, o, g: trainer.apply_gradients(tx, g, p, o, jnp.float32(1.0),
+                                                          jnp.float32(3.0))[:2],
+                  donate_argnums=(0, 1)).lower(state["params"], state["opt_state"],
+                                               grads).compile()
+    box = {"p": state["params"], "o": state["opt_state"]}
+
+    def run(f=f, box=box, grads=grads):
+      box["p"], box["o"] = f(box["p"], box["o"], grads)
+      jax.block_until_ready(box["p"])
+
+    fns[name] = run
   return fns
 
 
@@ -328,7 +376,8 @@ def _args(argv):
   ap = argparse.ArgumentParser(prog="python -m benchmarks.variants")
   ap.add_argument("--model", default="decoder", choices=("decoder", "t5"))
   ap.add_argument("--parts", default="choice,step,proxy",
-                  help="which of choice, step (decoder), proxy (decoder), eval, flags to run")
+                  help="which of choice, post, step (decoder), proxy (decoder), eval, flags "
+                  "to run")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--inputs", type=int, default=512)
   ap.add_argument("--targets", type=int, default=128)
@@ -341,13 +390,19 @@ def _args(argv):
                   "run, first: the others' ratios are to it)")
   ap.add_argument("--child_timeout", type=int, default=1800,
                   help="seconds a flag set's process may take (flags)")
+  ap.add_argument("--choices", default=",".join(CHOICES),
+                  help="which of " + ", ".join(CHOICES) + " (choice; the shipped step is "
+                  "always run, first)")
   ap.add_argument("--out")
   a = ap.parse_args(argv)
-  parts = [p for p in ("choice", "step", "proxy", "eval", "flags", "shipped")
+  parts = [p for p in ("choice", "post", "step", "proxy", "eval", "flags", "shipped")
            if p in a.parts.split(",")]
-  if a.model == "t5" and set(parts) - {"choice", "eval", "flags", "shipped"}:
-    ap.error("--model=t5 runs --parts=choice,eval,flags only (step and proxy are the "
+  if a.model == "t5" and set(parts) - {"choice", "post", "eval", "flags", "shipped"}:
+    ap.error("--model=t5 runs --parts=choice,post,eval,flags only (step and proxy are the "
              "decoder's)")
+  unknown = set(a.choices.split(",")) - set(CHOICES)
+  if unknown:
+    ap.error(f"--choices: unknown {sorted(unknown)}; choose from {', '.join(CHOICES)}")
   unknown = set(a.flag_sets.split(",")) - set(FLAG_SETS)
   if unknown:
     ap.error(f"--flag_sets: unknown {sorted(unknown)}; choose from {', '.join(FLAG_SETS)}")
@@ -371,7 +426,10 @@ def main(argv=None):
          "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if "choice" in parts:
-    res["choice"] = _interleaved(choice_variants(cfg, batch), a.windows, a.steps)
+    res["choice"] = _interleaved(choice_variants(cfg, batch, a.choices.split(",")),
+                                 a.windows, a.steps)
+  if "post" in parts:
+    res["post"] = _interleaved(post_gradient_variants(cfg), a.windows, a.steps)
   if "step" in parts:
     res["step"] = _interleaved(step_variants(cfg, batch, a.impls.split(",")), a.windows,
                                a.steps)

@@ -690,3 +690,59 @@ def test_probe_check_figures_in_the_readme_are_their_jsons():
   assert (f"`group_by_length` {grouped('cpu_amd_e119a0e_interleaved.json')}, "
           f"{grouped('cpu_amd_e119a0e_interleaved_run2_not_quiet.json')} and "
           f"{grouped('cpu_amd_795f398_run1.json')}") in text
+
+
+@pytest.mark.parametrize("kind", ["enc_dec", "prefix_lm"])
+def test_bucket_rows_puts_each_example_in_its_shortest_row(kind):
+  """benchmarks.bucket_rows: every example of a bucketed step sits in the shortest row
+  length that holds it, a step holds about the full layout's padded positions, and the
+  attention pairs match a count over every position of every row."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks import bucket_rows
+  rng = np.random.default_rng(0)
+  exs = []
+  for _ in range(400):
+    n_in = int(rng.choice([rng.integers(5, 100), rng.integers(100, 250), rng.integers(250, 500)]))
+    exs.append({"inputs": np.arange(1, n_in + 1, dtype=np.int32) % 50 + 2,
+                "targets": np.arange(1, int(rng.integers(2, 100)), dtype=np.int32) % 50 + 2})
+  fractions = [0.25, 0.5, 1.0]
+  lay = bucket_rows.layouts(exs, kind, fractions, batch=4)
+  counts = lay["examples_per_fraction"]
+  assert sum(counts.values()) == len(exs) and all(counts[str(f)] > 0 for f in fractions)
+  enc = "encoder_segment_ids" if kind == "enc_dec" else "decoder_segment_ids"
+  full_len = lay["full"][0][enc].shape[1]
+  sizes = set()
+  for b in lay["bucketed"]:
+    rows, length = b[enc].shape
+    f = length / full_len
+    sizes.add(length)
+    assert abs(rows * length - 4 * full_len) <= full_len / 4  # ~ the full step's positions
+    shorter = [g for g in fractions if g < f - 1e-9]
+    for r in range(rows):
+      for seg in set(b[enc][r].tolist()) - {0}:
+        n = int(np.sum(b[enc][r] == seg))
+        if kind == "enc_dec":
+          n_t = int(np.sum(b["decoder_segment_ids"][r] == seg))
+        else:  # inputs and targets share a prefix-LM row; the targets carry the loss
+          n_t = int(np.sum((b[enc][r] == seg) & (b["decoder_loss_weights"][r] > 0)))
+          n -= n_t
+        ex = {"inputs": np.zeros(n), "targets": np.zeros(n_t)}
+        assert bucket_rows.fits(ex, bucket_rows.row_lengths_for(kind, f), kind)
+        assert not any(bucket_rows.fits(ex, bucket_rows.row_lengths_for(kind, g), kind)
+                       for g in shorter)
+  assert len(sizes) == 3
+
+  def brute(batches):
+    n = 0
+    for b in batches:
+      for _ in range(b["decoder_segment_ids"].shape[0]):
+        if kind == "enc_dec":
+          li, lt = b["encoder_segment_ids"].shape[1], b["decoder_segment_ids"].shape[1]
+          n += sum(1 for _ in range(li) for _ in range(li)) + lt * lt + lt * li
+        else:
+          ln = b["decoder_segment_ids"].shape[1]
+          n += sum(1 for q in range(ln) for k in range(ln) if k <= q)
+    return n
+
+  for k in ("full", "bucketed"):
+    assert bucket_rows.attention_pairs(lay[k], kind) == brute(lay[k])

@@ -125,3 +125,51 @@ def test_unknown_update_skip_is_refused(setup, monkeypatch):
   monkeypatch.setattr(trainer, "UPDATE_SKIP", "conditional")
   with pytest.raises(ValueError, match="UPDATE_SKIP='conditional' is not one of"):
     jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2)).lower(state, batch)
+
+
+@pytest.mark.parametrize("mode", ["cpu", "xla"])
+def test_global_norm_matches_optax(mode):
+  """trainer.global_norm (dots on XLA:CPU, optax's reduction elsewhere) against optax."""
+  from flanjax.models import dense  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  tree = {"scalar": jnp.float32(-3.0), "vec": jnp.asarray(rng.normal(size=7), jnp.float32),
+          "k": jnp.asarray(rng.normal(size=(5, 4, 3)), jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(64, 9)), jnp.bfloat16)}
+  want = float(optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree)))
+  with dense.mode(mode):
+    got = float(jax.jit(trainer.global_norm)(tree))
+  assert abs(got - want) <= 1e-5 * want
+  for bad in (jnp.nan, jnp.inf):
+    with dense.mode(mode):
+      assert not np.isfinite(float(jax.jit(trainer.global_norm)({**tree, "vec": tree["vec"].at[2].set(bad)})))
+
+
+@pytest.mark.parametrize("settings", [{}, {"microbatches": 2, "z_loss": 1e-4},
+                                      {"loss_normalizing_factor": 100.0}])
+def test_fused_post_gradient_matches_separate(setup, settings, monkeypatch):
+  """The loss divided before differentiating (POST_GRADIENT 'fused', ships) gives the step
+  of the gradients divided after ('separate'): loss, gradient norm and the gradients
+  themselves (plain SGD at rate 1, so each parameter moves by its gradient)."""
+  model, _, state, batch = setup
+  tx = optax.sgd(1.0)
+  state = {**state, "opt_state": tx.init(state["params"])}
+  out = {}
+  for value in ("separate", "fused"):
+    monkeypatch.setattr(trainer, "POST_GRADIENT", value)
+    out[value] = jax.jit(trainer.make_train_step(model, tx, lambda s: 1.0, **settings))(
+        state, batch)
+  (s_sep, m_sep), (s_fused, m_fused) = out["separate"], out["fused"]
+  for k in ("loss", "grad_norm", "loss_weight", "applied"):
+    np.testing.assert_allclose(float(m_fused[k]), float(m_sep[k]), rtol=1e-5)
+  for a, b, old in zip(jax.tree.leaves(s_fused["params"]), jax.tree.leaves(s_sep["params"]),
+                       jax.tree.leaves(state["params"])):
+    g_fused, g_sep = np.asarray(a) - np.asarray(old), np.asarray(b) - np.asarray(old)
+    assert np.abs(g_sep).max() > 0  # every parameter has a gradient here
+    np.testing.assert_allclose(g_fused, g_sep, rtol=1e-3, atol=1e-4 * np.abs(g_sep).max())
+
+
+def test_unknown_post_gradient_is_refused(setup, monkeypatch):
+  model, tx, state, batch = setup
+  monkeypatch.setattr(trainer, "POST_GRADIENT", "after")
+  with pytest.raises(ValueError, match="POST_GRADIENT='after' is not one of"):
+    jax.jit(trainer.make_train_step(model, tx, lambda s: 1e-2)).lower(state, batch)

@@ -123,6 +123,52 @@ def _loss_at_loss_positions(model: nn.Module, params, inputs: dict, batch: dict,
                               **loss_kw)
 
 
+# "fused" (ships): the train step divides the summed loss by the batch's loss weight
+# before differentiating, so the gradients need no pass of their own to be normalised,
+# and takes the gradient norm by global_norm. "separate": the gradients divided after
+# and optax.tree.norm (benchmarks.variants' choice/post_gradient=separate). Read when a
+# step is traced.
+POST_GRADIENT = "fused"
+
+
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves together, as optax.tree.norm.
+
+  On XLA:CPU each leaf's sum of squares is a dot of the leaf with itself over all its
+  axes: XLA:CPU runs a large reduction as a windowed reduce then a reduce, and the dots
+  took about half the time of optax's norm for the benchmark decoder's 6.9M parameters
+  (benchmarks/README.md). Elsewhere optax's reduction. The dot contracts every axis
+  without reshaping, so a sharded leaf needs no gather, only a sum of partial sums.
+  """
+  if not dense.cpu_formulation():
+    return optax.tree.norm(tree)
+  total = jnp.float32(0.0)
+  for x in jax.tree.leaves(tree):
+    axes = tuple(range(x.ndim))
+    total = total + jax.lax.dot_general(x, x, ((axes, axes), ((), ())),
+                                        preferred_element_type=jnp.float32)
+  return jnp.sqrt(total)
+
+
+def apply_gradients(tx: optax.GradientTransformation, grads, params, opt_state, loss, denom):
+  """The train step after differentiating: (params, opt_state, grad_norm, ok).
+
+  grads: already divided by denom under POST_GRADIENT "fused" (the step divides the
+  loss), the summed loss's gradients under "separate" (divided here). A step whose loss
+  or gradient norm is not finite is not applied (ok False).
+  """
+  if POST_GRADIENT not in ("fused", "separate"):
+    raise ValueError(f"trainer.POST_GRADIENT={POST_GRADIENT!r} is not one of fused, separate")
+  if POST_GRADIENT == "fused":
+    grad_norm = global_norm(grads)
+  else:
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_params, opt_state = _update_if(ok, tx, grads, params, opt_state)
+  return new_params, opt_state, grad_norm, ok
+
+
 # How a step with a non-finite loss or gradient leaves the state as it was: "auto"
 # (a conditional on XLA:CPU, a select elsewhere; _update_if says why), "cond" or
 # "select". Read when a step is traced (benchmarks.variants undoes the choice).
@@ -179,30 +225,39 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
   """
   model_inputs = model_inputs or kinds.for_module(model).model_inputs
 
-  def summed_loss(params, mb, rng):
+  def summed_loss(params, mb, rng, denom):
     rngs = {"dropout": rng} if dropout else {}
     if output_chunk > 0:
-      return _loss_at_loss_positions(model, params, model_inputs(mb), mb, output_chunk,
-                                     deterministic=not dropout, rngs=rngs, z_loss=z_loss,
-                                     label_smoothing=label_smoothing)
-    logits = model.apply({"params": params}, **model_inputs(mb),
-                         deterministic=not dropout, rngs=rngs)
-    _, aux = cross_entropy(logits, mb["decoder_target_tokens"], mb["decoder_loss_weights"],
-                           z_loss=z_loss, label_smoothing=label_smoothing, normalize_by=1.0)
-    return aux["loss_sum"] + aux["z_loss_sum"], aux
+      total, aux = _loss_at_loss_positions(
+          model, params, model_inputs(mb), mb, output_chunk, deterministic=not dropout,
+          rngs=rngs, z_loss=z_loss, label_smoothing=label_smoothing)
+    else:
+      logits = model.apply({"params": params}, **model_inputs(mb),
+                           deterministic=not dropout, rngs=rngs)
+      _, aux = cross_entropy(logits, mb["decoder_target_tokens"], mb["decoder_loss_weights"],
+                             z_loss=z_loss, label_smoothing=label_smoothing, normalize_by=1.0)
+      total = aux["loss_sum"] + aux["z_loss_sum"]
+    # Divided here, the gradient comes out normalised: the division scales the loss's
+    # cotangent once instead of every gradient afterwards (a pass over all of them).
+    return total / denom, aux
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
   def step(state, batch):
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], state["step"])
+    # The loss weights' sum is the losses' weight_sum, known before the forward pass.
+    denom = (jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))
+             if loss_normalizing_factor is None else jnp.float32(loss_normalizing_factor))
+    denom = jnp.maximum(denom, 1e-8)
+    in_loss = denom if POST_GRADIENT == "fused" else jnp.float32(1.0)
     if microbatches > 1:
       split = jax.tree.map(
           lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
 
       def body(carry, xs):
         mb, i = xs
-        (_, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (_, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i), in_loss)
         acc_g, acc_aux = carry
         return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_aux, aux)), None
 
@@ -212,15 +267,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_fn: C
       (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux),
                                      (split, jnp.arange(microbatches)))
     else:
-      (_, aux), grads = grad_fn(params, batch, rng)
-    denom = aux["weight_sum"] if loss_normalizing_factor is None else jnp.float32(
-        loss_normalizing_factor)
-    denom = jnp.maximum(denom, 1e-8)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+      (_, aux), grads = grad_fn(params, batch, rng, in_loss)
     loss = (aux["loss_sum"] + aux["z_loss_sum"]) / denom
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_params, opt_state = _update_if(ok, tx, grads, params, state["opt_state"])
+    new_params, opt_state, grad_norm, ok = apply_gradients(
+        tx, grads, params, state["opt_state"], loss, denom)
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": state["rng"]}
     metrics = {"loss": loss, "cross_entropy": aux["loss_sum"] / denom,
