@@ -36,20 +36,22 @@ FULL = {"inputs": 512, "targets": 128}
 
 
 def row_lengths_for(kind: str, fraction: float) -> dict:
-  """The packer's lengths for rows `fraction` of the full ones (prefix LM: targets keep
-  their full 128, the inputs take the rest of the row)."""
+  """The packer's lengths for rows `fraction` of the full ones. A shorter prefix-LM row
+  is given by its total alone (the packer's {'targets': total}: any split of inputs and
+  targets that fits the row)."""
   if fraction >= 1:
     return dict(FULL)
   if kind == "enc_dec":
     return {k: int(v * fraction) for k, v in FULL.items()}
-  total = int((FULL["inputs"] + FULL["targets"]) * fraction)
-  return {"inputs": total - FULL["targets"], "targets": FULL["targets"]}
+  return {"targets": int((FULL["inputs"] + FULL["targets"]) * fraction)}
 
 
 def fits(ex, lengths: dict, kind: str) -> bool:
   n_in, n_t = ex["inputs"].size, ex["targets"].size
   if kind == "enc_dec":
     return n_in <= lengths["inputs"] and n_t <= lengths["targets"]
+  if "inputs" not in lengths:
+    return n_in + n_t <= lengths["targets"]
   return (n_in <= lengths["inputs"] and n_t <= lengths["targets"]
           and n_in + n_t <= lengths["inputs"] + lengths["targets"])
 
@@ -146,11 +148,15 @@ def main(argv=None):
     real = sum(c[0] for c in counts[k])
     padded = sum(c[1] for c in counts[k])
     s = wins[k].summary()
-    shapes = sorted({tuple(b["decoder_segment_ids"].shape) for b in batches})
+    shapes = sorted({(b["decoder_segment_ids"].shape[0],)
+                     + tuple(b[f].shape[1] for f in ("encoder_segment_ids",
+                                                     "decoder_segment_ids") if f in b)
+                     for b in batches})
     res["layouts"][k] = {
         "steps": len(batches), "real_tokens": real, "padded_positions": padded,
         "non_padding_share": round(real / padded, 4),
         "attention_pairs": attention_pairs(batches, kind),
+        # [rows, encoder length, decoder length] (T5) or [rows, length] (decoder)
         "step_shapes": [list(x) for x in shapes],
         "real_tokens_per_s": s["median"], "real_tokens_per_s_min": s["min"],
         "real_tokens_per_s_max": s["max"],
