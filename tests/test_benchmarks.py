@@ -756,3 +756,26 @@ def test_bucket_rows_puts_each_example_in_its_shortest_row(kind):
 
   for k in ("full", "bucketed"):
     assert bucket_rows.attention_pairs(lay[k], kind) == brute(lay[k])
+
+
+def test_readmes_bucket_rows_figures_are_the_committed_runs():
+  """README's shorter-rows figures are bucket_rows' JSONs, recomputed from their layouts."""
+  import pathlib
+  from benchmarks import run as bench
+  repo = pathlib.Path(bench.HERE).parent
+  readme = " ".join((repo / "README.md").read_text().split())
+  got = {}
+  for m in ("decoder", "t5"):
+    r = json.loads((repo / "benchmarks" / "results" / f"bucket_rows_{m}.json").read_text())
+    full, buck = r["layouts"]["full"], r["layouts"]["bucketed"]
+    fewer = 1 - (buck["attention_pairs"] / buck["padded_positions"]) / (
+        full["attention_pairs"] / full["padded_positions"])
+    got[m] = (round(100 * fewer), buck["padded_per_s"] / full["padded_per_s"],
+              full["non_padding_share"], buck["non_padding_share"],
+              buck["real_tokens_per_s"] / full["real_tokens_per_s"])
+    assert sum(r["examples_per_fraction"].values()) == 1176
+  d, t = got["decoder"], got["t5"]
+  assert (f"scored {d[0]}% (decoder) and {t[0]}% (T5) fewer attention pairs and ran only "
+          f"{d[1]:.3f}x and {t[1]:.3f}x the full rows' rate, while their share of real tokens "
+          f"fell from {d[2]:.3f} to {d[3]:.3f} and from {t[2]:.3f} to {t[3]:.3f}: real tokens/s "
+          f"x{d[4]:.3f} and x{t[4]:.3f}") in readme

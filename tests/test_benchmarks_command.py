@@ -138,3 +138,26 @@ def test_readmes_two_amd_command_runs_at_3e1ebbb_are_the_committed_jsons():
           "extremes); its step alone at "
           f"{a['step_ratio']:.2f}x and {b['step_ratio']:.2f}x; the command kept "
           f"{100 * a['command_of_step']:.0f}% and {100 * b['command_of_step']:.0f}%") in text
+
+
+def test_readmes_amd_command_run_at_ef9d321_is_the_committed_json():
+  """The README's one-run command table at ef9d321: each cell and ratio is its JSON's."""
+  import pathlib
+  repo = pathlib.Path(command_bench.__file__).resolve().parent.parent
+  r = json.loads((repo / "benchmarks" / "results" / "command_cpu_amd_ef9d321.json").read_text())
+  assert r["commit"].startswith("ef9d321") and r["quiet"]
+  readme = (repo / "README.md").read_text()
+  cell = lambda f: (f"{f['tokens_per_s']:,.0f} [{f['tokens_per_s_min']:,.0f}-"  # noqa: E731
+                    f"{f['tokens_per_s_max']:,.0f}]")
+  for name, key in ((f"flanjax command (console, {r['flanjax']['windows']} late intervals)",
+                     "flanjax"),
+                    ("flanjax step alone (5 windows of 4 steps)", "flanjax_step"),
+                    ("PyTorch loop (eager, 5 windows of 4 steps)", "torch")):
+    row = f"| {name} | {cell(r[key])} |"
+    assert row in readme, row
+  text = " ".join(readme.split())
+  assert (f"The command is at **{r['ratio']:.2f}x** PyTorch ({r['ratio_min_max'][0]:.2f}x-"
+          f"{r['ratio_min_max'][1]:.2f}x over the windows' extremes), its step alone at "
+          f"{r['step_ratio']:.2f}x; the command kept {100 * r['command_of_step']:.0f}% of its "
+          "step alone") in text
+  assert "(1.09x in a quiet run at ef9d321;" in text
