@@ -31,6 +31,12 @@ class AdamW:
   eps: float = 1e-8
   weight_decay: float = 0.01
 
+  def optax(self):
+    """The same AdamW as an optax transformation (flanjax's side)."""
+    import optax  # pylint: disable=g-import-not-at-top
+    return optax.adamw(self.lr, b1=self.b1, b2=self.b2, eps=self.eps,
+                       weight_decay=self.weight_decay)
+
 
 def family(cfg) -> str:
   from flanjax.models import t5  # pylint: disable=g-import-not-at-top
@@ -71,7 +77,6 @@ class Flanjax:
     more of trainer.make_train_step's (z_loss, microbatches, dropout, ...)."""
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    import optax  # pylint: disable=g-import-not-at-top
     from flanjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
     from flanjax.training import partitioning, trainer  # pylint: disable=g-import-not-at-top
     self.cfg = cfg
@@ -80,7 +85,7 @@ class Flanjax:
     else:
       self.model, dummy = decoder.Decoder(cfg), decoder.dummy_batch(1, 8, 8)
     if opt is not None:
-      tx = optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+      tx = opt.optax()
       lr_fn = lambda s: opt.lr  # noqa: E731
     self.mesh = partitioning.make_mesh((-1, 1, 1))
     self.rules = partitioning.logical_rules()

@@ -189,11 +189,10 @@ def post_gradient_variants(cfg) -> dict:
   POST_GRADIENT "separate" (the gradients divided here, optax.tree.norm)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from benchmarks import stacks  # pylint: disable=g-import-not-at-top
   from flanjax.training import trainer  # pylint: disable=g-import-not-at-top
   opt = stacks.AdamW()
-  tx = optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+  tx = opt.optax()
   fns = {}
   for name, value in (("post/shipped", "fused"), ("post/post_gradient=separate", "separate")):
     state = stacks.Flanjax(cfg, opt).state
