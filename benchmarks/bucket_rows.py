@@ -108,8 +108,9 @@ def main(argv=None):
     fractions = [float(x) for x in a.fractions.split(",")]
   except ValueError:
     ap.error(f"--fractions takes numbers separated by commas, got {a.fractions!r}")
-  if min(fractions) <= 0 or max(fractions) > 1:
-    ap.error(f"--fractions must lie in (0, 1], got {a.fractions}")
+  if min(fractions) <= 0 or max(fractions) != 1:
+    ap.error(f"--fractions must lie in (0, 1] and include 1 (the full rows, for the longest "
+             f"examples), got {a.fractions}")
   if a.rounds < 1 or a.examples <= a.skip:
     ap.error("--rounds must be at least 1 and --examples more than --skip")
 
