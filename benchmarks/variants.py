@@ -40,7 +40,11 @@ the windows, with min and max, and its ratio to the first variant.
                           post_gradient=separate (the gradients divided by the loss
                           weight after differentiating and their norm by
                           optax.tree.norm, instead of the loss divided before and
-                          the norm by trainer.global_norm's dots); --choices picks some
+                          the norm by trainer.global_norm's dots),
+                          rope_lookup=off (the decoder's RoPE cos and sin computed
+                          from the positions in the step, instead of looked up from
+                          tables made at trace time: decoder.rope_tables); --choices
+                          picks some
   post/*                  the step's part after differentiating alone
                           (trainer.apply_gradients: gradient norm, non-finite check,
                           AdamW), as it ships vs POST_GRADIENT "separate"
@@ -151,7 +155,8 @@ def _setting(module: str, name: str, value):
 
 
 CHOICES = ("dense=xla", "query_block=all", "output_chunk=0", "update_skip=select",
-           "softmax_values=off", "loss_single_pass=off", "post_gradient=separate")
+           "softmax_values=off", "loss_single_pass=off", "post_gradient=separate",
+           "rope_lookup=off")
 
 
 def choice_variants(cfg, batch, only=None) -> dict:
@@ -171,7 +176,9 @@ def choice_variants(cfg, batch, only=None) -> dict:
               "choice/loss_single_pass=off": lambda: _setting("flanjax.training.losses",
                                                               "SINGLE_PASS", False),
               "choice/post_gradient=separate": lambda: _setting(
-                  "flanjax.training.trainer", "POST_GRADIENT", "separate")}
+                  "flanjax.training.trainer", "POST_GRADIENT", "separate"),
+              "choice/rope_lookup=off": lambda: _setting("flanjax.models.decoder",
+                                                         "ROPE_LOOKUP", False)}
   if only:
     settings = {k: v for k, v in settings.items()
                 if k == "choice/shipped" or k.split("/", 1)[1] in only}

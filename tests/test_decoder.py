@@ -222,6 +222,48 @@ def test_cached_greedy_equals_brute_force(bidirectional):
       seq.append(nxt)
 
 
+@pytest.mark.parametrize("scaling", ["none", "linear", "llama3"])
+def test_rope_lookup_equals_computed_and_marks_out_of_range(scaling):
+  cfg = decoder.DecoderConfig(head_dim=16, rope_scaling=scaling, rope_factor=4.0,
+                              rope_original_max_position=64)
+  pos = np.random.default_rng(0).integers(0, 300, (3, 300)).astype(np.int32)
+  computed = decoder.rope_tables(cfg, pos)
+  looked_up = decoder.rope_tables(cfg, pos, bound=300)
+  for a, b in zip(computed, looked_up):
+    assert a.shape == b.shape == (3, 300, 1, 16)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-7)
+  cos, sin = decoder.rope_tables(cfg, np.array([[0, 7, 8]], np.int32), bound=8)
+  assert np.isfinite(np.asarray(cos)[0, :2]).all() and np.isnan(np.asarray(cos)[0, 2]).all()
+  assert np.isnan(np.asarray(sin)[0, 2]).all()
+
+
+def test_training_step_computes_no_rope_trigonometry_and_matches_the_computed_path(
+    monkeypatch):
+  cfg, model, params = _tiny(seed=2)
+  rng = np.random.default_rng(4)
+  row, _ = _pack([(rng.integers(3, V, a), rng.integers(3, V, b)) for a, b in ((9, 5), (4, 8))],
+                 32, False)
+  feats = decoder.model_inputs(row)
+  ct = rng.standard_normal((1, 32, V)).astype(np.float32)
+
+  def loss(p):
+    return (model.apply({"params": p}, **feats) * ct).sum()
+
+  def run():
+    grad = jax.jit(jax.value_and_grad(loss))
+    return grad.lower(params).compile().as_text(), grad(params)
+
+  hlo, (value, grads) = run()
+  monkeypatch.setattr(decoder, "ROPE_LOOKUP", False)
+  hlo_computed, (value_c, grads_c) = run()
+  # Computed in the step, XLA fuses cos / sin into each consumer; looked up, none is left.
+  assert hlo.count("cosine(") == 0 and hlo.count(" sine(") == 0
+  assert hlo_computed.count("cosine(") > 0
+  np.testing.assert_allclose(float(value), float(value_c), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_remat_gives_the_same_gradients_and_bf16_runs():
   cfg, model, params = _tiny(seed=3)
   tokens = np.random.default_rng(5).integers(3, V, (2, 9))

@@ -124,11 +124,32 @@ def rope_inverse_frequencies(cfg: DecoderConfig) -> np.ndarray:
   return inv.astype(np.float32)
 
 
-def rope_tables(cfg: DecoderConfig, positions: Array):
-  """positions [b, l] -> (cos, sin), each [b, l, 1, head_dim] float32."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
-  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  return jnp.cos(angles), jnp.sin(angles)
+ROPE_LOOKUP = True  # rope_tables with a bound: cos and sin looked up from tables, not computed
+
+
+def rope_tables(cfg: DecoderConfig, positions: Array, bound: int | None = None):
+  """positions [b, l] -> (cos, sin), each [b, l, 1, head_dim] float32.
+
+  bound: positions are known to lie in [0, bound) (a row's positions, as the packer and
+  the default arange make them): cos and sin are then looked up from [bound, head_dim]
+  tables made once at trace time, not computed from the positions in the step. XLA fuses
+  an elementwise cos / sin into every consumer, so computed in the step they were
+  evaluated again in each layer's q / k rotation, in each attention block's slice of the
+  keys and in the backward pass (44 cosines in the decoder benchmark's compiled step).
+  A position outside [0, bound) gets NaN (the lookup's fill), not a wrong rotation.
+  """
+  inv = rope_inverse_frequencies(cfg)
+  if bound is None or not ROPE_LOOKUP:
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+  # The float32 angle the computed path forms, its cos and sin rounded from float64.
+  freqs = np.arange(bound, dtype=np.float32)[:, None] * inv[None, :]
+  angles = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
+  pos = positions.astype(jnp.int32)
+  return tuple(jnp.take(jnp.asarray(f(angles).astype(np.float32)), pos, axis=0,
+                        mode="fill", fill_value=np.nan)[:, :, None, :]
+               for f in (np.cos, np.sin))
 
 
 def apply_rope(x: Array, rope) -> Array:
@@ -284,7 +305,7 @@ class Decoder(nn.Module):
     if pos is None:
       pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     spec = attention_spec(seg, decoder_causal_attention)
-    rope = rope_tables(self.config, pos)
+    rope = rope_tables(self.config, pos, bound=tokens.shape[1])
     x = self.dropout(self._embed(tokens), deterministic)
     x, _ = stack.run(self.layers, self.config.num_layers, x, spec, rope, deterministic)
     x = self.dropout(self.final_norm(x), deterministic)
@@ -303,8 +324,8 @@ class Decoder(nn.Module):
     return {"cache": stack.each(self.layers, c.num_layers, lambda _: (empty, empty)),
             "index": jnp.zeros((batch,), jnp.int32)}
 
-  def _run_cached(self, state, tokens, positions, spec, write_index):
-    rope = rope_tables(self.config, positions)
+  def _run_cached(self, state, tokens, positions, spec, write_index, bound=None):
+    rope = rope_tables(self.config, positions, bound)
     x = self._embed(tokens)
     x, caches = stack.run(self.layers, self.config.num_layers, x, spec, rope, True,
                           write_index=write_index, per_layer={"cache": state["cache"]})
@@ -325,7 +346,7 @@ class Decoder(nn.Module):
     spec = attention_spec(jnp.ones((b, p), jnp.int32), causal_attention,
                           kv_segments=jnp.ones((b, max_len), jnp.int32))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    x, caches = self._run_cached(state, tokens, positions, spec, 0)
+    x, caches = self._run_cached(state, tokens, positions, spec, 0, bound=p)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     return self._logits(last)[:, 0], {"cache": caches, "index": lengths}
 
