@@ -207,6 +207,25 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
              f"{want[1]:.2f}x ({dec['flanjax']['tokens_per_s']:,.0f} against "
              f"{dec['torch_eager']['tokens_per_s']:,.0f})"] + [f"{x:.2f}x" for x in want[2:]]
     assert f"`{name}`" in readme and " | ".join(cells) + " |" in readme, (name, cells)
+  # The two runs on the Intel host, before and after RoPE's lookup tables.
+  intel = {"cpu_intel_ead37c2_not_quiet.json": (False, (1.11, 0.98, 1.03, 1.16, 1.03)),
+           "cpu_intel_2e7e543.json": (True, (1.03, 1.31, 1.06, 0.99, 1.07))}
+  for name, (quiet, want) in intel.items():
+    run = json.loads((results / name).read_text())
+    assert run["quiet"] is quiet and "Intel" in run["machine"]["cpu"]
+    assert five(run) == want, (name, five(run))
+    t5, dec = run["train"]["t5"]["padded"], run["train"]["decoder"]["padded"]
+    cells = [f"{want[0]:.2f}x ({t5['flanjax']['tokens_per_s']:,.0f} against "
+             f"{t5['torch_eager']['tokens_per_s']:,.0f})",
+             f"{want[1]:.2f}x ({dec['flanjax']['tokens_per_s']:,.0f} against "
+             f"{dec['torch_eager']['tokens_per_s']:,.0f})"] + [f"{x:.2f}x" for x in want[2:]]
+    assert f"`{name}`" in readme and " | ".join(cells) + " |" in readme, (name, cells)
+  grouped = json.loads((results / "cpu_intel_2e7e543.json").read_text())["train"]["decoder"]
+  g = grouped["real"]["torch_eager_grouped"]
+  assert round(g["real_tokens_per_s"] / grouped["padded"]["torch_eager"]["tokens_per_s"]
+               / g["non_padding_share"], 2) == 1.29
+  ab = json.loads((results / "variants_rope_lookup_decoder.json").read_text())
+  assert ab["quiet"] and ab["choice"]["choice/rope_lookup=off"]["vs_first"] == 1.112
   # The run before at 3e1ebbb: its grouped medians and its whole-run ratios, as quoted.
   old = json.loads((results / "cpu_amd_3e1ebbb.json").read_text())
   assert old["quiet"] and old["commit"] == "3e1ebbb"
