@@ -43,8 +43,13 @@ the windows, with min and max, and its ratio to the first variant.
                           the norm by trainer.global_norm's dots),
                           rope_lookup=off (the decoder's RoPE cos and sin computed
                           from the positions in the step, instead of looked up from
-                          tables made at trace time: decoder.rope_tables); --choices
-                          picks some
+                          tables made at trace time: decoder.rope_tables),
+                          loss_rows=each (each row's loss positions taken a chunk
+                          at a time, so every row runs as many chunks as the row
+                          with the most, instead of a device's rows' positions
+                          sorted together: losses.GROUP_ROWS); --choices picks
+                          some; --rows=flan_cot times them on the step
+                          benchmark's real packed rows instead of full ones
   post/*                  the step's part after differentiating alone
                           (trainer.apply_gradients: gradient norm, non-finite check,
                           AdamW), as it ships vs POST_GRADIENT "separate"
@@ -156,12 +161,37 @@ def _setting(module: str, name: str, value):
 
 CHOICES = ("dense=xla", "query_block=all", "output_chunk=0", "update_skip=select",
            "softmax_values=off", "loss_single_pass=off", "post_gradient=separate",
-           "rope_lookup=off")
+           "rope_lookup=off", "loss_rows=each")
+
+
+def flan_cot_rows(cfg, batch_size: int, inputs: int, targets: int) -> list[dict]:
+  """The step benchmark's real-length batches (benchmarks.run, train section): steady-state
+  packed rows of 2,200 flan_cot examples, at least 500 examples' worth, in the stream's order."""
+  from benchmarks import examples as ex_lib, stacks, train_bench  # pylint: disable=g-import-not-at-top
+  lengths = {"inputs": inputs, "targets": targets}
+  exs, _, _ = ex_lib.mixture_examples("flan_cot", lengths, 2200, 0, 8000)
+  rows, members, steady = stacks.pack_rows(exs, lengths, stacks.packing_kind(cfg))
+  timed, _ = train_bench._real_rows(rows, members, steady, batch_size, 5, 500)  # pylint: disable=protected-access
+  return [stacks.stack_rows([rows[j] for j in timed[s:s + batch_size]], batch_size)
+          for s in range(0, len(timed), batch_size)]
+
+
+def _cycle(batches):
+  """A callable giving the batches in turn, from the first again after the last."""
+  state = {"i": 0}
+
+  def nxt():
+    b = batches[state["i"] % len(batches)]
+    state["i"] += 1
+    return b
+
+  return nxt
 
 
 def choice_variants(cfg, batch, only=None) -> dict:
   """The shipped step and the step with one of this project's CPU choices undone
-  (`only`: those of CHOICES, the shipped step always)."""
+  (`only`: those of CHOICES, the shipped step always). batch: one batch, or a list
+  that each variant steps through in the same order."""
   from benchmarks import stacks  # pylint: disable=g-import-not-at-top
   from flanjax.models import dense  # pylint: disable=g-import-not-at-top
   settings = {"choice/shipped": contextlib.nullcontext,
@@ -178,14 +208,17 @@ def choice_variants(cfg, batch, only=None) -> dict:
               "choice/post_gradient=separate": lambda: _setting(
                   "flanjax.training.trainer", "POST_GRADIENT", "separate"),
               "choice/rope_lookup=off": lambda: _setting("flanjax.models.decoder",
-                                                         "ROPE_LOOKUP", False)}
+                                                         "ROPE_LOOKUP", False),
+              "choice/loss_rows=each": lambda: _setting("flanjax.training.losses",
+                                                        "GROUP_ROWS", False)}
   if only:
     settings = {k: v for k, v in settings.items()
                 if k == "choice/shipped" or k.split("/", 1)[1] in only}
   fns = {}
   for name, setting in settings.items():
     fj = stacks.Flanjax(cfg, stacks.AdamW(), output_chunk=0 if "output_chunk" in name else None)
-    fns[name] = _first_call_under(setting, lambda fj=fj: fj.train([batch]))
+    nxt = _cycle(batch if isinstance(batch, list) else [batch])
+    fns[name] = _first_call_under(setting, lambda fj=fj, nxt=nxt: fj.train([nxt()]))
   return fns
 
 
@@ -399,6 +432,9 @@ def _args(argv):
   ap.add_argument("--choices", default=",".join(CHOICES),
                   help="which of " + ", ".join(CHOICES) + " (choice; the shipped step is "
                   "always run, first)")
+  ap.add_argument("--rows", default="full", choices=("full", "flan_cot"),
+                  help="choice: rows of exactly inputs + targets tokens, or the step "
+                  "benchmark's packed flan_cot rows (a different batch each step)")
   ap.add_argument("--out")
   a = ap.parse_args(argv)
   parts = [p for p in ("choice", "post", "step", "proxy", "eval", "flags", "shipped")
@@ -432,7 +468,11 @@ def main(argv=None):
          "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if "choice" in parts:
-    res["choice"] = _interleaved(choice_variants(cfg, batch, a.choices.split(",")),
+    rows = batch
+    if a.rows == "flan_cot":
+      rows = flan_cot_rows(cfg, a.batch, a.inputs, a.targets)
+      res["rows"] = {"kind": "flan_cot packed rows", "batches": len(rows)}
+    res["choice"] = _interleaved(choice_variants(cfg, rows, a.choices.split(",")),
                                  a.windows, a.steps)
   if "post" in parts:
     res["post"] = _interleaved(post_gradient_variants(cfg), a.windows, a.steps)

@@ -180,3 +180,49 @@ def test_rows_no_longer_than_a_chunk_take_one_pass_and_equal_the_chunked_loop(mo
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   for a, b in zip(got[1], want[1]):
     np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_a_devices_rows_share_their_loss_chunks_and_equal_each_row_alone(monkeypatch):
+  """Loss positions sorted over a group of rows (one device's) give the same loss and
+  gradients as each row alone, in fewer chunks when one row holds most of them."""
+  from flanjax.training import losses
+  rng = np.random.default_rng(5)
+  b, l, d, v, chunk = 4, 40, 8, 23, 8
+  x = jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, l)), jnp.int32)
+  counts = [30, 3, 0, 6]  # one row with most of the loss positions, one with none
+  weights = jnp.asarray(np.stack([(np.arange(l) >= l - c) * rng.uniform(0.5, 1.5, l)
+                                  for c in counts]), jnp.float32)
+  g = lambda: jax.jit(jax.value_and_grad(
+      lambda x, h: output_cross_entropy(x, h, targets, weights, chunk=chunk, z_loss=1e-3)[0],
+      argnums=(0, 1)))
+  grouped, grouped_text = g()(x, head), g().lower(x, head).as_text()
+  monkeypatch.setattr(losses, "GROUP_ROWS", False)
+  each, each_text = g()(x, head), g().lower(x, head).as_text()
+  # The loss positions are sorted as one [1, b * l] row when grouped, per row otherwise.
+  sorts = lambda text: re.findall(
+      r"call @argsort\w* ?\(%\w+\) : \((tensor<[0-9]+x[0-9]+)x", text)
+  assert sorts(grouped_text) and set(sorts(grouped_text)) == {f"tensor<1x{b * l}"}
+  assert sorts(each_text) and set(sorts(each_text)) == {f"tensor<{b}x{l}"}
+  (want, want_aux), want_g = jax.value_and_grad(
+      lambda x, h: _reference(x, h, targets, weights, False, 1e-3, 0.0), argnums=(0, 1),
+      has_aux=True)(x, head)
+  for got in (grouped, each):
+    np.testing.assert_allclose(got[0], want, rtol=1e-6)
+    for a, w in zip(got[1], want_g):
+      np.testing.assert_allclose(a, w, atol=2e-6)
+  # Chunks run: each row alone, as many as the fullest row needs (30 / 8 -> 4); the
+  # four rows together, their 39 positions in chunks of 4 x 8 -> 2.
+  assert int(losses._loss_order(weights, chunk)[2]) == 4
+  assert int(losses._loss_order(weights.reshape(1, b * l), chunk * b)[2]) == 2
+
+
+def test_loss_positions_are_grouped_per_shard_of_the_batch():
+  """One group per shard of the batch axis (data x fsdp), so rows stay on their device."""
+  from flanjax.training import losses
+  assert losses.row_groups(8) == 1  # no mesh: the whole batch together
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "model"))
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert losses.row_groups(8) == 4 and losses.row_groups(4) == 4
+    assert losses.row_groups(6) == 6  # 4 shards do not divide 6 rows: each row alone

@@ -56,6 +56,17 @@ def cross_entropy(logits, targets, weights, *, z_loss: float = 0.0,
 # Rows no longer than a chunk take every position in one pass (no sort, gathers or loop).
 # False sends them through the chunked loop as well: for benchmarks.variants' A/B only.
 SINGLE_PASS = True
+GROUP_ROWS = True  # output_cross_entropy sorts the loss positions of a device's rows together
+
+
+def row_groups(b: int) -> int:
+  """How many groups output_cross_entropy sorts a batch's loss positions in: one per shard
+  of the batch axis (partitioning.batch_sharding shards it over the mesh axes data x fsdp),
+  so no row's hidden states leave its device; 1 without a mesh. Every row alone (b) where
+  that count does not divide the batch."""
+  shape = dict(getattr(jax.sharding.get_abstract_mesh(), "shape", None) or {})
+  g = int(shape.get("data", 1)) * int(shape.get("fsdp", 1))
+  return g if g >= 1 and b % g == 0 else b
 
 
 def output_cross_entropy(x, head, targets, weights, *, transposed: bool = False,
@@ -67,8 +78,9 @@ def output_cross_entropy(x, head, targets, weights, *, transposed: bool = False,
   [vocab, d] when `transposed`: a tied embedding). Equal to
   cross_entropy(x @ head, targets, weights, normalize_by=1.0) summed, but a row's
   positions without loss weight (a prefix-LM's inputs, a chat's prompts, padding)
-  get no logits at all, and the [b, l, vocab] logits never exist: each row's loss
-  positions are taken `chunk` at a time, and the gradients with respect to x and
+  get no logits at all, and the [b, l, vocab] logits never exist: the loss positions
+  of a device's rows are sorted first together and taken `chunk` per row at a time
+  (row_groups), and the gradients with respect to x and
   head are made in the same pass as the loss (a training step always wants them),
   so the backward pass only scales them.
 
@@ -156,8 +168,15 @@ def _output_ce_pass(x, head, targets, weights, transposed, z_loss, label_smoothi
                                                   weights.reshape(-1))
     dx = None if dxc is None else dxc.reshape(b, l, d)
   else:
-    loss_sum, z_sum, correct, dx, d_head = _chunked(x, targets, weights, chunk, terms,
-                                                    with_grads)
+    # The loss positions of a group of rows (the rows one device holds) are taken together,
+    # rows_per_group * chunk at a time: per row, every row ran as many chunks as the row
+    # with the most loss positions needed.
+    groups = row_groups(b) if GROUP_ROWS else b
+    per = b // groups
+    loss_sum, z_sum, correct, dx, d_head = _chunked(
+        x.reshape(groups, per * l, d), targets.reshape(groups, per * l),
+        weights.reshape(groups, per * l), chunk * per, terms, with_grads)
+    dx = None if dx is None else dx.reshape(b, l, d)
   aux.update(loss_sum=loss_sum, z_loss_sum=z_sum)
   if accuracy:
     aux["correct_sum"] = correct
