@@ -209,7 +209,10 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
     assert f"`{name}`" in readme and " | ".join(cells) + " |" in readme, (name, cells)
   # The two runs on the Intel host, before and after RoPE's lookup tables.
   intel = {"cpu_intel_ead37c2_not_quiet.json": (False, (1.11, 0.98, 1.03, 1.16, 1.03)),
-           "cpu_intel_2e7e543.json": (True, (1.03, 1.31, 1.06, 0.99, 1.07))}
+           "cpu_intel_2e7e543.json": (True, (1.03, 1.31, 1.06, 0.99, 1.07)),
+           "cpu_intel_61a71fe_not_quiet.json": (False, (0.98, 1.16, 0.91, 1.09, 1.17)),
+           "cpu_intel_b3daab5.json": (True, (0.88, 0.86, 0.96, 1.27, 1.36)),
+           "cpu_intel_4528c44_interleaved.json": (True, (1.08, 1.18, 0.94, 1.13, 1.32))}
   for name, (quiet, want) in intel.items():
     run = json.loads((results / name).read_text())
     assert run["quiet"] is quiet and "Intel" in run["machine"]["cpu"]
@@ -224,8 +227,13 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
   g = grouped["real"]["torch_eager_grouped"]
   assert round(g["real_tokens_per_s"] / grouped["padded"]["torch_eager"]["tokens_per_s"]
                / g["non_padding_share"], 2) == 1.29
+  assert json.loads((results / "cpu_intel_4528c44_interleaved.json").read_text())[
+      "settings"]["interleave"] is True
   ab = json.loads((results / "variants_rope_lookup_decoder.json").read_text())
   assert ab["quiet"] and ab["choice"]["choice/rope_lookup=off"]["vs_first"] == 1.112
+  ab = json.loads((results / "variants_loss_rows_decoder.json").read_text())
+  assert ab["quiet"] and ab["rows"]["kind"] == "flan_cot packed rows"
+  assert ab["choice"]["choice/loss_rows=each"]["vs_first"] == 1.048
   # The run before at 3e1ebbb: its grouped medians and its whole-run ratios, as quoted.
   old = json.loads((results / "cpu_amd_3e1ebbb.json").read_text())
   assert old["quiet"] and old["commit"] == "3e1ebbb"
