@@ -198,16 +198,19 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
   assert (f"others took {shares[-1]:.1%} of the CPU in the decoder's padded PyTorch windows, at "
           f"most {shares[-2]:.1%} elsewhere in training") in readme
   assert r4["settings"]["interleave"] is False
-  for n, (name, quiet, want) in runs.items():
-    run = json.loads((results / name).read_text())
-    assert run["quiet"] is quiet and five(run) == want, (name, five(run))
+  def in_runs_table(name, run, want):  # the row's five cells, recomputed from its JSON
     t5, dec = run["train"]["t5"]["padded"], run["train"]["decoder"]["padded"]
     cells = [f"{want[0]:.2f}x ({t5['flanjax']['tokens_per_s']:,.0f} against "
              f"{t5['torch_eager']['tokens_per_s']:,.0f})",
              f"{want[1]:.2f}x ({dec['flanjax']['tokens_per_s']:,.0f} against "
              f"{dec['torch_eager']['tokens_per_s']:,.0f})"] + [f"{x:.2f}x" for x in want[2:]]
     assert f"`{name}`" in readme and " | ".join(cells) + " |" in readme, (name, cells)
-  # The two runs on the Intel host, before and after RoPE's lookup tables.
+
+  for n, (name, quiet, want) in runs.items():
+    run = json.loads((results / name).read_text())
+    assert run["quiet"] is quiet and five(run) == want, (name, five(run))
+    in_runs_table(name, run, want)
+  # The runs on the Intel host, before and after RoPE's lookup tables.
   intel = {"cpu_intel_ead37c2_not_quiet.json": (False, (1.11, 0.98, 1.03, 1.16, 1.03)),
            "cpu_intel_2e7e543.json": (True, (1.03, 1.31, 1.06, 0.99, 1.07)),
            "cpu_intel_61a71fe_not_quiet.json": (False, (0.98, 1.16, 0.91, 1.09, 1.17)),
@@ -217,12 +220,7 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
     run = json.loads((results / name).read_text())
     assert run["quiet"] is quiet and "Intel" in run["machine"]["cpu"]
     assert five(run) == want, (name, five(run))
-    t5, dec = run["train"]["t5"]["padded"], run["train"]["decoder"]["padded"]
-    cells = [f"{want[0]:.2f}x ({t5['flanjax']['tokens_per_s']:,.0f} against "
-             f"{t5['torch_eager']['tokens_per_s']:,.0f})",
-             f"{want[1]:.2f}x ({dec['flanjax']['tokens_per_s']:,.0f} against "
-             f"{dec['torch_eager']['tokens_per_s']:,.0f})"] + [f"{x:.2f}x" for x in want[2:]]
-    assert f"`{name}`" in readme and " | ".join(cells) + " |" in readme, (name, cells)
+    in_runs_table(name, run, want)
   grouped = json.loads((results / "cpu_intel_2e7e543.json").read_text())["train"]["decoder"]
   g = grouped["real"]["torch_eager_grouped"]
   assert round(g["real_tokens_per_s"] / grouped["padded"]["torch_eager"]["tokens_per_s"]
