@@ -47,7 +47,10 @@ the windows, with min and max, and its ratio to the first variant.
                           loss_rows=each (each row's loss positions taken a chunk
                           at a time, so every row runs as many chunks as the row
                           with the most, instead of a device's rows' positions
-                          sorted together: losses.GROUP_ROWS); --choices picks
+                          sorted together: losses.GROUP_ROWS),
+                          keys_major=off (the reference attention's scores laid
+                          out [b, h, queries, keys] instead of keys-major:
+                          attention.KEYS_MAJOR); --choices picks
                           some; --rows=flan_cot times them on the step
                           benchmark's real packed rows instead of full ones
   post/*                  the step's part after differentiating alone
@@ -161,7 +164,7 @@ def _setting(module: str, name: str, value):
 
 CHOICES = ("dense=xla", "query_block=all", "output_chunk=0", "update_skip=select",
            "softmax_values=off", "loss_single_pass=off", "post_gradient=separate",
-           "rope_lookup=off", "loss_rows=each")
+           "rope_lookup=off", "loss_rows=each", "keys_major=off")
 
 
 def flan_cot_rows(cfg, batch_size: int, inputs: int, targets: int) -> list[dict]:
@@ -210,7 +213,9 @@ def choice_variants(cfg, batch, only=None) -> dict:
               "choice/rope_lookup=off": lambda: _setting("flanjax.models.decoder",
                                                          "ROPE_LOOKUP", False),
               "choice/loss_rows=each": lambda: _setting("flanjax.training.losses",
-                                                        "GROUP_ROWS", False)}
+                                                        "GROUP_ROWS", False),
+              "choice/keys_major=off": lambda: _setting("flanjax.models.attention",
+                                                        "KEYS_MAJOR", False)}
   if only:
     settings = {k: v for k, v in settings.items()
                 if k == "choice/shipped" or k.split("/", 1)[1] in only}

@@ -244,13 +244,98 @@ def test_softmax_values_matches_softmax_then_the_values_dot(dtype):
   def fused(s, v):
     return attention._softmax_values(s, v).astype(jnp.float32)  # pylint: disable=protected-access
 
+  def keys_major(s, v):  # the same function of s, computed from its [b, h, t, q] transpose
+    return attention._softmax_values_keys_major(  # pylint: disable=protected-access
+        jnp.swapaxes(s, 2, 3), v).astype(jnp.float32)
+
   tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-  (want, want_vjp), (got, got_vjp) = (jax.vjp(f, scores, v) for f in (plain, fused))
-  np.testing.assert_allclose(got, want, **tol)
-  np.testing.assert_allclose(got[1, 2, 5], np.asarray(v[1, 2], np.float32).mean(0), **tol)
-  for a, b in zip(got_vjp(g), want_vjp(g)):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
-  # Adding a constant to a row of scores changes nothing, so each row of their gradient
-  # sums to 0; in bf16 too, as the probabilities the dot used are the ones differentiated.
-  ds = np.asarray(got_vjp(g)[0], np.float64)
-  assert np.abs(ds.sum(-1)).max() < 1e-4 * max(1.0, np.abs(ds).max())
+  want, want_vjp = jax.vjp(plain, scores, v)
+  for f in (fused, keys_major):
+    got, got_vjp = jax.vjp(f, scores, v)
+    np.testing.assert_allclose(got, want, **tol, err_msg=f.__name__)
+    np.testing.assert_allclose(got[1, 2, 5], np.asarray(v[1, 2], np.float32).mean(0), **tol)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol,
+                                 err_msg=f.__name__)
+    # Adding a constant to a row of scores changes nothing, so each row of their gradient
+    # sums to 0; in bf16 too, as the probabilities the dot used are the ones differentiated.
+    ds = np.asarray(got_vjp(g)[0], np.float64)
+    assert np.abs(ds.sum(-1)).max() < 1e-4 * max(1.0, np.abs(ds).max()), f.__name__
+
+
+def _t5_packed_inputs(rng):
+  enc, enc_seg, dec_in, dec_tgt, dec_seg = [], [], [], [], []
+  for lens_in, lens_out in (([7, 9], [5, 4]), ([19], [11])):
+    tok, seg, _ = _packed_row(rng, lens_in, 21)
+    enc.append(tok)
+    enc_seg.append(seg)
+    tgt, dseg, _ = _packed_row(rng, lens_out, 13)
+    inp = np.where(np.r_[True, dseg[1:] != dseg[:-1]], 0, np.r_[0, tgt[:-1]]).astype(np.int32)
+    dec_in.append(inp)
+    dec_tgt.append(tgt)
+    dec_seg.append(dseg)
+  return dict(encoder_input_tokens=np.stack(enc), decoder_input_tokens=np.stack(dec_in),
+              decoder_target_tokens=np.stack(dec_tgt), encoder_segment_ids=np.stack(enc_seg),
+              decoder_segment_ids=np.stack(dec_seg))
+
+
+@pytest.mark.parametrize("model", ["t5", "decoder causal", "decoder prefix-lm", "decoder bf16"])
+def test_keys_major_scores_give_the_same_logits_and_gradients(monkeypatch, model):
+  """The reference attention with its scores laid out [b, h, keys, queries] (the default,
+  attention.KEYS_MAJOR) against [b, h, queries, keys], on packed rows in query blocks of
+  8 (rows of 21 and 23: several blocks, causal ones reading keys up to their end), with
+  T5's position bias and its padded cross-attention keys, and grouped-query heads."""
+  monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+  rng = np.random.default_rng(3)
+  if model == "t5":
+    build, cfg, inputs = t5.T5, T5_CFG, _t5_packed_inputs(rng)
+    weights = inputs["decoder_segment_ids"]
+  else:
+    build, cfg = decoder.Decoder, DEC_CFG
+    if model.endswith("bf16"):
+      cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    rows = [_packed_row(rng, lens, 23) for lens in ([6, 10, 4], [17])]
+    tok, seg, pos = (np.stack(x) for x in zip(*rows))
+    inputs = dict(decoder_input_tokens=tok, decoder_segment_ids=seg, decoder_positions=pos)
+    if model.endswith("prefix-lm"):
+      inputs["decoder_causal_attention"] = ((pos < 3) & (seg > 0)).astype(np.int32)
+    weights = seg
+  m = build(cfg)
+  params = m.init(jax.random.PRNGKey(0), **inputs)["params"]
+
+  def loss(p):
+    logits = m.apply({"params": p}, **inputs).astype(jnp.float32)
+    return jnp.sum(jnp.where(weights[..., None] > 0, jax.nn.log_softmax(logits), 0.0)), logits
+
+  def run(keys_major):
+    monkeypatch.setattr(attention, "KEYS_MAJOR", keys_major)
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return np.asarray(logits)[weights > 0], jax.tree.leaves(grads)
+
+  (got, got_g), (want, want_g) = run(True), run(False)
+  tol = 1e-5 if cfg.dtype == "float32" else 3e-2
+  np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+  for g, w in zip(got_g, want_g):
+    scale = max(1.0, float(np.abs(np.asarray(w, np.float32)).max()))
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale,
+                               np.asarray(w, np.float32) / scale, atol=tol)
+
+
+def test_keys_major_scores_only_where_traces_take_xla_cpu_formulations(monkeypatch):
+  """Keys-major scores are an XLA:CPU choice: a trace for another backend (dense.mode
+  "xla", as when compiling for a TPU from a CPU host) keeps [b, h, queries, keys]."""
+  from flanjax.models import dense  # pylint: disable=g-import-not-at-top
+  calls = []
+  keys_major = attention._reference_keys_major  # pylint: disable=protected-access
+  monkeypatch.setattr(attention, "_reference_keys_major",
+                      lambda *a: calls.append(1) or keys_major(*a))
+  m = decoder.Decoder(DEC_CFG)
+  batch = dict(decoder_input_tokens=np.ones((1, 5), np.int32))
+  params = m.init(jax.random.PRNGKey(0), **batch)["params"]
+  calls.clear()
+  got = m.apply({"params": params}, **batch)
+  assert len(calls) == DEC_CFG.num_layers
+  with dense.mode("xla"):
+    want = m.apply({"params": params}, **batch)
+  assert len(calls) == DEC_CFG.num_layers
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,8 @@ chosen by the config's `attention_impl`:
                about 160 queries at a time (the original arithmetic row by row,
                kept as the reference; the only one with attention dropout); the
                softmax is normalised after the values dot and differentiated as
-               FlashAttention does (`_softmax_values`), fewer passes over [q, k].
+               FlashAttention does (`_softmax_values`), fewer passes over [q, k];
+               on XLA:CPU the scores are laid out [b, heads, k, q] (`KEYS_MAJOR`).
   blockwise    query and key blocks under lax.map / lax.scan with an online
                softmax: the mask and T5's bias are computed per block from the
                positions, never [q, k] at once; the backward pass recomputes
@@ -36,6 +37,8 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from flanjax.models import dense
 
 Array = Any
 NEG_INF = -1e10  # mask bias; finite so a fully masked row gives a uniform softmax, not NaN
@@ -110,11 +113,25 @@ class Spec:
       ok = ok & see
     return ok
 
-  def position_bias(self, q_pos, kv_pos) -> Array | None:
-    """float32 [heads, q, k] for q_pos [q], kv_pos [k], or None without a table."""
+  def allowed_keys_major(self, q_seg, kv_seg, q_pos, kv_pos, q_pre=None, kv_pre=None) -> Array:
+    """allowed()'s mask as bool [b, k, q]: made in that layout, not transposed."""
+    ok = kv_seg[:, :, None] == q_seg[:, None, :]
+    if self.kv_padding:
+      ok = ok & (kv_seg[:, :, None] > 0)
+    if self.causal:
+      see = kv_pos[:, :, None] <= q_pos[:, None, :]
+      if q_pre is not None:
+        see = see | (kv_pre[:, :, None] & q_pre[:, None, :])
+      ok = ok & see
+    return ok
+
+  def position_bias(self, q_pos, kv_pos, keys_major=False) -> Array | None:
+    """float32 [heads, q, k] ([heads, k, q] if keys_major) for q_pos [q], kv_pos [k], or
+    None without a table."""
     if self.rel_table is None:
       return None
-    buckets = relative_position_bucket(kv_pos[None, :] - q_pos[:, None], self.rel_bidirectional,
+    rel = kv_pos[:, None] - q_pos[None, :] if keys_major else kv_pos[None, :] - q_pos[:, None]
+    buckets = relative_position_bucket(rel, self.rel_bidirectional,
                                        self.rel_table.shape[0], self.rel_max_distance)
     return jnp.transpose(self.rel_table[buckets], (2, 0, 1))
 
@@ -232,7 +249,44 @@ def _softmax_values_bwd(res, g):
 _softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
 
 
+@jax.custom_vjp
+def _softmax_values_keys_major(scores, v):
+  """_softmax_values for scores laid out [b, h, t, q] (keys-major): the same [b, h, q, d].
+
+  The softmax's max and sum then run over a major axis, across contiguous queries, which
+  XLA:CPU vectorises; over the minor axis it splits each into an unfused reduce-window of
+  32 and a reduce (the T5 step's reduce-windows were 11% of its op time). The dots read
+  the [t, q] operand transposed, which Eigen does without a copy."""
+  return _softmax_values_keys_major_fwd(scores, v)[0]
+
+
+def _softmax_values_keys_major_fwd(scores, v):
+  m = jax.lax.stop_gradient(jnp.max(scores, axis=2, keepdims=True))
+  e = jnp.exp(scores - m).astype(v.dtype)
+  total = jnp.swapaxes(jnp.sum(e.astype(jnp.float32), axis=2, keepdims=True), 2, 3)
+  out = jnp.einsum("bhtq,bhtd->bhqd", e, v, preferred_element_type=jnp.float32) / total
+  return out, (e, total, out, v)
+
+
+def _softmax_values_keys_major_bwd(res, g):
+  e, total, out, v = res
+  g = (g.astype(jnp.float32) / total).astype(v.dtype)
+  dv = jnp.einsum("bhtq,bhqd->bhtd", e, g)
+  dp = jnp.einsum("bhqd,bhtd->bhtq", g, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(g.astype(jnp.float32) * out, axis=-1)[:, :, None, :]
+  ds = e.astype(jnp.float32) * (dp - row)
+  return ds, dv.astype(v.dtype)
+
+
+_softmax_values_keys_major.defvjp(_softmax_values_keys_major_fwd,
+                                  _softmax_values_keys_major_bwd)
+
+
 QUERY_BLOCK = 160  # rows of scores the reference materialises at once (about; see _reference)
+# The reference's scores (without dropout) as [b, h, keys, queries] where traces take
+# XLA:CPU's formulations (dense.cpu_formulation): see _softmax_values_keys_major. Other
+# backends, and False (for A/B runs), keep [b, h, queries, keys].
+KEYS_MAJOR = True
 
 
 def _reference(q, k, v, spec, scale, dropout):
@@ -247,6 +301,8 @@ def _reference(q, k, v, spec, scale, dropout):
   """
   b, lq, h, d = q.shape
   lk, g = k.shape[1], k.shape[2]
+  if dropout is None and SOFTMAX_VALUES and KEYS_MAJOR and dense.cpu_formulation():
+    return _reference_keys_major(q, k, v, spec, scale)
   allowed = spec.allowed(spec.q_segments, spec.kv_segments, spec.q_positions,
                          spec.kv_positions, spec.q_prefix, spec.kv_prefix)
   # Heads-major operands: the dots then need no transposes of the scores.
@@ -278,6 +334,36 @@ def _reference(q, k, v, spec, scale, dropout):
     if dropout is not None:
       probs = dropout(probs)
     outs.append(jnp.einsum("bhqt,bhtd->bhqd", probs, vh[:, :, :kend]))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return jnp.transpose(out, (0, 2, 1, 3))
+
+
+def _reference_keys_major(q, k, v, spec, scale):
+  """_reference's blocks with the scores laid out [b, h, keys, queries]."""
+  b, lq, h, d = q.shape
+  lk, g = k.shape[1], k.shape[2]
+  allowed = spec.allowed_keys_major(spec.q_segments, spec.kv_segments, spec.q_positions,
+                                    spec.kv_positions, spec.q_prefix, spec.kv_prefix)
+  qh = jnp.transpose(q, (0, 2, 1, 3))
+  kh = jnp.repeat(jnp.transpose(k, (0, 2, 1, 3)), h // g, axis=1)  # repeat_kv's order
+  vh = jnp.repeat(jnp.transpose(v, (0, 2, 1, 3)), h // g, axis=1)
+  n = max(1, round(lq / QUERY_BLOCK))
+  size = -(-lq // n)
+  truncate = spec.aligned and spec.causal and spec.q_prefix is None and not spec.kv_padding
+  outs = []
+  for lo in range(0, lq, size):
+    hi = min(lo + size, lq)
+    kend = min(hi, lk) if truncate else lk
+    scores = jnp.einsum("bhtd,bhqd->bhtq", kh[:, :, :kend], qh[:, :, lo:hi]).astype(jnp.float32)
+    if scale is not None:
+      scores = scores * scale
+    scores = scores + jnp.where(allowed[:, :kend, lo:hi], 0.0, NEG_INF).astype(
+        jnp.float32)[:, None]
+    bias = spec.position_bias(spec.q_positions[0, lo:hi], spec.kv_positions[0, :kend],
+                              keys_major=True)
+    if bias is not None:
+      scores = _add_shared(scores, bias)
+    outs.append(_softmax_values_keys_major(scores, vh[:, :, :kend]).astype(q.dtype))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   return jnp.transpose(out, (0, 2, 1, 3))
 
