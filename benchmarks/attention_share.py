@@ -45,17 +45,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def _real_batches(model: str, n_steps: int, batch: int, seed: int):
   """(config, [batches]): steady-state packed rows of the benchmark's flan_cot examples."""
-  from benchmarks import examples as ex_lib, profile_step, stacks  # pylint: disable=g-import-not-at-top
+  from benchmarks import examples as ex_lib, profile_step, stacks, train_bench  # pylint: disable=g-import-not-at-top
   cfg = profile_step._configs(model)  # pylint: disable=protected-access
   lengths = {"inputs": 512, "targets": 128}
   exs, _, _ = ex_lib.mixture_examples("flan_cot", lengths, 2200, seed, 8000)
   rows, _, steady = stacks.pack_rows(exs, lengths, stacks.packing_kind(cfg))
-  good = [r for r, s in zip(rows, steady) if s]
+  good = [i for i, s in enumerate(steady) if s]
   if len(good) < n_steps * batch:
     raise SystemExit(f"attention_share: {len(good)} steady packed rows, {n_steps * batch} "
                      "needed: lower --steps")
-  return cfg, [stacks.stack_rows(good[i * batch:(i + 1) * batch], batch)
-               for i in range(n_steps)]
+  return cfg, train_bench.stack_steps(rows, good[:n_steps * batch], batch)
 
 
 def _stand_in(q, k, v, spec, **_):

@@ -321,8 +321,7 @@ def real_lengths(tmodel, family, size, targets, examples, windows, log) -> dict:
   rows, members, steady = stacks.pack_rows(examples, lengths, kind)
   timed, warm = train_bench._real_rows(  # pylint: disable=protected-access
       rows, members, steady, rows_per_step, windows, real_examples=0)
-  fj_batches = [stacks.stack_rows([rows[j] for j in timed[s:s + rows_per_step]],
-                                  rows_per_step) for s in range(0, len(timed), rows_per_step)]
+  fj_batches = train_bench.stack_steps(rows, timed, rows_per_step)
   ids = sorted(i for j in timed for i in members[j])
   warm_ids = sorted(i for j in warm for i in members[j])
   per_step = max(1, int(round(len(ids) / len(fj_batches))))
@@ -330,7 +329,7 @@ def real_lengths(tmodel, family, size, targets, examples, windows, log) -> dict:
       f"{rows_per_step} rows; PEFT {per_step} padded examples a step")
   fj = FlanjaxSetup(tmodel, family, 8, targets)
   pt = PeftSetup(tmodel, family, 8, targets)
-  fj.train([fj.batch(stacks.stack_rows([rows[j] for j in warm], rows_per_step))])
+  fj.train([fj.batch(train_bench.stack_steps(rows, warm, rows_per_step)[0])])
   pt.train([pt.padded([examples[i] for i in warm_ids[:per_step]])])
   fj_w = [[fj.batch(b) for b in wb] for wb in train_bench._split(fj_batches, windows)]  # pylint: disable=protected-access
   pt_all = [pt.padded([examples[i] for i in ids[s:s + per_step]])

@@ -31,8 +31,6 @@ stacks' losses on the timed batches themselves before any update.
 
 from __future__ import annotations
 
-import numpy as np
-
 from benchmarks import common
 from benchmarks import examples as ex_lib
 from benchmarks import stacks
@@ -147,6 +145,12 @@ def _real_rows(rows, members, steady, batch_size, windows, real_examples):
   return good[:n_steps * batch_size], good[n_steps * batch_size:need]
 
 
+def stack_steps(rows, indices, batch_size: int) -> list[dict]:
+  """The rows at `indices`, in order, stacked into steps of batch_size rows."""
+  return [stacks.stack_rows([rows[j] for j in indices[s:s + batch_size]], batch_size)
+          for s in range(0, len(indices), batch_size)]
+
+
 def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
         torch_compile: bool, opt: stacks.AdamW, seed: int, log, vocab_ids: int,
         windows: int = 5, real_examples: int = 500, interleave: bool = False) -> dict:
@@ -174,9 +178,8 @@ def run(cfg, examples, lengths: dict, batch_size: int, steps: int, warmup: int,
   rows, members, steady = stacks.pack_rows(examples, lengths, kind)
   timed_rows, warm_rows = _real_rows(rows, members, steady, batch_size, windows,
                                      real_examples)
-  fj_batches = [stacks.stack_rows([rows[j] for j in timed_rows[s:s + batch_size]], batch_size)
-                for s in range(0, len(timed_rows), batch_size)]
-  fj_warm = stacks.stack_rows([rows[j] for j in warm_rows], batch_size)
+  fj_batches = stack_steps(rows, timed_rows, batch_size)
+  fj_warm, = stack_steps(rows, warm_rows, batch_size)
   ids = sorted(i for j in timed_rows for i in members[j])  # the stream's (random) order
   warm_ids = sorted(i for j in warm_rows for i in members[j])
   per_step = max(1, int(round(len(ids) / len(fj_batches))))

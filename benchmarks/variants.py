@@ -81,6 +81,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -174,21 +175,16 @@ def flan_cot_rows(cfg, batch_size: int, inputs: int, targets: int) -> list[dict]
   lengths = {"inputs": inputs, "targets": targets}
   exs, _, _ = ex_lib.mixture_examples("flan_cot", lengths, 2200, 0, 8000)
   rows, members, steady = stacks.pack_rows(exs, lengths, stacks.packing_kind(cfg))
-  timed, _ = train_bench._real_rows(rows, members, steady, batch_size, 5, 500)  # pylint: disable=protected-access
-  return [stacks.stack_rows([rows[j] for j in timed[s:s + batch_size]], batch_size)
-          for s in range(0, len(timed), batch_size)]
+  try:
+    timed, _ = train_bench._real_rows(rows, members, steady, batch_size, 5, 500)  # pylint: disable=protected-access
+  except ValueError as e:
+    raise SystemExit(f"benchmarks.variants --rows=flan_cot: {e}") from None
+  return train_bench.stack_steps(rows, timed, batch_size)
 
 
 def _cycle(batches):
   """A callable giving the batches in turn, from the first again after the last."""
-  state = {"i": 0}
-
-  def nxt():
-    b = batches[state["i"] % len(batches)]
-    state["i"] += 1
-    return b
-
-  return nxt
+  return itertools.cycle(batches).__next__
 
 
 def choice_variants(cfg, batch, only=None) -> dict:
