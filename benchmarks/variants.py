@@ -50,7 +50,10 @@ the windows, with min and max, and its ratio to the first variant.
                           sorted together: losses.GROUP_ROWS),
                           keys_major=off (the reference attention's scores laid
                           out [b, h, queries, keys] instead of keys-major:
-                          attention.KEYS_MAJOR); --choices picks
+                          attention.KEYS_MAJOR),
+                          narrow_b=transposed (a narrow-output kernel's gradient
+                          x^T dy with dy transposed first, instead of one dot
+                          reading x transposed: dense.NARROW_B_PLAIN); --choices picks
                           some; --rows=flan_cot times them on the step
                           benchmark's real packed rows instead of full ones
   post/*                  the step's part after differentiating alone
@@ -165,7 +168,7 @@ def _setting(module: str, name: str, value):
 
 CHOICES = ("dense=xla", "query_block=all", "output_chunk=0", "update_skip=select",
            "softmax_values=off", "loss_single_pass=off", "post_gradient=separate",
-           "rope_lookup=off", "loss_rows=each", "keys_major=off")
+           "rope_lookup=off", "loss_rows=each", "keys_major=off", "narrow_b=transposed")
 
 
 def flan_cot_rows(cfg, batch_size: int, inputs: int, targets: int) -> list[dict]:
@@ -211,7 +214,9 @@ def choice_variants(cfg, batch, only=None) -> dict:
               "choice/loss_rows=each": lambda: _setting("flanjax.training.losses",
                                                         "GROUP_ROWS", False),
               "choice/keys_major=off": lambda: _setting("flanjax.models.attention",
-                                                        "KEYS_MAJOR", False)}
+                                                        "KEYS_MAJOR", False),
+              "choice/narrow_b=transposed": lambda: _setting("flanjax.models.dense",
+                                                             "NARROW_B_PLAIN", False)}
   if only:
     settings = {k: v for k, v in settings.items()
                 if k == "choice/shipped" or k.split("/", 1)[1] in only}

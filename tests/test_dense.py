@@ -72,6 +72,34 @@ def test_the_weight_gradient_is_a_canonical_dot_after_transposing_the_small_oper
   assert max(moved) <= max(256 * 16, 16 * 512) < 256 * 512  # x or the kernel, never dy
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["one dot", "b transposed"])
+def test_a_narrow_output_s_weight_gradient_moves_no_activations(monkeypatch, plain):
+  # A wide-in, narrow-out kernel (a feed-forward's wo, GQA's k and v): x [tokens, 64],
+  # dy [tokens, 16]. As it ships, the kernel's gradient is one dot that reads x transposed
+  # (no copy of either); with NARROW_B_PLAIN off, dy is transposed first.
+  monkeypatch.setattr(dense, "NARROW_B_PLAIN", plain)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(256, 64)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(3).normal(size=(64, 16)), jnp.float32)
+  loss = lambda x, w: jnp.sum(jnp.tanh(dense.project(x, w)))  # noqa: E731
+  with dense.mode("cpu"):
+    grad = jax.jit(jax.grad(loss, argnums=1))
+    hlo = grad.lower(x, w).compile().as_text()
+    got = grad(x, w)
+  with dense.mode("xla"):
+    want = jax.grad(loss, argnums=1)(x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  moved = [0]
+  for line in hlo.splitlines():
+    line = line.split(", metadata=", 1)[0]
+    if ("transpose" in line or "copy" in line) and "= f32[" in line:
+      dims = line.split("= f32[", 1)[1].split("]", 1)[0]
+      moved.append(int(np.prod([int(d) for d in dims.split(",")])))
+  if plain:
+    assert max(moved) <= 64 * 16, hlo  # at most the kernel-sized result
+  else:
+    assert max(moved) == 256 * 16  # dy
+
+
 def test_an_unknown_mode_is_refused():
   with pytest.raises(ValueError, match="dense mode"):
     with dense.mode("bogus"):

@@ -50,10 +50,18 @@ def cpu_formulation() -> bool:
   return m == "cpu" or (m == "auto" and jax.default_backend() == "cpu")
 
 
+# a^T b with b narrower than a as one dot with a transposed left operand (Eigen reads it
+# transposed as it packs its panels); False: b transposed explicitly, then the result.
+NARROW_B_PLAIN = True
+
+
 def _at_b(a, b):
-  """a^T b for a [t, m], b [t, n] -> [m, n], transposing the smaller operand explicitly."""
+  """a^T b for a [t, m], b [t, n] -> [m, n]: a transposed explicitly where it is the
+  narrower (or as wide), else one dot reading a transposed (NARROW_B_PLAIN)."""
   if a.shape[1] <= b.shape[1]:
     return jax.lax.optimization_barrier(a.T) @ b
+  if NARROW_B_PLAIN:
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
   return (jax.lax.optimization_barrier(b.T) @ a).T
 
 
