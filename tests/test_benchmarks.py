@@ -215,7 +215,8 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
            "cpu_intel_2e7e543.json": (True, (1.03, 1.31, 1.06, 0.99, 1.07)),
            "cpu_intel_61a71fe_not_quiet.json": (False, (0.98, 1.16, 0.91, 1.09, 1.17)),
            "cpu_intel_b3daab5.json": (True, (0.88, 0.86, 0.96, 1.27, 1.36)),
-           "cpu_intel_4528c44_interleaved.json": (True, (1.08, 1.18, 0.94, 1.13, 1.32))}
+           "cpu_intel_4528c44_interleaved.json": (True, (1.08, 1.18, 0.94, 1.13, 1.32)),
+           "cpu_intel_42bbd42_interleaved.json": (True, (1.06, 1.24, 1.14, 1.22, 1.37))}
   for name, (quiet, want) in intel.items():
     run = json.loads((results / name).read_text())
     assert run["quiet"] is quiet and "Intel" in run["machine"]["cpu"]
@@ -225,8 +226,11 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
   g = grouped["real"]["torch_eager_grouped"]
   assert round(g["real_tokens_per_s"] / grouped["padded"]["torch_eager"]["tokens_per_s"]
                / g["non_padding_share"], 2) == 1.29
-  assert json.loads((results / "cpu_intel_4528c44_interleaved.json").read_text())[
-      "settings"]["interleave"] is True
+  for name in ("cpu_intel_4528c44_interleaved.json", "cpu_intel_42bbd42_interleaved.json"):
+    assert json.loads((results / name).read_text())["settings"]["interleave"] is True
+  for model, want in (("t5", 1.056), ("decoder", 1.05)):  # keys-major scores' A/Bs
+    ab = json.loads((results / f"variants_keys_major_{model}.json").read_text())
+    assert ab["quiet"] and ab["choice"]["choice/keys_major=off"]["vs_first"] == want
   ab = json.loads((results / "variants_rope_lookup_decoder.json").read_text())
   assert ab["quiet"] and ab["choice"]["choice/rope_lookup=off"]["vs_first"] == 1.112
   ab = json.loads((results / "variants_loss_rows_decoder.json").read_text())
