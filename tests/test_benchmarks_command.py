@@ -7,6 +7,8 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import command_bench
 
 CONSOLE = """\
@@ -140,12 +142,15 @@ def test_readmes_two_amd_command_runs_at_3e1ebbb_are_the_committed_jsons():
           f"{100 * a['command_of_step']:.0f}% and {100 * b['command_of_step']:.0f}%") in text
 
 
-def test_readmes_amd_command_run_at_ef9d321_is_the_committed_json():
-  """The README's one-run command table at ef9d321: each cell and ratio is its JSON's."""
+@pytest.mark.parametrize("json_name,commit", [("command_cpu_amd_ef9d321.json", "ef9d321"),
+                                              ("command_cpu_intel_ed15ca5.json", "ed15ca5")])
+def test_readmes_one_run_command_tables_are_the_committed_jsons(json_name, commit):
+  """The README's one-run command tables (AMD at ef9d321, Intel at ed15ca5): each cell and
+  ratio is its JSON's."""
   import pathlib
   repo = pathlib.Path(command_bench.__file__).resolve().parent.parent
-  r = json.loads((repo / "benchmarks" / "results" / "command_cpu_amd_ef9d321.json").read_text())
-  assert r["commit"].startswith("ef9d321") and r["quiet"]
+  r = json.loads((repo / "benchmarks" / "results" / json_name).read_text())
+  assert r["commit"].startswith(commit) and r["quiet"]
   readme = (repo / "README.md").read_text()
   cell = lambda f: (f"{f['tokens_per_s']:,.0f} [{f['tokens_per_s_min']:,.0f}-"  # noqa: E731
                     f"{f['tokens_per_s_max']:,.0f}]")
@@ -160,4 +165,6 @@ def test_readmes_amd_command_run_at_ef9d321_is_the_committed_json():
           f"{r['ratio_min_max'][1]:.2f}x over the windows' extremes), its step alone at "
           f"{r['step_ratio']:.2f}x; the command kept {100 * r['command_of_step']:.0f}% of its "
           "step alone") in text
-  assert "(1.09x in a quiet run at ef9d321;" in text
+  assert f"`benchmarks/results/{json_name}`" in text
+  assert {"ef9d321": "(1.09x in a quiet run at ef9d321;",
+          "ed15ca5": "(1.71x in a quiet run at ed15ca5,"}[commit] in text
