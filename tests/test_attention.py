@@ -60,8 +60,8 @@ def _compare(build, cfg, inputs, weights):
                                  err_msg=f"{impl} block {block}: {jax.tree_util.keystr(path)}")
 
 
-def test_t5_packed_logits_and_gradients_match_the_reference():
-  rng = np.random.default_rng(0)
+def _t5_packed_inputs(rng):
+  """Two packed T5 rows: encoder rows of 21 (examples 7 + 9, and 19), decoder rows of 13."""
   enc, enc_seg, dec_in, dec_tgt, dec_seg = [], [], [], [], []
   for lens_in, lens_out in (([7, 9], [5, 4]), ([19], [11])):
     tok, seg, _ = _packed_row(rng, lens_in, 21)
@@ -73,10 +73,14 @@ def test_t5_packed_logits_and_gradients_match_the_reference():
     dec_in.append(inp)
     dec_tgt.append(tgt)
     dec_seg.append(dseg)
-  inputs = dict(encoder_input_tokens=np.stack(enc), decoder_input_tokens=np.stack(dec_in),
-                decoder_target_tokens=np.stack(dec_tgt), encoder_segment_ids=np.stack(enc_seg),
-                decoder_segment_ids=np.stack(dec_seg))
-  _compare(t5.T5, T5_CFG, inputs, np.stack(dec_seg))
+  return dict(encoder_input_tokens=np.stack(enc), decoder_input_tokens=np.stack(dec_in),
+              decoder_target_tokens=np.stack(dec_tgt), encoder_segment_ids=np.stack(enc_seg),
+              decoder_segment_ids=np.stack(dec_seg))
+
+
+def test_t5_packed_logits_and_gradients_match_the_reference():
+  inputs = _t5_packed_inputs(np.random.default_rng(0))
+  _compare(t5.T5, T5_CFG, inputs, inputs["decoder_segment_ids"])
 
 
 @pytest.mark.parametrize("prefix_lm", [True, False], ids=["prefix-lm", "causal"])
@@ -261,22 +265,6 @@ def test_softmax_values_matches_softmax_then_the_values_dot(dtype):
     # sums to 0; in bf16 too, as the probabilities the dot used are the ones differentiated.
     ds = np.asarray(got_vjp(g)[0], np.float64)
     assert np.abs(ds.sum(-1)).max() < 1e-4 * max(1.0, np.abs(ds).max()), f.__name__
-
-
-def _t5_packed_inputs(rng):
-  enc, enc_seg, dec_in, dec_tgt, dec_seg = [], [], [], [], []
-  for lens_in, lens_out in (([7, 9], [5, 4]), ([19], [11])):
-    tok, seg, _ = _packed_row(rng, lens_in, 21)
-    enc.append(tok)
-    enc_seg.append(seg)
-    tgt, dseg, _ = _packed_row(rng, lens_out, 13)
-    inp = np.where(np.r_[True, dseg[1:] != dseg[:-1]], 0, np.r_[0, tgt[:-1]]).astype(np.int32)
-    dec_in.append(inp)
-    dec_tgt.append(tgt)
-    dec_seg.append(dseg)
-  return dict(encoder_input_tokens=np.stack(enc), decoder_input_tokens=np.stack(dec_in),
-              decoder_target_tokens=np.stack(dec_tgt), encoder_segment_ids=np.stack(enc_seg),
-              decoder_segment_ids=np.stack(dec_seg))
 
 
 @pytest.mark.parametrize("model", ["t5", "decoder causal", "decoder prefix-lm", "decoder bf16"])

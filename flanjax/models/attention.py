@@ -211,82 +211,78 @@ def _add_shared_bwd(b, g):
 _add_shared.defvjp(_add_shared_fwd, _add_shared_bwd)
 
 
-SOFTMAX_VALUES = True  # the reference's softmax and values dot as _softmax_values (no dropout)
-
-
-@jax.custom_vjp
-def _softmax_values(scores, v):
-  """softmax(scores) @ v for float32 scores [b, h, q, t] and v [b, h, t, d]: [b, h, q, d]
-  in float32, the same as jax.nn.softmax then the dot, in fewer passes over [q, t].
+def _softmax_values_rule(keys_major: bool):
+  """softmax(scores) @ v over the keys for float32 scores [b, h, q, t] (or, keys_major,
+  [b, h, t, q]) and v [b, h, t, d]: [b, h, q, d] in float32, the same as jax.nn.softmax
+  then the dot, in fewer passes over the scores.
 
   The exponentials are normalised after the values dot (a [q, d] division, not [q, t]),
   and the backward pass takes the softmax's row term from the [q, d] output and its
   gradient, sum(dO * O), instead of reducing dP * P over the keys (FlashAttention's
-  backward, with the exponentials kept rather than recomputed)."""
-  return _softmax_values_fwd(scores, v)[0]
+  backward, with the exponentials kept rather than recomputed).
+
+  Keys-major, the softmax's max and sum run over a major axis, across contiguous queries,
+  which XLA:CPU vectorises; over the minor axis it splits each into an unfused
+  reduce-window of 32 and a reduce (the T5 step's reduce-windows were 11% of its op
+  time). The dots read the [t, q] operand transposed, which Eigen does without a copy."""
+  st = "bhtq" if keys_major else "bhqt"
+  axis = 2 if keys_major else 3
+
+  def fwd(scores, v):
+    m = jax.lax.stop_gradient(jnp.max(scores, axis=axis, keepdims=True))
+    # In v's dtype throughout (the dot's operand, the total and the backward's), so a
+    # bf16 row's probabilities sum to 1 as used and its score gradient sums to 0.
+    e = jnp.exp(scores - m).astype(v.dtype)
+    total = jnp.sum(e.astype(jnp.float32), axis=axis, keepdims=True)
+    if keys_major:
+      total = jnp.swapaxes(total, 2, 3)  # [b, h, q, 1]
+    out = jnp.einsum(f"{st},bhtd->bhqd", e, v, preferred_element_type=jnp.float32) / total
+    return out, (e, total, out, v)
+
+  def bwd(res, g):
+    e, total, out, v = res
+    g = (g.astype(jnp.float32) / total).astype(v.dtype)
+    dv = jnp.einsum(f"{st},bhqd->bhtd", e, g)
+    dp = jnp.einsum(f"bhqd,bhtd->{st}", g, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(g.astype(jnp.float32) * out, axis=-1)  # [b, h, q]
+    row = row[:, :, None, :] if keys_major else row[..., None]
+    ds = e.astype(jnp.float32) * (dp - row)
+    return ds, dv.astype(v.dtype)
+
+  f = jax.custom_vjp(lambda scores, v: fwd(scores, v)[0])
+  f.defvjp(fwd, bwd)
+  return f
 
 
-def _softmax_values_fwd(scores, v):
-  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-  # In v's dtype throughout (the dot's operand, the total and the backward's), so a
-  # bf16 row's probabilities sum to 1 as used and its score gradient sums to 0.
-  e = jnp.exp(scores - m).astype(v.dtype)
-  total = jnp.sum(e.astype(jnp.float32), axis=-1, keepdims=True)
-  out = jnp.einsum("bhqt,bhtd->bhqd", e, v, preferred_element_type=jnp.float32) / total
-  return out, (e, total, out, v)
-
-
-def _softmax_values_bwd(res, g):
-  e, total, out, v = res
-  g = (g.astype(jnp.float32) / total).astype(v.dtype)
-  dv = jnp.einsum("bhqt,bhqd->bhtd", e, g)
-  dp = jnp.einsum("bhqd,bhtd->bhqt", g, v, preferred_element_type=jnp.float32)
-  ds = e.astype(jnp.float32) * (dp - jnp.sum(g.astype(jnp.float32) * out, axis=-1,
-                                             keepdims=True))
-  return ds, dv.astype(v.dtype)
-
-
-_softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
-
-
-@jax.custom_vjp
-def _softmax_values_keys_major(scores, v):
-  """_softmax_values for scores laid out [b, h, t, q] (keys-major): the same [b, h, q, d].
-
-  The softmax's max and sum then run over a major axis, across contiguous queries, which
-  XLA:CPU vectorises; over the minor axis it splits each into an unfused reduce-window of
-  32 and a reduce (the T5 step's reduce-windows were 11% of its op time). The dots read
-  the [t, q] operand transposed, which Eigen does without a copy."""
-  return _softmax_values_keys_major_fwd(scores, v)[0]
-
-
-def _softmax_values_keys_major_fwd(scores, v):
-  m = jax.lax.stop_gradient(jnp.max(scores, axis=2, keepdims=True))
-  e = jnp.exp(scores - m).astype(v.dtype)
-  total = jnp.swapaxes(jnp.sum(e.astype(jnp.float32), axis=2, keepdims=True), 2, 3)
-  out = jnp.einsum("bhtq,bhtd->bhqd", e, v, preferred_element_type=jnp.float32) / total
-  return out, (e, total, out, v)
-
-
-def _softmax_values_keys_major_bwd(res, g):
-  e, total, out, v = res
-  g = (g.astype(jnp.float32) / total).astype(v.dtype)
-  dv = jnp.einsum("bhtq,bhqd->bhtd", e, g)
-  dp = jnp.einsum("bhqd,bhtd->bhtq", g, v, preferred_element_type=jnp.float32)
-  row = jnp.sum(g.astype(jnp.float32) * out, axis=-1)[:, :, None, :]
-  ds = e.astype(jnp.float32) * (dp - row)
-  return ds, dv.astype(v.dtype)
-
-
-_softmax_values_keys_major.defvjp(_softmax_values_keys_major_fwd,
-                                  _softmax_values_keys_major_bwd)
+SOFTMAX_VALUES = True  # the reference's softmax and values dot as _softmax_values (no dropout)
+_softmax_values = _softmax_values_rule(keys_major=False)
+_softmax_values_keys_major = _softmax_values_rule(keys_major=True)
 
 
 QUERY_BLOCK = 160  # rows of scores the reference materialises at once (about; see _reference)
 # The reference's scores (without dropout) as [b, h, keys, queries] where traces take
-# XLA:CPU's formulations (dense.cpu_formulation): see _softmax_values_keys_major. Other
+# XLA:CPU's formulations (dense.cpu_formulation): see _softmax_values_rule. Other
 # backends, and False (for A/B runs), keep [b, h, queries, keys].
 KEYS_MAJOR = True
+
+
+def _heads_major_blocks(q, k, v, spec):
+  """q, k, v as [b, h, l, d] (k and v repeated to every query head, repeat_kv's order: the
+  dots then need no transposes of the scores) and the reference's query blocks, (lo, hi,
+  kend): queries lo:hi against keys :kend."""
+  b, lq, h, d = q.shape
+  lk, g = k.shape[1], k.shape[2]
+  qh = jnp.transpose(q, (0, 2, 1, 3))
+  kh = jnp.repeat(jnp.transpose(k, (0, 2, 1, 3)), h // g, axis=1)
+  vh = jnp.repeat(jnp.transpose(v, (0, 2, 1, 3)), h // g, axis=1)
+  n = max(1, round(lq / QUERY_BLOCK))
+  size = -(-lq // n)
+  truncate = spec.aligned and spec.causal and spec.q_prefix is None and not spec.kv_padding
+  blocks = []
+  for lo in range(0, lq, size):
+    hi = min(lo + size, lq)
+    blocks.append((lo, hi, min(hi, lk) if truncate else lk))
+  return qh, kh, vh, blocks
 
 
 def _reference(q, k, v, spec, scale, dropout):
@@ -299,23 +295,13 @@ def _reference(q, k, v, spec, scale, dropout):
   its last query: the keys after it are masked for all its rows, so they would add
   exp(NEG_INF) = 0 to every sum.
   """
-  b, lq, h, d = q.shape
-  lk, g = k.shape[1], k.shape[2]
   if dropout is None and SOFTMAX_VALUES and KEYS_MAJOR and dense.cpu_formulation():
     return _reference_keys_major(q, k, v, spec, scale)
   allowed = spec.allowed(spec.q_segments, spec.kv_segments, spec.q_positions,
                          spec.kv_positions, spec.q_prefix, spec.kv_prefix)
-  # Heads-major operands: the dots then need no transposes of the scores.
-  qh = jnp.transpose(q, (0, 2, 1, 3))
-  kh = jnp.repeat(jnp.transpose(k, (0, 2, 1, 3)), h // g, axis=1)  # repeat_kv's order
-  vh = jnp.repeat(jnp.transpose(v, (0, 2, 1, 3)), h // g, axis=1)
-  n = max(1, round(lq / QUERY_BLOCK))
-  size = -(-lq // n)
-  truncate = spec.aligned and spec.causal and spec.q_prefix is None and not spec.kv_padding
+  qh, kh, vh, blocks = _heads_major_blocks(q, k, v, spec)
   outs = []
-  for lo in range(0, lq, size):
-    hi = min(lo + size, lq)
-    kend = min(hi, lk) if truncate else lk
+  for lo, hi, kend in blocks:
     scores = jnp.einsum("bhqd,bhtd->bhqt", qh[:, :, lo:hi], kh[:, :, :kend]).astype(jnp.float32)
     if scale is not None:
       scores = scores * scale
@@ -340,20 +326,11 @@ def _reference(q, k, v, spec, scale, dropout):
 
 def _reference_keys_major(q, k, v, spec, scale):
   """_reference's blocks with the scores laid out [b, h, keys, queries]."""
-  b, lq, h, d = q.shape
-  lk, g = k.shape[1], k.shape[2]
   allowed = spec.allowed_keys_major(spec.q_segments, spec.kv_segments, spec.q_positions,
                                     spec.kv_positions, spec.q_prefix, spec.kv_prefix)
-  qh = jnp.transpose(q, (0, 2, 1, 3))
-  kh = jnp.repeat(jnp.transpose(k, (0, 2, 1, 3)), h // g, axis=1)  # repeat_kv's order
-  vh = jnp.repeat(jnp.transpose(v, (0, 2, 1, 3)), h // g, axis=1)
-  n = max(1, round(lq / QUERY_BLOCK))
-  size = -(-lq // n)
-  truncate = spec.aligned and spec.causal and spec.q_prefix is None and not spec.kv_padding
+  qh, kh, vh, blocks = _heads_major_blocks(q, k, v, spec)
   outs = []
-  for lo in range(0, lq, size):
-    hi = min(lo + size, lq)
-    kend = min(hi, lk) if truncate else lk
+  for lo, hi, kend in blocks:
     scores = jnp.einsum("bhtd,bhqd->bhtq", kh[:, :, :kend], qh[:, :, lo:hi]).astype(jnp.float32)
     if scale is not None:
       scores = scores * scale
