@@ -264,6 +264,12 @@ def test_readmes_per_token_factors_are_the_latest_runs_json():
     run = json.loads((results / name).read_text())
     assert quoted.endswith(f"{whole(run, 't5'):.2f}x / {whole(run, 'decoder'):.2f}x"), name
     assert quoted in bench_readme, quoted
+  # The T5 profile that found the softmax's windowed reductions (before keys-major scores).
+  prof = json.loads((results / "profile_t5_intel_b650a99.json").read_text())
+  kind = {o["op"]: o for o in prof["flanjax"]["ops"]}["[kind] wrapped_reduce-window"]
+  assert prof["quiet"] and prof["commit"] == "b650a99"
+  assert (f"{kind['ms_per_step']:.1f} ms ({kind['share']:.1%}) of the T5 step's op time"
+          in bench_readme)
   assert ("token T5 **1.05x** (7,569 [7,131-8,032] against 7,189 [6,984-7,400]) and the "
           "decoder **1.44x** (4,699 against 3,254)") in readme
   assert ("In this run flanjax runs 1.26x PyTorch's grouped step per padded token for the "
