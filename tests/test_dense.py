@@ -52,6 +52,17 @@ def test_bf16_activations_keep_a_float32_kernel_gradient():
   np.testing.assert_allclose(g, np.full((8, 4), 6.0))
 
 
+def _largest_moved(hlo: str) -> int:
+  """Elements of the largest float32 transpose or copy in compiled HLO text (0 if none)."""
+  moved = [0]
+  for line in hlo.splitlines():
+    line = line.split(", metadata=", 1)[0]
+    if ("transpose" in line or "copy" in line) and "= f32[" in line:
+      dims = line.split("= f32[", 1)[1].split("]", 1)[0]
+      moved.append(int(np.prod([int(d) for d in dims.split(",")])))
+  return max(moved)
+
+
 def test_the_weight_gradient_is_a_canonical_dot_after_transposing_the_small_operand():
   # The output layer's case: x [tokens, 16], dy [tokens, 512]. The kernel's gradient must
   # be a plain [m, k] x [k, n] dot (the form YNNPACK takes), and the only transpose the
@@ -61,15 +72,11 @@ def test_the_weight_gradient_is_a_canonical_dot_after_transposing_the_small_oper
   loss = lambda x, w: jnp.sum(jnp.tanh(dense.project(x, w)))  # noqa: E731
   with dense.mode("cpu"):
     hlo = jax.jit(jax.grad(loss, argnums=1)).lower(x, w).compile().as_text()
-  moved = [0]
   for line in hlo.splitlines():
     line = line.split(", metadata=", 1)[0]
     if " dot(" in line:
       assert "lhs_contracting_dims={1}, rhs_contracting_dims={0}" in line, line
-    if ("transpose" in line or "copy" in line) and "= f32[" in line:
-      dims = line.split("= f32[", 1)[1].split("]", 1)[0]
-      moved.append(int(np.prod([int(d) for d in dims.split(",")])))
-  assert max(moved) <= max(256 * 16, 16 * 512) < 256 * 512  # x or the kernel, never dy
+  assert _largest_moved(hlo) <= max(256 * 16, 16 * 512) < 256 * 512  # x or the kernel, never dy
 
 
 @pytest.mark.parametrize("plain", [True, False], ids=["one dot", "b transposed"])
@@ -88,16 +95,10 @@ def test_a_narrow_output_s_weight_gradient_moves_no_activations(monkeypatch, pla
   with dense.mode("xla"):
     want = jax.grad(loss, argnums=1)(x, w)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  moved = [0]
-  for line in hlo.splitlines():
-    line = line.split(", metadata=", 1)[0]
-    if ("transpose" in line or "copy" in line) and "= f32[" in line:
-      dims = line.split("= f32[", 1)[1].split("]", 1)[0]
-      moved.append(int(np.prod([int(d) for d in dims.split(",")])))
   if plain:
-    assert max(moved) <= 64 * 16, hlo  # at most the kernel-sized result
+    assert _largest_moved(hlo) <= 64 * 16, hlo  # at most the kernel-sized result
   else:
-    assert max(moved) == 256 * 16  # dy
+    assert _largest_moved(hlo) == 256 * 16  # dy
 
 
 def test_an_unknown_mode_is_refused():
