@@ -314,8 +314,8 @@ def test_keys_major_scores_only_where_traces_take_xla_cpu_formulations(monkeypat
   "xla", as when compiling for a TPU from a CPU host) keeps [b, h, queries, keys]."""
   from flanjax.models import dense  # pylint: disable=g-import-not-at-top
   calls = []
-  keys_major = attention._reference_keys_major  # pylint: disable=protected-access
-  monkeypatch.setattr(attention, "_reference_keys_major",
+  keys_major = attention._softmax_values_keys_major  # pylint: disable=protected-access
+  monkeypatch.setattr(attention, "_softmax_values_keys_major",
                       lambda *a: calls.append(1) or keys_major(*a))
   m = decoder.Decoder(DEC_CFG)
   batch = dict(decoder_input_tokens=np.ones((1, 5), np.int32))

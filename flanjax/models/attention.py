@@ -101,27 +101,25 @@ class Spec:
   rel_bidirectional: bool = flax.struct.field(pytree_node=False, default=True)
   rel_max_distance: int = flax.struct.field(pytree_node=False, default=128)
 
-  def allowed(self, q_seg, kv_seg, q_pos, kv_pos, q_pre=None, kv_pre=None) -> Array:
-    """bool [b, q, k] for one block of queries and keys (the arguments: slices of the fields)."""
-    ok = q_seg[:, :, None] == kv_seg[:, None, :]
-    if self.kv_padding:
-      ok = ok & (kv_seg[:, None, :] > 0)
-    if self.causal:
-      see = kv_pos[:, None, :] <= q_pos[:, :, None]
-      if q_pre is not None:
-        see = see | (q_pre[:, :, None] & kv_pre[:, None, :])
-      ok = ok & see
-    return ok
+  def allowed(self, q_seg, kv_seg, q_pos, kv_pos, q_pre=None, kv_pre=None,
+              keys_major=False) -> Array:
+    """bool [b, q, k] for one block of queries and keys (the arguments: slices of the fields);
+    [b, k, q] if keys_major, made in that layout, not transposed."""
+    def pair(qx, kx):  # [b, q] and [b, k] broadcast against each other in the layout
+      if keys_major:
+        return qx[:, None, :], kx[:, :, None]
+      return qx[:, :, None], kx[:, None, :]
 
-  def allowed_keys_major(self, q_seg, kv_seg, q_pos, kv_pos, q_pre=None, kv_pre=None) -> Array:
-    """allowed()'s mask as bool [b, k, q]: made in that layout, not transposed."""
-    ok = kv_seg[:, :, None] == q_seg[:, None, :]
+    qs, ks = pair(q_seg, kv_seg)
+    ok = qs == ks
     if self.kv_padding:
-      ok = ok & (kv_seg[:, :, None] > 0)
+      ok = ok & (ks > 0)
     if self.causal:
-      see = kv_pos[:, :, None] <= q_pos[:, None, :]
+      qp, kp = pair(q_pos, kv_pos)
+      see = kp <= qp
       if q_pre is not None:
-        see = see | (kv_pre[:, :, None] & q_pre[:, None, :])
+        qr, kr = pair(q_pre, kv_pre)
+        see = see | (qr & kr)
       ok = ok & see
     return ok
 
@@ -293,54 +291,41 @@ def _reference(q, k, v, spec, scale, dropout):
   half the time of one [b, h, q, k] tensor). When queries and keys are the same
   positions under a causal mask (training rows), block i reads only the keys up to
   its last query: the keys after it are masked for all its rows, so they would add
-  exp(NEG_INF) = 0 to every sum.
+  exp(NEG_INF) = 0 to every sum. Where traces take XLA:CPU's formulations, the scores,
+  mask and bias are [b, h, keys, queries] (KEYS_MAJOR; see _softmax_values_rule).
   """
-  if dropout is None and SOFTMAX_VALUES and KEYS_MAJOR and dense.cpu_formulation():
-    return _reference_keys_major(q, k, v, spec, scale)
+  fused = dropout is None and SOFTMAX_VALUES
+  keys_major = fused and KEYS_MAJOR and dense.cpu_formulation()
   allowed = spec.allowed(spec.q_segments, spec.kv_segments, spec.q_positions,
-                         spec.kv_positions, spec.q_prefix, spec.kv_prefix)
+                         spec.kv_positions, spec.q_prefix, spec.kv_prefix, keys_major)
   qh, kh, vh, blocks = _heads_major_blocks(q, k, v, spec)
   outs = []
   for lo, hi, kend in blocks:
-    scores = jnp.einsum("bhqd,bhtd->bhqt", qh[:, :, lo:hi], kh[:, :, :kend]).astype(jnp.float32)
+    if keys_major:
+      scores = jnp.einsum("bhtd,bhqd->bhtq", kh[:, :, :kend], qh[:, :, lo:hi])
+      mask = allowed[:, :kend, lo:hi]
+    else:
+      scores = jnp.einsum("bhqd,bhtd->bhqt", qh[:, :, lo:hi], kh[:, :, :kend])
+      mask = allowed[:, lo:hi, :kend]
+    scores = scores.astype(jnp.float32)
     if scale is not None:
       scores = scores * scale
     # Added here, where they fuse into the softmax, rather than summed to [b, h, q, k] first.
-    scores = scores + jnp.where(allowed[:, lo:hi, :kend], 0.0, NEG_INF).astype(
-        jnp.float32)[:, None]
+    scores = scores + jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
     # T5's bias looked up per block: its gradient then goes straight into the table, not
     # through [heads, q, k] pads summed over blocks (a 108 ms YNN reduction each on CPU).
-    bias = spec.position_bias(spec.q_positions[0, lo:hi], spec.kv_positions[0, :kend])
+    bias = spec.position_bias(spec.q_positions[0, lo:hi], spec.kv_positions[0, :kend],
+                              keys_major=keys_major)
     if bias is not None:
       scores = _add_shared(scores, bias)
-    if dropout is None and SOFTMAX_VALUES:
-      outs.append(_softmax_values(scores, vh[:, :, :kend]).astype(q.dtype))
+    if fused:
+      rule = _softmax_values_keys_major if keys_major else _softmax_values
+      outs.append(rule(scores, vh[:, :, :kend]).astype(q.dtype))
       continue
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     if dropout is not None:
       probs = dropout(probs)
     outs.append(jnp.einsum("bhqt,bhtd->bhqd", probs, vh[:, :, :kend]))
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-  return jnp.transpose(out, (0, 2, 1, 3))
-
-
-def _reference_keys_major(q, k, v, spec, scale):
-  """_reference's blocks with the scores laid out [b, h, keys, queries]."""
-  allowed = spec.allowed_keys_major(spec.q_segments, spec.kv_segments, spec.q_positions,
-                                    spec.kv_positions, spec.q_prefix, spec.kv_prefix)
-  qh, kh, vh, blocks = _heads_major_blocks(q, k, v, spec)
-  outs = []
-  for lo, hi, kend in blocks:
-    scores = jnp.einsum("bhtd,bhqd->bhtq", kh[:, :, :kend], qh[:, :, lo:hi]).astype(jnp.float32)
-    if scale is not None:
-      scores = scores * scale
-    scores = scores + jnp.where(allowed[:, :kend, lo:hi], 0.0, NEG_INF).astype(
-        jnp.float32)[:, None]
-    bias = spec.position_bias(spec.q_positions[0, lo:hi], spec.kv_positions[0, :kend],
-                              keys_major=True)
-    if bias is not None:
-      scores = _add_shared(scores, bias)
-    outs.append(_softmax_values_keys_major(scores, vh[:, :, :kend]).astype(q.dtype))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   return jnp.transpose(out, (0, 2, 1, 3))
 
