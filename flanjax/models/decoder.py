@@ -31,12 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flanjax.models import lora_hook as lora
-from flanjax.models import prompt_hook
 # Llama's MLP is T5's gated feed-forward with SiLU (SwiGLU): one module serves both.
 from flanjax.models import attention
 from flanjax.models import dense
 from flanjax.models import stack
-from flanjax.models.t5 import FeedForward, RMSNorm, _param
+from flanjax.models.t5 import FeedForward, RMSNorm, VocabularyEnds, _param
 
 Array = Any
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -250,40 +249,19 @@ def attention_spec(segment_ids: Array, causal_attention: Array | None = None,
                         kv_prefix=prefix)
 
 
-class Decoder(nn.Module):
+class Decoder(VocabularyEnds, nn.Module):
   """Decoder-only LM; ``__call__`` returns logits [batch, length, vocab]."""
   config: DecoderConfig
 
   def setup(self):
     c = self.config
     # Tied: the embedding is also the output matrix, so keep logits O(1).
-    emb_std = c.d_model ** -0.5 if c.tie_word_embeddings else 1.0
-    self.embedding = self.param(
-        "token_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(emb_std), ("vocab", "embed")),
-        (c.vocab_size, c.d_model), jnp.float32)
+    self.embedding_param(c.d_model ** -0.5 if c.tie_word_embeddings else 1.0)
     # `deterministic` is static (positional index counted with self as 0).
     self.layers = stack.build(DecoderLayer, c, c.num_layers, "layer", static_argnums=(4,))
     self.final_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype)
     self.dropout = nn.Dropout(c.dropout_rate)
-    if not c.tie_word_embeddings:
-      self.lm_head = self.param(
-          "lm_head",
-          nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
-                                       ("embed", "vocab")),
-          (c.d_model, c.vocab_size), jnp.float32)
-
-  def _embed(self, tokens):
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
-    x = prompt_hook.embed(self, tokens, x)  # a soft prompt's virtual tokens
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-  def _logits(self, x):
-    if self.config.tie_word_embeddings:
-      logits = dense.project_transposed(x, self.embedding.astype(x.dtype))
-    else:
-      logits = dense.project(x, self.lm_head.astype(x.dtype))
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    self.lm_head_param()
 
   def __call__(self, decoder_input_tokens, decoder_target_tokens=None,
                decoder_segment_ids=None, decoder_positions=None,
@@ -310,7 +288,7 @@ class Decoder(nn.Module):
     x, _ = stack.run(self.layers, self.config.num_layers, x, spec, rope, deterministic)
     x = self.dropout(self.final_norm(x), deterministic)
     if return_hidden:
-      return x, self.embedding if self.config.tie_word_embeddings else self.lm_head
+      return self._output(x)
     return self._logits(x)
 
   # ---------------------------------------------------------------- decoding

@@ -21,7 +21,6 @@ relpos_buckets) for the partitioner; activations are constrained to
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -259,16 +258,53 @@ def _segments(tokens, segment_ids):
   return segment_ids
 
 
-class T5(nn.Module):
+class VocabularyEnds:
+  """The token embedding in and the output layer out, the same for T5 and the decoder.
+
+  A model's setup calls embedding_param first and lm_head_param last (the order of the
+  parameters' initialisation, so their initial values, is kept); _output_input is where a
+  model rescales before the output layer (T5's tied one)."""
+
+  def embedding_param(self, std):
+    self.embedding = _param(self, "token_embedding", std,
+                            (self.config.vocab_size, self.config.d_model), ("vocab", "embed"))
+
+  def lm_head_param(self):
+    c = self.config
+    if not c.tie_word_embeddings:
+      self.lm_head = _param(self, "lm_head", c.d_model ** -0.5, (c.d_model, c.vocab_size),
+                            ("embed", "vocab"))
+
+  def _embed(self, tokens):
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+    x = prompt_hook.embed(self, tokens, x)  # a soft prompt's virtual tokens
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def _output_input(self, x):
+    return x
+
+  def _output(self, x):
+    """(the output layer's input, its matrix): [d, vocab], or the [vocab, d] embedding when
+    tied, for a loss that applies the output layer itself (losses.output_cross_entropy)."""
+    return self._output_input(x), (self.embedding if self.config.tie_word_embeddings
+                                   else self.lm_head)
+
+  def _logits(self, x):
+    x, w = self._output(x)
+    if self.config.tie_word_embeddings:
+      logits = dense.project_transposed(x, w.astype(x.dtype))
+    else:
+      logits = dense.project(x, w.astype(x.dtype))
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class T5(VocabularyEnds, nn.Module):
   """Encoder-decoder; ``__call__`` returns decoder logits [batch, length, vocab]."""
   config: T5Config
 
   def setup(self):
     c = self.config
-    self.embedding = self.param(
-        "token_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-        (c.vocab_size, c.d_model), jnp.float32)
+    self.embedding_param(1.0)
     self.encoder_relpos = RelativePositionBias(
         c.relative_attention_num_buckets, c.relative_attention_max_distance,
         c.num_heads, bidirectional=True)
@@ -283,17 +319,7 @@ class T5(nn.Module):
     self.encoder_norm = RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.decoder_norm = RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.dropout = nn.Dropout(c.dropout_rate)
-    if not c.tie_word_embeddings:
-      self.lm_head = self.param(
-          "lm_head",
-          nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5),
-                                       ("embed", "vocab")),
-          (c.d_model, c.vocab_size), jnp.float32)
-
-  def _embed(self, tokens):
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
-    x = prompt_hook.embed(self, tokens, x)  # a soft prompt's virtual tokens
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    self.lm_head_param()
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None,
              encoder_positions=None, deterministic=True):
@@ -327,24 +353,11 @@ class T5(nn.Module):
     x, _ = stack.run(self.decoder_layers, self.config.num_decoder_layers, x, encoded,
                      self_spec, cross_spec, deterministic)
     x = self.dropout(self.decoder_norm(x), deterministic)
-    if return_hidden:
-      return self._output_input(x), self.embedding if self.config.tie_word_embeddings else (
-          self.lm_head)
-    return self._logits(x)
+    return self._output(x) if return_hidden else self._logits(x)
 
   def _output_input(self, x):
     # The original T5 rescales before the shared (tied) output projection.
     return x * (self.config.d_model ** -0.5) if self.config.tie_word_embeddings else x
-
-  def _logits(self, x):
-    c = self.config
-    if c.tie_word_embeddings:
-      x = self._output_input(x)
-      logits = dense.project_transposed(x, self.embedding.astype(x.dtype))
-    else:
-      logits = dense.project(x, self.lm_head.astype(x.dtype))
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                      ("batch", "length", "vocab"))
 
   def init_decode_state(self, encoded, encoder_input_tokens, max_len: int):
     """Per-layer cross-attention keys/values and empty self-attention caches."""
