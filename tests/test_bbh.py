@@ -194,6 +194,16 @@ def test_missing_data_is_a_clear_error_and_definitions_need_no_files(tmp_path, m
       json.dumps({"examples": [{"input": "q", "target": ""}]}))
   with pytest.raises(UserError, match=r"navigate.json examples\[0\]: 'target' is empty"):
     bbh.load("navigate")
+  # A task file cut short names its line and the fix; one in another encoding its offset.
+  (tmp_path / "bbh" / "tasks" / "snarks.json").write_text('{"examples": [\n{"input": "q",')
+  with pytest.raises(UserError, match=r"snarks.json:2: not valid JSON \(.*\); restore the file "
+                                      "from the BIG-Bench-Hard repository$"):
+    bbh.load("snarks")
+  (tmp_path / "bbh" / "tasks" / "sports_understanding.json").write_bytes(
+      '{"examples": [{"input": "caf\u00e9", "target": "yes"}]}'.encode("latin-1"))
+  with pytest.raises(UserError, match=r"sports_understanding.json: bytes that are not UTF-8 at "
+                                      "offset 28; re-encode the file as UTF-8$"):
+    bbh.load("sports_understanding")
 
 
 @pytest.fixture

@@ -172,6 +172,10 @@ def test_hf_template_errors_are_one_line(tmp_path):
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
   with pytest.raises(UserError, match="no chat template"):
     chat.load_hf_template(str(tmp_path))
+  (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>",\n "chat_template": ')
+  with pytest.raises(UserError, match=r"tokenizer_config.json:2: not valid JSON .*; fix the file, "
+                                      "or copy it again from the tokenizer's folder$"):
+    chat.load_hf_template(str(tmp_path))
 
 
 # ------------------------------------------------------------------ the loss mask, packed

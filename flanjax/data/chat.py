@@ -36,6 +36,7 @@ import json
 import os
 from typing import Callable, Mapping, Sequence
 
+from flanjax.data import sources
 from flanjax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -226,11 +227,7 @@ def _token_text(value):
 
 
 def _read_json(path: str) -> dict:
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+  data = sources.load_json(path, "fix the file, or copy it again from the tokenizer's folder")
   if not isinstance(data, dict):
     raise UserError(f"{path}: not a JSON object")
   return data

@@ -94,6 +94,26 @@ def check_file(path: str) -> None:
     raise UserError(f"{path} is empty; it holds no records")
 
 
+def load_json(path: str, fix: str):
+  """The JSON document in the file at `path` (a byte-order mark allowed). What cannot be read
+  or parsed raises a one-line UserError naming the file and, for bad JSON, the line and `fix`
+  (what to do about it)."""
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return json.load(f)
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; "
+                    "re-encode the file as UTF-8") from None
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                    f"{fix}") from None
+  except RecursionError:
+    raise UserError(f"{path}: JSON nested too deeply to read; {fix}") from None
+  except OSError as e:
+    raise UserError(f"{path}: cannot be read ({e.strerror or e}); check the path and its "
+                    "permissions") from None
+
+
 def _lines(reader: Reader) -> Iterator[tuple[int, str]]:
   """(line number, text) of a file; \n, \r\n and a lone \r all end a line (one file may
   mix them), a UTF-8 byte-order mark is dropped."""
@@ -174,17 +194,7 @@ def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
   if not head.startswith(b"["):
     yield from read_jsonl(reader)
     return
-  try:
-    with open(reader.path, encoding="utf-8-sig") as f:
-      data = json.load(f)
-  except UnicodeDecodeError as e:
-    raise UserError(f"{reader.path}: bytes that are not UTF-8 at offset {e.start}; "
-                    "re-encode the file as UTF-8") from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{reader.path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                    "fix the file (a JSON array must parse as a whole)") from None
-  except RecursionError:
-    raise UserError(f"{reader.path}: JSON nested too deeply to read; fix the file") from None
+  data = load_json(reader.path, "fix the file (a JSON array must parse as a whole)")
   if not isinstance(data, list):
     raise UserError(f"{reader.path}: a JSON {type(data).__name__}, not an array of records")
   for i, rec in enumerate(data):

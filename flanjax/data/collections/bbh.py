@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from typing import Callable, Sequence
@@ -194,15 +193,7 @@ def load(task: str, split: str = SPLIT) -> tuple[dict, ...]:
 @cache.in_process
 def _read_examples(path: str, size: int, mtime_ns: int) -> tuple[dict, ...]:
   del size, mtime_ns  # cache keys only
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; "
-                    "re-encode the file as UTF-8") from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                    "restore the file from the BIG-Bench-Hard repository") from None
+  data = sources.load_json(path, "restore the file from the BIG-Bench-Hard repository")
   if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
     raise UserError(f"{path}: expected an object with an 'examples' list, as in BIG-Bench-Hard")
   reader = sources.Reader(path)

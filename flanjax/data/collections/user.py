@@ -252,13 +252,7 @@ def read_niv2_file(path: str, policy: str | None = None) -> dict:
   """One NIv2 task file -> {definition, positives: [(input, output)], instances: [...]}."""
   reader = sources.Reader(path, policy)
   sources.check_file(path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; re-encode as UTF-8") from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+  data = sources.load_json(path, "fix the file, or restore it from Super-NaturalInstructions")
   if not isinstance(data, dict):
     raise UserError(f"{path}: not a Super-NaturalInstructions task file (top level is not an object)")
   for key in ("Definition", "Instances"):
