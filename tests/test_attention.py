@@ -39,7 +39,7 @@ def _packed_row(rng, lengths, total):
 def _compare(build, cfg, inputs, weights):
   """Logits (where weights > 0) and gradients of every implementation vs the reference."""
   ref_model = build(cfg)
-  params = ref_model.init(jax.random.PRNGKey(0), **inputs)["params"]
+  params = jax.jit(ref_model.init)(jax.random.PRNGKey(0), **inputs)["params"]
 
   def run(model):
     def loss(p):
@@ -102,9 +102,10 @@ def test_cached_decoding_is_the_same_with_every_implementation():
   lengths = np.array([9, 4, 6])
   prompts[np.arange(9)[None] >= lengths[:, None]] = 0
   cfg = decoding.DecodeConfig(max_decode_len=7)
-  t5_params = t5.T5(T5_CFG).init(jax.random.PRNGKey(3), **t5.dummy_batch(1, 4, 4))["params"]
-  dec_params = decoder.Decoder(DEC_CFG).init(jax.random.PRNGKey(4),
-                                             **decoder.dummy_batch(1, 4, 4))["params"]
+  t5_params = jax.jit(t5.T5(T5_CFG).init)(jax.random.PRNGKey(3),
+                                          **t5.dummy_batch(1, 4, 4))["params"]
+  dec_params = jax.jit(decoder.Decoder(DEC_CFG).init)(jax.random.PRNGKey(4),
+                                                      **decoder.dummy_batch(1, 4, 4))["params"]
   want_t5 = decoding.generate(t5.T5(T5_CFG), t5_params, enc, config=cfg, eos_id=-1)
   want_dec = decoding.generate(decoder.Decoder(DEC_CFG), dec_params, prompts, lengths,
                                config=cfg, eos_id=-1)
@@ -182,8 +183,9 @@ class _Dev:
 
 def _calls_to_dot_product(monkeypatch, cfg, build, inputs, train=False):
   """How many attention calls of one forward pass take the dot_product path, on a faked
-  Hopper GPU (the spy computes the reference, so the pass runs on this CPU)."""
-  params = build(cfg).init(jax.random.PRNGKey(0), **inputs)["params"]
+  Hopper GPU (the spy computes the reference, so the pass runs on this CPU). The choice is
+  made while tracing, so the pass is only traced (jax.eval_shape), not run op by op."""
+  params = jax.eval_shape(lambda: build(cfg).init(jax.random.PRNGKey(0), **inputs))["params"]
   calls = []
 
   def spy(q, k, v, spec, scale):
@@ -195,7 +197,8 @@ def _calls_to_dot_product(monkeypatch, cfg, build, inputs, train=False):
     m.setattr(jax, "default_backend", lambda: "gpu")
     m.setattr(jax, "devices", lambda *a: [_Dev()])
     rngs = {"dropout": jax.random.PRNGKey(1)} if train else None
-    build(cfg).apply({"params": params}, **inputs, deterministic=not train, rngs=rngs)
+    jax.eval_shape(lambda p: build(cfg).apply({"params": p}, **inputs, deterministic=not train,
+                                              rngs=rngs), params)
   return len(calls)
 
 
@@ -221,10 +224,10 @@ def test_auto_runs_cudnn_only_for_the_decoder_attention_measured_on_a_gpu(monkey
   t5_auto = dataclasses.replace(T5_CFG, attention_impl="auto", dtype="bfloat16")
   assert _calls_to_dot_product(monkeypatch, t5_auto, t5.T5, t5.dummy_batch(2, 16, 8)) == 0
   # Off the (faked) GPU, 'auto' is the reference: same logits, bit for bit.
-  params = decoder.Decoder(dec).init(jax.random.PRNGKey(0), **batch)["params"]
+  params = jax.jit(decoder.Decoder(dec).init)(jax.random.PRNGKey(0), **batch)["params"]
   np.testing.assert_array_equal(
-      decoder.Decoder(dec).apply({"params": params}, **batch),
-      decoder.Decoder(dataclasses.replace(dec, attention_impl="reference")).apply(
+      jax.jit(decoder.Decoder(dec).apply)({"params": params}, **batch),
+      jax.jit(decoder.Decoder(dataclasses.replace(dec, attention_impl="reference")).apply)(
           {"params": params}, **batch))
 
 
@@ -289,7 +292,7 @@ def test_keys_major_scores_give_the_same_logits_and_gradients(monkeypatch, model
       inputs["decoder_causal_attention"] = ((pos < 3) & (seg > 0)).astype(np.int32)
     weights = seg
   m = build(cfg)
-  params = m.init(jax.random.PRNGKey(0), **inputs)["params"]
+  params = jax.jit(m.init)(jax.random.PRNGKey(0), **inputs)["params"]
 
   def loss(p):
     logits = m.apply({"params": p}, **inputs).astype(jnp.float32)

@@ -70,7 +70,8 @@ def _tiny(seed=0, **kw):
   args.update(kw)
   cfg = decoder.DecoderConfig(**args)
   model = decoder.Decoder(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(seed), **decoder.dummy_batch(1, 8))["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed),
+                                        **decoder.dummy_batch(1, 8))["params"])
   return cfg, model, params
 
 
@@ -281,7 +282,8 @@ def test_remat_gives_the_same_gradients_and_bf16_runs():
 def test_parameters_carry_logical_axis_names():
   cfg = decoder.DecoderConfig(vocab_size=V, d_model=32, num_heads=4, num_kv_heads=2,
                               head_dim=8, d_ff=48, num_layers=1)
-  boxed = decoder.Decoder(cfg).init(jax.random.PRNGKey(0), **decoder.dummy_batch(1, 4, 4))
+  boxed = jax.jit(decoder.Decoder(cfg).init)(jax.random.PRNGKey(0),
+                                             **decoder.dummy_batch(1, 4, 4))
   specs = nn.get_partition_spec(boxed["params"])
   assert tuple(specs["token_embedding"]) == ("vocab", "embed")
   assert tuple(specs["layer_0"]["attention"]["q"]) == ("embed", "heads", "kv")
@@ -507,7 +509,8 @@ def test_convert_training_run_with_gin_config(tmp_path):
   cfg = dataclasses.replace(decoder.DecoderConfig(), vocab_size=256)
   gin.clear_config()
   model = decoder.Decoder(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), **decoder.dummy_batch(1, 4))["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
+                                        **decoder.dummy_batch(1, 4))["params"])
   state = {"params": params, "opt_state": {"mu": jax.tree.map(np.zeros_like, params)},
            "step": np.int32(7), "rng": jax.random.PRNGKey(1)}
   ckpt = Checkpointer(str(tmp_path / "run"), async_save=False)

@@ -119,7 +119,8 @@ def test_every_packed_example_gets_its_own_prompt(kind_name):
                                                num_kv_heads=2, head_dim=8, num_layers=2))
   kind = kinds.get(kind_name)
   model = kind.build(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), **kind.dummy_batch(1, 8, 8))["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
+                                        **kind.dummy_batch(1, 8, 8))["params"])
   params = prompt_tuning.merge(params, jax.random.normal(jax.random.PRNGKey(1), (N, 32)))
   virtual = np.asarray(prompt_tuning.virtual_ids(cfg, N), np.int32)
   rng = np.random.default_rng(0)

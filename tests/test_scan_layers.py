@@ -70,7 +70,7 @@ def _assert_trees_close(got, want, what):
 def test_scanned_logits_and_gradients_equal_the_unscanned_ones(kind):
   build, cfg, (inputs, weights) = ((t5.T5, T5_CFG, _t5_inputs()) if kind == "t5"
                                    else (decoder.Decoder, DEC_CFG, _dec_inputs()))
-  params = build(cfg).init(jax.random.PRNGKey(0), **inputs)["params"]
+  params = jax.jit(build(cfg).init)(jax.random.PRNGKey(0), **inputs)["params"]
   want_logits, want_grads = _loss_and_grads(build(cfg), {"params": params}, inputs, weights)
   scanned = stack.scan_params(params)
   assert set(stack.unscan_params(scanned)) == set(params)
@@ -91,7 +91,7 @@ def test_scanned_logits_and_gradients_equal_the_unscanned_ones(kind):
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_a_remat_policy_gives_the_same_gradients(policy):
   inputs, weights = _dec_inputs()
-  params = decoder.Decoder(DEC_CFG).init(jax.random.PRNGKey(2), **inputs)["params"]
+  params = jax.jit(decoder.Decoder(DEC_CFG).init)(jax.random.PRNGKey(2), **inputs)["params"]
   want = _loss_and_grads(decoder.Decoder(DEC_CFG), {"params": params}, inputs, weights)[1]
   cfg = dataclasses.replace(DEC_CFG, remat_policy=policy)
   got = _loss_and_grads(decoder.Decoder(cfg), {"params": params}, inputs, weights)[1]
@@ -113,7 +113,7 @@ def test_cached_greedy_and_beam_decoding_are_the_same_scanned():
                                                         (prompts, lengths))):
       kind = "t5" if build is t5.T5 else "decoder"
       dummy = (t5.dummy_batch if build is t5.T5 else decoder.dummy_batch)(1, 4, 4)
-      params = build(mcfg).init(jax.random.PRNGKey(4), **dummy)["params"]
+      params = jax.jit(build(mcfg).init)(jax.random.PRNGKey(4), **dummy)["params"]
       want = decoding.generate(build(mcfg), params, *args, config=cfg, eos_id=-1)
       got = decoding.generate(build(_scanned(mcfg)), stack.scan_params(params), *args,
                               config=cfg, eos_id=-1)
@@ -124,7 +124,7 @@ def test_cached_greedy_and_beam_decoding_are_the_same_scanned():
 def test_hugging_face_tensors_and_lora_are_the_same_scanned(kind):
   build, cfg, (inputs, weights) = ((t5.T5, T5_CFG, _t5_inputs()) if kind == "t5"
                                    else (decoder.Decoder, DEC_CFG, _dec_inputs()))
-  params = nn.unbox(build(cfg).init(jax.random.PRNGKey(5), **inputs)["params"])
+  params = nn.unbox(jax.jit(build(cfg).init)(jax.random.PRNGKey(5), **inputs)["params"])
   want = hf.params_to_hf(params, cfg)
   scanned = stack.layout(params, _scanned(cfg))
   got = hf.params_to_hf(scanned, _scanned(cfg))

@@ -127,7 +127,8 @@ def _tiny_model(seed):
   cfg = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,
                     num_encoder_layers=2, num_decoder_layers=2)
   model = t5.T5(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(seed), **t5.dummy_batch(1, 8, 8))["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed),
+                                        **t5.dummy_batch(1, 8, 8))["params"])
   return cfg, model, params
 
 

@@ -22,7 +22,10 @@ from flanjax.training.losses import cross_entropy, output_cross_entropy
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, dummy: dict):
   """params, opt_state, step and rng; params keep their logical-axis boxes."""
   params_rng, state_rng = jax.random.split(rng)
-  params = model.init(params_rng, **dummy)["params"]
+  # Compiled whole even when called outside a jit (tests, notebooks): op by op, a model's
+  # init compiles and runs each of its forward pass's operations on its own, several times
+  # slower; inside the trainer's jit this is the same trace.
+  params = jax.jit(model.init)(params_rng, **dummy)["params"]
   return {"params": params, "opt_state": tx.init(nn.unbox(params)),
           "step": jnp.zeros((), jnp.int32), "rng": state_rng}
 
