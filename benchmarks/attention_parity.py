@@ -48,7 +48,7 @@ def compare(cfg, impl: str, rows: int, length: int, seed: int = 0) -> dict:
   ref_model = decoder.Decoder(dataclasses.replace(cfg, attention_impl="reference"))
   model = decoder.Decoder(dataclasses.replace(cfg, attention_impl=impl))
   base = dict(decoder_input_tokens=tok, decoder_segment_ids=seg, decoder_positions=pos)
-  params = ref_model.init(jax.random.PRNGKey(seed), **base)["params"]
+  params = jax.jit(ref_model.init)(jax.random.PRNGKey(seed), **base)["params"]
   runs = stacks.auto_attention(cfg, rows, length) if impl == "auto" else impl
   out = {"impl": impl, "runs": runs, "rows": rows, "length": length,
          "segments_per_row": float(np.mean(seg.max(1))), "dtype": str(cfg.dtype)}
