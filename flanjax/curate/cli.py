@@ -18,7 +18,6 @@ interrupted run stopped; the others are fast and write OUT whole.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 
