@@ -531,3 +531,19 @@ def test_chat_prompt_is_an_exact_prefix_and_every_turn_end_is_trained(tmp_path, 
       assert np.all(np.diff(w) >= 0)
       found += 1
   assert found == 6 and stats.violations == 0 and "mask violations: none" in stats.summary()
+
+
+def test_a_user_file_of_the_evaluation_sets_is_evaluated_never_trained(restore_registry,
+                                                                        builtin_vocab):
+  """The data folder's evaluation files as a user task: it registers (it can be evaluated
+  on), and a training mixture with it is refused in one line naming the file."""
+  path = shared_data("alpaca_eval") / "text_davinci_003_outputs.json"
+  assert sources.evaluation_data(str(path)) == "alpaca_eval"
+  assert sources.evaluation_data(str(shared_data("gsm8k") / "test.jsonl")) == "gsm8k test"
+  assert sources.evaluation_data(str(shared_data("gsm8k") / "train.jsonl")) is None
+  (d,), _ = _user({"name": "my_eval_copy", "path": str(path)})
+  assert d.is_eval_only("train")
+  tasks.register(d, builtin_vocab)
+  with pytest.raises(UserError, match=r"would train on evaluation-only data: my_eval_copy "
+                     r"\(.*text_davinci_003_outputs.json is evaluation data: alpaca_eval\)"):
+    mixtures.add_mixture("mix_with_eval", ["my_eval_copy", "builtin_sentiment"])

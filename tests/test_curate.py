@@ -174,6 +174,137 @@ def test_decontaminate_finds_every_planted_gsm8k_test_question(tmp_path):
   assert len(written) == report["read"] - len(flagged)
 
 
+def _mmlu_rows(subject="high_school_biology"):
+  import csv  # pylint: disable=g-import-not-at-top
+  path = shared_data("mmlu") / "test" / f"{subject}_test.csv"
+  with open(path, encoding="utf-8") as f:
+    return list(csv.reader(f))[1:]  # after the header row
+
+
+def test_decontaminate_reads_every_turn_joins_fields_and_finds_short_questions(tmp_path):
+  """A test question in a conversation's second user turn; an MMLU question shorter than n
+  words with its choices on one line; a short AlpacaEval instruction: each found, each in a
+  record that would otherwise pass, and nothing flagged among clean records."""
+  test = [json.loads(line) for line in (shared_data("gsm8k") / "test.jsonl").read_text().splitlines()]
+  rows = _mmlu_rows()
+  words = lambda t: len(records.words(t))  # noqa: E731
+  short_q = next(r for r in rows if 8 <= words(r[0]) < 13)
+  short_q_long_choices = next(r for r in rows if 8 <= words(r[0]) < 13 and r is not short_q)
+  alpaca = json.loads((shared_data("alpaca_eval") / "text_davinci_003_outputs.json").read_text())
+  short_inst = next(a["instruction"] for a in alpaca if 8 <= words(a["instruction"]) < 13)
+  pool = json.loads((shared_data("instruction_pool") / "filtered_alpaca_1k_score.json").read_text())
+  clean = [r for r in pool[:40]]
+  planted = [
+      {"id": "second_turn", "conversations": [
+          {"from": "human", "value": "Hi, can you help with maths?"},
+          {"from": "gpt", "value": "Of course."},
+          {"from": "human", "value": test[14]["question"]},
+          {"from": "gpt", "value": "Let me think."}]},
+      {"id": "mmlu_one_line", "conversations": [
+          {"from": "human", "value": short_q[0] + " A. " + " B. ".join(short_q[1:5])},
+          {"from": "gpt", "value": "I am not sure."}]},
+      {"id": "mmlu_question_alone", "conversations": [
+          {"from": "human", "value": "Q: " + short_q_long_choices[0]},
+          {"from": "gpt", "value": "Something else."}]},
+      {"id": "alpaca_eval_short", "conversations": [
+          {"from": "human", "value": short_inst},
+          {"from": "gpt", "value": "A different answer of ours."}]}]
+  path = tmp_path / "pool.json"
+  path.write_text(json.dumps(clean + planted))
+  written, report = _curate("decontaminate", path, "--drop", "--out", tmp_path / "c.jsonl")
+  assert [r.get("id") for r in written] == [r.get("id") for r in clean]
+  hits = {m["training_record"]: m for m in report["figures"]["matches"]}
+  assert set(hits) == {f"{path}[{len(clean) + i}]" for i in range(4)}
+  fig = report["figures"]["decontamination"]
+  assert fig["min_words"] == 8 and fig["examples_too_short_to_find"] >= 0
+  # Short keys are found only word for word: one word changed and the question passes.
+  changed = dict(planted[2], conversations=[
+      {"from": "human", "value": "Q: " + short_q_long_choices[0].replace(" ", " zebra ", 1)},
+      {"from": "gpt", "value": "Something else."}])
+  path.write_text(json.dumps([changed]))
+  written, report = _curate("decontaminate", path, "--drop", "--out", tmp_path / "d.jsonl")
+  assert len(written) == 1
+
+
+def test_curate_options_tasks_and_evaluation_inputs_are_checked(tmp_path):
+  pool = shared_data("instruction_pool") / "filtered_alpaca_1k_score.json"
+  out = str(tmp_path / "o.jsonl")
+  for bad in (["decontaminate", str(pool), "--n", "0"], ["decontaminate", str(pool), "--common", "1"],
+              ["dedup", str(pool), "--jaccard", "1.5"], ["select", str(pool), "--method", "qdit",
+                                                          "--k", "5", "--alpha", "1.5"]):
+    with pytest.raises(Exception, match="is outside"):
+      cli.run(bad + ["--out", out])
+  with pytest.raises(Exception, match=r"--tasks alpacaeval: no evaluation task.*alpaca_eval"):
+    cli.run(["decontaminate", str(pool), "--tasks", "gsm8k", "alpacaeval", "--out", out])
+  evaluation = shared_data("alpaca_eval") / "text_davinci_003_outputs.json"
+  with pytest.raises(Exception, match="is evaluation data .alpaca_eval.*--allow_evaluation_data"):
+    cli.run(["select", str(evaluation), "--method", "longest", "--k", "3", "--out", out])
+  import os  # pylint: disable=g-import-not-at-top
+  assert not os.path.exists(out)
+  written, _ = _curate("select", evaluation, "--method", "longest", "--k", 3,
+                       "--allow_evaluation_data", "--out", out)
+  assert len(written) == 3
+
+
+def test_mixed_formats_keep_conversations_and_fields_and_seed_instances_add_up(tmp_path):
+  sg = tmp_path / "sg.json"
+  sg.write_text(json.dumps([{"id": "c1", "score": 5.0, "conversations": [
+      {"from": "human", "value": "What is the capital of France?"}, {"from": "gpt", "value": "Paris."},
+      {"from": "human", "value": "And its river?"}, {"from": "gpt", "value": "The Seine."}]}]))
+  al = tmp_path / "al.jsonl"
+  al.write_text(json.dumps({"id": "a1", "score": 4.0, "instruction": "Give a synonym of happy.",
+                            "input": "", "output": "Joyful."}) + "\n")
+  written, _ = _curate("dedup", sg, al, "--out", tmp_path / "m.jsonl")
+  assert written[0] == {"id": "c1", "score": 5.0, "messages": [
+      {"role": "user", "content": "What is the capital of France?"},
+      {"role": "assistant", "content": "Paris."},
+      {"role": "user", "content": "And its river?"},
+      {"role": "assistant", "content": "The Seine."}]}
+  assert written[1]["id"] == "a1" and written[1]["score"] == 4.0
+  q, _ = _curate("select", tmp_path / "m.jsonl", "--method", "quality", "--k", 1,
+                 "--out", tmp_path / "q.jsonl")
+  assert q[0]["id"] == "c1"
+  # A seed task of several instances is one record per instance, counted so.
+  seeds = tmp_path / "seeds.jsonl"
+  seeds.write_text("".join(json.dumps({"id": f"t{i}", "instruction": f"Task number {i} asks this.",
+                                       "instances": [{"input": f"x{k}", "output": f"y{k}"}
+                                                     for k in range(i + 1)]}) + "\n"
+                           for i in range(3)))
+  written, report = _curate("dedup", seeds, "--out", tmp_path / "s.jsonl")
+  assert report["read"] == 6 and len(written) == 6
+
+
+def test_dedup_keeps_one_task_with_other_inputs_and_rouge_compares_prompts(tmp_path):
+  inputs = ("Cats sleep most of the day and hunt small animals at night in gardens.",
+            "Ships carried grain and wine across the Mediterranean for many centuries.",
+            "Rivers shape valleys slowly, moving sand and stones down toward the sea.")
+  recs = [{"instruction": "Summarize the following text.", "input": t,
+           "output": f"It is about {t.split()[0].lower()}."} for t in inputs]
+  path = tmp_path / "same.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  written, _ = _curate("dedup", path, "--out", tmp_path / "d.jsonl")
+  assert written == recs  # not duplicates: the same task on other inputs
+  recs.append({"instruction": "Summarize the following text.", "input": inputs[0].replace(
+      "small", "tiny"), "output": "Cats."})
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  written, report = _curate("dedup", path, "--rouge", 0.7, "--jaccard", 0, "--out", tmp_path / "e.jsonl")
+  assert written == recs[:3] and report["dropped"] == {"prompt ROUGE-L > 0.7": 1}
+
+
+def test_a_progress_file_cut_mid_line_resumes_and_appends_whole_lines(tmp_path):
+  out = str(tmp_path / "gen.jsonl")
+  log = generate.Log(out)
+  log.append([{"i": 0}, {"i": 1}])
+  with open(out + ".progress.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"i": 2, "verd')  # the process killed while writing
+  log = generate.Log(out)
+  assert [it["i"] for it in log.items] == [0, 1]
+  log.append([{"i": 2}, {"i": 3}])
+  assert [it["i"] for it in generate.Log(out).items] == [0, 1, 2, 3]
+  with open(out + ".progress.jsonl", encoding="utf-8") as f:
+    assert [json.loads(line)["i"] for line in f] == [0, 1, 2, 3]
+
+
 # ------------------------------------------------------------------ generation
 
 def test_filters_of_self_instruct_and_evol_instruct():

@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("inputs", nargs="+", help="data files (any format flanjax trains on)")
   ap.add_argument("--out", required=True, help="the JSONL file to write")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--allow_evaluation_data", action="store_true",
+                  help="read inputs that are the data folder's evaluation sets (BBH, GSM8K test, "
+                  "MMLU, MT-Bench, AlpacaEval, the test prompts); refused otherwise, since what "
+                  "curate writes is meant for training")
   g = ap.add_argument_group("select")
   g.add_argument("--method", choices=("longest", "quality", "qdit", "diverse", "random"))
   g.add_argument("--k", type=int, help="how many records to select")
@@ -52,13 +56,17 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--jaccard", type=float, default=0.8, help="near-duplicate Jaccard threshold "
                  "(0: off)")
   g.add_argument("--num_perm", type=int, default=128)
-  g.add_argument("--rouge", type=float, default=0.7, help="drop an instruction with ROUGE-L "
-                 "above this against a kept one (0: off)")
+  g.add_argument("--rouge", type=float, default=0.0, help="drop a record whose prompt "
+                 "(instruction and input) has ROUGE-L above this against a kept one's, as "
+                 "Self-Instruct filters its generated tasks (0: off, the default: records that "
+                 "share a task's wording but not its input are not duplicates)")
   g = ap.add_argument_group("decontaminate")
   g.add_argument("--n", type=int, default=13, help="n-gram length in words")
   g.add_argument("--tasks", nargs="*", help="evaluation tasks to check (default: all)")
   g.add_argument("--common", type=int, default=20, help="n-grams in this many evaluation "
                  "examples are template text and ignored")
+  g.add_argument("--min_words", type=int, default=8, help="an evaluation field shorter than n "
+                 "words is matched whole when it has at least this many words")
   g.add_argument("--drop", action="store_true", help="write the records without a match")
   g = ap.add_argument_group("self-instruct and evolve")
   g.add_argument("--checkpoint", help="a run folder, converted checkpoint or HF folder")
@@ -70,6 +78,41 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--temperature", type=float, default=0.7)
   g.add_argument("--top_p", type=float, default=0.95)
   return ap
+
+
+# (option, lowest, highest, inclusive of the lowest): checked before any data is read.
+_RANGES = (("k", 1, None, True), ("alpha", 0.0, 1.0, True), ("clusters", 1, None, True),
+           ("dim", 1, None, True), ("jaccard", 0.0, 1.0, True), ("num_perm", 1, None, True),
+           ("rouge", 0.0, 1.0, True), ("n", 1, None, True), ("common", 2, None, True),
+           ("min_words", 1, None, True), ("num", 1, None, True), ("rounds", 1, None, True),
+           ("instances", 1, None, True), ("batch_size", 1, None, True),
+           ("max_decode_len", 1, None, True), ("temperature", 0.0, None, True),
+           ("top_p", 0.0, 1.0, False))
+
+
+def check_options(args) -> None:
+  """A one-line error for an option outside its range (some would silently turn a check off:
+  --n 0 or --common 1 match nothing)."""
+  for name, lo, hi, closed in _RANGES:
+    v = getattr(args, name, None)
+    if v is None:
+      continue
+    low_ok = v >= lo if closed else v > lo
+    if not low_ok or (hi is not None and v > hi):
+      span = f"{'[' if closed else '('}{lo}, {hi if hi is not None else 'inf'}]"
+      raise UserError(f"--{name} {v} is outside {span}; give a value in that range")
+
+
+def check_inputs(args) -> None:
+  """Refuses the data folder's evaluation sets as inputs (curate writes training data)."""
+  from flanjax.data import sources  # pylint: disable=g-import-not-at-top
+  if args.allow_evaluation_data:
+    return
+  for path in args.inputs:
+    held = sources.evaluation_data(path)
+    if held:
+      raise UserError(f"{path} is evaluation data ({held}), which never enters training; "
+                      "curate another file, or pass --allow_evaluation_data to read it anyway")
 
 
 def _need(args, *names):
@@ -143,7 +186,7 @@ def run_select(args, records, report):
 def run_decontaminate(args, records, report):
   from flanjax.curate import decontaminate as dc  # pylint: disable=g-import-not-at-top
   sets, notes = dc.eval_sets(args.tasks)
-  index = dc.Index(sets, n=args.n, common=args.common)
+  index = dc.Index(sets, n=args.n, common=args.common, min_words=args.min_words)
   prog = Progress(len(records), "decontaminate")
   matches, by_record = dc.check(index, [r.text for r in records], [r.where for r in records], prog)
   report.figures["decontamination"] = dict(index.describe(), notes=notes,
@@ -171,6 +214,8 @@ def _count(items):
 
 def run(argv) -> int:
   args = _parser().parse_args(argv)
+  check_options(args)
+  check_inputs(args)
   report = Report(args.command, argv, args.inputs, args.out)
   if args.command in ("self-instruct", "evolve"):
     from flanjax.curate import generate  # pylint: disable=g-import-not-at-top
@@ -182,6 +227,7 @@ def run(argv) -> int:
   report.add_read_reports(reads)
   handler = {"select": run_select, "dedup": run_dedup, "decontaminate": run_decontaminate}
   kept = handler[args.command](args, records, report)
+  report.check(len(kept))  # before OUT is written: a file that looks complete is complete
   rec_lib.write(args.out, kept)
   report.finish(len(kept))
   print(f"curate: wrote {len(kept):,} records to {args.out} (report: {args.out}.report.json)",

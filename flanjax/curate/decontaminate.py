@@ -8,8 +8,10 @@ registers (MT-Bench, AlpacaEval, instruction_eval). Each example's text fields
 (`\\w+`), and their n-grams hashed (a 64-bit polynomial over word ids, numpy);
 a hash hit is confirmed on the words themselves. An n-gram found in `common` or
 more evaluation examples is template text (a task's fixed wording), not an
-example's: it is ignored and listed in the report. Fields shorter than n words
-cannot match and are counted.
+example's: it is ignored and listed in the report. An example's fields are read
+as one text; a field or example shorter than n words (but of `min_words`, 8, or more)
+is found whole, wherever its words appear in a row in a training text. Shorter ones
+cannot be told from common phrases: they are counted in the report.
 """
 
 from __future__ import annotations
@@ -109,8 +111,24 @@ def _open_ended_sets(names: Sequence[str] | None, notes: list) -> list[EvalSet]:
   return out
 
 
+def _known_names() -> list[str]:
+  from flanjax.data.collections import bbh, gsm8k, mmlu, tfds_tasks  # pylint: disable=g-import-not-at-top
+  defs = bbh.task_defs() + gsm8k.task_defs() + mmlu.task_defs() + tfds_tasks.task_defs()
+  return [d.name for d in defs if any(d.is_eval_only(s) for s in d.splits)] + list(OPEN_ENDED)
+
+
 def eval_sets(names: Sequence[str] | None = None) -> tuple[list[EvalSet], list[str]]:
   """The evaluation sets (all, or those whose task names match `names`), and notes."""
+  if names:
+    known = _known_names()
+    unmatched = [n for n in names if not any(_wanted(k, [n]) for k in known)]
+    if unmatched:
+      import difflib  # pylint: disable=g-import-not-at-top
+      close = sorted({c for n in unmatched for c in difflib.get_close_matches(n, known, 3, 0.6)})
+      raise UserError(f"--tasks {' '.join(unmatched)}: no evaluation task of that name"
+                      f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; names are "
+                      "bbh*, gsm8k, mmlu*, tfds tasks, mt_bench, alpaca_eval, instruction_eval, "
+                      "and shell patterns of them")
   notes = []
   sets = _registered_sets(names, notes) + _open_ended_sets(names, notes)
   if not sets:
@@ -155,23 +173,35 @@ class Match:
 
 
 class Index:
-  """The n-grams of evaluation sets, to look training texts up in."""
+  """The n-grams of evaluation sets, to look training texts up in.
 
-  def __init__(self, sets: Sequence[EvalSet], n: int = 13, common: int = 20):
+  An example's fields are read as one text, so an n-gram may run from a question into its
+  choices. A field (or a whole example) shorter than n words, but of `min_words` or more,
+  is a key of its own, found where its words appear in a row in a training text: a short
+  question copied verbatim is found although it has no n-gram. Shorter ones cannot be told
+  from common phrases and are counted (`fields_shorter_than_min_words`)."""
+
+  def __init__(self, sets: Sequence[EvalSet], n: int = 13, common: int = 20,
+               min_words: int = 8):
     self.n, self.sets, self.words = n, list(sets), _Words()
+    self.min_words = min(min_words, n)
     hashes, owners = [], []
     self.short_fields = 0
+    self.unmatchable_examples = 0
+    self.short_lengths: set[int] = set()
     self.eval_examples = 0
     for s_i, s in enumerate(self.sets):
       for e_i, ex in enumerate(s.examples):
         self.eval_examples += 1
         h = []
-        for t in texts_of(ex):
-          ids = self.words(t)
-          if 0 < len(ids) < n:
-            self.short_fields += 1
-          h.append(ngram_hashes(ids, n))
+        for seq in self._keys(ex):
+          ids = self.words(" ".join(seq))
+          h.append(ngram_hashes(ids, len(ids)) if len(ids) < n else ngram_hashes(ids, n))
+          if len(ids) < n:
+            self.short_lengths.add(len(ids))
         h = np.unique(np.concatenate(h)) if h else np.zeros(0, np.uint64)
+        if not len(h):
+          self.unmatchable_examples += 1
         hashes.append(h)
         owners.append(np.full((len(h), 2), (s_i, e_i), np.int64))
     hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
@@ -185,22 +215,46 @@ class Index:
     self.common_threshold = common
     self.ignored_hits = collections.Counter()  # common n-gram hash -> training texts hit
 
-  def _eval_words(self, s_i: int, e_i: int) -> list[list[str]]:
-    return [rec_lib.words(t) for t in texts_of(self.sets[s_i].examples[e_i])]
+  def _keys(self, ex, count: bool = True) -> list[tuple[str, ...]]:
+    """The word sequences an example is found by: its joined text (its n-grams are taken),
+    and each field, and the whole example, shorter than n words but not than min_words."""
+    fields = [rec_lib.words(t) for t in texts_of(ex)]
+    joined = [w for f in fields for w in f]
+    out = [tuple(joined)] if len(joined) >= self.n else []
+    short = {tuple(f) for f in fields if self.min_words <= len(f) < self.n}
+    if self.min_words <= len(joined) < self.n:
+      short.add(tuple(joined))
+    if count:
+      self.short_fields += sum(1 for f in fields if 0 < len(f) < self.min_words)
+    return out + sorted(short)
 
-  def _confirm(self, s_i, e_i, grams: set) -> str | None:
-    for w in self._eval_words(s_i, e_i):
-      for k in range(len(w) - self.n + 1):
-        g = " ".join(w[k:k + self.n])
-        if g in grams:
+  def _grams(self, words: Sequence[str], length: int) -> set[str]:
+    return {" ".join(words[k:k + length]) for k in range(len(words) - length + 1)}
+
+  def _confirm(self, s_i, e_i, train_words: Sequence[str]) -> str | None:
+    """The first key of the example found word for word in the training text (else a hash
+    collision: None)."""
+    cache = {}
+    for seq in self._keys(self.sets[s_i].examples[e_i], count=False):
+      length = min(len(seq), self.n)
+      if length not in cache:
+        cache[length] = self._grams(train_words, length)
+      for k in range(len(seq) - length + 1):
+        g = " ".join(seq[k:k + length])
+        if g in cache[length]:
           return g
     return None
+
+  def _hashes_of(self, text: str) -> np.ndarray:
+    ids = self.words(text)
+    h = [ngram_hashes(ids, self.n)] + [ngram_hashes(ids, m) for m in sorted(self.short_lengths)]
+    return np.unique(np.concatenate(h))
 
   def find(self, texts: Sequence[str], wheres: Sequence[str], progress=None) -> list[Match]:
     """Matches of training texts (one per training text and evaluation example)."""
     all_h, owner = [], []
     for i, t in enumerate(texts):
-      h = np.unique(ngram_hashes(self.words(t), self.n))
+      h = self._hashes_of(t)
       all_h.append(h)
       owner.append(np.full(len(h), i, np.int64))
       if progress:
@@ -221,9 +275,7 @@ class Index:
         pairs[(int(i), int(s_i), int(e_i))] += 1
     out = []
     for (i, s_i, e_i), shared in sorted(pairs.items()):
-      w = rec_lib.words(texts[i])
-      grams = {" ".join(w[k:k + self.n]) for k in range(len(w) - self.n + 1)}
-      g = self._confirm(s_i, e_i, grams)
+      g = self._confirm(s_i, e_i, rec_lib.words(texts[i]))
       if g is not None:  # else a hash collision
         out.append(Match(i, wheres[i], self.sets[s_i].name, e_i, g, shared))
     return out
@@ -233,9 +285,11 @@ class Index:
     return " | ".join(texts_of(ex))
 
   def describe(self) -> dict:
-    return {"n": self.n, "evaluation_sets": {s.name: len(s.examples) for s in self.sets},
+    return {"n": self.n, "min_words": self.min_words,
+            "evaluation_sets": {s.name: len(s.examples) for s in self.sets},
             "evaluation_examples": self.eval_examples, "evaluation_ngrams": int(len(self.uniq)),
-            "fields_shorter_than_n": self.short_fields,
+            "fields_shorter_than_min_words": self.short_fields,
+            "examples_too_short_to_find": self.unmatchable_examples,
             "common_ngrams_ignored": len(self.common),
             "common_threshold_examples": self.common_threshold}
 
@@ -245,9 +299,14 @@ class Index:
     for h, hits in self.ignored_hits.most_common(limit):
       p = int(np.searchsorted(self.hashes, np.uint64(h)))
       s_i, e_i = self.owners[p]
-      w = [x for x in self._eval_words(s_i, e_i)]
-      text = next((" ".join(x[k:k + self.n]) for x in w for k in range(len(x) - self.n + 1)
-                   if ngram_hashes(self.words(" ".join(x[k:k + self.n])), self.n)[0] == h), "")
+      text = ""
+      for seq in self._keys(self.sets[s_i].examples[e_i], count=False):
+        length = min(len(seq), self.n)
+        text = next((" ".join(seq[k:k + length]) for k in range(len(seq) - length + 1)
+                     if ngram_hashes(self.words(" ".join(seq[k:k + length])), length)[0] == h),
+                    "")
+        if text:
+          break
       out.append({"ngram": text, "evaluation_examples": self.common[h], "training_texts": hits,
                   "first_set": self.sets[s_i].name})
     return out

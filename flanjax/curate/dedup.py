@@ -1,5 +1,11 @@
-"""Duplicates: exact (normalised text), near (MinHash LSH over word 5-gram shingles), and
-ROUGE-L of the instructions as Self-Instruct filters them. The first of a group is kept.
+"""Duplicates: exact (normalised text), near (MinHash LSH over word 5-gram shingles), and,
+when asked (`rouge`), ROUGE-L of the prompts as Self-Instruct filters its generated tasks.
+The first of a group is kept.
+
+The ROUGE-L filter compares prompts (instruction and input), not instructions alone: two
+records of one task with different inputs are not duplicates. rouge_score's tokenizer
+keeps only ASCII letters and digits, so a prompt with words it cannot see (Chinese, say)
+is not compared (counted in the report's figures).
 
 Near duplicates are what the LSH proposes and an exact Jaccard of the shingle sets
 confirms (LSH alone has false positives), so the threshold means what it says.
@@ -16,7 +22,7 @@ from datasketch import MinHash, MinHashLSH
 
 from flanjax.curate import records as rec_lib
 from flanjax.curate.report import Progress, Report
-from flanjax.curate.rouge import RougePool
+from flanjax.curate.rouge import RougePool, tokenizer
 
 
 def normalised(text: str) -> str:
@@ -46,14 +52,15 @@ def jaccard(a: set, b: set) -> float:
 
 
 def dedup(records: Sequence[rec_lib.Record], report: Report, *, jaccard_threshold: float = 0.8,
-          num_perm: int = 128, shingle: int = 5, rouge: float | None = 0.7) -> list:
+          num_perm: int = 128, shingle: int = 5, rouge: float | None = None) -> list:
   """The records that are not duplicates of an earlier one; drops counted by reason."""
   seen: dict[str, str] = {}
   lsh = MinHashLSH(threshold=jaccard_threshold, num_perm=num_perm) if jaccard_threshold else None
   shingle_sets: dict[int, set] = {}
   pool = RougePool() if rouge else None
+  rouge_tok = tokenizer() if rouge else None
   pool_where: list[str] = []
-  kept, near_pairs = [], []
+  kept, near_pairs, not_compared = [], [], 0
   prog = Progress(len(records), "dedup")
   for i, r in enumerate(records):
     prog.update()
@@ -73,13 +80,16 @@ def dedup(records: Sequence[rec_lib.Record], report: Report, *, jaccard_threshol
         near_pairs.append(score)
         continue
     if pool is not None:
-      score, j = pool.max_score(r.instruction, above=rouge)
-      if score > rouge:
-        report.drop(f"instruction ROUGE-L > {rouge}", r.where,
-                    f"ROUGE-L {score:.2f} with {pool_where[j]}")
-        continue
-      pool.add(r.instruction)
-      pool_where.append(r.where)
+      if len(rouge_tok.tokenize(r.prompt)) < len(rec_lib.words(r.prompt)):
+        not_compared += 1  # words ROUGE-L cannot see: any two such prompts would look alike
+      else:
+        score, j = pool.max_score(r.prompt, above=rouge)
+        if score > rouge:
+          report.drop(f"prompt ROUGE-L > {rouge}", r.where,
+                      f"ROUGE-L {score:.2f} with {pool_where[j]}")
+          continue
+        pool.add(r.prompt)
+        pool_where.append(r.where)
     seen[key] = r.where
     if lsh is not None:
       lsh.insert(i, m)
@@ -87,6 +97,6 @@ def dedup(records: Sequence[rec_lib.Record], report: Report, *, jaccard_threshol
     kept.append(r)
   report.figures["dedup"] = {
       "jaccard_threshold": jaccard_threshold, "num_perm": num_perm, "shingle_words": shingle,
-      "rouge_threshold": rouge,
+      "rouge_threshold": rouge, "rouge_not_compared_non_ascii": not_compared if rouge else None,
       "near_duplicate_jaccard_mean": round(float(np.mean(near_pairs)), 3) if near_pairs else None}
   return kept

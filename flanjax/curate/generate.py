@@ -91,12 +91,24 @@ class Log:
     self.path, self.out = out + ".progress.jsonl", out
     self.items = []
     if os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        for line in f:
-          try:
-            self.items.append(json.loads(line))
-          except json.JSONDecodeError:
-            break  # a line cut by the interruption: redone
+      with open(self.path, "rb") as f:
+        data = f.read()
+      good = 0  # bytes of whole, readable lines
+      for line in data.splitlines(keepends=True):
+        try:
+          item = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+          break  # a line cut by the interruption: it and anything after are redone
+        self.items.append(item)
+        good += len(line)
+      if good < len(data) or (data and not data.endswith(b"\n")):
+        # Cut the unreadable tail off (and end the last line), so what is appended next
+        # starts a line of its own instead of gluing onto the cut one.
+        with open(self.path, "r+b") as f:
+          f.truncate(good)
+          if good and not data[:good].endswith(b"\n"):
+            f.seek(good)
+            f.write(b"\n")
       print(f"curate: continuing from {self.path} ({len(self.items)} done)", flush=True)
 
   def append(self, items) -> None:

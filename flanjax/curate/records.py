@@ -6,10 +6,13 @@ a time, so a record's extra fields (`id`, `score`) survive curation. Also read:
 Self-Instruct seed task files (`instances`), one record per instance, and the FLAN
 CoT TSV files (question, answer, rationale), both written back as Alpaca records.
 
-What curation compares: `instruction` (the user's request; the Alpaca preamble
-that some ShareGPT dumps wrap it in is taken off), `input`, `response` (the
-assistant's turns). Written back: the raw record, when every input had one
-format; else every record as chat `messages`. Generated records are Alpaca.
+What curation compares: `instruction` (the user's first request; the Alpaca
+preamble that some ShareGPT dumps wrap it in is taken off), `input`, `response`
+(the assistant's turns), and for duplicates and evaluation overlap `text`: every
+turn of a conversation (system, user and assistant), every field of a record.
+Written back: the raw record, when every input had one format; else every record as
+chat `messages` (the whole conversation) with its other fields (`id`, `score`)
+kept. Generated records are Alpaca.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Record:
   input: str
   response: str
   task: dict | None = None  # a seed task file's whole task, for self-instruct
+  messages: tuple | None = None  # a conversation's every turn ({role, content}), in order
 
   @property
   def prompt(self) -> str:
@@ -51,8 +55,19 @@ class Record:
 
   @property
   def text(self) -> str:
-    """The whole example, for near-duplicate and overlap checks."""
+    """The whole example, for near-duplicate and overlap checks: a conversation's every
+    turn (a later user turn can hold evaluation data as well as the first)."""
+    if self.messages:
+      return "\n\n".join(m["content"] for m in self.messages)
     return f"{self.prompt}\n\n{self.response}"
+
+  def conversation(self) -> list[dict]:
+    """The record as chat messages: every turn of a conversation, else the prompt and the
+    response."""
+    if self.messages:
+      return [dict(role=m["role"], content=m["content"]) for m in self.messages]
+    return [{"role": "user", "content": self.prompt},
+            {"role": "assistant", "content": self.response}]
 
   @property
   def key(self) -> str:
@@ -81,7 +96,8 @@ def _from_examples(fmt: str, where: str, rec: dict, examples: list[dict]) -> Rec
     first_user = next((m["content"] for m in msgs[:ex["turn"]] if m["role"] == "user"), "")
     inst, inp = split_preamble(first_user)
     response = "\n\n".join(m["content"] for m in msgs if m["role"] == "assistant")
-    return Record(rec, fmt, where, inst, inp, response)
+    turns = tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+    return Record(rec, fmt, where, inst, inp, response, messages=turns)
   if "instruction" in ex:
     return Record(rec, fmt, where, ex["instruction"], ex["input"], ex["answer"])
   inst, inp = split_preamble(ex["prompt"])
@@ -100,8 +116,8 @@ def _seed_records(reader: sources.Reader) -> Iterable[Record]:
       reader.bad(where, "tasks without usable instances", "no {input, output} instance with an output",
                  "give each task at least one instance")
       continue
-    reader.report.kept += 1
     for k, inst in enumerate(good):
+      reader.report.kept += 1  # one record per instance, as they are yielded
       raw = {"instruction": rec["instruction"].strip(), "input": inst["input"].strip(),
              "output": inst["output"].strip()}
       yield Record(raw, SEED_TASKS, f"{where} instance {k}", raw["instruction"], raw["input"],
@@ -155,9 +171,14 @@ def read_all(paths: Sequence[str]) -> tuple[list[Record], list[sources.ReadRepor
   return records, reports
 
 
+# The fields that hold a record's text in each format; the others (id, score, ...) are kept
+# beside the messages when records of several formats are written as chat.
+_TEXT_KEYS = {"instruction", "input", "output", "prompt", "completion", "messages", "conversations"}
+
+
 def as_messages(r: Record) -> dict:
-  return {"messages": [{"role": "user", "content": r.prompt},
-                       {"role": "assistant", "content": r.response}]}
+  extra = {k: v for k, v in r.raw.items() if k not in _TEXT_KEYS} if r.fmt not in CONVERTED else {}
+  return {**extra, "messages": r.conversation()}
 
 
 def to_json(r: Record, mixed: bool) -> dict:

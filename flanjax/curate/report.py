@@ -79,12 +79,16 @@ class Report:
     if reason not in self.first:
       self.first[reason] = f"{where}: {detail}" if detail else where
 
-  def finish(self, kept: int) -> dict:
-    self.kept = kept
+  def check(self, kept: int) -> None:
+    """Every record read is kept or dropped for a reason (raises if not: a bug of ours)."""
     total = kept + sum(self.dropped.values())
     if total != self.read:
       raise AssertionError(f"accounting: {self.read} read but {kept} kept + "
                            f"{sum(self.dropped.values())} dropped")
+
+  def finish(self, kept: int) -> dict:
+    self.check(kept)
+    self.kept = kept
     self.data.update(read=self.read, kept=kept, dropped=dict(self.dropped.most_common()),
                      first_dropped=self.first, figures=self.figures,
                      seconds=round(time.time() - self.t0, 2))

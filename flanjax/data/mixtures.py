@@ -57,7 +57,8 @@ def check_trainable(name: str, split: str = "train", within: str | None = None) 
   for t in leaves:
     reg = task_lib.DEFS.get(t.name)
     if reg is not None and reg.defn.is_eval_only(split):
-      bad.append(t.name)
+      why = reg.defn.eval_only_reason
+      bad.append(f"{t.name} ({why})" if why else t.name)
   if bad:
     them = "them" if len(bad) > 1 else "it"
     what = f"mixture {within!r}" if within else repr(name)

@@ -304,6 +304,25 @@ def files_in(folder: str, pattern: str = "*.json") -> list[str]:
   return paths
 
 
+# The evaluation data of the data folder (relative to data_dir()): it never enters training.
+EVALUATION_DATA = {"bbh": "bbh", "gsm8k test": "gsm8k/test.jsonl", "mmlu": "mmlu",
+                   "mt_bench": "mt_bench", "alpaca_eval": "alpaca_eval",
+                   "instruction_eval (test prompts)": "instruction_eval"}
+
+
+def evaluation_data(path: str) -> str | None:
+  """The name of the evaluation set `path` is (or lies in) under the data folder; else None.
+  By location only: a copy elsewhere is found by its content (flanjax.curate decontaminate,
+  train.decontamination)."""
+  real = os.path.realpath(os.path.expanduser(path))
+  root = os.path.realpath(data_dir())
+  for name, rel in EVALUATION_DATA.items():
+    target = os.path.join(root, rel)
+    if real == target or real.startswith(target + os.sep):
+      return name
+  return None
+
+
 def fingerprint_paths(paths: Sequence[str]) -> str:
   """Identity of source files for cache keys: path, size and modification time."""
   parts = []

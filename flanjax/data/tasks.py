@@ -81,6 +81,8 @@ class TaskDef:
   exemplar_split: str = "train"
   # Splits used only for evaluation; "*" means every split (e.g. BBH).
   eval_only_splits: Sequence[str] = ()
+  # Why they are (for the error that refuses to train on them), when it is not the task itself.
+  eval_only_reason: str = ""
   # Identity of the source data for cache keys (see sources.fingerprint_paths).
   fingerprint: str | Callable[[], str] = ""
   options_layouts: Sequence[str] = ("dash", "letters", "inline")

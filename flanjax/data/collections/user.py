@@ -439,6 +439,8 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
       sources.check_file(path)
     return _split_records(_read_file(path, kind or detect_format(path), policy), split, share)
 
+  # A file of the data folder's evaluation sets can be evaluated on, never trained on.
+  held = sources.evaluation_data(path)
   conversation = kind in ("chat", "sharegpt", None) or fmt.name != "plain"
   family = spec.get("templates") or ("instruction" if kind == "alpaca" else "none")
   templates = [RAW.get(kind, RAW["chat"])] if family == "none" or conversation else family
@@ -451,6 +453,8 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
                   fingerprint=lambda: sources.fingerprint_paths(
                       [path] + ([vpath] if vpath and os.path.exists(vpath) else [])) + f"/{share}",
                   postprocess_fn=_postprocess(fmt),
+                  eval_only_splits=("train",) if held else (),
+                  eval_only_reason=f"{path} is evaluation data: {held}" if held else "",
                   description=f"{kind or 'auto'} records from {path} ({fmt.name} prompts)")], []
 
 
