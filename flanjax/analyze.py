@@ -27,7 +27,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import html
 import json
 import os
 import sys
@@ -217,7 +216,7 @@ def to_json(shift: Shift, base_path: str, tuned_path: str, top_n: int = 20) -> d
 
 def to_html(report: dict) -> str:
   """One page, no outside resources; every text from the models or prompts is escaped."""
-  e = html.escape
+  from flanjax.evaluation.review import escape as e  # pylint: disable=g-import-not-at-top
   s = report["shares"]
   parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>token shift</title>",
            f"<style>{_STYLE}</style></head><body><h1>Token shift</h1>",

@@ -140,9 +140,33 @@ def _one_line(err: Exception) -> str:
   return text or type(err).__name__
 
 
+def _guard_gin_package_reader() -> None:
+  """gin also looks for an include such as 'models/tiny.gin' as a file of a Python package
+  named `models`; a plain folder of that name where the command runs (on sys.path under
+  `python -m`) is a namespace package without a file, and gin's check then raises a
+  TypeError instead of answering no, so the default job failed in any folder holding
+  `models/` or `runs/`. The check answers no for any such error."""
+  readers = getattr(gin.config, "_FILE_READERS", None)
+  if not readers:
+    return
+  for k, (reader, exists) in enumerate(readers):
+    if getattr(exists, "_flanjax_guarded", False) or exists is os.path.isfile:
+      continue
+
+    def guarded(path, _exists=exists):
+      try:
+        return bool(_exists(path))
+      except Exception:  # pylint: disable=broad-except
+        return False
+
+    guarded._flanjax_guarded = True  # pylint: disable=protected-access
+    readers[k] = (reader, guarded)
+
+
 def parse_gin(args: GinArgs, finalize: bool = True) -> list:
   """Parses files then bindings; every gin problem becomes one UserError."""
   gin.clear_config()
+  _guard_gin_package_reader()
   logging.getLogger().addFilter(_DropGinPathNoise())
   for p in search_paths(args.search_paths):
     gin.add_config_file_search_path(p)

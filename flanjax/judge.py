@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="longer answers are cut (marked [...]) so the prompt's end fits")
   common.add_argument("--max_items", type=int, help="judge only the first N")
   pw = sub.add_parser("pairwise", parents=[common], help="A against B, both orders")
-  pw.add_argument("--a", required=True, help="answers file (instruction, output)")
+  pw.add_argument("--a", required=True, help="answers file (instruction, output), or alpaca_eval")
   pw.add_argument("--b", required=True, help="answers file, or alpaca_eval (its references)")
   pw.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
   pw.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -89,11 +89,12 @@ def _load_judge(args) -> judge_lib.Judge:
                          max_input_length=args.max_input_length)
 
 
-def _answers_b(spec: str) -> tuple[str, list]:
+def _answers(spec: str, side: str) -> tuple[str, list]:
+  """A side's name and answers: a file, or alpaca_eval's reference answers (either side)."""
   if spec == "alpaca_eval" or open_prompts.set_name(spec) == "alpaca_eval":
     path = open_prompts.set_path(spec)
-    return "alpaca_eval (text-davinci-003)", judge_lib.read_answers(path, "b")
-  return spec, judge_lib.read_answers(spec, "b")
+    return "alpaca_eval (text-davinci-003)", judge_lib.read_answers(path, side)
+  return spec, judge_lib.read_answers(spec, side)
 
 
 def _write(out_dir: str, name: str, summary: dict, records: list, page) -> None:
@@ -116,12 +117,12 @@ def run(argv) -> int:
   args = _parser().parse_args(argv)
   t0 = time.time()
   if args.command == "pairwise":
-    a = judge_lib.read_answers(args.a, "a")
-    b_name, b = _answers_b(args.b)
-    pairs = judge_lib.make_pairs(a, b, args.a, b_name)[:args.max_items or None]
+    a_name, a = _answers(args.a, "a")
+    b_name, b = _answers(args.b, "b")
+    pairs = judge_lib.make_pairs(a, b, a_name, b_name)[:args.max_items or None]
     judge = _load_judge(args)
     records, summary = judge_lib.pairwise(
-        judge, pairs, names=(args.a, b_name), resamples=args.resamples, seed=args.seed,
+        judge, pairs, names=(a_name, b_name), resamples=args.resamples, seed=args.seed,
         max_answer_chars=args.max_answer_chars)
     text = judge_lib.format_pairwise(summary)
     page = review.pairwise_page

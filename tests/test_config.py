@@ -22,6 +22,26 @@ def test_bare_name_resolves_to_packaged_config(tmp_path, monkeypatch):
       config.PACKAGED_GIN_DIR, "models", "tiny.gin")
 
 
+def test_includes_resolve_where_the_folder_has_models_and_runs_folders(tmp_path, monkeypatch):
+  """`python -m` puts the folder it runs in on sys.path: plain `models/` and `runs/` folders
+  there (a run's own, say) are namespace packages to gin's package reader, which raised on
+  them; the packaged includes must still resolve."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  for name in ("models", "runs", "eval"):
+    (tmp_path / name).mkdir()
+  (tmp_path / "mine.gin").write_text("include 'runs/user_data.gin'\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  importlib.invalidate_caches()
+  try:
+    for argv in (["--gin_file=flan.gin"], [f"--gin_file={tmp_path / 'mine.gin'}"]):
+      config.parse_gin(config.parse_args(argv), finalize=False)
+  finally:
+    gin.clear_config()
+    for name in ("models", "runs", "eval"):
+      sys.modules.pop(name, None)
+
+
 def test_search_path_wins_over_packaged(tmp_path):
   (tmp_path / "flan.gin").write_text("train.num_steps = 7\n")
   assert config.resolve_gin_file("flan.gin", [str(tmp_path)]) == str(tmp_path / "flan.gin")

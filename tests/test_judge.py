@@ -192,6 +192,13 @@ def test_pairwise_against_alpaca_eval_generating(tiny_t5, alpaca_answers, tmp_pa
   assert s["a"]["wins"] == sum(v["outcome"] == "a" for v in verdicts)
 
 
+def test_alpaca_eval_references_on_either_side():
+  shared_data("alpaca_eval")
+  for side in ("a", "b"):
+    name, answers = judge_cmd._answers("alpaca_eval", side)  # pylint: disable=protected-access
+    assert name.startswith("alpaca_eval") and len(answers) == 805
+
+
 def test_mt_bench_two_turns_answered_and_graded(tiny_t5, tmp_path, capsys):
   questions = [json.loads(x) for x in
                (shared_data("mt_bench") / "question.jsonl").read_text().splitlines()]

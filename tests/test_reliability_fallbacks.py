@@ -88,6 +88,12 @@ def test_final_number_of_lists_and_separators():
   assert gsm8k.final_number("I tried 3,4 then 5. So the answer is 3,4.") == "4"
   assert gsm8k.final_number("She pays $1,250 a month. So the answer is 1,250.") == "1250"
   assert gsm8k.final_number("#### 2,125") == "2125"
+  # The answer's own sentence, not a number said after it.
+  assert gsm8k.final_number("So the answer is 18. That is 2 more than 16.") == "18"
+  assert gsm8k.final_number("So the answer is 45 (i.e. 3 dozen).") == "45"
+  assert gsm8k.final_number("So the answer is 12. I double-checked with 5 steps.") == "12"
+  assert gsm8k.final_number("So the answer is $1,200.50.\n\nQ: 7 apples") == "1200.5"
+  assert gsm8k.final_number("So the answer is: eighteen. Or 18 in digits.") == "18"
 
 
 THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")

@@ -69,6 +69,15 @@ def test_everything_is_escaped_and_the_page_is_self_contained():
   assert {'task"><b>1', "t2", "right", "wrong"} <= set(p.options)  # the filters
 
 
+def test_control_characters_of_raw_generations_are_shown_not_written():
+  raw = "ok\x00nul \x01\x17 tab\there\nline \x7f \x85"
+  text = review.page("t", {}, [{"task": "t", "prompt": raw, "output": raw, "reference": "r",
+                                "answer": "a", "score": "s", "outcome": "right"}])
+  bad = [c for c in text if (ord(c) < 32 and c not in "\t\n\r") or 0x7F <= ord(c) < 0xA0]
+  assert bad == []
+  assert "ok\u2400nul \u2401\u2417 tab\there" in text and "\u2421 \ufffd" in text
+
+
 @pytest.mark.parametrize("fmt", [None, "chatml"])
 def test_evaluate_writes_the_page_in_the_prompt_format(tiny_t5, builtin_vocab, tmp_path, fmt):
   from flanjax import decoding

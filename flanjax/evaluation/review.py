@@ -36,8 +36,18 @@ document.getElementById('shown').textContent=n;}
 COLUMNS = ("task", "prompt", "output", "reference", "answer", "score")
 
 
-def _e(value) -> str:
-  return html.escape("" if value is None else str(value), quote=True)
+# Control characters (a model's raw bytes) are parse errors in HTML, and NUL is refused by
+# strict readers: shown as their Unicode pictures (U+2400..), C1 ones as U+FFFD.
+_CONTROLS = {**{c: 0x2400 + c for c in range(32) if chr(c) not in "\t\n\r"}, 0x7F: 0x2421,
+             **{c: 0xFFFD for c in range(0x80, 0xA0)}}
+
+
+def escape(value) -> str:
+  """Text for an HTML page: markup escaped, control characters made visible."""
+  return html.escape("" if value is None else str(value), quote=True).translate(_CONTROLS)
+
+
+_e = escape
 
 
 def _options(values, label) -> str:

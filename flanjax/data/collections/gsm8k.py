@@ -18,14 +18,18 @@ _CALC = re.compile(r"<<[^>]*>>")
 # A number, with commas only as thousands separators (groups of three digits):
 # "1,234" is one number, "3,4" two.
 _NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# The end of the answer's sentence: a full stop before a space or the end, or a line break
+# ('1,200.50' keeps its decimal point).
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 
 
-def normalize_number(text: str) -> str:
-  """'$1,200.00' -> '1200'; returns '' if `text` holds no number."""
+def normalize_number(text: str, first: bool = False) -> str:
+  """'$1,200.00' -> '1200': the last number of `text` (the first with `first`); '' if it
+  holds no number."""
   m = _NUMBER.findall(text)
   if not m:
     return ""
-  s = m[-1].replace("$", "").replace(",", "")
+  s = m[0 if first else -1].replace("$", "").replace(",", "")
   if "." in s:
     s = s.rstrip("0").rstrip(".")
   return s
@@ -34,16 +38,20 @@ def normalize_number(text: str) -> str:
 def final_number(text: str) -> str:
   """The answer number of a GSM8K target or a model's output.
 
-  After '####' if there is one (the reference format), else after the CoT
-  answer phrase, else the last number in the text. '' if there is none.
+  After the last '####' if there is one (the reference format), else after the last CoT
+  answer phrase: the last number of the sentence it starts ('So the answer is 18. That is 2
+  more than 16.' -> 18; a list '3,4.' -> 4), else the first number after it; else the last
+  number in the text. '' if there is none.
   """
   if "####" in text:
-    return normalize_number(text.split("####")[-1])
+    return normalize_number(text.split("####")[-1], first=True)
   idx = text.rfind(templates.COT_ANSWER_PREFIX)
   if idx >= 0:
-    tail = normalize_number(text[idx:])
-    if tail:
-      return tail
+    tail = text[idx + len(templates.COT_ANSWER_PREFIX):]
+    sentence = _SENTENCE_END.split(tail, maxsplit=1)[0]
+    found = normalize_number(sentence) or normalize_number(tail, first=True)
+    if found:
+      return found
   return normalize_number(text)
 
 
