@@ -316,10 +316,10 @@ def test_a_validation_file_is_the_validation_split_and_the_training_file_trains_
   assert [r["answer"] for r in tasks.raw_examples(d, "train")] == [str(i + 1) for i in range(50)]
   assert [r["answer"] for r in tasks.raw_examples(d, "validation")] == [
       str(i + 2) for i in range(7)]
-  (missing,), _ = user.user_data([{"name": "own2", "path": str(train),
-                                   "validation_path": str(tmp_path / "nope.jsonl")}])
-  with pytest.raises(UserError, match=r"nope.jsonl does not exist"):
-    tasks.raw_examples(missing, "validation")
+  # A missing validation file stops the run where the tasks are made, before any training.
+  with pytest.raises(UserError, match=r"'own2', validation_path .*nope.jsonl does not exist"):
+    user.user_data([{"name": "own2", "path": str(train),
+                     "validation_path": str(tmp_path / "nope.jsonl")}])
   with pytest.raises(UserError, match="'validation_path' is one file of records"):
     user.user_data([{"name": "own3", "path": str(train), "validation_path": str(tmp_path)}])
 

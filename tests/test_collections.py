@@ -190,6 +190,32 @@ def test_user_chat_every_assistant_turn_is_a_target(tmp_path):
   assert recs[1]["inputs"].endswith("Assistant: 4\nUser: And times 3?\nAssistant:")
 
 
+def test_a_conversation_cut_to_start_with_the_assistant_loses_that_turn_only(tmp_path, capsys):
+  sg = {"conversations": [
+      {"from": "system", "value": "Be brief."},
+      {"from": "gpt", "value": "...and that is why."},
+      {"from": "human", "value": "What is 2+2?"},
+      {"from": "gpt", "value": "4"}]}
+  only = {"conversations": [{"from": "gpt", "value": "A reply to nothing."}]}
+  path = _write(tmp_path / "cut.jsonl", [json.dumps(sg)] * 2)
+  (d,), _ = _user({"name": "cut_chat", "path": path, "format": "sharegpt"})
+  recs = tasks.render_split(d, "train")
+  assert [(r["inputs"], r["targets"]) for r in recs] == [
+      ("System: Be brief.\nUser: What is 2+2?\nAssistant:", "4")] * 2
+  assert "2 record(s): leading assistant turn(s) with no user turn before them dropped" in (
+      capsys.readouterr().out)
+  bad = _write(tmp_path / "only.jsonl", [json.dumps(only)])
+  (d,), _ = _user({"name": "only_reply", "path": bad, "format": "sharegpt"})
+  with pytest.raises(UserError, match=r"only.jsonl:1: its assistant turns come before any user"):
+    tasks.render_split(d, "train")
+
+
+def test_a_missing_validation_file_stops_at_registration(tmp_path):
+  path = _write(tmp_path / "pc.jsonl", [json.dumps({"prompt": "a", "completion": "b"})])
+  with pytest.raises(UserError, match=r"'v_task', validation_path .*nope.jsonl does not exist"):
+    _user({"name": "v_task", "path": path, "validation_path": str(tmp_path / "nope.jsonl")})
+
+
 def test_user_prompt_completion(tmp_path):
   path = _write(tmp_path / "pc.jsonl", [json.dumps({"prompt": f"Capital of {c}?", "completion": f" {k}"})
                                         for c, k in [("France", "Paris"), ("Peru", "Lima")]])

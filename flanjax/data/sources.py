@@ -45,6 +45,9 @@ class ReadReport:
   kept: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   first: dict = dataclasses.field(default_factory=dict)  # reason -> first message
+  # Records kept after a change (what was changed -> count, and where it first was).
+  changed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  first_changed: dict = dataclasses.field(default_factory=dict)
 
   @property
   def num_skipped(self) -> int:
@@ -73,7 +76,15 @@ class Reader:
     self.report.skipped[reason] += 1
     self.report.first.setdefault(reason, msg)
 
+  def changed(self, where: str, what: str) -> None:
+    """A record kept with a change the user should hear of (counted, printed at the end)."""
+    self.report.changed[what] += 1
+    self.report.first_changed.setdefault(what, where)
+
   def done(self) -> ReadReport:
+    for what, n in sorted(self.report.changed.items()):
+      print(f"data: {self.path}: {n} record(s): {what} (first: "
+            f"{self.report.first_changed[what]})", flush=True)
     if self.report.skipped:
       logging.warning("%s", self.report.summary())
       print(f"data: {self.report.summary()}", flush=True)

@@ -122,6 +122,19 @@ def _check_conversation(msgs) -> tuple[str, str, str] | None:
 def _conversation_examples(reader, where, msgs):
   """One example per assistant turn; the messages are shared, not copied, so a long
   conversation costs its own size once (see chat.fit_example for its rendering)."""
+  # A conversation cut out of a longer one often starts with the assistant: that reply has
+  # no question to answer, so it is dropped (as FastChat does), and the drop is counted.
+  lead = next((i for i, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
+  cut = lead
+  while cut < len(msgs) and msgs[cut]["role"] == "assistant":
+    cut += 1
+  if cut > lead:
+    msgs = list(msgs[:lead]) + list(msgs[cut:])
+    if not any(m["role"] == "assistant" for m in msgs):
+      reader.bad(where, "chats without a user turn", "its assistant turns come before any user "
+                 "turn, so no reply answers a question", "add the user's turn before the reply")
+      return
+    reader.changed(where, "leading assistant turn(s) with no user turn before them dropped")
   problem = _check_conversation(msgs)
   if problem:
     reader.bad(where, *problem)
@@ -416,6 +429,12 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
                     f"format only, not {fmt.name!r}; drop one of them")
   # A validation file replaces the held-out share: the training file trains whole.
   vpath = os.path.expanduser(spec["validation_path"]) if spec.get("validation_path") else None
+  if vpath and not os.path.isdir(vpath):
+    try:  # at the start, not at the first evaluation after training
+      sources.check_file(vpath)
+    except UserError as e:
+      raise UserError(f"user_data.tasks entry {name!r}, validation_path (USER_VALIDATION_FILE): "
+                      f"{e}") from None
   share = 0.0 if vpath else float(spec.get("validation_share", 0.0))
   splits = ("train", "validation") if share or vpath else ("train",)
   shots = int(spec.get("num_shots", 2))
