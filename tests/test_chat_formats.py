@@ -178,6 +178,51 @@ def test_hf_template_errors_are_one_line(tmp_path):
     chat.load_hf_template(str(tmp_path))
 
 
+# ------------------------------------------------------------------ fitting the input budget
+
+def _every_format(llama3_dir, chatml_dir):
+  """Every prompt format of chat.NAMES; hf_chat_template with both real-world templates."""
+  fmts = [chat.get(n, d) for n in chat.NAMES
+          for d in ((llama3_dir, chatml_dir) if n == "hf_chat_template" else (None,))]
+  assert {f.name for f in fmts} == set(chat.NAMES)
+  return fmts
+
+
+def _assistant_header(fmt):
+  # What follows the question: the user turn's end and the assistant's header.
+  return fmt.render_prompt([{"role": "user", "content": "Q"}]).rsplit("Q", 1)[1]
+
+
+QUESTION = "What is 2+2?"
+POLICY = "Always follow the policy. "
+
+
+def test_a_long_system_turn_or_input_is_cut_and_the_question_kept(llama3_dir, chatml_dir):
+  fits = lambda text: len(text) <= 400  # pylint: disable=unnecessary-lambda-assignment
+  system = [{"role": "system", "content": POLICY * 40},
+            {"role": "user", "content": QUESTION}, {"role": "assistant", "content": "4"}]
+  alpaca = [{"role": "user", "content": QUESTION, "input": "word " * 500},
+            {"role": "assistant", "content": "4"}]
+  # A question too long alone is cut at its end, as before; a short system turn stays whole.
+  long_question = [{"role": "system", "content": "Be brief."},
+                   {"role": "user", "content": QUESTION + " and more" * 200},
+                   {"role": "assistant", "content": "4"}]
+  for fmt in _every_format(llama3_dir, chatml_dir):
+    header = _assistant_header(fmt)
+    for conv, kept in ((system, POLICY), (alpaca, "word word"),
+                       (long_question, "Be brief.")):
+      k = len(conv) - 1
+      inputs, target = chat.fit_example(fmt, conv, k, fits, 100)
+      assert fits(inputs), (fmt.name, inputs)
+      assert inputs.endswith(header), (fmt.name, inputs[-80:])
+      assert QUESTION in inputs and kept in inputs, (fmt.name, inputs)
+      assert target == fmt.example(conv, k)[1]
+    # The system turn and the input are cut at their ends, the question kept whole.
+    assert (POLICY * 40) not in chat.fit_example(fmt, system, 2, fits, 100)[0]
+    assert ("word " * 500).strip() not in chat.fit_example(fmt, alpaca, 1, fits, 100)[0]
+    assert QUESTION + " and more" in chat.fit_example(fmt, long_question, 2, fits, 100)[0]
+
+
 # ------------------------------------------------------------------ the loss mask, packed
 
 LEN = {"inputs": 256, "targets": 64}

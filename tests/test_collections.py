@@ -573,3 +573,18 @@ def test_a_user_file_of_the_evaluation_sets_is_evaluated_never_trained(restore_r
   with pytest.raises(UserError, match=r"would train on evaluation-only data: my_eval_copy "
                      r"\(.*text_davinci_003_outputs.json is evaluation data: alpaca_eval\)"):
     mixtures.add_mixture("mix_with_eval", ["my_eval_copy", "builtin_sentiment"])
+
+
+def test_a_validation_share_that_holds_out_nothing_is_not_scored(tmp_path, builtin_vocab):
+  """A share too small for the file holds none out (20 records at the default 2% often do):
+  the split is named as empty and not scored, rather than reported as a measured 0.0."""
+  from flanjax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  path = _write(tmp_path / "small.jsonl", [json.dumps({"prompt": f"Capital {i}?", "completion": "x"})
+                                           for i in range(20)])
+  (d,), _ = _user({"name": "small_file", "path": path, "validation_share": 1e-9})
+  tasks.register(d, builtin_vocab)
+  lines = []
+  results = harness.evaluate_suite(None, None, builtin_vocab, "enc_dec", ["small_file"],
+                                   splits=["validation"], log=lines.append)
+  assert results == []
+  assert any("small_file/validation has no examples, not scored" in line for line in lines)

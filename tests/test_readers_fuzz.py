@@ -173,3 +173,71 @@ def test_ten_thousand_turns_in_one_chat_train_through_the_command(fuzz_files, tm
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert "format chat (detected" in proc.stdout and "lengths: all 5000 examples fit" in proc.stdout
   assert "step      1/1" in proc.stdout
+
+
+# ------------------------------------------------------------------ format detection on valid files
+
+ALPACA = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(2)]
+
+
+def _detect_and_read(path, policy="raise"):
+  """(detected format, records read, the read's report), in this process."""
+  from flanjax.data import sources
+  from flanjax.data.collections import user
+  fmt = user.detect_format(str(path))
+  reader = sources.Reader(str(path), policy)
+  records = list(user.read_records(reader, fmt))
+  return fmt, records, reader.report
+
+
+def test_a_pretty_printed_object_wrapping_records_is_named_as_the_reader_names_it(tmp_path):
+  from flanjax.data import sources
+  from flanjax.errors import UserError
+  path = tmp_path / "wrapped.json"
+  path.write_text(json.dumps({"data": ALPACA}, indent=2))
+  # Detection stops with the reader's own line (the key and the fix), not "not valid JSON".
+  want = (f"{path}: one JSON object (keys: data), not records; write one record per line "
+          "(JSON lines) or a JSON array of records")
+  with pytest.raises(UserError) as detected:
+    _detect_and_read(path)
+  with pytest.raises(UserError) as read:
+    list(sources.read_json_or_jsonl(sources.Reader(str(path), "skip")))
+  assert str(detected.value) == str(read.value) == want
+
+
+def test_json_lines_after_a_blank_first_line_are_records(tmp_path):
+  path = tmp_path / "blank_first.jsonl"
+  path.write_text("\n" + json.dumps(ALPACA[0]) + "\n")
+  fmt, records, report = _detect_and_read(path)
+  assert fmt == "alpaca" and len(records) == 1 and not report.skipped
+  path.write_bytes(b"\xef\xbb\xbf\r\n  \n" + json.dumps(ALPACA[1]).encode() + b"\n")  # BOM too
+  assert len(_detect_and_read(path)[1]) == 1
+
+
+def test_an_empty_array_is_said_to_hold_no_records(tmp_path):
+  from flanjax.data import sources
+  from flanjax.errors import UserError
+  path = tmp_path / "empty.json"
+  path.write_text("[ ]\n")
+  assert sources.first_record(str(path)) == (str(path), None, "an empty JSON array: no records")
+  with pytest.raises(UserError) as e:
+    _detect_and_read(path)
+  assert str(e.value).startswith(f"{path}: no record to detect the format from (an empty JSON "
+                                 "array: no records)") and "\n" not in str(e.value)
+
+
+def test_detection_passes_over_array_elements_that_are_not_objects(tmp_path):
+  from flanjax.data import sources
+  from flanjax.errors import UserError
+  path = tmp_path / "null_first.json"
+  path.write_text(json.dumps([None, *ALPACA], indent=1))
+  assert sources.first_record(str(path))[:2] == (f"{path}[1]", ALPACA[0])
+  # The null is a bad record as usual: counted and skipped, or stopping the run naming it.
+  fmt, records, report = _detect_and_read(path, "skip")
+  assert fmt == "alpaca" and len(records) == 2 and report.num_skipped == 1
+  with pytest.raises(UserError, match=r"null_first.json\[0\]: a JSON NoneType, not an object"):
+    _detect_and_read(path)
+  # No object at all: one line naming what the elements are.
+  path.write_text("[null, 1, [2]]")
+  assert sources.first_record(str(path)) == (
+      str(path), None, "no element is an object (element 0 is a JSON null)")

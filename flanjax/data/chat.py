@@ -22,8 +22,9 @@ and alpaca, whose turns end with EOS). seqio closes every target with EOS, so
 the loss covers exactly the response, its end-of-turn marker and that EOS.
 Earlier turns (their responses included) are context without loss. A
 conversation longer than the input budget drops its oldest turns (a system
-turn at the start is kept); a last user turn that alone is too long is cut at
-its end, so the assistant header is always there.
+turn at the start is kept); a leading system turn or an Alpaca input still too
+long is cut at its end (a last user turn too, only when it alone is too long), so
+the question and the assistant header are always there.
 
 The format a run trained with is recorded in its folder (``record``,
 ``from_record``) and wraps ``python -m flanjax.infer``'s prompts, whose
@@ -293,13 +294,17 @@ def fit_example(fmt: PromptFormat, messages: Messages, k: int,
   """(inputs, targets) of turn k, its history shortened to fit the input budget.
 
   The oldest turns go first (a leading system turn stays, the kept history starts
-  at a user turn); a last turn (or system turn) that alone is too long is cut at its end. Histories
-  far longer than the budget are cut by characters before any tokenizing, so a
+  at a user turn). What is then still too long is cut at its end, the question last:
+  a leading system turn and an Alpaca input are cut so that the last turn's text fits
+  whole; only a last turn too long alone is cut too (see _cut_to_fit). Texts far
+  longer than the budget are cut by characters before any tokenizing, so a
   conversation of thousands of turns costs what its last budget's worth does.
   """
   max_chars = CHARS_PER_TOKEN * (input_budget or DEFAULT_BUDGET)
   lead = 1 if k > 0 and messages[0]["role"] == "system" else 0
   head = list(messages[:lead])
+  if head and fits is not None:  # more characters than this never fit: not tokenized
+    head = [{**head[0], "content": head[0]["content"][:max_chars]}]
   start, chars = k, 0  # walk back from the target turn, never copying the whole history
   while start > lead and chars + len(messages[start - 1]["content"]) <= max_chars:
     start -= 1
@@ -315,9 +320,37 @@ def fit_example(fmt: PromptFormat, messages: Messages, k: int,
   kept = head + history[drop:]
   if fits is None or not kept or fits(render(kept)[0]):
     return render(kept)
-  last, text = kept[-1], kept[-1]["content"][:max_chars]
-  keep = _most_kept(len(text), lambda n: fits(render(kept[:-1] + [{**last, "content": text[:n]}])[0]))
-  return render(kept[:-1] + [{**last, "content": text[:keep]}])
+  return render(_cut_to_fit(kept, len(head) > 0 and len(kept) > 1, max_chars,
+                            lambda shorter: fits(render(shorter)[0])))
+
+
+def _cut_to_fit(kept: list, has_system: bool, max_chars: int,
+                ok: Callable[[list], bool]) -> list:
+  """`kept` with the leading system turn's text, the last turn's input and, only if it
+  is too long alone, the last turn's text cut at their ends until ok(kept).
+
+  Each of these is kept up to a common number of characters c, the largest with which
+  the prompt fits (the question whole, when it fits so): what is short stays whole and
+  what makes the prompt too long is cut, so a long system turn or input no longer
+  pushes the question out.
+  """
+  system, last = kept[0], kept[-1]
+  sys_text = system["content"][:max_chars] if has_system else ""
+  extra = (last.get("input") or "")[:max_chars]
+  text = last["content"][:max_chars]
+
+  def cut(c, n):  # system text and input up to c characters, the last turn's text up to n
+    out = list(kept)
+    if has_system:
+      out[0] = {**system, "content": sys_text[:c]}
+    out[-1] = {**last, "content": text[:n], **({"input": extra[:c]} if "input" in last else {})}
+    return out
+
+  if ok(cut(0, len(text))):  # the question fits alone: cut only what is around it
+    c = _most_kept(max(len(sys_text), len(extra)), lambda c: ok(cut(c, len(text))))
+    return cut(c, len(text))
+  c = _most_kept(max(len(sys_text), len(extra), len(text)), lambda c: ok(cut(c, c)))
+  return cut(c, c)
 
 
 def _fewest_dropped(history: list, ok: Callable[[int], bool]) -> int:

@@ -176,9 +176,13 @@ def _head(path: str, size: int = 4096) -> bytes:
 
 def _one_object(path: str, limit: int = 64 << 20) -> dict | None:
   """The file's JSON object when the whole file is one (pretty-printed) object whose
-  first line is not JSON by itself; else None."""
+  first non-blank line is not JSON by itself; else None."""
   with open(path, "rb") as f:
-    first = f.readline()
+    first = b""
+    for first in f:  # JSON lines may start with blank lines
+      first = first.removeprefix(codecs.BOM_UTF8)
+      if first.strip():
+        break
   try:
     json.loads(first)
     return None  # a JSON-lines file
@@ -217,34 +221,72 @@ def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
     yield where, rec
 
 
-def _first_array_element(path: str) -> dict | None:
-  """The first element of a JSON array, read from as much of the file as it takes."""
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "true/false", type(None): "null"}
+
+
+def _first_array_element(path: str, max_elements: int = 1000) -> tuple[int, dict | None, str]:
+  """(index, the first element of a JSON array that is an object, the problem when there is
+  none), read from as much of the file as it takes. Elements before it that are not objects
+  are passed over: the reader counts them as bad records."""
   size, total = 1 << 16, os.path.getsize(path)
   decoder = json.JSONDecoder()
   while True:
     with open(path, "rb") as f:
       text = f.read(size).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
-    i = text.index("[") + 1
-    while i < len(text) and text[i].isspace():
-      i += 1
-    if text[i:i + 1] == "]":
-      return None
-    try:
-      rec = decoder.raw_decode(text, i)[0]
-      return rec if isinstance(rec, dict) else None
-    except (json.JSONDecodeError, RecursionError):
-      if size >= total:
-        return None
-      size *= 4
+    whole = size >= total
+    i, n, first_bad = text.index("[") + 1, 0, ""
+    while n < max_elements:
+      while i < len(text) and text[i].isspace():
+        i += 1
+      if text[i:i + 1] == "]":
+        return n, None, (f"no element is an object ({first_bad})" if n
+                         else "an empty JSON array: no records")
+      if i >= len(text) and not whole:
+        break  # read more of the file
+      try:
+        rec, i = decoder.raw_decode(text, i)
+      except json.JSONDecodeError as e:
+        if not whole:
+          break  # perhaps only cut by the read
+        return n, None, f"element {n}: not valid JSON ({e.msg} at line {e.lineno})"
+      except RecursionError:
+        return n, None, f"element {n}: JSON nested too deeply to read"
+      if isinstance(rec, dict):
+        return n, rec, ""
+      first_bad = first_bad or f"element {n} is a JSON {_JSON_TYPES.get(type(rec), 'value')}"
+      n += 1
+      while i < len(text) and text[i].isspace():
+        i += 1
+      if text[i:i + 1] == ",":
+        i += 1
+      elif text[i:i + 1] != "]":
+        if not whole and i >= len(text):
+          break
+        return n, None, f"not valid JSON after element {n - 1} (expected ',' or ']')"
+    else:
+      return n, None, f"none of its first {n} elements is an object ({first_bad})"
+    size *= 4
+
+
+def _not_records(path: str, obj: dict) -> str:
+  """What read_json_or_jsonl says of a file that is one JSON object."""
+  keys = ", ".join(sorted(obj)[:8])
+  return (f"{path}: one JSON object (keys: {keys}), not records; write one record per line "
+          "(JSON lines) or a JSON array of records")
 
 
 def first_record(path: str, max_lines: int = 1000) -> tuple[str, dict | None, str]:
   """(where, the first JSON object of a JSON-lines file or array, the first problem met
-  before it); the object is None when none is found in the first `max_lines` lines."""
+  before it); the object is None when none is found in the first `max_lines` lines (or
+  array elements). A file that is one JSON object, not records, is a UserError, as when read."""
   check_file(path)
-  if _head(path).startswith(b"["):
-    rec = _first_array_element(path)
-    return f"{path}[0]", rec, "" if rec is not None else "its first element is not an object"
+  head = _head(path)
+  if head.startswith(b"["):
+    i, rec, problem = _first_array_element(path, max_lines)
+    return (f"{path}[{i}]" if rec is not None else path), rec, problem
+  if head.startswith(b"{") and (obj := _one_object(path)) is not None:
+    raise UserError(_not_records(path, obj))  # the reader's own message, not "not valid JSON"
   reader = Reader(path, "skip")
   for n, line in _lines(reader):
     if n > max_lines:

@@ -344,6 +344,13 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
   loaded = [(name, split, _formatted(name, load_examples(name, split, vocab, input_length,
                                                         max_examples), prompt_format))
             for name, split in plan(task_names, splits, log)]
+  for name, split, ex in loaded:
+    if not ex:  # a score over no examples would read as a measured 0.0
+      log(f"eval: {name}/{split} has no examples, not scored (a held-out share too small "
+          "for a small file holds none out: raise validation_share or give a validation file)")
+  loaded = [(name, split, ex) for name, split, ex in loaded if ex]
+  if not loaded:
+    return []
   total = sum(len(ex) for *_, ex in loaded)
   generator = decoding.Generator(model, params, vocab, input_length, decode,
                                  batch_size=batch_size, kind=kind)
