@@ -71,6 +71,15 @@ def model_record(cfg) -> dict:
   return record
 
 
+def _moved_base(was, now) -> bool:
+  """Whether two adapter records name the same base (its fingerprint) at different paths."""
+  if not (isinstance(was, dict) and isinstance(now, dict)):
+    return False
+  a, b = was.get("base"), now.get("base")
+  return (isinstance(a, dict) and isinstance(b, dict) and a.get("fingerprint") is not None
+          and a.get("fingerprint") == b.get("fingerprint") and a.get("path") != b.get("path"))
+
+
 def _is_main() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
@@ -82,6 +91,15 @@ def _write_json(path: str, data: Any) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=1, ensure_ascii=False)
   os.replace(tmp, path)
+
+
+def _extra_pieces(spiece: str) -> int:
+  """How many of seqio's extra-id pieces ('▁<extra_id_N>') a SentencePiece file holds."""
+  import re  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_file=spiece)
+  pattern = re.compile(r"^\u2581<extra_id_\d+>$")
+  return sum(1 for i in range(sp.get_piece_size()) if pattern.match(sp.id_to_piece(i)))
 
 
 class RunFolder:
@@ -229,7 +247,13 @@ class RunFolder:
       if key not in info or (key not in old and key in ("kind", "adapter")):
         continue  # runs from before the field was recorded are checked by their checkpoint
       was, now = old.get(key), info[key]
+      moved = key == "adapter" and _moved_base(was, now)
+      if moved:  # the same base in another folder: its path is no part of the run
+        was = dict(was, base=now["base"])
       if was == now:
+        if moved:
+          print(f"note: {self.path}: the adapters' base (same fingerprint) is now "
+                f"{now['base'].get('path')} (was {old[key]['base'].get('path')})", flush=True)
         continue
       if isinstance(was, dict) and isinstance(now, dict):  # name the fields that differ
         diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
@@ -298,8 +322,12 @@ class RunFolder:
     os.makedirs(self.vocab_dir, exist_ok=True)
     if isinstance(vocab, seqio.SentencePieceVocabulary):
       tmp = os.path.join(self.vocab_dir, f"spiece.model.tmp{os.getpid()}")
+      # The model file itself: seqio's sp_model has the extra ids (T5's sentinels) appended,
+      # and load_vocabulary adds them again from run_info's fingerprint.
+      src = vocab.sentencepiece_model_file
+      data = open(src, "rb").read() if src and os.path.isfile(src) else vocab.sp_model
       with open(tmp, "wb") as f:
-        f.write(vocab.sp_model)
+        f.write(data)
       os.replace(tmp, os.path.join(self.vocab_dir, "spiece.model"))
     elif hasattr(vocab, "save_tokenizer"):
       vocab.save_tokenizer(self.vocab_dir)
@@ -373,7 +401,9 @@ class RunFolder:
       # run_info's fingerprint ends in "/x<extra_ids>" for a SentencePiece vocabulary.
       fp = str(run_info.get("vocabulary", ""))
       tail = fp.rsplit("/x", 1)[1] if "/x" in fp else ""
-      return seqio.SentencePieceVocabulary(spiece, extra_ids=int(tail) if tail.isdigit() else 0)
+      extra = int(tail) if tail.isdigit() else 0
+      # Runs before 2026-12-05 saved the pieces with the extra ids already appended.
+      return seqio.SentencePieceVocabulary(spiece, extra_ids=max(0, extra - _extra_pieces(spiece)))
     if os.path.isfile(os.path.join(self.vocab_dir, "tokenizer.json")):
       from flanjax.data import hf_vocab  # pylint: disable=g-import-not-at-top
       return hf_vocab.HFTokenizerVocabulary.from_directory(self.vocab_dir, model_config={})

@@ -2,7 +2,6 @@
 adapter weights, B non-zero), PEFT's own adapters imported, the merged model equal to
 merge_and_unload(), and the one-line errors."""
 
-import json
 import os
 import sys
 
@@ -275,3 +274,48 @@ def test_evaluate_passes_the_adapter_to_the_loader(monkeypatch, tmp_path):
   assert seen == {"path": str(tmp_path / "ckpt"), "step": "best", "adapter": "/peft/dir"}
   args = evaluate._parser().parse_known_args(["--adapter", "runs/lora", "--step", "4"])[0]
   assert (args.adapter, args.step) == ("runs/lora", 4)
+
+
+def test_alpha_and_rank_pattern_import_with_peft_scales(llama_case, tmp_path):
+  cfg, base, _, _ = llama_case
+  # Per-module alpha (v_proj, and q_proj of layer 1 by a regular expression), and a
+  # rank_pattern that gives every module rank 4 while r says 8.
+  config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           lora_dropout=0.0, task_type="CAUSAL_LM",
+                           rank_pattern={"q_proj": 4, "v_proj": 4},
+                           alpha_pattern={"v_proj": 64, r"layers\.1\.self_attn\.q_proj": 2})
+  model = peft.get_peft_model(tiny_llama(), config).eval()
+  torch.manual_seed(3)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.2)
+  model.save_pretrained(str(tmp_path / "adapter"))
+  tok, _ = _inputs(3)
+  ref = _llama_logits_peft(model, tok)
+  read, adapters, chosen = lora.read_peft(str(tmp_path / "adapter"), cfg)
+  assert (read.rank, read.alpha, len(chosen)) == (4, 8.0, 4)
+  ours = _ours(cfg, lora.variables(base, adapters, read.scale), tok)
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+  raw = lora.peft_tensors(str(tmp_path / "adapter"))[1]
+  plain = lora.variables(base, lora.from_peft(raw, cfg, "raw")[0], read.scale)
+  assert np.abs(_ours(cfg, plain, tok) - ref).max() > 1e-2  # lora_alpha alone is not PEFT's
+  # Exported back (one lora_alpha, the module's own scale in its B), PEFT reads the same model.
+  lora.write_peft(str(tmp_path / "back"), read, adapters, chosen, cfg)
+  back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "back")).eval()
+  np.testing.assert_allclose(_llama_logits_peft(back, tok), ref, atol=1e-4, rtol=1e-4)
+  # PEFT's rule for a pattern key: a regular expression matching the name's dotted end.
+  from peft.utils.other import get_pattern_key
+  keys = ["proj", r"self_attn\.v_proj", "v_proj", "layers.0.self_attn.q_proj"]
+  for name in ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.q_proj",
+               "model.layers.1.self_attn.q_proj", "v_proj"):
+    want = get_pattern_key(keys, name)
+    assert lora.pattern_value({k: k for k in keys}, name, name) == want
+
+
+def test_empty_targets_are_a_one_line_error(t5_case):
+  cfg = t5_case[0]
+  for empty in ([], ()):
+    with pytest.raises(UserError, match=r"LoraConfig.targets is empty, so nothing would train: "
+                       r"name some of this model's modules \(k, o, q, v, wi_0, wi_1, wo\)"):
+      lora.select(cfg, lora.LoraConfig(targets=empty).targets)

@@ -137,3 +137,110 @@ def _paths(tree, prefix=()):
       yield from _paths(v, prefix + (k,))
     else:
       yield prefix + (k,)
+
+
+def _fake_lora_run(tmp_path):
+  """A LoRA run's folder as the trainer leaves it (run_info.json, checkpoints/2/state) holding
+  PEFT's adapters on q and v of a tiny T5 saved in tmp_path/base; and that PeftModel."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  import peft
+  from flanjax.models import hf, lora
+  from flanjax.run_folder import model_record
+  from test_lora import _peft_wrap  # pylint: disable=g-import-not-at-top
+  base_t = tiny_t5()
+  base_t.save_pretrained(str(tmp_path / "base"))
+  cfg, params, _ = hf.load(str(tmp_path / "base"))
+  model = _peft_wrap(base_t, ["q", "v"])
+  state = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(model).items()}
+  adapters, chosen, _ = lora.from_peft(state, cfg, "peft")
+  run = tmp_path / "run"
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(str(run / "checkpoints" / "2" / "state"),
+             {"params": adapters, "step": np.asarray(2, np.int32)})
+  ckptr.wait_until_finished()
+  ckptr.close()
+  described = lora.LoraConfig(rank=4, alpha=8.0, targets=["q", "v"]).describe()
+  info = {"model": model_record(cfg), "adapter": dict(
+      described, modules=len(chosen),
+      base={"path": str(tmp_path / "base"), "fingerprint": lora.fingerprint(params)})}
+  (run / "run_info.json").write_text(json.dumps(info))
+  return run, model
+
+
+def test_orbax_to_hf_takes_a_moved_base_and_refuses_a_soft_prompt(tmp_path):
+  import numpy as np
+  import transformers
+  from flanjax.errors import UserError
+  sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+  import convert_checkpoint  # pylint: disable=g-import-not-at-top
+  run, model = _fake_lora_run(tmp_path)
+  rng = np.random.default_rng(0)
+  enc, dec = rng.integers(2, 96, size=(2, 9)), rng.integers(2, 96, size=(2, 5))
+
+  def logits(m):
+    with torch.no_grad():
+      return m.eval()(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits
+  ref = logits(model).numpy()
+  T5 = transformers.T5ForConditionalGeneration  # noqa: N806
+  out = str(tmp_path / "hf")
+  convert_checkpoint.main(["orbax-to-hf", str(run), out])  # over the recorded base
+  np.testing.assert_allclose(logits(T5.from_pretrained(out)).numpy(), ref, atol=1e-4, rtol=1e-4)
+  os.rename(tmp_path / "base", tmp_path / "moved")
+  with pytest.raises(UserError, match=r"the adapters' base .*/base is not a directory; give the "
+                     r"folder it moved to with --base BASE_DIR$"):
+    convert_checkpoint.main(["orbax-to-hf", str(run), out, "--overwrite"])
+  convert_checkpoint.main(["orbax-to-hf", str(run), out, "--overwrite", "--base",
+                           str(tmp_path / "moved")])
+  np.testing.assert_allclose(logits(T5.from_pretrained(out)).numpy(), ref, atol=1e-4, rtol=1e-4)
+  # Another base given with --base: refused by its fingerprint, naming --base.
+  tiny_t5(seed=5).save_pretrained(str(tmp_path / "other"))
+  with pytest.raises(UserError, match=r"fingerprint differs\); give that base with --base"):
+    convert_checkpoint.main(["orbax-to-hf", str(run), out, "--overwrite", "--base",
+                             str(tmp_path / "other")])
+  with pytest.raises(UserError, match="is not a LoRA training run"):
+    convert_checkpoint.main(["orbax-to-hf", str(tmp_path / "moved"), out, "--overwrite",
+                             "--base", str(tmp_path / "other")])
+  # A prompt-tuning run: its soft prompt has no place in an HF folder; orbax-to-peft exports it.
+  info = json.loads((run / "run_info.json").read_text())
+  info["adapter"] = {"type": "prompt_tuning", "num_virtual_tokens": 4, "init": "random",
+                     "base": info["adapter"]["base"]}
+  (run / "run_info.json").write_text(json.dumps(info))
+  with pytest.raises(UserError, match=r"is a prompt-tuning run, whose soft prompt an HF model "
+                     r"folder cannot hold; export it with orbax-to-peft .*run OUT_DIR$"):
+    convert_checkpoint.main(["orbax-to-hf", str(run), str(tmp_path / "hf2")])
+  # So is a converted checkpoint that keeps a soft prompt (hf-to-orbax --adapter).
+  from flanjax.models import hf, prompt_tuning
+  cfg, params, _ = hf.load(str(tmp_path / "moved"))
+  prompted = prompt_tuning.merge(params, np.zeros((4, cfg.d_model), np.float32))
+  convert_checkpoint.write_orbax(str(tmp_path / "pt_orbax"), cfg, prompted)
+  with pytest.raises(UserError, match=r"pt_orbax holds a soft prompt \(params/soft_prompt\)"):
+    convert_checkpoint.main(["orbax-to-hf", str(tmp_path / "pt_orbax"), str(tmp_path / "hf2")])
+  assert not os.path.exists(tmp_path / "hf2")
+
+
+def test_resume_over_the_moved_base_is_a_note_and_another_base_refused(tmp_path, capsys):
+  from flanjax.errors import UserError
+  from flanjax.run_folder import RunFolder
+  run = RunFolder(str(tmp_path))
+  adapter = {"type": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"],
+             "base_dtype": "float32", "modules": 4,
+             "base": {"path": "/old/base", "fingerprint": "f00d"}}
+  info = {"mixture": "m", "vocabulary": "v", "model": {"d_model": 8}, "kind": "t5",
+          "adapter": adapter}
+  run.write_run_info(info)
+
+  def now(**changes):
+    base = dict(adapter["base"], **changes.pop("base", {}))
+    return dict(info, adapter=dict(adapter, base=base, **changes))
+  run.check_run_info(now(base={"path": "/new/base"}))
+  assert (f"note: {run.path}: the adapters' base (same fingerprint) is now /new/base (was "
+          "/old/base)") in capsys.readouterr().out
+  run.check_run_info(info)  # the same path: no note
+  assert "note" not in capsys.readouterr().out
+  with pytest.raises(UserError, match=r"different adapter config .*'fingerprint': 'f00d'.*"
+                     r"'fingerprint': 'beef'"):
+    run.check_run_info(now(base={"path": "/new/base", "fingerprint": "beef"}))
+  with pytest.raises(UserError, match=r"different adapter config .*\{'rank': 4\}, now "
+                     r"\{'rank': 8\}"):
+    run.check_run_info(now(base={"path": "/new/base"}, rank=8))

@@ -34,3 +34,24 @@ def test_second_run_on_a_folder_exits_2_and_the_first_finishes(tmp_path, builtin
     steps = [json.loads(line)["step"] for line in f]
   assert steps == list(range(1, 13))
   assert not os.path.exists(model_dir / ".lock")  # released at the end
+
+
+def test_a_runs_sentencepiece_vocabulary_with_extra_ids_reads_back_the_same(tmp_path, builtin_vocab):
+  """T5's sentinels (extra ids) are appended by seqio on loading: the run keeps the model
+  file without them and run_info's fingerprint says how many; a folder written before that
+  (the pieces with the sentinels baked in) reads back the same too."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from flanjax.data import tasks  # pylint: disable=g-import-not-at-top
+  from flanjax.run_folder import RunFolder  # pylint: disable=g-import-not-at-top
+  v = seqio.SentencePieceVocabulary(builtin_vocab.sentencepiece_model_file, extra_ids=24)
+  info = {"vocabulary": tasks.vocab_fingerprint(v)}
+  run = RunFolder(str(tmp_path / "run"))
+  run.save_vocabulary(v)
+  text = "Is seven <extra_id_3> odd?"
+  back = run.load_vocabulary(info)
+  assert tasks.vocab_fingerprint(back) == info["vocabulary"]
+  assert back.vocab_size == v.vocab_size and back.encode(text) == v.encode(text)
+  with open(f"{run.vocab_dir}/spiece.model", "wb") as f:  # the older layout
+    f.write(v.sp_model)
+  old = run.load_vocabulary(info)
+  assert old.vocab_size == v.vocab_size and old.encode(text) == v.encode(text)

@@ -292,6 +292,12 @@ def test_recipe_trains_and_its_export_loads_in_peft(kind_name, tmp_path, builtin
   theirs_t = peft.PeftModel.from_pretrained(
       type(base_t).from_pretrained(str(hf_dir)), str(tmp_path / "peft")).eval()
   loaded = loading_lib.load(str(hf_dir), adapter=str(run))
+  # The base with the run's prompt runs as the run itself does (a Llama recipe trains a
+  # prefix LM over a causal base): the same kind, the same virtual tokens first.
+  itself = loading_lib.load(str(run))
+  assert loaded.kind == itself.kind and loaded.kind.name == ("enc_dec" if t5 else "prefix_lm")
+  assert loaded.kind.prompt_ids(loaded.vocab, "Is 7 odd?") == itself.kind.prompt_ids(
+      itself.vocab, "Is 7 odd?")
   enc, dec = np.random.default_rng(4).integers(2, 1000, size=(2, 9)), np.array([[0, 5, 7]] * 2)
   theirs = _peft_logits(theirs_t, enc, dec, t5)
   cfg = loaded.config

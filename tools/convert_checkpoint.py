@@ -3,7 +3,7 @@
   python tools/convert_checkpoint.py hf-to-orbax HF_DIR OUT_DIR [--adapter PEFT_DIR]
   python tools/convert_checkpoint.py orbax-to-peft RUN_DIR OUT_DIR [--step N|best]
   python tools/convert_checkpoint.py orbax-to-hf CKPT_DIR OUT_DIR [--config FILE]
-      [--step N] [--vocab PATH] [--dtype float32|bfloat16|float16]
+      [--step N] [--vocab PATH] [--dtype float32|bfloat16|float16] [--base HF_DIR]
 
 hf-to-orbax reads a T5 or Llama directory and writes OUT_DIR/params (an orbax
 checkpoint of the float32 parameter tree), OUT_DIR/model_config.json (the
@@ -20,10 +20,12 @@ or tokenizer.json.
 
 LoRA (train.peft): orbax-to-peft writes a LoRA run's adapters in PEFT's format
 (adapter_config.json, adapter_model.safetensors; peft.PeftModel.from_pretrained
-loads them over the base); orbax-to-hf on a LoRA run writes the merged model;
+loads them over the base); orbax-to-hf on a LoRA run writes the merged model
+(--base: the base's folder, if it moved; its fingerprint must be the recorded one);
 hf-to-orbax --adapter merges a PEFT adapter folder into the converted weights.
 Prompt tuning (train.peft = @PromptTuningConfig()): orbax-to-peft writes the soft
-prompt as PEFT's PROMPT_TUNING folder (prompt_embeddings); hf-to-orbax --adapter
+prompt as PEFT's PROMPT_TUNING folder (prompt_embeddings), and orbax-to-hf refuses
+it (an HF model folder has no soft prompt); hf-to-orbax --adapter
 keeps a PEFT soft prompt beside the converted weights (params/soft_prompt), which
 infer and evaluate then put before every prompt.
 """
@@ -31,6 +33,7 @@ infer and evaluate then put before every prompt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -127,11 +130,66 @@ def hf_to_orbax(hf_dir: str, out_dir: str, overwrite: bool = False, adapter: str
   return cfg
 
 
+def _adapter_run(ckpt_dir: str, step):
+  """(state folder, RunFolder, run_info's adapter record) of an adapter training run, else
+  None (a converted checkpoint, a full fine-tuning run)."""
+  from flanjax.models.loading import training_checkpoint  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(ckpt_dir) or os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):
+    return None
+  found = training_checkpoint(os.path.abspath(ckpt_dir), step)
+  adapter = (found[1].read_run_info() or {}).get("adapter") if found else None
+  return (*found, adapter) if adapter else None
+
+
+def _lora_run_merged(run, base: str | None, config: str | None):
+  """(config, params) of a LoRA run merged over its base: `base`, else the recorded one;
+  either is checked against the fingerprint the run recorded."""
+  from flanjax.models import hf, lora, stack  # pylint: disable=g-import-not-at-top
+  from flanjax.models.loading import (  # pylint: disable=g-import-not-at-top
+      check_params, config_from_file, merge_into, restore_numpy)
+  state_dir, folder, adapter = run
+  recorded = adapter["base"]["path"]
+  if base is None and not os.path.isdir(recorded):
+    raise UserError(f"{folder.path}: the adapters' base {recorded} is not a directory; give "
+                    "the folder it moved to with --base BASE_DIR")
+  path = os.path.abspath(base or recorded)
+  if not os.path.isdir(path):
+    raise UserError(f"--base {path} is not a directory; give the LoRA run's base model folder")
+  base_cfg, base_params, _ = hf.load(path)
+  if lora.fingerprint(base_params) != adapter["base"]["fingerprint"]:
+    raise UserError(f"{folder.path}: the base in {path} is not the one the adapters were "
+                    "trained over (its fingerprint differs); give that base with --base BASE_DIR")
+  params = merge_into((base_cfg, base_params), adapter,
+                      restore_numpy(state_dir, subtree="params"), f"{state_dir} (adapters)")
+  config = config or folder.run_info_path
+  cfg = config_from_file(config)
+  if getattr(cfg, "vocab_size", None) == 0:  # as read_orbax: the trainer's size, off the params
+    cfg = dataclasses.replace(cfg, vocab_size=int(params["token_embedding"].shape[0]))
+  params = stack.layout(params, cfg)  # the run's layout (scan_layers or not)
+  check_params(cfg, params, config)
+  return cfg, params
+
+
 def orbax_to_hf(ckpt_dir: str, out_dir: str, config: str | None = None,
                 step: int | None = None, vocab: str | None = None, dtype: str | None = None,
-                overwrite: bool = False):
-  from flanjax.models import hf  # pylint: disable=g-import-not-at-top
-  cfg, params, hf_config, files_dir = read_orbax(ckpt_dir, config, step)
+                overwrite: bool = False, base: str | None = None):
+  from flanjax.models import hf, prompt_tuning  # pylint: disable=g-import-not-at-top
+  run = _adapter_run(ckpt_dir, step)
+  if run and run[2].get("type") == "prompt_tuning":
+    # A Hugging Face model folder has no place for the soft prompt: it would be dropped.
+    raise UserError(f"{ckpt_dir} is a prompt-tuning run, whose soft prompt an HF model folder "
+                    f"cannot hold; export it with orbax-to-peft {ckpt_dir} OUT_DIR")
+  if run:  # LoRA: the base merged with the adapters
+    cfg, params = _lora_run_merged(run, base, config)
+    hf_config, files_dir = None, None
+  elif base is not None:
+    raise UserError(f"--base {base}: {ckpt_dir} is not a LoRA training run; --base is the base "
+                    "of a LoRA run's adapters only")
+  else:
+    cfg, params, hf_config, files_dir = read_orbax(ckpt_dir, config, step)
+  if prompt_tuning.split(params)[1] is not None:
+    raise UserError(f"{ckpt_dir} holds a soft prompt ({PARAMS_DIR}/{prompt_tuning.KEY}) that an "
+                    "HF model folder cannot hold; use the PEFT folder it came from with the base")
   if dtype is None:
     original = (hf_config or {}).get("dtype") or (hf_config or {}).get("torch_dtype")
     dtype = original if original in hf.SAVE_DTYPES else "float32"
@@ -205,6 +263,8 @@ def main(argv=None) -> int:
   b.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                  help="dtype of the written tensors (default: the original's, else float32)")
   b.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+  b.add_argument("--base", default=None, help="a LoRA run's base model folder, where it moved "
+                 "to (default: the one run_info.json records)")
   args = ap.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on missing metadata
   if args.command == "hf-to-orbax":
@@ -215,7 +275,7 @@ def main(argv=None) -> int:
     return 0
   else:
     cfg = orbax_to_hf(args.ckpt_dir, args.out_dir, args.config, args.step, args.vocab,
-                      args.dtype, args.overwrite)
+                      args.dtype, args.overwrite, args.base)
   print(f"wrote {args.out_dir} ({type(cfg).__name__}, {cfg.num_params():,} parameters)")
   return 0
 

@@ -49,7 +49,9 @@ def resolve_tasks(specs: Sequence[str]) -> list[str]:
     else:
       close = difflib.get_close_matches(name, known, n=3)
       hint = f" (did you mean {', '.join(close)}?)" if close else ""
-      raise UserError(f"unknown task {name!r}{hint}; {LIST_HINT}")
+      raise UserError(f"unknown task {name!r}{hint}; {LIST_HINT} (a task of your own files "
+                      "is registered by the --gin_file / --gin.user_data.tasks you trained "
+                      "with: pass them here too)")
   return list(dict.fromkeys(out))
 
 

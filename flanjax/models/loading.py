@@ -303,11 +303,21 @@ def load(path: str, step: int | str | None = None, config: str | None = None,
   PEFT LoRA or prompt-tuning folder or such a run, applied to the model read from `path`."""
   if not adapter:
     return _load(path, step, config)
-  _, prompt_tuning = _adapter_modules()
+  lora, prompt_tuning = _adapter_modules()
   loaded = _load(path, None, config)  # `step` is the adapter run's
   lcfg, adapters, _ = read_adapter(adapter, loaded.config, step)
   loaded.params = merge_adapter(loaded.params, lcfg, adapters, loaded.config, adapter)
-  loaded.kind = prompt_tuning.kind_of(loaded.kind, loaded.config, loaded.params)
+  # An adapter run is read as it trained (a Llama recipe trains a prefix LM over a causal
+  # base), so --checkpoint RUN and --checkpoint BASE --adapter RUN run the same model; a
+  # PEFT folder records no kind and runs as its base does.
+  kind = loaded.kind
+  apath = os.path.abspath(os.path.expanduser(adapter))
+  if prompt_tuning.peft_type(apath) is None and not lora.is_peft_dir(apath):
+    found = training_checkpoint(apath, step)
+    if found:
+      kind = found[1].model_kind()
+  loaded.kind = prompt_tuning.kind_of(kind, loaded.config, loaded.params)
+  loaded.model = loaded.kind.build(loaded.config)
   what = "soft prompt" if loaded.kind.virtual_tokens else "LoRA adapters"
   loaded.source += f" with the {what} of {os.path.abspath(adapter)}"
   return loaded

@@ -93,6 +93,9 @@ def select(cfg, targets) -> list[Site]:
   names = sorted({s.short for s in every})
   if targets is None:
     targets = ("q_proj", "v_proj") if "q_proj" in names else ("q", "v")
+  if not isinstance(targets, str) and not targets:
+    raise UserError("LoraConfig.targets is empty, so nothing would train: name some of this "
+                    f"model's modules ({', '.join(names)}) or leave targets unset (q and v)")
   if isinstance(targets, str):
     try:
       pattern = re.compile(targets)
@@ -318,9 +321,20 @@ def is_peft_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
 
 
+def pattern_value(patterns: dict, name: str, default):
+  """A module's value in PEFT's rank_pattern or alpha_pattern: the first key that, as a
+  regular expression, matches the end of its dotted name (peft's get_pattern_key)."""
+  for key, value in patterns.items():
+    if re.match(rf"(.*\.)?({key})$", name):
+      return value
+  return default
+
+
 def read_peft(path: str, cfg) -> tuple[LoraConfig, dict, list[Site]]:
   """(config, adapters, sites) of a PEFT LoRA folder (adapter_config.json and
-  adapter_model.safetensors or adapter_model.bin) over a base of config `cfg`."""
+  adapter_model.safetensors or adapter_model.bin) over a base of config `cfg`.
+  rank_pattern and alpha_pattern are resolved per module as PEFT does; the config keeps
+  lora_alpha, and a module of another alpha has B scaled by its alpha / lora_alpha."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   conf_path = os.path.join(path, ADAPTER_CONFIG)
@@ -340,10 +354,24 @@ def read_peft(path: str, cfg) -> tuple[LoraConfig, dict, list[Site]]:
                     "supported (bias must be 'none')")
   weights, tensors = peft_tensors(path)
   adapters, chosen, rank = from_peft(tensors, cfg, weights)
-  if conf.get("r") not in (None, rank):
-    raise UserError(f"{conf_path}: r={conf.get('r')} but the weights have rank {rank}")
+  alpha = float(conf.get("lora_alpha", 8))
+  ranks, alphas = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
+  for s in chosen:
+    try:
+      r = pattern_value(ranks, s.hf_name, conf.get("r"))
+      own = float(pattern_value(alphas, s.hf_name, alpha))
+    except re.error as e:
+      raise UserError(f"{conf_path}: a rank_pattern or alpha_pattern key is not a valid "
+                      f"regular expression ({e})") from None
+    if r not in (None, rank):
+      raise UserError(f"{conf_path}: r={r} for {s.hf_name} but its weights have rank {rank}")
+    # One scale alpha / rank for all modules: a module's own alpha (PEFT's alpha_pattern)
+    # goes into its B, so A B * scale is PEFT's product and write_peft's export stays it.
+    if own != alpha and alpha > 0:  # alpha <= 0: LoraConfig refuses it below
+      ab = _get(adapters, s.path)
+      ab["b"] = ab["b"] * np.float32(own / alpha)
   targets = conf.get("target_modules")
-  config = LoraConfig(rank=rank, alpha=float(conf.get("lora_alpha", 8)),
+  config = LoraConfig(rank=rank, alpha=alpha,
                       dropout=float(conf.get("lora_dropout") or 0.0),
                       targets=tuple(targets) if isinstance(targets, list) else targets)
   return config, adapters, chosen
