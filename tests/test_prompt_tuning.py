@@ -248,7 +248,7 @@ def test_text_init_takes_the_embeddings_peft_takes(kind_name, tmp_path):
 
 
 @pytest.mark.parametrize("kind_name", ["t5", "llama"])
-def test_recipe_trains_and_its_export_loads_in_peft(kind_name, tmp_path, builtin_vocab):
+def test_recipe_trains_and_its_export_loads_in_peft(kind_name, tmp_path, builtin_vocab, capsys):
   # The README's recipes through the training command: runs/prompt_tuning_flan_t5.gin and
   # runs/prompt_tuning_llama.gin over a Hugging Face folder; PEFT loads the exported prompt and
   # gives the logits flanjax gives for base + run.
@@ -288,7 +288,10 @@ def test_recipe_trains_and_its_export_loads_in_peft(kind_name, tmp_path, builtin
   prompt = np.asarray(leaves[0])
   assert np.min(np.abs(prompt[:, None, :] - emb[None]).max(-1), axis=1).min() > 1e-4
 
+  capsys.readouterr()
   convert_checkpoint.main(["orbax-to-peft", str(run), str(tmp_path / "peft")])
+  # A prefix-LM run (the Llama recipe) is told that PEFT runs the export causally.
+  assert ("PEFT runs the export causally" in capsys.readouterr().err) == (not t5)
   theirs_t = peft.PeftModel.from_pretrained(
       type(base_t).from_pretrained(str(hf_dir)), str(tmp_path / "peft")).eval()
   loaded = loading_lib.load(str(hf_dir), adapter=str(run))

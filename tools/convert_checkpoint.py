@@ -227,6 +227,12 @@ def orbax_to_peft(run_dir: str, out_dir: str, step=None, overwrite: bool = False
     prompt_tuning.write_peft(out_dir, lcfg, adapters[prompt_tuning.KEY], cfg, base)
   else:
     lora.write_peft(out_dir, lcfg, adapters, sites, cfg, base)
+  if info.get("kind") == "prefix_lm":
+    # PEFT runs a decoder causally: the adapters meet a layout they were not trained in.
+    print(f"note: {run_dir} trained a prefix LM (its prompt read both ways); PEFT runs the "
+          "export causally, so its outputs differ from flanjax's for --checkpoint BASE "
+          "--adapter RUN (flanjax.infer --adapter OUT_DIR runs the export causally too)",
+          file=sys.stderr, flush=True)
   return cfg
 
 
