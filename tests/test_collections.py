@@ -210,6 +210,22 @@ def test_a_conversation_cut_to_start_with_the_assistant_loses_that_turn_only(tmp
     tasks.render_split(d, "train")
 
 
+def test_a_wrong_role_is_named_in_the_error(tmp_path):
+  cases = [("chat", {"messages": [{"role": "human", "content": "hi"},
+                                  {"role": "gpt", "content": "yo"}]},
+            r"message 0 is not .* \(it has role 'human'\) \(ShareGPT's roles"),
+           ("sharegpt", {"conversations": [{"from": "Human", "value": "hi"},
+                                           {"from": "gpt", "value": "yo"}]},
+            r"turn 0 is not .* \(it has from 'Human'\); fix that turn \(roles are lower case\)"),
+           ("sharegpt", {"conversations": [{"role": "user", "content": "hi"}]},
+            r"turn 0 is not .* \(it has keys \['content', 'role'\]\)")]
+  for k, (fmt, rec, message) in enumerate(cases):
+    path = _write(tmp_path / f"r{k}.jsonl", [json.dumps(rec)])
+    (d,), _ = _user({"name": f"roles_{k}", "path": path, "format": fmt})
+    with pytest.raises(UserError, match=message):
+      tasks.render_split(d, "train")
+
+
 def test_a_missing_validation_file_stops_at_registration(tmp_path):
   path = _write(tmp_path / "pc.jsonl", [json.dumps({"prompt": "a", "completion": "b"})])
   with pytest.raises(UserError, match=r"'v_task', validation_path .*nope.jsonl does not exist"):

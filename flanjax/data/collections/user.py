@@ -159,8 +159,14 @@ def _chat(reader, records=None):
     bad = next((k for k, m in enumerate(msgs) if not isinstance(m, dict)
                 or m.get("role") not in ROLES or not isinstance(m.get("content"), str)), None)
     if bad is not None:
+      m = msgs[bad]
+      found = (f"role {m.get('role')!r}" if isinstance(m, dict) and "role" in m else
+               f"keys {sorted(m)[:6]}" if isinstance(m, dict) else type(m).__name__)
+      hint = (" (ShareGPT's roles: give the file format 'sharegpt' with 'conversations' of "
+              "{from, value})") if isinstance(m, dict) and m.get("role") in ("human", "gpt") else ""
       reader.bad(where, "malformed messages",
-                 f"message {bad} is not {{role: {'|'.join(ROLES)}, content: str}}", "fix that message")
+                 f"message {bad} is not {{role: {'|'.join(ROLES)}, content: str}} (it has "
+                 f"{found}){hint}", "fix that message")
       continue
     yield from _conversation_examples(reader, where, msgs)
 
@@ -178,9 +184,12 @@ def _sharegpt(reader, records=None):
                 or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str)),
                None)
     if bad is not None:
+      t = turns[bad]
+      found = (f"from {t.get('from')!r}" if isinstance(t, dict) and "from" in t else
+               f"keys {sorted(t)[:6]}" if isinstance(t, dict) else type(t).__name__)
       reader.bad(where, "malformed turns",
-                 f"turn {bad} is not {{from: {'|'.join(SHAREGPT_ROLES)}, value: str}}",
-                 "fix that turn")
+                 f"turn {bad} is not {{from: {'|'.join(SHAREGPT_ROLES)}, value: str}} (it has "
+                 f"{found})", "fix that turn (roles are lower case)")
       continue
     yield from _conversation_examples(
         reader, where, [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns])
