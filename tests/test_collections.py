@@ -226,6 +226,28 @@ def test_a_wrong_role_is_named_in_the_error(tmp_path):
       tasks.render_split(d, "train")
 
 
+def test_a_run_of_conversations_alone_is_prompted_as_it_trained(tmp_path, builtin_vocab,
+                                                                restore_registry):
+  """Plain format: a mixture of conversations alone records that, and a lone prompt at
+  inference gets their 'User: ...\nAssistant:' layout; blended with FLAN's tasks (prompted
+  with the bare text) the prompt stays as given."""
+  from flanjax.data import chat  # pylint: disable=g-import-not-at-top
+  convo = {"conversations": [{"from": "human", "value": "Name a fruit"},
+                             {"from": "gpt", "value": "apple"}]}
+  path = _write(tmp_path / "c.jsonl", [json.dumps(convo)] * 3)
+  (d,), _ = _user({"name": "convos_only", "path": path, "format": "sharegpt"})
+  tasks.register(d, builtin_vocab)
+  mixtures.add_mixture("convos_mix", ["convos_only"])
+  mixtures.add_mixture("convos_and_flan", ["convos_only", "builtin_sentiment"])
+  alone = user.prompt_format_of("convos_mix")
+  assert alone.wrap("Hi there") == "User: Hi there\nAssistant:"
+  assert tasks.render_split(d, "train")[0]["inputs"] == alone.wrap("Name a fruit")
+  assert chat.from_record(alone.record()).wrap("Hi there") == "User: Hi there\nAssistant:"
+  blended = user.prompt_format_of("convos_and_flan")
+  assert blended.wrap("Hi there") == "Hi there" and blended.record() == {"name": "plain",
+                                                                          "end_of_turn": ""}
+
+
 def test_a_missing_validation_file_stops_at_registration(tmp_path):
   path = _write(tmp_path / "pc.jsonl", [json.dumps({"prompt": "a", "completion": "b"})])
   with pytest.raises(UserError, match=r"'v_task', validation_path .*nope.jsonl does not exist"):

@@ -96,15 +96,24 @@ class PromptFormat:
 
 
 class Plain(PromptFormat):
+  """'User: ...\nAssistant:' for conversations; a lone prompt is passed as given (FLAN's
+  tasks are prompted with the text itself), unless the run trained on conversations alone
+  (`conversation`, recorded by the run), whose prompts all had that layout."""
   name = "plain"
   ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+  def __init__(self, conversation: bool = False):
+    self.conversation = conversation
 
   def render_prompt(self, messages):
     lines = [f"{self.ROLE_NAMES[m['role']]}: {text_of(m).strip()}" for m in messages]
     return "\n".join(lines + ["Assistant:"])
 
   def wrap(self, prompt):
-    return prompt  # flanjax's plain runs are prompted with the text itself
+    return super().wrap(prompt) if self.conversation else prompt
+
+  def record(self):
+    return dict(super().record(), conversation=True) if self.conversation else super().record()
 
 
 class _Tagged(PromptFormat):
@@ -280,6 +289,8 @@ def get(name: str, template_from: str | None = None) -> PromptFormat:
 def from_record(record: Mapping) -> PromptFormat:
   """The format a run folder recorded (see record())."""
   name = record.get("name")
+  if name == "plain" and record.get("conversation"):
+    return Plain(conversation=True)
   if name == "hf_chat_template":
     return HFChatTemplate(record.get("template"), record.get("special_tokens"),
                           record.get("source") or "the run's recorded chat template")

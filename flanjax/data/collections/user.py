@@ -371,14 +371,16 @@ def _niv2_in(render_fn, fmt: chat.PromptFormat):
   return render
 
 
-def _postprocess(fmt: chat.PromptFormat):
+def _postprocess(fmt: chat.PromptFormat, conversation: bool = True):
   """The task's postprocess_fn: the answer of a generation cut at the end of its turn.
-  Carries the format, so a run can record what its user tasks were trained with."""
+  Carries the format (and whether the task's prompts are rendered conversations), so a run
+  can record what its user tasks were trained with."""
 
   def postprocess(text, **_):
     return tmpl.extract_answer(fmt.cut(text))
 
   postprocess.prompt_format = fmt
+  postprocess.conversation = conversation
   return postprocess
 
 
@@ -390,12 +392,18 @@ def prompt_format_of(name: str) -> chat.PromptFormat | None:
     task_or_mix = seqio.get_mixture_or_task(name)
   except ValueError:
     return None
+  found, conversations_only = None, True
   for leaf in getattr(task_or_mix, "tasks", [task_or_mix]):
     reg = task_lib.DEFS.get(leaf.name)
-    fmt = getattr(reg.defn.postprocess_fn, "prompt_format", None) if reg else None
-    if fmt is not None:
-      return fmt
-  return None
+    post = reg.defn.postprocess_fn if reg else None
+    fmt = getattr(post, "prompt_format", None)
+    conversations_only &= bool(getattr(post, "conversation", False))
+    found = found or fmt
+  if found is not None and found.name == "plain" and conversations_only:
+    # Every task of the mixture is a conversation: a lone prompt at inference gets their
+    # 'User: ...\nAssistant:' layout, not the bare text FLAN's tasks are prompted with.
+    return chat.Plain(conversation=True)
+  return found
 
 
 # ------------------------------------------------------------------ gin entry
@@ -416,7 +424,7 @@ def _niv2_defs(spec: Mapping, path: str, splits, share: float, shots: int,
         name=f"{name}_{stem}", load=load, splits=splits, templates=family,
         render_fn=render if fmt.name == "plain" else _niv2_in(render, fmt),
         fingerprint=lambda f=file: sources.fingerprint_paths([f]) + f"/{share}",
-        key=lambda ex: ex["input"], postprocess_fn=_postprocess(fmt),
+        key=lambda ex: ex["input"], postprocess_fn=_postprocess(fmt, fmt.name != "plain"),
         description=f"NIv2 {stem} from {file}"))
   return defs
 
@@ -480,7 +488,7 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
                   render_fn=_render_in(fmt) if conversation else None,
                   fingerprint=lambda: sources.fingerprint_paths(
                       [path] + ([vpath] if vpath and os.path.exists(vpath) else [])) + f"/{share}",
-                  postprocess_fn=_postprocess(fmt),
+                  postprocess_fn=_postprocess(fmt, conversation),
                   eval_only_splits=("train",) if held else (),
                   eval_only_reason=f"{path} is evaluation data: {held}" if held else "",
                   description=f"{kind or 'auto'} records from {path} ({fmt.name} prompts)")], []
