@@ -390,3 +390,12 @@ def test_t5_loglikelihoods_equal_lm_evals_seq2seq_path(tmp_path, monkeypatch):
           [harness.option_ids(loaded.kind, loaded.vocab, c, e.inputs) for c in cands],
           batch_size=4, max_length=loaded.kind.score_length(INPUT_LENGTH))
       assert np.max(np.abs(np.asarray(with_eos) - theirs)) > 1e-3
+
+
+def test_a_long_majority_answer_is_shortened_in_the_table():
+  from flanjax.evaluation import report
+  answer = "A very long reference answer, as open-ended tasks have. " * 40
+  r = report.TaskResult(task="lima", split="validation", examples=5, metrics={"accuracy": 0.0},
+                        primary="accuracy", baseline=20.0, baseline_answer=answer)
+  row = next(line for line in report.format_results([r]).splitlines() if line.startswith("lima"))
+  assert len(row) < 200 and "('A very long reference answer, as open...')" in row

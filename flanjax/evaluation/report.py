@@ -124,7 +124,10 @@ def _table_rows(results: Sequence[TaskResult]):
   rows = []
   for r in results:
     other = ", ".join(f"{k} {v:.2f}" for k, v in r.metrics.items() if k != r.primary)
-    base = (pct(r.baseline) + (f" ({r.baseline_answer!r})" if r.baseline_answer else ""),)
+    shown = r.baseline_answer or ""
+    if len(shown) > 40:  # a long answer (an open-ended task's) would widen the whole table
+      shown = shown[:37] + "..."
+    base = (pct(r.baseline) + (f" ({shown!r})" if r.baseline_answer else ""),)
     rows.append((r.task, r.split, str(r.examples), r.primary or "-", pct(r.score),
                  pct(r.rank_classification)) + (base if with_base else ()) +
                 (other or "", f"{r.seconds:.0f}"))
