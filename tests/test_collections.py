@@ -117,7 +117,13 @@ def test_gsm8k_on_real_files():
   defs = {d.name: d for d in gsm8k.task_defs()}
   d = defs["gsm8k"]
   train, test = tasks.raw_examples(d, "train"), tasks.raw_examples(d, "test")
-  assert (len(train), len(test)) == (7473, 1319)
+  # GSM8K's 7,473 train questions less those flan_cot_gsm8k (the same questions in FLAN's
+  # CoT set) holds out for its validation split: a blend of both never trains on them.
+  held = gsm8k.flan_cot_validation_questions()
+  assert len(test) == 1319 and len(train) == 7473 - len(held) and len(held) > 100
+  val = {" ".join(r["question"].split()) for r in tasks.raw_examples(
+      {x.name: x for x in flan_cot.task_defs()}["flan_cot_gsm8k"], "validation")}
+  assert val == held and not val & {" ".join(ex["question"].split()) for ex in train}
   with open(sources.data_path("gsm8k", "test.jsonl"), encoding="utf-8") as f:
     raw = [json.loads(line) for line in f]
   for r, ex in zip(raw, test):
@@ -626,3 +632,18 @@ def test_a_validation_share_that_holds_out_nothing_is_not_scored(tmp_path, built
                                    splits=["validation"], log=lines.append)
   assert results == []
   assert any("small_file/validation has no examples, not scored" in line for line in lines)
+
+
+def test_aqua_problems_stay_on_one_side_and_are_never_their_own_exemplar():
+  """AQuA holds one problem several times with other option lists and the same rationale:
+  the split and the few-shot exemplars compare problems, not option lists."""
+  shared_data("flan_cot")
+  d = {x.name: x for x in flan_cot.task_defs()}["flan_cot_aqua"]
+  train, val = tasks.raw_examples(d, "train"), tasks.raw_examples(d, "validation")
+  stems = lambda rows: {flan_cot.problem("aqua", r["question"]) for r in rows}  # noqa: E731
+  assert val and not stems(train) & stems(val)
+  repeated = len(train) - len(stems(train))
+  assert repeated > 100  # the data does repeat problems, so the check above can fail
+  for r, ex in zip(tasks.render_split(d, "train", fmt="few_shot_cot"), train):
+    stem = flan_cot.problem("aqua", ex["question"]).replace("\\n", "\n").strip() + "\n"
+    assert r["inputs"].count(stem) == 1, stem

@@ -37,10 +37,36 @@ def _rows(name: str) -> tuple[dict, ...]:
   return tuple(out)
 
 
+# Sets whose options are not part of the problem: AQuA holds one problem several times with
+# other option lists (and the same rationale). Elsewhere the options are the question
+# (sensemaking's two sentences), so the whole text is the problem.
+PROBLEM_BEFORE_OPTIONS = ("aqua",)
+
+
+def problem(name: str, question: str) -> str:
+  """What two rows of set `name` must differ in to be two problems: splits keep a problem
+  on one side, and few-shot exemplars never show the problem asked."""
+  if name in PROBLEM_BEFORE_OPTIONS:
+    for marker in ("\\nOptions:", "\nOptions:"):
+      if marker in question:
+        return question[:question.index(marker)]
+  return question
+
+
+def _validation_index(name: str, rows) -> list[int]:
+  held = [sources.holdout(problem(name, r["question"]), VALIDATION_SHARE) for r in rows]
+  return [i for i, h in enumerate(held) if h][:MAX_VALIDATION]
+
+
+def validation_rows(name: str) -> list[dict]:
+  """The rows of a set's validation split (gsm8k's train split holds them out too)."""
+  rows = _rows(name)
+  return [rows[i] for i in _validation_index(name, rows)]
+
+
 def _split(name: str, split: str) -> list[dict]:
   rows = _rows(name)
-  held = [sources.holdout(r["question"], VALIDATION_SHARE) for r in rows]
-  val_idx = [i for i, h in enumerate(held) if h][:MAX_VALIDATION]
+  val_idx = _validation_index(name, rows)
   val = set(val_idx)
   if split == "validation":
     return [rows[i] for i in val_idx]
@@ -52,7 +78,9 @@ def task_defs() -> list[TaskDef]:
   for name in SETS:
     common = dict(load=functools.partial(_split, name), splits=("train", "validation"),
                   templates="cot_qa", num_shots=3,
-                  fingerprint=lambda n=name: sources.fingerprint_paths([path_of(n)]))
+                  key=lambda ex, n=name: problem(n, ex["question"]),
+                  fingerprint=lambda n=name: sources.fingerprint_paths([path_of(n)]) + (
+                      "/problem" if n in PROBLEM_BEFORE_OPTIONS else ""))
     defs.append(TaskDef(name=PREFIX + name, train_formats=("cot", "few_shot_cot"),
                         eval_format="cot", description=f"FLAN CoT {name}, rationale then answer",
                         **common))

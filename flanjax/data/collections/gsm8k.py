@@ -8,6 +8,8 @@ its text and drops the annotations; the target is the number.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 
 from flanjax.data import cache, sources, templates
@@ -82,7 +84,24 @@ def load(split: str) -> tuple[dict, ...]:
     reader.report.kept += 1
     out.append(ex)
   reader.done()
+  if split == "train":
+    # FLAN CoT's gsm8k set is GSM8K's train set: the questions it holds out for its
+    # validation split are held out here too, so a blend of both never trains on them.
+    held = flan_cot_validation_questions()
+    out = [ex for ex in out if _key(ex["question"]) not in held]
   return tuple(out)
+
+
+def _key(question: str) -> str:
+  return " ".join(question.split())
+
+
+def flan_cot_validation_questions() -> frozenset:
+  """The questions of flan_cot_gsm8k's validation split (none when its file is absent)."""
+  from flanjax.data.collections import flan_cot  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(sources.data_dir(), "flan_cot", "gsm8k_train.tsv")):
+    return frozenset()
+  return frozenset(_key(r["question"]) for r in flan_cot.validation_rows("gsm8k"))
 
 
 def accuracy(targets, predictions):
@@ -97,9 +116,13 @@ def _postprocess(text, **_):
   return final_number(text)
 
 
+def _held_fp() -> str:
+  return hashlib.sha256("\n".join(sorted(flan_cot_validation_questions())).encode()).hexdigest()[:12]
+
+
 def task_defs() -> list[TaskDef]:
   fp = lambda: sources.fingerprint_paths(  # noqa: E731
-      [sources.data_path("gsm8k", f) for f in SPLIT_FILES.values()])
+      [sources.data_path("gsm8k", f) for f in SPLIT_FILES.values()]) + f"/held:{_held_fp()}"
   common = dict(load=load, splits=("train", "test"), templates="math_word", num_shots=3,
                 eval_only_splits=("test",), fingerprint=fp, metric_fns=(accuracy,),
                 postprocess_fn=_postprocess)
