@@ -151,6 +151,9 @@ def train(
   resuming too); init_adapter: a PEFT adapter folder to start from.
   """
   _hide_accelerators_from_tf()
+  if num_steps < 0:
+    raise UserError(f"train.num_steps={num_steps}: give the step to train to (0 evaluates "
+                    "the checkpoint without training)")
   lengths = pipeline.check_lengths(task_feature_lengths or {"inputs": 256, "targets": 64})
   # One folder per mixture by default, so switching mixture never resumes another run.
   run = RunFolder(model_dir or os.path.join("runs", mixture))

@@ -114,6 +114,7 @@ def test_command_line_error_ends_the_process_in_one_line(tmp_path):
     (["--gin_file=flan.gin", "--gin.train.num_stepz=3"], "num_stepz"),
     (["--gin_file=flan.gin", "--bogus"], "--bogus"),
     ([], "--gin_file"),
+    (["--gin_file=flan.gin", "--gin.train.num_steps=-3"], "train.num_steps=-3"),
 ])
 def test_command_line_errors_are_one_line(argv, needle, tmp_path, monkeypatch, builtin_vocab):
   # The command's main in this process: each case would otherwise pay a process start

@@ -194,6 +194,30 @@ def _write_tokenizer(path, texts, vocab_size=1000):
                "bos_token": "<s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)
 
 
+def test_an_export_names_a_pad_token_only_when_the_tokenizer_has_one(tmp_path):
+  """Llama 3's tokenizer has no pad token: writing pad_token_id 0 would make transformers
+  mask a real token (id 0) out of prompts."""
+  from flanjax.data import hf_vocab
+  from flanjax.data.collections import builtin
+  _write_tokenizer(str(tmp_path), builtin.all_text()[::50], vocab_size=300)
+  with_pad = hf_vocab.HFTokenizerVocabulary.from_directory(str(tmp_path), model_config={})
+  assert hf._special_ids(with_pad)["pad_token_id"] == with_pad.pad_id  # pylint: disable=protected-access
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))  # as Llama 3's: no pad token at all
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(builtin.all_text()[::50], trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  (tmp_path / "nopad").mkdir()
+  tok.save(str(tmp_path / "nopad" / "tokenizer.json"))
+  (tmp_path / "nopad" / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "bos_token": "<s>",
+       "unk_token": "<unk>"}))
+  no_pad = hf_vocab.HFTokenizerVocabulary.from_directory(str(tmp_path / "nopad"), model_config={})
+  ids = hf._special_ids(no_pad)  # pylint: disable=protected-access
+  assert "pad_token_id" not in ids and ids["eos_token_id"] == no_pad.eos_id
+
+
 def test_finetune_llama_trains_validates_and_evaluates(tmp_path):
   from flanjax.data.collections import builtin
   torch.manual_seed(0)

@@ -133,7 +133,7 @@ def test_batch_messages_name_axes_sizes_and_a_batch_that_works(divisible_cases):
   assert c["batch4_data8"][0] == (
       "train.batch_size=4 does not divide over the 8 data-parallel devices of mesh {'data': 8, "
       "'fsdp': 1, 'model': 1} (its axes data x fsdp); use --gin.train.batch_size=8 (a multiple "
-      "of 8), or a mesh with fewer data-parallel devices (--gin.make_mesh.shape)")
+      "of 8), or a mesh with fewer data-parallel devices (--gin.train.mesh_shape)")
   assert "--gin.train.batch_size=16 (a multiple of 8)" in c["batch12_data8"][0]
   assert ("gives microbatches of 2 rows (train.microbatches=4), which do not divide over the 4 "
           "data-parallel devices of mesh {'data': 2, 'fsdp': 2, 'model': 2}"
@@ -151,13 +151,13 @@ def test_parameter_messages_name_the_axis_and_a_mesh_that_works(divisible_cases)
   assert heads.startswith("parameter decoder_layer_0/cross_attention/k (shape (32, 6, 8)) does "
                           "not divide over mesh axis 'model' of size 8: its 'heads' dimension "
                           "is 6 (")
-  assert "--gin.make_mesh.shape=(-1, 1, 2)" in heads and "num_heads is a multiple of 8" in heads
+  assert "--gin.train.mesh_shape=(-1, 1, 2)" in heads and "num_heads is a multiple of 8" in heads
   dff = c["dff60_model8"][0]
-  assert "'mlp' dimension is 60" in dff and "--gin.make_mesh.shape=(-1, 1, 4)" in dff
+  assert "'mlp' dimension is 60" in dff and "--gin.train.mesh_shape=(-1, 1, 4)" in dff
   assert "d_ff is a multiple of 8" in dff
   emb = c["dmodel36_fsdp8"][0]
   assert "mesh axis 'fsdp' of size 8: its 'embed' dimension is 36" in emb
-  assert "--gin.make_mesh.shape=(-1, 4, 1)" in emb and "d_model is a multiple of 8" in emb
+  assert "--gin.train.mesh_shape=(-1, 4, 1)" in emb and "d_model is a multiple of 8" in emb
 
 
 def test_make_mesh_says_when_it_falls_back_to_plain_order(monkeypatch, capsys):

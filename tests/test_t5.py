@@ -22,7 +22,22 @@ CONFIGS = {
     "uneven heads, 8 buckets": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                                     num_heads=3, d_kv=12, relative_attention_num_buckets=8,
                                     relative_attention_max_distance=20),
+    # transformers' plain "gelu" is the exact (erf) GELU, "gelu_new" the tanh one.
+    "plain gelu untied": dict(feed_forward_proj="gelu", tie_word_embeddings=False,
+                              num_heads=4, d_kv=8, relative_attention_num_buckets=32),
+    "plain gelu_new untied": dict(feed_forward_proj="gelu_new", tie_word_embeddings=False,
+                                  num_heads=4, d_kv=8, relative_attention_num_buckets=32),
 }
+
+
+def test_feed_forward_names_go_back_as_transformers_reads_them():
+  for theirs in ("gelu", "gelu_new", "gated-gelu", "relu", "gated-silu"):
+    cfg = hf.t5_config_from_hf({"feed_forward_proj": theirs, "d_model": 32, "d_ff": 48,
+                                "num_layers": 2, "num_heads": 4, "d_kv": 8, "vocab_size": 96})
+    back = hf.config_to_hf(cfg)["feed_forward_proj"]
+    assert back == theirs, (theirs, back)
+  with pytest.raises(Exception, match="UMT5 keeps a relative-position table in every layer"):
+    hf.model_family({"model_type": "umt5", "architectures": ["UMT5ForConditionalGeneration"]})
 
 
 def _torch_t5(overrides, seed=0):

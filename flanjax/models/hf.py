@@ -20,10 +20,14 @@ from flanjax.models import stack
 from flanjax.models.decoder import DecoderConfig
 from flanjax.models.t5 import T5Config
 
-_FF = {"relu": "relu", "gelu": "gelu", "gated-gelu": "gated-gelu",
+# transformers' feed_forward_proj -> ours: its plain "gelu" is the exact (erf) GELU, its
+# "gelu_new" and every gated GELU the tanh one (ours "gelu").
+_FF = {"relu": "relu", "gelu": "gelu_exact", "gated-gelu": "gated-gelu",
        "gated-gelu_new": "gated-gelu", "gelu_new": "gelu", "gated-relu": "gated-relu",
        "gated-silu": "gated-silu"}
-T5_TYPES = ("t5", "mt5", "umt5")
+_FF_TO_HF = {"gelu_exact": "gelu", "gelu": "gelu_new"}
+# UMT5 is not here: it keeps a relative-position table in every layer, ours in the first.
+T5_TYPES = ("t5", "mt5")
 LLAMA_TYPES = ("llama",)
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -36,6 +40,10 @@ def model_family(hf: Mapping, source: str = "config.json") -> str:
     return "t5"
   if model_type in LLAMA_TYPES or (model_type is None and arch.startswith("Llama")):
     return "llama"
+  if model_type == "umt5":
+    raise UserError(f"{source}: UMT5 keeps a relative-position table in every layer, which "
+                    "flanjax's T5 (one table, in the first layer) cannot hold; use a T5, "
+                    "T5 v1.1, FLAN-T5 or mT5 checkpoint")
   if model_type is None and not arch:
     # Old T5 configs name neither; a Llama one would have hidden_size.
     return "llama" if "hidden_size" in hf else "t5"
@@ -82,7 +90,7 @@ def t5_config_to_hf(cfg: T5Config) -> dict:
       "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
       "relative_attention_max_distance": cfg.relative_attention_max_distance,
       "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
-      "feed_forward_proj": cfg.feed_forward,
+      "feed_forward_proj": _FF_TO_HF.get(cfg.feed_forward, cfg.feed_forward),
       "tie_word_embeddings": cfg.tie_word_embeddings, "is_encoder_decoder": True,
       "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
   }
@@ -478,6 +486,8 @@ def _special_ids(vocabulary) -> dict:
       value = getattr(vocabulary, attr)
     except NotImplementedError:  # seqio's bos_id when a vocabulary has none
       continue
+    if key == "pad_token_id" and getattr(vocabulary, "_pad", 0) is None:
+      continue  # a tokenizer without a pad token (Llama 3): 0 is a real token, not padding
     if value is not None and value >= 0:
       out[key] = int(value)
   return out

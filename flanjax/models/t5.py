@@ -69,7 +69,8 @@ class T5Config:
   def __post_init__(self):
     attention.check_impl("T5Config", self.attention_impl, self.attention_block)
     stack.check_config("T5Config", self)
-    if self.feed_forward not in ("relu", "gelu", "gated-gelu", "gated-relu", "gated-silu"):
+    if self.feed_forward not in ("relu", "gelu", "gelu_exact", "gated-gelu", "gated-relu",
+                                 "gated-silu"):
       raise ValueError(f"T5Config.feed_forward={self.feed_forward!r} is not one of "
                        "relu, gelu, gated-gelu, gated-relu, gated-silu")
 
@@ -89,8 +90,10 @@ class T5Config:
 
 
 def _act(name: str):
+  # "gelu" is transformers' gelu_new (tanh), as gated-gelu uses it; "gelu_exact" the erf form
+  # that transformers' plain "gelu" is.
   return {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-          "silu": jax.nn.silu}[name]
+          "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu}[name]
 
 
 def _param(module, name, init_std, shape, axes):

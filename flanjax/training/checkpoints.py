@@ -298,7 +298,7 @@ class Checkpointer:
     if _is_out_of_memory(error):
       raise UserError(f"{where}: {what}, out of memory ({_first_line(error)}); the checkpoint "
                       "was left as it is: free memory (other jobs on the devices or host), or "
-                      "shard the state over more devices (--gin.make_mesh.shape), then run "
+                      "shard the state over more devices (--gin.train.mesh_shape), then run "
                       "again") from error
     try:
       damage = self.find_damage(step)

@@ -135,7 +135,7 @@ def check_divisible(mesh: Mesh, batch_size: int, microbatches: int = 1, params=N
   if batch_size <= 0 or batch_size % need:
     devices = (f"the {n} data-parallel devices of mesh {dict(mesh.shape)} (its axes "
                f"{' x '.join(batch_axes)})")
-    fix = "or a mesh with fewer data-parallel devices (--gin.make_mesh.shape)"
+    fix = "or a mesh with fewer data-parallel devices (--gin.train.mesh_shape)"
     if micro > 1 and batch_size % micro:
       why = f"does not split into train.microbatches={micro} equal parts"
       fix = "or another --gin.train.microbatches"
@@ -177,7 +177,7 @@ def check_divisible(mesh: Mesh, batch_size: int, microbatches: int = 1, params=N
       shape_now[names[0]] = fit
       if names[0] != "data":
         shape_now["data"] = -1  # the devices freed go to data parallelism
-      fix = (f"a mesh whose '{names[0]}' axis divides {width} (e.g. --gin.make_mesh.shape="
+      fix = (f"a mesh whose '{names[0]}' axis divides {width} (e.g. --gin.train.mesh_shape="
              f"({', '.join(str(shape_now[a]) for a in MESH_AXES)}))")
     else:
       fix = f"a mesh whose {' x '.join(names)} size divides {width}"
