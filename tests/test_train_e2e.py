@@ -119,6 +119,17 @@ def test_default_job_end_to_end_and_exact_resume(tmp_path, tiny_trained_run):
   # commands' own, config.enable_compilation_cache) instead of compiling it again.
   assert "Persistent compilation cache hit for 'jit_step'" in err, err[-3000:]
   assert "COMPILATION CACHE MISS for 'jit_step'" not in err
+  # The summary is the whole run's, not the resumed process's alone.
+  both = [json.loads((d / "summary.json").read_text()) for d in (straight, resumed)]
+  assert both[1]["first_loss"] == pytest.approx(both[0]["first_loss"], abs=1e-6)
+  assert both[1]["last_loss"] == pytest.approx(both[0]["last_loss"], abs=1e-6)
+  assert both[1]["resumed_from_step"] == 6 and "resumed_from_step" not in both[0]
+  # The same command on the finished run trains nothing and keeps the run's record.
+  out = run(resumed, "--gin.train.num_steps=10", "--gin.train.eval_at_end=False")
+  assert "no steps run (the run is at step 10)" in out
+  again = json.loads((resumed / "summary.json").read_text())
+  for key in ("first_loss", "last_loss", "packing", "train_seconds", "resumed_from_step"):
+    assert again[key] == both[1][key], key
 
 
 def test_user_files_mixed_with_builtin_through_gin(tmp_path, builtin_vocab):

@@ -88,6 +88,7 @@ class _StepRecorder:
 
   def __init__(self, trainer: "Trainer", num_steps: int, start_step: int, writer):
     self.t, self.num_steps, self.writer = trainer, num_steps, writer
+    self.start_step = start_step
     self.history, self.nonfinite_in_row = [], 0
     self._window_start = 0  # history index after the last evaluation
     self.losses_file = trainer.run.open_losses_log()
@@ -459,15 +460,43 @@ class Trainer:
       self.stopped_early = f"stopped early at step {es.last_step}: {es.reason()}"
       print(f"{self.stopped_early} (before this resume); not training further", flush=True)
 
+  def _run_losses(self, final_step: int, history: list) -> list:
+    """The whole run's losses up to final_step (train_losses.jsonl: a resumed run's steps
+    before this process too), else this process's."""
+    try:
+      recs = self.run.read_losses()
+    except (OSError, ValueError):
+      recs = []
+    losses = [float(r["loss"]) for r in recs if r.get("step", 0) <= final_step and "loss" in r]
+    return losses if len(losses) >= len(history) else list(history)
+
+  def _previous_summary(self) -> dict:
+    try:
+      with open(self.run.summary_path, encoding="utf-8") as f:
+        old = json.load(f)
+      return old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+      return {}
+
   def _finish(self, state, final_step, rec, writer, t_start) -> dict:
     train_secs = time.time() - t_start
     history = rec.history
+    losses = self._run_losses(final_step, history)
     print(f"packing: {self.data.stats.summary()}", flush=True)
     summary = {"packing": self.data.packing_summary(), "model": type(self.model.config).__name__,
                "kind": self.kind.name, "step": final_step, "train_seconds": round(train_secs, 1),
-               "first_loss": history[0] if history else None,
-               "last_loss": float(np.mean(history[-10:])) if history else None,
+               "first_loss": losses[0] if losses else None,
+               "last_loss": float(np.mean(losses[-10:])) if losses else None,
                "model_dir": self.run.path, "checkpoint_dir": self.checkpointer.directory}
+    if rec.start_step and history:
+      summary["resumed_from_step"] = rec.start_step  # train_seconds and packing: since then
+    if not history:
+      # Nothing trained (the run is already at num_steps): the record of the training that
+      # was done stays, not this process's empty one.
+      old = self._previous_summary()
+      for key in ("packing", "train_seconds", "resumed_from_step"):
+        if key in old:
+          summary[key] = old[key]
     if self.evaluator.at_end:
       evaluation = self._evaluate(state, final_step, writer, final=True,
                                   train_loss=rec.train_loss_window())
@@ -484,7 +513,7 @@ class Trainer:
     self._plot()
     # No steps when resuming a run that already reached num_steps.
     losses = (f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if history
-              else "no steps run")
+              else f"no steps run (the run is at step {final_step})")
     why = f" ({self.stopped_early})" if self.stopped_early else ""
     print(f"done in {time.time() - t_start:.0f}s{why}: {losses}; summary in "
           f"{self.run.summary_path}", flush=True)
