@@ -647,3 +647,31 @@ def test_aqua_problems_stay_on_one_side_and_are_never_their_own_exemplar():
   for r, ex in zip(tasks.render_split(d, "train", fmt="few_shot_cot"), train):
     stem = flan_cot.problem("aqua", ex["question"]).replace("\\n", "\n").strip() + "\n"
     assert r["inputs"].count(stem) == 1, stem
+
+
+def test_rates_given_with_a_cap_or_temperature_are_refused():
+  shared_data("flan_cot")
+  with pytest.raises(UserError, match=r"its tasks have rates, so maximum=10 and temperature=100.0"):
+    mixtures.add_mixture("rated_capped", [("flan_cot_aqua", 1.0), ("flan_cot_qasc", 9.0)],
+                         maximum=10, temperature=100.0)
+
+
+def test_records_of_one_input_stay_on_one_side_of_the_validation_split(tmp_path):
+  recs = [{"instruction": f"Classify item {i % 30}.", "input": "", "output": f"label {i}"}
+          for i in range(60)]  # each input twice, with other outputs
+  path = _write(tmp_path / "dup.jsonl", [json.dumps(r) for r in recs])
+  (d,), _ = _user({"name": "dup_inputs", "path": path, "validation_share": 0.3})
+  train, val = tasks.raw_examples(d, "train"), tasks.raw_examples(d, "validation")
+  assert len(train) + len(val) == 60 and val and train
+  assert not {ex["instruction"] for ex in train} & {ex["instruction"] for ex in val}
+
+
+def test_flan_cot_gsm8k_scores_numbers_as_gsm8k_does():
+  shared_data("flan_cot")
+  defs = {x.name: x for x in flan_cot.task_defs()}
+  for name in ("flan_cot_gsm8k", "flan_cot_gsm8k_direct"):
+    d = defs[name]
+    target = d.postprocess_fn("Half of 2,400 is 1,200. So the answer is 1200.")
+    said = d.postprocess_fn("She has 2,400 and gives half. So the answer is 1,200.")
+    assert target == said == "1200"
+    assert d.metric_fns[0]([target], [said]) == {"accuracy": 100.0}

@@ -100,6 +100,11 @@ def add_mixture(name: str, tasks: Iterable[str | tuple[str, float]], maximum: in
     pairs = [(t, None) if isinstance(t, str) else t for t in tasks]
     if any(r is None for _, r in pairs):
       raise UserError(f"mixture {name!r}: give a rate for every task or for none")
+    if maximum is not None or temperature != 1.0:
+      # Rates given are the rates: a cap or temperature would be silently ignored.
+      raise UserError(f"mixture {name!r}: its tasks have rates, so maximum={maximum} and "
+                      f"temperature={temperature} would not apply; drop them, or name the "
+                      "tasks without rates to have rates from their sizes")
   _replace(name)
   return seqio.MixtureRegistry.add(name, pairs)
 

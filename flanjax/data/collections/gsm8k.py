@@ -112,8 +112,12 @@ def accuracy(targets, predictions):
   return {"accuracy": 100.0 * hits / len(targets)}
 
 
-def _postprocess(text, **_):
+def score_text(text, **_):
+  """What is scored of a target or a generation: its final number."""
   return final_number(text)
+
+
+_postprocess = score_text
 
 
 def _held_fp() -> str:

@@ -244,12 +244,18 @@ def detect_format(path: str) -> str | None:
   return _detect_once(path, sources.fingerprint_paths([path]))
 
 
+def _input_key(record: dict) -> str:
+  fields = {k: record[k] for k in ("instruction", "input", "prompt") if k in record}
+  return json.dumps(fields or record, sort_keys=True, ensure_ascii=False)
+
+
 def _split_records(records: Sequence[dict], split: str, share: float) -> list[dict]:
   if not share:
     return list(records)
-  # A conversation is held out whole (its key is its turns'); other records one by one.
-  held = [sources.holdout(r["_conv"] if "_conv" in r else json.dumps(r, sort_keys=True), share)
-          for r in records]
+  # A conversation is held out whole (its key is its turns'); other records by their input
+  # (instruction and input, prompt, an NIv2 instance's input), so two records of one input
+  # with other outputs never fall on both sides.
+  held = [sources.holdout(r["_conv"] if "_conv" in r else _input_key(r), share) for r in records]
   return [r for r, h in zip(records, held) if h == (split == "validation")]
 
 
