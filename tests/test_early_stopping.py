@@ -83,10 +83,12 @@ def test_overfit_warning_needs_validation_rising_while_training_falls():
 
 # ---------------------------------------------------------------- the real command
 
-def _overfit_file(path, n=48):
+def _overfit_file(path, n=64, seed=3):
   """Prompts with random answers: nothing generalises past the words' frequencies, so a
-  tiny model memorises the training records and validation loss turns up."""
-  rng = random.Random(0)
+  tiny model memorises the training records and validation loss turns up (this seed and
+  size: up three evaluations in a row by 0.04 or more, on the validation records split by
+  prompt, since 4f8f84f)."""
+  rng = random.Random(seed)
   words = ["red", "blue", "green", "apple", "river", "stone", "cloud", "tiger", "lamp",
            "glass", "moon", "sand"]
   path.write_text("".join(json.dumps({"prompt": f"Item {i}: name the hidden words.",
