@@ -108,10 +108,7 @@ def test_lora_run_killed_resumes_to_the_same_losses_and_refuses_another_base(tmp
   merged_t = peft.PeftModel.from_pretrained(base_t, str(tmp_path / "peft")).merge_and_unload()
   rng = np.random.default_rng(0)
   enc, dec = rng.integers(2, 1000, size=(2, 9)), rng.integers(2, 1000, size=(2, 5))
-
-  def hf_logits(m):
-    with torch.no_grad():
-      return m.eval()(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits
+  hf_logits = lambda m: _t5_logits(m, enc, dec)  # noqa: E731
   ref = hf_logits(merged_t).numpy()
   exported = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "merged"))
   np.testing.assert_allclose(hf_logits(exported).numpy(), ref, atol=1e-4, rtol=1e-4)
@@ -168,6 +165,12 @@ def _fake_lora_run(tmp_path):
   return run, model
 
 
+def _t5_logits(model, enc, dec):
+  """A transformers T5's logits for encoder ids `enc` and decoder ids `dec`."""
+  with torch.no_grad():
+    return model.eval()(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits
+
+
 def test_orbax_to_hf_takes_a_moved_base_and_refuses_a_soft_prompt(tmp_path):
   import numpy as np
   import transformers
@@ -177,10 +180,7 @@ def test_orbax_to_hf_takes_a_moved_base_and_refuses_a_soft_prompt(tmp_path):
   run, model = _fake_lora_run(tmp_path)
   rng = np.random.default_rng(0)
   enc, dec = rng.integers(2, 96, size=(2, 9)), rng.integers(2, 96, size=(2, 5))
-
-  def logits(m):
-    with torch.no_grad():
-      return m.eval()(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits
+  logits = lambda m: _t5_logits(m, enc, dec)  # noqa: E731
   ref = logits(model).numpy()
   T5 = transformers.T5ForConditionalGeneration  # noqa: N806
   out = str(tmp_path / "hf")
