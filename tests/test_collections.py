@@ -524,16 +524,18 @@ def test_show_task_prints_what_the_model_sees(tmp_path, builtin_vocab):
   spec = importlib.util.spec_from_file_location("show_task_tool", REPO / "tools" / "show_task.py")
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
-  err = io.StringIO()
-  try:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), \
-         pytest.raises(SystemExit) as exit_:
-      config.run_plain_main(tool.main, "show_task", ["no_such_task"])
-  finally:
-    registry.register_all(builtin_vocab)  # the tool registered its input length of 1024
-  assert exit_.value.code == 2
-  assert err.getvalue().strip().splitlines()[-1].startswith(
-      "show_task: error: unknown task or mixture")
+  for argv, first in ((["no_such_task"], "show_task: error: unknown task or mixture"),
+                      (["builtin_parity", "--split", "bogus"],
+                       "show_task: error: builtin_parity has no split 'bogus'; its splits are")):
+    err = io.StringIO()
+    try:
+      with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), \
+           pytest.raises(SystemExit) as exit_:
+        config.run_plain_main(tool.main, "show_task", argv)
+    finally:
+      registry.register_all(builtin_vocab)  # the tool registered its input length of 1024
+    assert exit_.value.code == 2
+    assert err.getvalue().strip().splitlines()[-1].startswith(first), err.getvalue()
 
 
 @pytest.fixture

@@ -64,6 +64,9 @@ def main(argv=None) -> int:
   if args.name not in tasks.DEFS:
     if args.name.startswith(registry.BUILTIN_PREFIX):
       from flanjax.data.collections import builtin  # pylint: disable=g-import-not-at-top
+      if args.split not in builtin.SPLIT_SIZES:
+        raise UserError(f"{args.name} has no split {args.split!r}; its splits are "
+                        f"{', '.join(builtin.SPLIT_SIZES)}")
       recs = builtin.rendered_examples(args.name[len(registry.BUILTIN_PREFIX):], args.split,
                                        args.mode)[:args.n]
     else:
