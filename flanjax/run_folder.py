@@ -322,12 +322,10 @@ class RunFolder:
     os.makedirs(self.vocab_dir, exist_ok=True)
     if isinstance(vocab, seqio.SentencePieceVocabulary):
       tmp = os.path.join(self.vocab_dir, f"spiece.model.tmp{os.getpid()}")
-      # The model file itself: seqio's sp_model has the extra ids (T5's sentinels) appended,
-      # and load_vocabulary adds them again from run_info's fingerprint.
-      src = vocab.sentencepiece_model_file
-      data = open(src, "rb").read() if src and os.path.isfile(src) else vocab.sp_model
+      from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+      # The model file itself (load_vocabulary adds the extra ids from run_info's fingerprint).
       with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(hf.spiece_bytes(vocab))
       os.replace(tmp, os.path.join(self.vocab_dir, "spiece.model"))
     elif hasattr(vocab, "save_tokenizer"):
       vocab.save_tokenizer(self.vocab_dir)

@@ -55,3 +55,10 @@ def test_a_runs_sentencepiece_vocabulary_with_extra_ids_reads_back_the_same(tmp_
     f.write(v.sp_model)
   old = run.load_vocabulary(info)
   assert old.vocab_size == v.vocab_size and old.encode(text) == v.encode(text)
+  # An export (hf.save) writes the file as it came too: no sentinel among its pieces, where
+  # seqio's sp_model has all 24 (transformers' T5 tokenizer adds them again on loading).
+  from flanjax import run_folder  # pylint: disable=g-import-not-at-top
+  from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+  for data, sentinels in ((hf.spiece_bytes(v), 0), (v.sp_model, 24)):
+    (tmp_path / "spiece.model").write_bytes(data)
+    assert run_folder._extra_pieces(str(tmp_path / "spiece.model")) == sentinels  # pylint: disable=protected-access

@@ -281,8 +281,9 @@ def test_broken_niv2_task_file(tmp_path):
       "--gin.MIXTURE='mine'"],
      ["mixture 'mine' would train on evaluation-only data: bbh_navigate"]),
     (["--gin.bad_records.policy='skp'"], ["bad_records.policy must be one of"]),
-    (["--gin.train.task_feature_lengths={'inputs': 4, 'targets': 2}"],
-     ["inputs=4 is shorter than every example", "targets=2 is shorter than every example",
+    # targets=1: EOS alone (a one-token output with EOS is 2, and a seed task has such).
+    (["--gin.train.task_feature_lengths={'inputs': 4, 'targets': 1}"],
+     ["inputs=4 is shorter than every example", "targets=1 is shorter than every example",
       "--gin.train.task_feature_lengths="]),
     (["--gin.train.task_feature_lengths={'inputs': 0, 'targets': 32}"],
      ["train.task_feature_lengths['inputs'] = 0", "at least 1"]),

@@ -478,6 +478,17 @@ def _sp_size(path: str) -> int:
   return spm.SentencePieceProcessor(model_file=path).get_piece_size()
 
 
+def spiece_bytes(vocabulary) -> bytes:
+  """A SentencePiece vocabulary's model file as it came: seqio's sp_model has the extra ids
+  (T5's sentinels) appended as pieces, which a reader (seqio with extra_ids, transformers'
+  T5 tokenizer) appends again."""
+  src = getattr(vocabulary, "sentencepiece_model_file", None)
+  if src and os.path.isfile(src):
+    with open(src, "rb") as f:
+      return f.read()
+  return vocabulary.sp_model
+
+
 def _special_ids(vocabulary) -> dict:
   out = {}
   for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
@@ -555,4 +566,4 @@ def save(model_config, params, path: str, vocabulary=None, extra_config: Mapping
     vocabulary.save_tokenizer(path)
   elif vocabulary is not None and hasattr(vocabulary, "sp_model"):
     with open(os.path.join(path, "spiece.model"), "wb") as f:
-      f.write(vocabulary.sp_model)
+      f.write(spiece_bytes(vocabulary))

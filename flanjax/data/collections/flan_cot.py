@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from flanjax.data import cache, sources
-from flanjax.data.collections import gsm8k
+from flanjax.data import cache, sources, templates
 from flanjax.data.tasks import TaskDef
 
 SETS = ("aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking", "strategyqa")
@@ -78,8 +77,8 @@ def task_defs() -> list[TaskDef]:
   defs = []
   for name in SETS:
     # GSM8K's answers are numbers: scored as the gsm8k task scores them ('1,200' is 1200).
-    scoring = dict(metric_fns=(gsm8k.accuracy,), postprocess_fn=gsm8k.score_text) if (
-        name == "gsm8k") else {}
+    scoring = dict(metric_fns=(templates.number_accuracy,),
+                   postprocess_fn=templates.score_number) if name == "gsm8k" else {}
     common = dict(load=functools.partial(_split, name), splits=("train", "validation"),
                   **scoring,
                   templates="cot_qa", num_shots=3,

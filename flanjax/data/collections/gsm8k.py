@@ -17,44 +17,9 @@ from flanjax.data.tasks import TaskDef
 
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 _CALC = re.compile(r"<<[^>]*>>")
-# A number, with commas only as thousands separators (groups of three digits):
-# "1,234" is one number, "3,4" two.
-_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
-# The end of the answer's sentence: a full stop before a space or the end, or a line break
-# ('1,200.50' keeps its decimal point).
-_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
-
-
-def normalize_number(text: str, first: bool = False) -> str:
-  """'$1,200.00' -> '1200': the last number of `text` (the first with `first`); '' if it
-  holds no number."""
-  m = _NUMBER.findall(text)
-  if not m:
-    return ""
-  s = m[0 if first else -1].replace("$", "").replace(",", "")
-  if "." in s:
-    s = s.rstrip("0").rstrip(".")
-  return s
-
-
-def final_number(text: str) -> str:
-  """The answer number of a GSM8K target or a model's output.
-
-  After the last '####' if there is one (the reference format), else after the last CoT
-  answer phrase: the last number of the sentence it starts ('So the answer is 18. That is 2
-  more than 16.' -> 18; a list '3,4.' -> 4), else the first number after it; else the last
-  number in the text. '' if there is none.
-  """
-  if "####" in text:
-    return normalize_number(text.split("####")[-1], first=True)
-  idx = text.rfind(templates.COT_ANSWER_PREFIX)
-  if idx >= 0:
-    tail = text[idx + len(templates.COT_ANSWER_PREFIX):]
-    sentence = _SENTENCE_END.split(tail, maxsplit=1)[0]
-    found = normalize_number(sentence) or normalize_number(tail, first=True)
-    if found:
-      return found
-  return normalize_number(text)
+# Number answers are read and scored in data/templates.py (flan_cot_gsm8k scores so too).
+normalize_number = templates.normalize_number
+final_number = templates.final_number
 
 
 def parse(rec: dict) -> dict:
@@ -104,19 +69,8 @@ def flan_cot_validation_questions() -> frozenset:
   return frozenset(_key(r["question"]) for r in flan_cot.validation_rows("gsm8k"))
 
 
-def accuracy(targets, predictions):
-  """Exact match of the final numbers, in percent (a prediction with none scores 0)."""
-  if not targets:
-    return {"accuracy": 0.0}
-  hits = sum(bool(p) and t == p for t, p in zip(targets, predictions))
-  return {"accuracy": 100.0 * hits / len(targets)}
-
-
-def score_text(text, **_):
-  """What is scored of a target or a generation: its final number."""
-  return final_number(text)
-
-
+accuracy = templates.number_accuracy
+score_text = templates.score_number
 _postprocess = score_text
 
 
