@@ -326,7 +326,7 @@ def test_a_file_of_no_format_is_one_line_naming_file_record_and_formats(tmp_path
   assert msg.startswith(f"{path}:2: a record with keys ['answer', 'question'] matches no format")
   assert "sharegpt ('conversations')" in msg and "alpaca ('instruction', 'output')" in msg
   one_object = tmp_path / "one.json"
-  one_object.write_text(json.dumps({"data": RECORDS["alpaca"]}, indent=2))
+  one_object.write_text(json.dumps({"data": RECORDS["alpaca"][0]}, indent=2))
   with pytest.raises(UserError, match=r"one.json: one JSON object \(keys: data\), not records"):
     list(user.read_records(sources.Reader(str(one_object), "raise"), "alpaca"))
   with pytest.raises(UserError, match="'templates' apply to the plain prompt format only"):

@@ -190,19 +190,81 @@ def _detect_and_read(path, policy="raise"):
   return fmt, records, reader.report
 
 
-def test_a_pretty_printed_object_wrapping_records_is_named_as_the_reader_names_it(tmp_path):
+def test_an_object_of_no_records_is_named_as_the_reader_names_it(tmp_path):
   from flanjax.data import sources
   from flanjax.errors import UserError
-  path = tmp_path / "wrapped.json"
-  path.write_text(json.dumps({"data": ALPACA}, indent=2))
-  # Detection stops with the reader's own line (the key and the fix), not "not valid JSON".
-  want = (f"{path}: one JSON object (keys: data), not records; write one record per line "
-          "(JSON lines) or a JSON array of records")
+  path = tmp_path / "settings.json"
+  path.write_text(json.dumps({"data": "train.jsonl", "epochs": 3}, indent=2))
+  # Detection stops with the reader's own line (the keys and the fix), not "not valid JSON".
+  want = (f"{path}: one JSON object (keys: data, epochs), not records; write one record per "
+          "line (JSON lines) or a JSON array of records")
   with pytest.raises(UserError) as detected:
     _detect_and_read(path)
   with pytest.raises(UserError) as read:
     list(sources.read_json_or_jsonl(sources.Reader(str(path), "skip")))
   assert str(detected.value) == str(read.value) == want
+  # Two lists of records: which one to train on is the user's call.
+  path.write_text(json.dumps({"train": ALPACA, "test": ALPACA}, indent=2))
+  with pytest.raises(UserError, match=r"settings.json: one JSON object with 2 lists of records "
+                                      r"\(train, test\); write each list to a file of its own"):
+    _detect_and_read(path)
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_records_wrapped_in_one_object_are_read_from_its_list(tmp_path, indent):
+  # {"version": ..., "data": [...]}, as some dataset exports write them, on one line or many.
+  path = tmp_path / "wrapped.json"
+  path.write_text(json.dumps({"version": "1.0", "data": ALPACA}, indent=indent))
+  fmt, records, report = _detect_and_read(path)
+  assert fmt == "alpaca" and not report.skipped
+  assert [r["answer"] for r in records] == ["0", "1"]
+  from flanjax.data import sources
+  where = [w for w, _ in sources.read_json_or_jsonl(sources.Reader(str(path)))]
+  assert where == [f"{path}:data[0]", f"{path}:data[1]"]
+
+
+def test_one_conversation_on_one_line_is_a_record_not_a_wrapper(tmp_path):
+  # Its turns are a list of objects too; they are not records.
+  path = tmp_path / "one.jsonl"
+  conv = {"id": "a", "conversations": [{"from": "human", "value": "Hi?"},
+                                       {"from": "gpt", "value": "Hello."}]}
+  path.write_text(json.dumps(conv) + "\n")
+  fmt, records, _ = _detect_and_read(path)
+  assert fmt == "sharegpt" and len(records) == 1
+  path.write_text(json.dumps({"dialog": conv["conversations"]}) + "\n")  # no format's keys
+  with pytest.raises(Exception, match=r"one.jsonl:1: a record with keys \['dialog'\] matches no"):
+    _detect_and_read(path)
+
+
+@pytest.mark.parametrize("sep", ["\n", "", "\n\n"])
+def test_pretty_printed_json_lines_are_read_object_by_object(tmp_path, sep):
+  # json.dump(record, f, indent=2) per record, or objects run together on one line.
+  path = tmp_path / "pretty.jsonl"
+  recs = ALPACA + [{"instruction": "Say\n{2}.", "input": "", "output": "2"}]
+  path.write_text(sep.join(json.dumps(r, indent=2 if sep else None) for r in recs) + "\n")
+  fmt, records, report = _detect_and_read(path)
+  assert fmt == "alpaca" and [r["answer"] for r in records] == ["0", "1", "2"]
+  from flanjax.data import sources
+  where = [w for w, _ in sources.read_json_or_jsonl(sources.Reader(str(path)))]
+  if sep:  # each record named by the line it starts on
+    starts = [i + 1 for i, line in enumerate(path.read_text().split("\n")) if line == "{"]
+    assert where == [f"{path}:{n}" for n in starts]
+  # A broken object cannot be skipped (where the next one starts is unknown): one line, the
+  # line it starts on.
+  text = path.read_text()
+  cut = text.rindex('"output"')
+  path.write_text(text[:cut] + text[cut + 1:])
+  with pytest.raises(Exception) as e:
+    _detect_and_read(path, policy="skip")
+  assert "not valid JSON" in str(e.value) and "cannot be skipped" in str(e.value)
+  assert str(e.value).startswith(f"{path}:")
+
+
+def test_a_malformed_first_line_of_json_lines_is_still_a_bad_line(tmp_path):
+  path = tmp_path / "lines.jsonl"
+  path.write_text('{"instruction": "x", "output": \n' + "\n".join(json.dumps(r) for r in ALPACA))
+  fmt, records, report = _detect_and_read(path, policy="skip")
+  assert fmt == "alpaca" and len(records) == 2 and report.skipped["malformed JSON lines"] == 1
 
 
 def test_json_lines_after_a_blank_first_line_are_records(tmp_path):

@@ -174,40 +174,127 @@ def _head(path: str, size: int = 4096) -> bytes:
     return f.read(size).removeprefix(codecs.BOM_UTF8).lstrip()
 
 
-def _one_object(path: str, limit: int = 64 << 20) -> dict | None:
-  """The file's JSON object when the whole file is one (pretty-printed) object whose
-  first non-blank line is not JSON by itself; else None."""
-  with open(path, "rb") as f:
-    first = b""
-    for first in f:  # JSON lines may start with blank lines
-      first = first.removeprefix(codecs.BOM_UTF8)
-      if first.strip():
-        break
-  try:
-    json.loads(first)
-    return None  # a JSON-lines file
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-    pass
-  if os.path.getsize(path) > limit:
+# Keys of a record of the formats flanjax reads: an object with one of them is a record,
+# not a file's wrapper of records.
+_RECORD_KEYS = frozenset({"instruction", "input", "output", "prompt", "completion", "response",
+                          "conversations", "messages"})
+
+
+def _wrapped_key(obj) -> str | None:
+  """The key of the one list of objects in `obj` when `obj` wraps records so; None when it
+  is not such a wrapper (no such list, several, or a list of chat turns, which makes `obj`
+  one conversation record)."""
+  if not isinstance(obj, dict) or _RECORD_KEYS & set(obj):
     return None
-  try:
-    with open(path, encoding="utf-8-sig") as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+  keys = [k for k, v in obj.items()
+          if isinstance(v, list) and v and all(isinstance(e, dict) for e in v)]
+  if len(keys) != 1:
     return None
-  return data if isinstance(data, dict) else None
+  turns = obj[keys[0]]
+  if all(("role" in e or "from" in e) for e in turns):
+    return None  # a ShareGPT or chat record's turns, not records
+  return keys[0]
+
+
+def _read_text(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # offsets as in the bytes' text
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; "
+                    "re-encode the file as UTF-8") from None
+
+
+def _layout(path: str) -> tuple[str, object]:
+  """How a JSON records file is laid out, from its first value: ('array', None), ('lines',
+  None) (one object per line; also what a malformed first line falls back to), ('stream',
+  None) (objects written over several lines, or several on one line, one after another:
+  pretty-printed "JSON lines"), ('wrapped', key) (one object holding its records in the
+  list under `key`), or ('object', the object) (one object that holds no records)."""
+  head = _head(path)
+  if not head.startswith(b"{"):
+    return ("array", None) if head.startswith(b"[") else ("lines", None)
+  decoder, size, total = json.JSONDecoder(), 1 << 16, os.path.getsize(path)
+  while True:
+    with open(path, "rb") as f:
+      text = f.read(size).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
+    start = len(text) - len(text.lstrip())
+    try:
+      obj, end = decoder.raw_decode(text, start)
+      break
+    except (json.JSONDecodeError, RecursionError):
+      if size >= total:
+        return "lines", None  # the first line is bad: the lines reader reports it
+      size *= 4
+  one_line = "\n" not in text[start:end] and "\r" not in text[start:end]
+  line_end = min((i for i in (text.find("\n", end), text.find("\r", end)) if i >= 0),
+                 default=len(text))
+  only = not text[end:].strip() and (size >= total or not _read_text(path)[end:].strip())
+  if only:  # the first value is the whole file
+    key = _wrapped_key(obj)
+    if key is not None:
+      return "wrapped", key
+    return ("lines", None) if one_line else ("object", obj)
+  if one_line and not text[end:line_end].strip():
+    return "lines", None
+  return "stream", None
+
+
+def _line_of(text: str, pos: int, memo: list) -> int:
+  """1-based line of `pos`, counting on from the last call's position (memo: [pos, line])."""
+  last, line = memo
+  line += text.count("\n", last, pos)
+  memo[:] = [pos, line]
+  return line
+
+
+def _read_stream(reader: Reader) -> Iterator[tuple[str, dict]]:
+  text = _read_text(reader.path)
+  decoder, i, memo = json.JSONDecoder(), 0, [0, 1]
+  while True:
+    while i < len(text) and text[i].isspace():
+      i += 1
+    if i >= len(text):
+      return
+    where = f"{reader.path}:{_line_of(text, i, memo)}"
+    try:
+      rec, i = decoder.raw_decode(text, i)
+    except (json.JSONDecodeError, RecursionError) as e:
+      detail = (f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError)
+                else "JSON nested too deeply to read")
+      # Objects over several lines: where the next one starts after a bad one is unknown.
+      raise UserError(f"{where}: {detail}; this file holds JSON objects written over several "
+                      "lines, so a bad one cannot be skipped: fix it, or write one object "
+                      "per line") from None
+    if not isinstance(rec, dict):
+      reader.bad(where, "non-object records", f"a JSON {type(rec).__name__}, not an object",
+                 "make every record an object")
+      continue
+    yield where, rec
+
+
+def _read_wrapped(reader: Reader, key: str) -> Iterator[tuple[str, dict]]:
+  data = load_json(reader.path, "fix the file (a JSON object must parse as a whole)")
+  for i, rec in enumerate(data[key]):
+    yield f"{reader.path}:{key}[{i}]", rec
 
 
 def read_json_or_jsonl(reader: Reader) -> Iterator[tuple[str, dict]]:
-  """A JSON array of objects (Alpaca's own files, ShareGPT dumps) or JSON lines."""
+  """Records of a JSON file: an array of objects (Alpaca's own files, ShareGPT dumps), JSON
+  lines, objects one after another over several lines (pretty-printed JSON lines), or one
+  object holding its records in a single list ({"data": [...]})."""
   check_file(reader.path)
-  head = _head(reader.path)
-  if head.startswith(b"{") and (obj := _one_object(reader.path)) is not None:
-    keys = ", ".join(sorted(obj)[:8])
-    raise UserError(f"{reader.path}: one JSON object (keys: {keys}), not records; write one "
-                    "record per line (JSON lines) or a JSON array of records")
-  if not head.startswith(b"["):
+  kind, arg = _layout(reader.path)
+  if kind == "object":
+    raise UserError(_not_records(reader.path, arg))
+  if kind == "lines":
     yield from read_jsonl(reader)
+    return
+  if kind == "stream":
+    yield from _read_stream(reader)
+    return
+  if kind == "wrapped":
+    yield from _read_wrapped(reader, arg)
     return
   data = load_json(reader.path, "fix the file (a JSON array must parse as a whole)")
   if not isinstance(data, list):
@@ -272,6 +359,10 @@ def _first_array_element(path: str, max_elements: int = 1000) -> tuple[int, dict
 def _not_records(path: str, obj: dict) -> str:
   """What read_json_or_jsonl says of a file that is one JSON object."""
   keys = ", ".join(sorted(obj)[:8])
+  lists = [k for k, v in obj.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+  if len(lists) > 1 and not _RECORD_KEYS & set(obj):
+    return (f"{path}: one JSON object with {len(lists)} lists of records ({', '.join(lists[:8])}); "
+            "write each list to a file of its own")
   return (f"{path}: one JSON object (keys: {keys}), not records; write one record per line "
           "(JSON lines) or a JSON array of records")
 
@@ -285,8 +376,18 @@ def first_record(path: str, max_lines: int = 1000) -> tuple[str, dict | None, st
   if head.startswith(b"["):
     i, rec, problem = _first_array_element(path, max_lines)
     return (f"{path}[{i}]" if rec is not None else path), rec, problem
-  if head.startswith(b"{") and (obj := _one_object(path)) is not None:
-    raise UserError(_not_records(path, obj))  # the reader's own message, not "not valid JSON"
+  kind, arg = _layout(path)
+  if kind == "object":
+    raise UserError(_not_records(path, arg))  # the reader's own message, not "not valid JSON"
+  if kind in ("stream", "wrapped"):
+    reader = Reader(path, "skip")
+    records = _read_stream(reader) if kind == "stream" else _read_wrapped(reader, arg)
+    for n, (where, rec) in enumerate(records):
+      if n >= max_lines:
+        break
+      return where, rec, ""
+    first = next(iter(reader.report.first.values()), "no JSON object")
+    return path, None, first.rstrip("; ")
   reader = Reader(path, "skip")
   for n, line in _lines(reader):
     if n > max_lines:
