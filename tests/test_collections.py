@@ -677,3 +677,40 @@ def test_flan_cot_gsm8k_scores_numbers_as_gsm8k_does():
     said = d.postprocess_fn("She has 2,400 and gives half. So the answer is 1,200.")
     assert target == said == "1200"
     assert d.metric_fns[0]([target], [said]) == {"accuracy": 100.0}
+
+
+def test_niv2_answers_are_scored_against_every_output_of_an_instance(builtin_vocab):
+  # NIv2 instances may have several right outputs; NIv2's own evaluation takes the best
+  # over them. Real files: cosmosqa and qasc have such instances.
+  from rouge_score import rouge_scorer
+  from flanjax.evaluation import harness
+  folder = shared_data("niv2_sample")
+  defs, _ = _user({"name": "ref_niv2", "path": str(folder), "format": "niv2",
+                   "validation_share": 0.5})
+  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+  several = 0
+  for stem in ("task024_cosmosqa_answer_generation", "task039_qasc_find_overlapping_words"):
+    (d,) = [d for d in defs if d.name == f"ref_niv2_{stem}"]
+    name = tasks.register(d, builtin_vocab, 512)
+    task = seqio.get_mixture_or_task(name)
+    examples = harness.load_examples(name, "validation", builtin_vocab, 512)
+    outs = {i["input"].strip(): [o.strip() for o in i["output"]] for i in json.load(
+        open(folder / f"{stem}.json", encoding="utf-8"))["Instances"]}
+    refs = [next(v for k, v in outs.items() if k in e.inputs) for e in examples]
+    several += sum(len(r) > 1 for r in refs)
+    # Any output is right; the last output of each instance scores 100 on both metrics.
+    last = [r[-1] for r in refs]
+    metrics, primary, _, _ = harness.score_predictions(task, examples, last)
+    assert primary == "rougeL" and metrics == {"rougeL": 100.0, "exact_match": 100.0}
+    # A prediction scores its best ROUGE-L over the outputs (brute force with rouge_score).
+    preds = [f"{r[-1].split()[0]} and something else" for r in refs]
+    want = 100 * sum(max(scorer.score(o, p)["rougeL"].fmeasure for o in r)
+                     for r, p in zip(refs, preds)) / len(refs)
+    got = harness.score_predictions(task, examples, preds)[0]["rougeL"]
+    assert abs(got - want) < 1e-9
+    # The review page marks the second output right too.
+    _, _, targets_pp, preds_pp = harness.score_predictions(task, examples, last)
+    assert [str(t) for t in targets_pp] == [templates.extract_answer(r[0]) for r in refs]
+    rows = harness._kept(examples, last, preds_pp, targets_pp, None, len(examples))
+    assert all(row["correct"] for row in rows)
+  assert several >= 5, several

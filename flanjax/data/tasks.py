@@ -191,8 +191,11 @@ def render_split(defn: TaskDef, split: str, fits: Callable[[str], bool] | None =
         if not exemplars or fits is None or fits(inputs):
           break
         exemplars = exemplars[1:]
-    out.append(dict(inputs=inputs, targets=targets, answer=str(ex.get("answer", targets)),
-                    options=list(ex.get("options") or []), template=t_idx, format=f))
+    rec = dict(inputs=inputs, targets=targets, answer=str(ex.get("answer", targets)),
+               options=list(ex.get("options") or []), template=t_idx, format=f)
+    if len(ex.get("references") or ()) > 1:  # every right answer, for scoring (NIv2)
+      rec["references"] = [str(r) for r in ex["references"]]
+    out.append(rec)
   return out
 
 

@@ -183,6 +183,31 @@ def render(template: Template,
   return inputs, targets
 
 
+class Answers(str):
+  """A target's first right answer, as a str (what tables and baselines show), carrying all
+  of them in `references` for metrics that score against any (NIv2's outputs)."""
+  references: tuple = ()
+
+  def __new__(cls, references):
+    self = super().__new__(cls, references[0])
+    self.references = tuple(references)
+    return self
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_text(text: str) -> list[str]:
+  """SQuAD's answer normalization: lower case, no punctuation or articles, split on space."""
+  text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+  return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def references(target) -> tuple:
+  """Every right answer of a postprocessed target (one, unless it is an `Answers`)."""
+  return getattr(target, "references", None) or (target,)
+
+
 def extract_answer(text: str) -> str:
   """The answer of a prediction or target: what follows the CoT phrase, if any."""
   idx = text.rfind(COT_ANSWER_PREFIX)

@@ -95,6 +95,8 @@ def load_examples(name: str, split: str, vocab, input_length: int,
       raw = {"inputs_pretokenized": r["inputs"].encode("utf-8"),
              "targets_pretokenized": r["targets"].encode("utf-8"),
              "answer": r["answer"].encode("utf-8"), "options": list(r["options"])}
+      if "references" in r:
+        raw["references"] = list(r["references"])
       out.append(Example(r["inputs"], r["targets"], list(r["options"]), raw))
     return out
   ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1, use_cached=False)

@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 
 from flanjax.data import pipeline
+from flanjax.data import templates as tmpl
 from flanjax.data import tasks as task_lib
 from flanjax.data.collections import mmlu
 from flanjax.errors import UserError
@@ -193,7 +194,8 @@ def _kept(examples, predictions, preds_pp, targets_pp, ranked, n: int) -> list[d
   out = []
   for i, (e, p, pp, t) in enumerate(list(zip(examples, predictions, preds_pp, targets_pp))[:n]):
     row = dict(inputs=e.inputs, prediction=p, target=e.targets, answer=_jsonable(pp),
-               gold=_jsonable(t), correct=str(pp).strip() == str(t).strip())
+               gold=_jsonable(t),
+               correct=any(str(pp).strip() == str(r).strip() for r in tmpl.references(t)))
     if ranked is not None and ranked["choices"][i] is not None:
       choice, gold = ranked["choices"][i], ranked["gold"][i]
       row.update(rank_choice=ranked["candidates"][i][choice], rank_correct=choice == gold)

@@ -17,13 +17,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import re
-import string
 from typing import Callable, Mapping, Sequence
 
 import gin
 import numpy as np
 
+from flanjax.data import templates as tmpl
 from flanjax.data.tasks import TaskDef
 from flanjax.errors import UserError
 
@@ -183,22 +182,13 @@ def _openbookqa(ex):
   return dict(question=_clean(q["stem"]), options=opts, answer=opts[ex["answerKey"]])
 
 
-_NORM_PUNCT = set(string.punctuation)
-
-
-def _normalize(text: str) -> list[str]:
-  """SQuAD's answer normalization: lower case, no punctuation or articles, split on space."""
-  text = "".join(c for c in text.lower() if c not in _NORM_PUNCT)
-  return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-
 def squad_metrics(targets, predictions):
   """Exact match and token F1 (SQuAD normalization) against the target answer, in percent."""
   if not targets:
     return {"exact_match": 0.0, "f1": 0.0}
   em = f1 = 0.0
   for t, p in zip(targets, predictions):
-    gold, pred = _normalize(t), _normalize(p)
+    gold, pred = tmpl.normalize_text(t), tmpl.normalize_text(p)
     em += gold == pred
     common = sum((collections.Counter(gold) & collections.Counter(pred)).values())
     if common:

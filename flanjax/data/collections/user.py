@@ -41,6 +41,7 @@ share), 'train_formats'. Bad records follow `bad_records.policy`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -390,6 +391,41 @@ def _postprocess(fmt: chat.PromptFormat, conversation: bool = True):
   return postprocess
 
 
+def _niv2_postprocess(fmt: chat.PromptFormat, conversation: bool = True):
+  """As _postprocess; a target of an instance with several outputs keeps them all (scored
+  against any, as NIv2's own evaluation does)."""
+  base = _postprocess(fmt, conversation)
+
+  def postprocess(text, example=None, is_target=False, **_):
+    answer = base(text)
+    refs = (example or {}).get("references") if is_target else None
+    if refs is not None and len(refs) > 1:
+      return tmpl.Answers([answer] + [tmpl.extract_answer(str(r)) for r in refs[1:]])
+    return answer
+
+  postprocess.prompt_format, postprocess.conversation = fmt, conversation
+  return postprocess
+
+
+@functools.cache
+def _rouge_scorer():
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def niv2_metrics(targets, predictions):
+  """NIv2's metrics, in percent: ROUGE-L F1 (rouge_score, stemmed) and exact match after
+  SQuAD's normalization, each the best over the instance's outputs."""
+  if not targets:
+    return {"rougeL": 0.0, "exact_match": 0.0}
+  scorer, rouge, em = _rouge_scorer(), 0.0, 0
+  for t, p in zip(targets, predictions):
+    refs = tmpl.references(t)
+    rouge += max(scorer.score(str(r), str(p))["rougeL"].fmeasure for r in refs)
+    em += any(tmpl.normalize_text(str(r)) == tmpl.normalize_text(str(p)) for r in refs)
+  return {"rougeL": 100.0 * rouge / len(targets), "exact_match": 100.0 * em / len(targets)}
+
+
 def prompt_format_of(name: str) -> chat.PromptFormat | None:
   """The prompt format of the user tasks of a registered task or mixture; None without any."""
   import seqio  # pylint: disable=g-import-not-at-top
@@ -430,7 +466,8 @@ def _niv2_defs(spec: Mapping, path: str, splits, share: float, shots: int,
         name=f"{name}_{stem}", load=load, splits=splits, templates=family,
         render_fn=render if fmt.name == "plain" else _niv2_in(render, fmt),
         fingerprint=lambda f=file: sources.fingerprint_paths([f]) + f"/{share}",
-        key=lambda ex: ex["input"], postprocess_fn=_postprocess(fmt, fmt.name != "plain"),
+        key=lambda ex: ex["input"], postprocess_fn=_niv2_postprocess(fmt, fmt.name != "plain"),
+        metric_fns=(niv2_metrics,),
         description=f"NIv2 {stem} from {file}"))
   return defs
 
