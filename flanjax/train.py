@@ -169,6 +169,8 @@ def train(
     run_info = {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
                 "model": model_record(cfg), "kind": kind.name,
                 "optimizer": optimizers.describe()}
+    if data := registry.data_record():  # the run's own tasks, for evaluating it later
+      run_info["data"] = data
     adapter = adapters.setup(peft, cfg, init_params, init_from, init_adapter, vocab, seed)
     if adapter is not None:
       run_info["adapter"], kind = adapter.describe(), adapter.kind(kind)

@@ -503,3 +503,35 @@ def test_too_little_free_disk_is_reported_before_training(alpaca_file, tmp_path,
   assert "not enough disk space for checkpoints" in line and "2.0 MiB free" in line
   assert not (tmp_path / "run" / "train_losses.jsonl").exists()
   assert complete_steps(tmp_path / "run") == []
+
+
+def test_a_user_data_run_is_evaluated_on_its_own_tasks_without_its_gin(first_run, tmp_path):
+  # The run recorded its user tasks (paths made absolute) in run_info.json; evaluate binds
+  # them, from another folder, with no --gin_file.
+  run = tmp_path / "run"
+  shutil.copytree(first_run[0], run)
+  data = json.loads((run / "run_info.json").read_text())["data"]
+  assert os.path.isabs(data["user_data.tasks"][0]["path"])
+  out = tmp_path / "eval"
+  proc = subprocess.run(
+      [sys.executable, "-m", "flanjax.evaluate", "--checkpoint", str(run),
+       "--tasks=user_data", "--max_examples=2", f"--out={out}",
+       "--gin.evaluate.input_length=96", "--gin.evaluate.max_decode_len=8"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert (f"user_data.tasks, user_data.prompt_format, register_all.mixtures, bad_records.policy "
+          f"as {run} was trained with") in proc.stdout
+  result = json.loads((out / "eval.json").read_text())
+  assert {(r["task"], r["split"]) for r in result["tasks"]} == {("user_data", "validation")}
+  # What the command line binds wins over the record.
+  other = tmp_path / "other.jsonl"
+  other.write_text(json.dumps({"instruction": "Say yes.", "input": "", "output": "yes"}) + "\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "flanjax.evaluate", "--checkpoint", str(run), "--tasks=mine",
+       "--max_examples=1", f"--out={out}", "--gin.evaluate.input_length=96",
+       f"--gin.user_data.tasks=[{{'name': 'mine', 'path': '{other}'}}]"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "was trained with (its run_info.json)" not in proc.stdout

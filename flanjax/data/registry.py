@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from typing import Callable, Mapping, Sequence
 
 import gin
 import seqio
 import tensorflow as tf
 
+from flanjax import config as flan_config
 from flanjax.data import templates
 from flanjax.data import mixtures as mix_lib
 from flanjax.data import tasks as task_lib
@@ -167,6 +169,74 @@ def register_all(vocabulary: seqio.Vocabulary, mixtures: Sequence[Mapping] = (),
       mix_lib.add_mixture(spec["name"], [t if isinstance(t, str) else tuple(t) for t in spec["tasks"]],
                           maximum=spec.get("maximum"), temperature=spec.get("temperature", 1.0))
   return names
+
+
+# The gin bindings that define a run's own tasks and mixtures: a training run records them
+# (run_info.json "data"), so evaluating its checkpoint needs no copy of its gin.
+DATA_BINDINGS = ("user_data.tasks", "user_data.prompt_format", "user_data.chat_template",
+                 "register_all.mixtures", "bad_records.policy")
+
+
+def _absolute(spec):
+  """A user task spec with its paths made absolute (the record is read from anywhere)."""
+  if not isinstance(spec, Mapping):
+    return spec
+  return {k: (os.path.abspath(v) if k in ("path", "validation_path") and isinstance(v, str)
+              else v) for k, v in spec.items()}
+
+
+def _macros_resolved(value, depth: int = 0):
+  """`value` with gin macros (%NAME) inside lists, tuples and dicts replaced by theirs."""
+  if depth > 8:
+    return value
+  if isinstance(value, gin.config.ConfigurableReference) and str(value).startswith("%"):
+    return _macros_resolved(gin.query_parameter(str(value)), depth + 1)
+  if isinstance(value, Mapping):
+    return {k: _macros_resolved(v, depth + 1) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_macros_resolved(v, depth + 1) for v in value)
+  return value
+
+
+def data_record() -> dict:
+  """The DATA_BINDINGS gin binds now, as JSON values (paths absolute); those that are
+  unbound, empty or not JSON are left out."""
+  out = {}
+  for selector in DATA_BINDINGS:
+    try:
+      value = _macros_resolved(flan_config.bound_value(selector))
+    except ValueError:  # a macro that is not bound
+      continue
+    if value is None or value == () or value == []:
+      continue
+    if selector == "user_data.tasks":
+      value = [_absolute(s) for s in value]
+    elif selector == "user_data.chat_template" and os.path.exists(str(value)):
+      value = os.path.abspath(value)
+    try:
+      out[selector] = json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+      continue  # a gin reference or an object: not something a record can restore
+  return out
+
+
+def bind_recorded_data(record: Mapping) -> list[str]:
+  """Binds a run's recorded DATA_BINDINGS that gin leaves unbound now, and registers the
+  tasks again if they were registered already. Returns the selectors bound. Tasks and
+  mixtures of the command's own (its gin binds either) win: then none is bound, as the
+  recorded mixtures name the recorded tasks."""
+  if any(flan_config.bound_value(sel) for sel in ("user_data.tasks", "register_all.mixtures")):
+    return []
+  bound = [sel for sel in DATA_BINDINGS
+           if sel in record and flan_config.bound_value(sel) is None]
+  if not bound:
+    return []
+  with gin.unlock_config():
+    for sel in bound:
+      gin.bind_parameter(sel, record[sel])
+  if task_lib.DEFS:
+    register_all(seqio.ByteVocabulary())  # names only; evaluation registers with its vocab
+  return bound
 
 
 def _takes_input_length(fn: Callable) -> bool:

@@ -81,6 +81,20 @@ def _load(checkpoint: str, step, prompt_format: str | None, log, adapter: str | 
   return loaded, fmt
 
 
+def _bind_run_data(checkpoint: str, adapter: str | None, log) -> None:
+  """The user tasks and mixtures a training run recorded (run_info.json "data"), bound where
+  this command's gin leaves them unbound: `--tasks my_task` works without the run's gin."""
+  from flanjax.run_folder import RunFolder  # pylint: disable=g-import-not-at-top
+  for path in (adapter, checkpoint):  # an adapter run is the run that trained
+    if not path or not os.path.isfile(os.path.join(path, "run_info.json")):
+      continue
+    record = (RunFolder(path).read_run_info() or {}).get("data") or {}
+    bound = registry.bind_recorded_data(record)
+    if bound:
+      log(f"data: {', '.join(bound)} as {path} was trained with (its run_info.json)")
+    return
+
+
 @gin.configurable(denylist=["log"])
 def evaluate(
     *,
@@ -121,6 +135,7 @@ def evaluate(
   decode = decode or decoding.DecodeConfig(max_decode_len=256)
   if max_decode_len is not None:
     decode = dataclasses.replace(decode, max_decode_len=int(max_decode_len))
+  _bind_run_data(checkpoint, adapter, log)
   names = resolve_tasks(tasks)  # a typo fails here, before a checkpoint is read
   if not os.path.exists(checkpoint):
     raise UserError(f"checkpoint {checkpoint} does not exist")
