@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import errno
+import io
 import logging
 import os
 import sys
@@ -163,10 +164,49 @@ def _guard_gin_package_reader() -> None:
     readers[k] = (reader, guarded)
 
 
+# The gin files read by the parse_gin under way (real paths); None outside one.
+_READ_ONCE: set | None = None
+
+
+def _include_once() -> None:
+  """Each gin file is read once per parse: `--gin_file=runs/finetune_llama.gin
+  --gin_file=runs/user_data.gin` both include flan.gin, and a second reading of it would
+  set back what the first file set over it (its optimizer, learning rate, z-loss), so
+  the result would hang on the order of the files. A file met again reads as empty."""
+  readers = getattr(gin.config, "_FILE_READERS", None)
+  if not readers:
+    return
+  for k, (reader, exists) in enumerate(readers):
+    if getattr(reader, "_flanjax_once", False):
+      continue
+
+    def once(path, _reader=reader):
+      if _READ_ONCE is not None:
+        real = os.path.realpath(path)
+        if real in _READ_ONCE:
+          return io.StringIO("")
+        _READ_ONCE.add(real)
+      return _reader(path)
+
+    once._flanjax_once = True  # pylint: disable=protected-access
+    readers[k] = (once, exists)
+
+
 def parse_gin(args: GinArgs, finalize: bool = True) -> list:
-  """Parses files then bindings; every gin problem becomes one UserError."""
+  """Parses files then bindings; every gin problem becomes one UserError. Each file is
+  read once, however many of the files include it."""
+  global _READ_ONCE
   gin.clear_config()
   _guard_gin_package_reader()
+  _include_once()
+  _READ_ONCE = set()
+  try:
+    return _parse_gin(args, finalize)
+  finally:
+    _READ_ONCE = None
+
+
+def _parse_gin(args: GinArgs, finalize: bool) -> list:
   logging.getLogger().addFilter(_DropGinPathNoise())
   for p in search_paths(args.search_paths):
     gin.add_config_file_search_path(p)

@@ -65,6 +65,28 @@ def test_overrides_apply_after_files():
   gin.clear_config()
 
 
+@pytest.mark.parametrize("files", [["runs/finetune_llama.gin", "runs/user_data.gin"],
+                                   ["runs/user_data.gin", "runs/finetune_llama.gin"]])
+def test_files_that_include_one_file_combine_in_either_order(files):
+  # Both include flan.gin; read a second time it would set back the first file's settings
+  # over it (Adafactor and flan.gin's schedule and z-loss for the Llama fine-tune).
+  config.parse_gin(config.parse_args([f"--gin_file={f}" for f in files]), finalize=False)
+  try:
+    got = {k: gin.query_parameter(k) for k in (
+        "optimizer.name", "schedule.name", "schedule.peak", "train.z_loss")}
+    assert got == {"optimizer.name": "adamw", "schedule.name": "constant",
+                   "schedule.peak": 2e-5, "train.z_loss": 0.0}
+    assert gin.query_parameter("user_data.tasks")[0]["name"] == "user_data"
+    assert gin.query_parameter("%MIXTURE") == "user_and_builtin"
+  finally:
+    gin.clear_config()
+  # One file named twice is read once too, and a later parse reads everything again.
+  config.parse_gin(config.parse_args(["--gin_file=flan.gin", "--gin_file=flan.gin"]),
+                   finalize=False)
+  assert gin.query_parameter("train.num_steps") == 800
+  gin.clear_config()
+
+
 @pytest.mark.parametrize("binding, message", [
     ("--gin.train.no_such_arg=1", "no_such_arg"),
     ("--gin.NoSuchThing.x=1", "NoSuchThing"),

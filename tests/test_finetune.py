@@ -218,7 +218,7 @@ def test_an_export_names_a_pad_token_only_when_the_tokenizer_has_one(tmp_path):
   assert "pad_token_id" not in ids and ids["eos_token_id"] == no_pad.eos_id
 
 
-def test_finetune_llama_trains_validates_and_evaluates(tmp_path):
+def test_finetune_llama_trains_validates_and_evaluates(tmp_path, capsys):
   from flanjax.data.collections import builtin
   torch.manual_seed(0)
   lcfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
@@ -230,6 +230,8 @@ def test_finetune_llama_trains_validates_and_evaluates(tmp_path):
   hf_dir = tmp_path / "llama-tiny"
   tmodel.save_pretrained(str(hf_dir))
   _write_tokenizer(str(hf_dir), builtin.all_text()[::5])
+  template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+  (hf_dir / "chat_template.jinja").write_text(template)  # where transformers 5 keeps it
   run = tmp_path / "run"
   out = _train(run, "runs/finetune_llama.gin", hf_dir, "--gin.train.num_steps=10",
                "--gin.schedule.peak=3e-3", "--gin.schedule.warmup_steps=0",
@@ -255,6 +257,14 @@ def test_finetune_llama_trains_validates_and_evaluates(tmp_path):
   hf_emb = tmodel.state_dict()["model.embed_tokens.weight"].numpy()
   np.testing.assert_array_equal(params["token_embedding"][1000:], hf_emb[1000:])
   assert np.abs(params["token_embedding"][:1000] - hf_emb[:1000]).max() > 1e-4
+  # The export keeps the chat template (through the run's vocab/), and says that
+  # transformers reads the prefix-LM-trained decoder causally.
+  capsys.readouterr()
+  convert_checkpoint.main(["orbax-to-hf", str(run), str(tmp_path / "export")])
+  err = capsys.readouterr().err
+  assert (tmp_path / "export" / "chat_template.jinja").read_text() == template
+  assert (run / "vocab" / "chat_template.jinja").read_text() == template
+  assert f"note: {run} trained a prefix LM" in err and "transformers runs the export causally" in err
 
 
 # ---------------------------------------------------------------- the prefix-LM step

@@ -206,7 +206,22 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, config: str | None = None,
     _copy_vocab(vocab, out_dir)
   hf.save(cfg, params, out_dir, vocabulary=_vocabulary_in(out_dir), extra_config=hf_config,
           dtype=dtype)
+  _note_prefix_lm(ckpt_dir, step, "transformers runs the export causally, so its outputs "
+                  "differ from flanjax's for --checkpoint RUN (flanjax.infer --checkpoint "
+                  "OUT_DIR runs the export causally too)")
   return cfg
+
+
+def _note_prefix_lm(ckpt_dir: str, step, consequence: str) -> None:
+  """A note when `ckpt_dir` is a run that trained a decoder as a prefix LM: an HF or PEFT
+  export is run causally there, a layout the weights were not trained in."""
+  from flanjax.models.loading import training_checkpoint  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(ckpt_dir) or os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):
+    return
+  found = training_checkpoint(os.path.abspath(ckpt_dir), step)
+  if found and (found[1].read_run_info() or {}).get("kind") == "prefix_lm":
+    print(f"note: {ckpt_dir} trained a prefix LM (its prompt read both ways, each row "
+          f"[0] + prompt + EOS + response); {consequence}", file=sys.stderr, flush=True)
 
 
 def orbax_to_peft(run_dir: str, out_dir: str, step=None, overwrite: bool = False):
@@ -227,12 +242,9 @@ def orbax_to_peft(run_dir: str, out_dir: str, step=None, overwrite: bool = False
     prompt_tuning.write_peft(out_dir, lcfg, adapters[prompt_tuning.KEY], cfg, base)
   else:
     lora.write_peft(out_dir, lcfg, adapters, sites, cfg, base)
-  if info.get("kind") == "prefix_lm":
-    # PEFT runs a decoder causally: the adapters meet a layout they were not trained in.
-    print(f"note: {run_dir} trained a prefix LM (its prompt read both ways); PEFT runs the "
-          "export causally, so its outputs differ from flanjax's for --checkpoint BASE "
-          "--adapter RUN (flanjax.infer --adapter OUT_DIR runs the export causally too)",
-          file=sys.stderr, flush=True)
+  _note_prefix_lm(run_dir, step, "PEFT runs the export causally, so its outputs differ "
+                  "from flanjax's for --checkpoint BASE --adapter RUN (flanjax.infer "
+                  "--adapter OUT_DIR runs the export causally too)")
   return cfg
 
 

@@ -28,6 +28,8 @@ import tensorflow as tf
 from flanjax.errors import UserError
 
 COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# Kept as they came (transformers 5 writes the chat template here, not in the config).
+TEXT_COMPANIONS = ("chat_template.jinja",)
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>", "[SEP]")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
@@ -120,6 +122,11 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
           settings.append(json.loads(companions[name]))
         except json.JSONDecodeError as e:
           raise UserError(f"{full}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    for name in TEXT_COMPANIONS:
+      full = os.path.join(path, name)
+      if os.path.isfile(full):
+        with open(full, "rb") as f:
+          companions[name] = f.read()
     if model_config is None and os.path.isfile(os.path.join(path, "config.json")):
       with open(os.path.join(path, "config.json")) as f:
         model_config = json.load(f)
