@@ -218,6 +218,22 @@ def test_an_export_names_a_pad_token_only_when_the_tokenizer_has_one(tmp_path):
   assert "pad_token_id" not in ids and ids["eos_token_id"] == no_pad.eos_id
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_when_loaded(tmp_path):
+  # Its ids past the embedding table scored NaN at inference, with exit 0.
+  from flanjax.data.collections import builtin
+  from flanjax.errors import UserError
+  from flanjax.models import loading
+  lcfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                  eos_token_id=1, bos_token_id=3)
+  transformers.LlamaForCausalLM(lcfg).save_pretrained(str(tmp_path))
+  _write_tokenizer(str(tmp_path), builtin.all_text()[::50], vocab_size=300)
+  with pytest.raises(UserError, match=r"its tokenizer has 300 pieces, more than the model's "
+                                      r"vocab_size 256; ids from 256 on have no embedding"):
+    loading.load(str(tmp_path))
+
+
 def test_finetune_llama_trains_validates_and_evaluates(tmp_path, capsys):
   from flanjax.data.collections import builtin
   torch.manual_seed(0)

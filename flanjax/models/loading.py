@@ -361,6 +361,11 @@ def _load(path: str, step: int | str | None = None, config: str | None = None) -
       kind, source = run_folder.model_kind(run_info), (
           f"training run {run_folder.path}, step {at}" + ("" if name.isdigit() else
                                                           " (its best checkpoint)"))
+  if vocab.vocab_size > cfg.vocab_size:
+    # Ids past the embedding table would read garbage (NaN scores), not fail.
+    raise UserError(f"{path}: its tokenizer has {vocab.vocab_size} pieces, more than the "
+                    f"model's vocab_size {cfg.vocab_size}; ids from {cfg.vocab_size} on have no "
+                    "embedding: give the tokenizer the model was trained with")
   _, prompt_tuning = _adapter_modules()
   kind = prompt_tuning.kind_of(kind, cfg, params)  # a prompt-tuning run's soft prompt
   return Loaded(kind.build(cfg), cfg, params, vocab, kind, source, at)
