@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from flanjax import config as flan_config
-from flanjax import train as _train  # noqa: F401  registers train's gin configurables
+from flanjax import train as _train  # registers train's gin configurables
 from flanjax.data import packing
 from flanjax.errors import UserError
 from flanjax.models import dense, kinds
@@ -156,7 +156,8 @@ def train_settings() -> dict:
           "microbatches": int(_bound("train.microbatches", 1)),
           "mesh_shape": tuple(_bound("train.mesh_shape", (-1, 1, 1))),
           "pack": bool(_bound("train.pack", True)), "z_loss": float(_bound("train.z_loss", 1e-4)),
-          "output_chunk": int(_bound("train.output_chunk", 128))}
+          "output_chunk": int(_bound("train.output_chunk", 128)),
+          "kind": _train._kind_for(cfg, _bound("train.decoder_objective", "prefix_lm"))}
 
 
 def _peft():
@@ -184,7 +185,7 @@ def _per_device_bytes(tree) -> int:
 def compile_train_step(settings: dict, devices):
   """(compiled step, abstract state) of the trainer's step for `devices`."""
   cfg = settings["config"]
-  kind = kinds.for_config(cfg)
+  kind = settings.get("kind") or kinds.for_config(cfg)
   model = kind.build(cfg)
   tx, lr_fn = optimizers.optimizer()
   part = loop.Partitioner(partitioning.make_mesh(settings["mesh_shape"], devices),
@@ -232,7 +233,8 @@ def model_flops_per_device(settings: dict, num_devices: int) -> float:
   XLA's cost analysis counts a scanned layer stack's loop body once, so it cannot
   stand for the step under scan_layers; this count is the same in either layout."""
   cfg = settings["config"]
-  rows = packing.row_lengths(settings["lengths"], kinds.for_config(cfg).packing_kind)
+  rows = packing.row_lengths(settings["lengths"],
+                             (settings.get("kind") or kinds.for_config(cfg)).packing_kind)
   full = flops_lib.step_flops(cfg, rows, settings["batch_size"]) / num_devices
   # Over a frozen base (LoRA, prompt tuning) the forward and the input gradients remain and
   # the base's weight gradients go: 2/3 of full fine-tuning (the adapters' own are left out).
@@ -298,7 +300,7 @@ def _print(r: dict) -> None:
 def compile_decode_step(settings: dict, devices, batch: int):
   """One cached decoding step of the kind (its KV cache for the lengths), params sharded."""
   cfg = settings["config"]
-  kind = kinds.for_config(cfg)
+  kind = settings.get("kind") or kinds.for_config(cfg)
   model = kind.build(cfg)
   part = loop.Partitioner(partitioning.make_mesh(settings["mesh_shape"], devices),
                           partitioning.logical_rules())

@@ -53,6 +53,20 @@ def _hide_accelerators_from_tf():
     pass
 
 
+OBJECTIVES = ("prefix_lm", "causal")
+
+
+def _kind_for(cfg, decoder_objective: str):
+  """The model kind a run trains: T5's, or a decoder's by train.decoder_objective."""
+  if decoder_objective not in OBJECTIVES:
+    raise UserError(f"train.decoder_objective={decoder_objective!r}: give one of "
+                    f"{', '.join(OBJECTIVES)}")
+  kind = kinds.for_config(cfg)
+  if decoder_objective == "causal" and kind is kinds.PREFIX_LM:
+    return kinds.DECODER
+  return kind
+
+
 def _vocab_size_for(model_config, vocabulary):
   needed = vocabulary.vocab_size
   if model_config.vocab_size == 0:
@@ -134,6 +148,7 @@ def train(
     eval_rank_classification: bool = False, max_decode_len: int | None = None,
     early_stopping=None, peft=None, init_adapter: str | None = None, stop_signal=None,
     on_step: Callable | None = None, decontamination: str = "warn", output_chunk: int = 128,
+    decoder_objective: str = "prefix_lm",
 ) -> dict:
   """Trains and evaluates; returns a summary dict (also written to model_dir).
 
@@ -147,6 +162,9 @@ def train(
   decontamination: 'warn' | 'drop' | 'off' (flanjax/curate/decontaminate.check_mixture).
   output_chunk: the output layer runs inside the loss, at loss positions only, this many
   positions of each row at a time (losses.output_cross_entropy); 0: logits everywhere.
+  decoder_objective: how a decoder-only model trains: 'prefix_lm' (each row [0] + inputs +
+  EOS + targets, the inputs read both ways; FLAN's) or 'causal' (BOS + inputs + targets read
+  left to right, as transformers and PEFT run a causal LM: an export behaves as trained).
   peft: @LoraConfig() or @PromptTuningConfig() trains over init_from's frozen model (read on
   resuming too); init_adapter: a PEFT adapter folder to start from.
   """
@@ -164,7 +182,7 @@ def train(
         ckpt.latest_step() is not None and peft is None and init_adapter is None))
     contaminated = _register_data(vocab, register_fns, mixture, lengths, decontamination)
     cfg = _vocab_size_for(cfg, vocab)
-    kind = kinds.for_config(cfg)
+    kind = _kind_for(cfg, decoder_objective)
     # Only what shapes the parameters: dtype, remat and dropout may change on resume.
     run_info = {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
                 "model": model_record(cfg), "kind": kind.name,

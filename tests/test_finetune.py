@@ -257,7 +257,7 @@ def test_finetune_llama_trains_validates_and_evaluates(tmp_path, capsys):
                "--gin.train.eval_splits=['validation']", "--gin.train.eval_max_examples=8",
                "--gin.train.max_decode_len=8")
   assert "model: decoder-only 64d x 2 layers" in out and "initialised from" in out
-  assert "rows x 160 (prefix-LM: 128 inputs + 32 targets) tokens" in out
+  assert "rows x 160 (causal: 128 inputs + 32 targets) tokens" in out  # the recipe's
   assert "step 10: validation loss" in out
   losses = _losses(run)
   assert len(losses) == 10 and all(np.isfinite(losses))
@@ -273,14 +273,20 @@ def test_finetune_llama_trains_validates_and_evaluates(tmp_path, capsys):
   hf_emb = tmodel.state_dict()["model.embed_tokens.weight"].numpy()
   np.testing.assert_array_equal(params["token_embedding"][1000:], hf_emb[1000:])
   assert np.abs(params["token_embedding"][:1000] - hf_emb[:1000]).max() > 1e-4
-  # The export keeps the chat template (through the run's vocab/), and says that
-  # transformers reads the prefix-LM-trained decoder causally.
+  # The export keeps the chat template (through the run's vocab/); a causal run needs no
+  # note, a prefix-LM run's export says that transformers reads it causally.
   capsys.readouterr()
   convert_checkpoint.main(["orbax-to-hf", str(run), str(tmp_path / "export")])
-  err = capsys.readouterr().err
+  assert "trained a prefix LM" not in capsys.readouterr().err
   assert (tmp_path / "export" / "chat_template.jinja").read_text() == template
   assert (run / "vocab" / "chat_template.jinja").read_text() == template
-  assert f"note: {run} trained a prefix LM" in err and "transformers runs the export causally" in err
+  prefix = tmp_path / "prefix"
+  _train(prefix, "runs/finetune_llama.gin", hf_dir, "--gin.train.num_steps=1",
+         "--gin.train.decoder_objective='prefix_lm'", "--gin.train.eval_at_end=False")
+  convert_checkpoint.main(["orbax-to-hf", str(prefix), str(tmp_path / "export2")])
+  err = capsys.readouterr().err
+  assert f"note: {prefix} trained a prefix LM" in err
+  assert "transformers runs the export causally" in err
 
 
 # ---------------------------------------------------------------- the prefix-LM step
@@ -363,3 +369,71 @@ def test_evaluation_prompt_continues_exactly_as_training_rows(tiny_decoder):
   # And the first of them from the packed training batch itself.
   train_logits = model.apply({"params": params}, **decoder.model_inputs(batch))
   assert int(np.argmax(train_logits[0, start + width])) == int(gen[0])
+
+
+def test_a_causal_fine_tune_trains_and_exports_as_transformers_runs_it(tmp_path):
+  # train.decoder_objective='causal': rows are BOS + prompt + response read left to right,
+  # so the export behaves in transformers as the run does in flanjax: the training step's
+  # loss equals transformers' loss on each example (labels on the response only), and
+  # greedy generation from the run equals transformers' generate on the export.
+  from flanjax.data.collections import builtin
+  from flanjax.models import loading
+  torch.manual_seed(0)
+  lcfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                                  max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+                                  bos_token_id=3)
+  _randomize(transformers.LlamaForCausalLM(lcfg).eval(), std=0.05).save_pretrained(
+      str(tmp_path / "llama"))
+  hf_dir = tmp_path / "llama"
+  _write_tokenizer(str(hf_dir), builtin.all_text()[::5])
+  from tokenizers import Tokenizer, processors
+  tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))  # adds BOS, as Llama's does
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+  tok.save(str(hf_dir / "tokenizer.json"))
+  run = tmp_path / "run"
+  out = _train(run, "runs/finetune_llama.gin", hf_dir, "--gin.train.num_steps=6",
+               "--gin.schedule.peak=3e-3", "--gin.schedule.warmup_steps=0",
+               "--gin.train.decoder_objective='causal'", "--gin.train.eval_at_end=False")
+  assert "rows x 160 (causal: 128 inputs + 32 targets) tokens" in out
+  assert json.loads((run / "run_info.json").read_text())["kind"] == "decoder"
+  convert_checkpoint.main(["orbax-to-hf", str(run), str(tmp_path / "export")])
+  exported = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+  loaded = loading.load(str(run))
+  assert loaded.kind is kinds.DECODER
+  vocab = loaded.vocab
+  registry.call_register_fns([registry.register_builtin], vocab, input_length=128)
+  batch = next(pipeline.get_dataset(registry.BUILTIN_MIXTURE, {"inputs": 128, "targets": 32},
+                                    "validation", batch_size=2, seed=0, shuffle=False,
+                                    kind="causal").as_numpy_iterator())
+  # Each packed example alone through transformers, labels on its response only.
+  total, weight = 0.0, 0
+  for r in range(2):
+    seg = batch["decoder_segment_ids"][r]
+    for s in range(1, seg.max() + 1):
+      idx = np.flatnonzero(seg == s)
+      ids = list(batch["decoder_input_tokens"][r, idx]) + [batch["decoder_target_tokens"][r, idx[-1]]]
+      w = batch["decoder_loss_weights"][r, idx]
+      assert 1 not in ids[:-int(w.sum())]  # no EOS in the prompt
+      assert ids[0] == pipeline.causal_bos(vocab) == 3 and ids.count(3) == 1
+      labels = torch.tensor([-100] * (len(ids) - int(w.sum())) + ids[-int(w.sum()):])
+      with torch.no_grad():
+        loss = exported(input_ids=torch.tensor([ids]), labels=labels[None]).loss
+      total, weight = total + float(loss) * int(w.sum()), weight + int(w.sum())
+  loss_sum, w_sum = jax.jit(trainer.make_eval_step(loaded.model))(loaded.params, batch)
+  assert int(w_sum) == weight
+  assert abs(float(loss_sum) / float(w_sum) - total / weight) < 1e-4
+  # Greedy generation: flanjax on the run, transformers on the export (BOS + prompt).
+  prompts = ["Is 14 even or odd?", "Which is larger, 3 or 8?"]
+  gen = decoding.Generator(loaded.model, loaded.params, vocab, 64,
+                           decoding.DecodeConfig(max_decode_len=8), kind=loaded.kind)
+  ours = gen.generate_ids([np.asarray(loaded.kind.prompt_ids(vocab, p), np.int32)
+                           for p in prompts])
+  for p, mine in zip(prompts, ours):
+    ids = loaded.kind.prompt_ids(vocab, p)
+    with torch.no_grad():
+      theirs = exported.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=1, pad_token_id=0)[0, len(ids):].tolist()
+    mine = [int(t) for t in mine]
+    assert mine == theirs[:len(mine)], (p, mine, theirs)

@@ -400,3 +400,48 @@ def test_examples_fetched_in_batches_are_the_per_example_stream():
   two_d = tf.data.Dataset.from_tensor_slices({"x": np.arange(12).reshape(3, 2, 2)})
   assert [e["x"].tolist() for e in packing.numpy_examples(two_d)] == \
       [e["x"].tolist() for e in two_d.as_numpy_iterator()]
+
+
+@pytest.mark.parametrize("bos,virtual,pack", [(3, 0, True), (None, 0, True), (3, 2, True),
+                                              (3, 0, False)])
+def test_causal_rows_are_each_example_read_left_to_right(bos, virtual, pack):
+  # kind="causal": an example is BOS (where the tokenizer adds it; after a soft prompt's
+  # virtual ids) + its inputs without their EOS + its targets; the model reads every token
+  # but the last and predicts every token but the first, with loss on the targets only.
+  # Checked against that text, example by example, from a brute-force walk of each row.
+  rng = np.random.default_rng(7)
+  lengths = {"inputs": 40, "targets": 24}
+  exs = _examples(rng, 150, lengths, "prefix_lm")
+  exs.append(dict(inputs=np.array([3, 9, 1], np.int32), targets=_seq(rng, 4)))  # has BOS
+  exs.append(dict(inputs=np.zeros(0, np.int32), targets=_seq(rng, 5)))  # no inputs
+  if virtual:
+    soft = np.array([900, 901], np.int32)
+    exs = [dict(e, inputs=np.concatenate([soft, e["inputs"]])) for e in exs]
+    lengths = {"inputs": 42, "targets": 24}
+  rows, packer = _pack(exs, lengths, "causal", bos_id=bos, virtual=virtual, pack=pack,
+                       eos_id=1)
+  assert packer.stats.violations == 0
+  assert set(rows[0]) == set(packing.model_lengths(lengths, "causal", pack))
+  seen = []
+  for row, members in zip(rows, packer.record):
+    seg = row.get("decoder_segment_ids", (row["decoder_loss_weights"] * 0 + 1) *
+                  (np.arange(row["decoder_target_tokens"].size) <
+                   len(np.trim_zeros(row["decoder_target_tokens"], "b"))))
+    for s, i in enumerate(members, 1):
+      e = exs[i]
+      inp = list(e["inputs"])
+      inp = inp[:-1] if inp[-1:] == [1] else inp  # its EOS dropped
+      if bos is not None and inp[virtual:virtual + 1] != [bos]:
+        inp = inp[:virtual] + [bos] + inp[virtual:]
+      full = inp + list(e["targets"])
+      idx = np.flatnonzero(seg == s)
+      if not inp:  # nothing to read before the first target: 0 starts it, as seqio's
+        full = [0] + full
+      assert list(row["decoder_input_tokens"][idx]) == full[:-1]
+      assert list(row["decoder_target_tokens"][idx]) == full[1:]
+      weights = list(row["decoder_loss_weights"][idx])
+      assert weights == [0] * (len(full) - 1 - e["targets"].size) + [1] * e["targets"].size
+      if pack:
+        assert list(row["decoder_positions"][idx]) == list(range(len(full) - 1))
+      seen.append(i)
+  assert sorted(seen) == list(range(len(exs)))

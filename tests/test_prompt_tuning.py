@@ -290,15 +290,15 @@ def test_recipe_trains_and_its_export_loads_in_peft(kind_name, tmp_path, builtin
 
   capsys.readouterr()
   convert_checkpoint.main(["orbax-to-peft", str(run), str(tmp_path / "peft")])
-  # A prefix-LM run (the Llama recipe) is told that PEFT runs the export causally.
-  assert ("PEFT runs the export causally" in capsys.readouterr().err) == (not t5)
+  # The Llama recipe trains causally, as PEFT runs the export: no note.
+  assert "PEFT runs the export causally" not in capsys.readouterr().err
   theirs_t = peft.PeftModel.from_pretrained(
       type(base_t).from_pretrained(str(hf_dir)), str(tmp_path / "peft")).eval()
   loaded = loading_lib.load(str(hf_dir), adapter=str(run))
-  # The base with the run's prompt runs as the run itself does (a Llama recipe trains a
-  # prefix LM over a causal base): the same kind, the same virtual tokens first.
+  # The base with the run's prompt runs as the run itself does: the same kind, the same
+  # virtual tokens first.
   itself = loading_lib.load(str(run))
-  assert loaded.kind == itself.kind and loaded.kind.name == ("enc_dec" if t5 else "prefix_lm")
+  assert loaded.kind == itself.kind and loaded.kind.name == ("enc_dec" if t5 else "decoder")
   assert loaded.kind.prompt_ids(loaded.vocab, "Is 7 odd?") == itself.kind.prompt_ids(
       itself.vocab, "Is 7 odd?")
   enc, dec = np.random.default_rng(4).integers(2, 1000, size=(2, 9)), np.array([[0, 5, 7]] * 2)

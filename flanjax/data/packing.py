@@ -8,7 +8,9 @@ padding.
 
 Algorithm (deterministic for a given input order):
   * Each example has a size per row dimension (enc_dec: inputs and targets
-    tokens; prefix_lm: inputs + targets; decoder: targets).
+    tokens; prefix_lm: inputs + targets; causal: BOS + inputs without their EOS +
+    targets, less the first token, which only the model's input holds; decoder:
+    targets).
   * It goes into the open row where it fits in every dimension and leaves the
     least slack, slack being the remaining capacity normalised per dimension
     and summed. Ties go to the oldest row. If no row fits, a new row opens.
@@ -37,7 +39,7 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-KINDS = ("enc_dec", "prefix_lm", "decoder")
+KINDS = ("enc_dec", "prefix_lm", "causal", "decoder")
 EOS_ID = 1
 DEFAULT_WINDOW = 1024
 _NO_FIT = np.iinfo(np.int64).max
@@ -47,7 +49,7 @@ def row_lengths(lengths: Mapping[str, int], kind: str) -> tuple[int, ...]:
   """Capacity of a row in each packing dimension."""
   if kind == "enc_dec":
     return (int(lengths["inputs"]), int(lengths["targets"]))
-  if kind == "prefix_lm":
+  if kind in ("prefix_lm", "causal"):
     # seqio's PrefixLM row holds inputs + targets lengths; given targets only,
     # that is taken as the length of the concatenated row.
     return (int(lengths["targets"]) + int(lengths.get("inputs", 0)),)
@@ -165,7 +167,8 @@ class Packer:
   def __init__(self, lengths: Mapping[str, int], kind: str = "enc_dec",
                pack: bool = True, window: int = DEFAULT_WINDOW,
                strict: bool = False, stats: PackingStats | None = None,
-               eos_id: int = EOS_ID, record: bool = False):
+               eos_id: int = EOS_ID, record: bool = False, bos_id: int | None = None,
+               virtual: int = 0):
     if window < 1:
       raise ValueError(f"window must be >= 1, got {window}")
     self.lengths = dict(lengths)
@@ -175,6 +178,9 @@ class Packer:
     self.window = window
     self.strict = strict
     self.eos_id = eos_id
+    # kind="causal": the BOS each example starts with (None: the tokenizer adds none), after
+    # `virtual` leading soft-prompt ids.
+    self.bos_id, self.virtual = bos_id, int(virtual)
     self.stats = stats if stats is not None else PackingStats()
     self.features = model_lengths(lengths, kind, pack)
     self._token_features = _token_features(kind)
@@ -201,7 +207,7 @@ class Packer:
     """(arrays to lay out, size per dimension) of one example."""
     tgt = np.asarray(ex["targets"], np.int32).reshape(-1)
     if tgt.size > self.lengths["targets"] and not (
-        self.kind == "prefix_lm" and "inputs" not in self.lengths):
+        self.kind in ("prefix_lm", "causal") and "inputs" not in self.lengths):
       raise ValueError(f"example {i}: targets has {tgt.size} tokens, more than "
                        f"{self.lengths['targets']}; trim before packing")
     if self.kind == "decoder":
@@ -212,12 +218,34 @@ class Packer:
                        f"{self.lengths['inputs']}; trim before packing")
     if self.kind == "enc_dec":
       return (inp, tgt), (inp.size, tgt.size)
+    if self.kind == "causal":
+      return self._causal_parts(i, inp, tgt)
     if tgt.size == 0:  # seqio puts one padding target there
       tgt = np.zeros(1, np.int32)
     if inp.size + tgt.size > self.cap[0]:
       raise ValueError(f"example {i}: inputs + targets have "
                        f"{inp.size + tgt.size} tokens, more than {self.cap[0]}")
     return (inp, tgt), (inp.size + tgt.size,)
+
+  def _causal_parts(self, i, inp, tgt):
+    """A causal LM's example as transformers trains one: BOS (where the tokenizer adds it,
+    after a soft prompt's virtual tokens) + the inputs without their EOS + the targets.
+    The first token is the model's first input only; the rest are predicted, the
+    targets with loss."""
+    if inp.size and inp[-1] == self.eos_id:
+      inp = inp[:-1]
+    v = self.virtual
+    if self.bos_id is not None and not (inp.size > v and inp[v] == self.bos_id):
+      inp = np.concatenate([inp[:v], np.array([self.bos_id], np.int32), inp[v:]])
+    full = np.concatenate([inp, tgt]).astype(np.int32)
+    if not inp.size:  # nothing before the targets: 0 starts the row, as seqio's shift
+      seg, first, width = full, 0, 0
+    else:
+      seg, first, width = full[1:], int(full[0]), inp.size - 1
+    if seg.size > self.cap[0]:
+      raise ValueError(f"example {i}: inputs + targets have {seg.size + (width > 0)} tokens, "
+                       f"more than {self.cap[0] + 1}")
+    return (seg, first, width, tgt.size == 0), (max(seg.size, 1),)
 
   def add(self, ex: Mapping[str, np.ndarray]) -> list[dict]:
     """Adds one example; returns the rows that became ready (often none)."""
@@ -288,7 +316,7 @@ class Packer:
 
   def _emit(self, members: list) -> dict:
     build = {"enc_dec": self._build_enc_dec, "prefix_lm": self._build_prefix_lm,
-             "decoder": self._build_decoder}[self.kind]
+             "causal": self._build_causal, "decoder": self._build_decoder}[self.kind]
     row, tokens, loss, t_start, t_end, used = build(members)
     self._account(members, row, tokens, loss, t_start, t_end, used)
     if self.record is not None:
@@ -338,6 +366,28 @@ class Packer:
       row = dict(decoder_input_tokens=_shift_row(tok), decoder_target_tokens=tok,
                  decoder_loss_weights=loss, decoder_causal_attention=causal)
     return row, tok, loss, starts + widths, starts + seg_lens, (total,)
+
+  def _build_causal(self, members):
+    m = len(members)
+    segs = [p[0] if p[0].size else np.zeros(1, np.int32) for _, p in members]
+    tok, seg, pos, starts, lens, total = _layout(segs, self.cap[0])
+    widths = np.fromiter((p[2] for _, p in members), np.int64, m)
+    firsts = np.fromiter((p[1] for _, p in members), np.int32, m)
+    empty = np.fromiter((p[3] for _, p in members), bool, m)
+    # Loss on the targets' positions; none for an example with no target.
+    loss = np.zeros_like(tok)
+    loss[:total] = (pos[:total] >= np.repeat(widths, lens)) & ~np.repeat(empty, lens)
+    if self.pack_rows:
+      dec_in = _shift_in_segments(tok, starts, lens, total)
+      dec_in[starts] = firsts
+      row = dict(decoder_input_tokens=dec_in, decoder_target_tokens=tok,
+                 decoder_loss_weights=loss, decoder_segment_ids=seg, decoder_positions=pos)
+    else:
+      dec_in = _shift_row(tok)
+      dec_in[0] = firsts[0]
+      row = dict(decoder_input_tokens=dec_in, decoder_target_tokens=tok,
+                 decoder_loss_weights=loss)
+    return row, tok, loss, starts + widths, starts + lens, (total,)
 
   def _build_decoder(self, members):
     tok, seg, pos, starts, lens, total = _layout([p[0] for _, p in members], self.cap[0])
@@ -411,7 +461,7 @@ def numpy_examples(ds, batch: int = SOURCE_BATCH) -> Iterator[dict]:
 def pack_dataset(ds, lengths: Mapping[str, int], kind: str = "enc_dec",
                  pack: bool = True, window: int = DEFAULT_WINDOW,
                  strict: bool = False, stats: PackingStats | None = None,
-                 eos_id: int = EOS_ID):
+                 eos_id: int = EOS_ID, bos_id: int | None = None, virtual: int = 0):
   """A tf.data.Dataset of unbatched fixed-length rows with seqio's features.
 
   `ds` yields examples with int32 `inputs`/`targets` (other features are
@@ -432,7 +482,7 @@ def pack_dataset(ds, lengths: Mapping[str, int], kind: str = "enc_dec",
 
   def rows():
     packer = Packer(lengths, kind, pack=pack, window=window, strict=strict,
-                    stats=stats, eos_id=eos_id)
+                    stats=stats, eos_id=eos_id, bos_id=bos_id, virtual=virtual)
     yield from packer.pack(numpy_examples(src))
 
   return tf.data.Dataset.from_generator(rows, output_signature=signature)

@@ -211,7 +211,9 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
 
   kind: 'enc_dec' (T5's features), 'prefix_lm' (a decoder-only model: each
   example is its inputs then its targets in one row of inputs + targets
-  positions, loss on the targets only) or 'decoder' (targets only).
+  positions, loss on the targets only), 'causal' (as prefix_lm, read left to right
+  as transformers trains a causal LM: BOS + inputs + targets, no EOS between) or
+  'decoder' (targets only).
 
   with_tasks: each row also carries `task_counts`, its number of examples from
   each task of `task_names(name, split)` (when that is not None), so a bad
@@ -237,10 +239,14 @@ def get_dataset(name: str, lengths: Mapping[str, int], split: str = "train",
   # EOS only matters for the stats' check that each example ends in a weighted EOS.
   eos_id = task_or_mix.output_features["targets"].vocabulary.eos_id
   eos_id = packing.EOS_ID if eos_id is None else eos_id
+  # A causal row starts with BOS where the tokenizer adds one (after a soft prompt).
+  bos = dict(bos_id=causal_bos(task_or_mix.output_features["targets"].vocabulary),
+             virtual=len(virtual_tokens)) if kind == "causal" else {}
   if names:
-    ds = _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names)
+    ds = _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names, **bos)
   else:
-    ds = packing.pack_dataset(ds, lengths, kind=kind, pack=pack, stats=stats, eos_id=eos_id)
+    ds = packing.pack_dataset(ds, lengths, kind=kind, pack=pack, stats=stats, eos_id=eos_id,
+                              **bos)
   ds = ds.batch(batch_size // shard.num_shards, drop_remainder=num_epochs is None)
   return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -259,7 +265,15 @@ def _with_virtual_tokens(ds, lengths, kind, ids):
   return ds, with_virtual_tokens(lengths, len(ids))
 
 
-def _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names: Sequence[str]):
+def causal_bos(vocab) -> int | None:
+  """The BOS a causal LM's text starts with: the vocabulary's, where its tokenizer adds one
+  (kinds.CausalDecoder.prompt_ids reads prompts so)."""
+  from flanjax.models import kinds  # pylint: disable=g-import-not-at-top
+  return kinds.bos_id(vocab) if kinds.adds_bos(vocab) else None
+
+
+def _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names: Sequence[str],
+                     **causal):
   """packing.pack_dataset's rows, each with its examples counted per task (TASK_COUNTS)."""
   keys = packing.input_features(kind)
   index = {n.encode(): i for i, n in enumerate(names)}
@@ -270,7 +284,8 @@ def _pack_with_tasks(ds, lengths, kind, pack, stats, eos_id, names: Sequence[str
 
   def rows():
     # record=True lists each emitted row's example indices, in emission order.
-    packer = packing.Packer(lengths, kind, pack=pack, stats=stats, eos_id=eos_id, record=True)
+    packer = packing.Packer(lengths, kind, pack=pack, stats=stats, eos_id=eos_id, record=True,
+                            **causal)
     task_of = {}  # example index -> task index, while the example waits in an open row
 
     def counted(out):

@@ -7,8 +7,9 @@ decoding, scoring, evaluation, loading):
   prefix_lm  a decoder-only model as flanjax trains it: one row
              [0, inputs..., EOS, targets...], the 0 and the inputs attending both
              ways, loss on the targets only.
-  decoder    a causal decoder-only model (an imported Llama): it continues
-             BOS + text.
+  decoder    a causal decoder-only model (an imported Llama, or one trained with
+             train.decoder_objective='causal'): it continues BOS + text; its training
+             rows are BOS + inputs + targets, read left to right.
 
 A kind owns building the module from its config, the init batch, the packing
 layout, how a prompt and a continuation are encoded, how an over-long prompt
@@ -284,8 +285,9 @@ class CausalDecoder(_DecoderOnly):
   name = "decoder"
   label = "causal"
 
-  def required_lengths(self):
-    return ("targets",)
+  @property
+  def packing_kind(self) -> str:
+    return "causal"  # rows of BOS + inputs + targets, as prompt_ids reads a prompt
 
   def prompt_ids(self, vocab, text):
     # A causal LM continues BOS + text when its tokenizer adds BOS (not twice: a chat
@@ -306,8 +308,6 @@ class CausalDecoder(_DecoderOnly):
     ids = np.asarray(ids, np.int32)
     return ids[-input_length:] if len(ids) > input_length else ids
 
-  def rows_text(self, lengths):
-    return f"{lengths['targets']} (decoder)"
 
 
 class SoftPrompted(ModelKind):
