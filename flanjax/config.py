@@ -237,6 +237,19 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errn
                       errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EIO}
 
 
+def _environment_error(e: BaseException) -> OSError | None:
+  """`e`, or the error it was raised from, when it is an OSError of the machine. gin
+  re-raises an error inside a configurable as a copy without its errno and filename; the
+  original is its __context__."""
+  for _ in range(8):
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+      return e
+    e = e.__cause__ or e.__context__
+    if e is None:
+      return None
+  return None
+
+
 def _guarded(fn, prog: str):
   """Runs fn(); a UserError becomes one line on stderr and exit 2, never a traceback.
 
@@ -249,8 +262,10 @@ def _guarded(fn, prog: str):
     print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
   except OSError as e:
-    if e.errno not in ENVIRONMENT_ERRNOS:
+    env = _environment_error(e)
+    if env is None:
       raise
+    e = env
     where = f" ({e.filename})" if e.filename else ""
     print(f"{prog}: error: {e.strerror}{where}; free disk space or fix the path or its "
           "permissions, then run again (checkpoints already complete are kept)", file=sys.stderr)

@@ -349,6 +349,13 @@ class Generator:
     reaches the first stop string (`cut_ids_at_stop`); `decode` gives the exact
     text. Scores are those of the whole generation, before the cut.
     """
+    limit = getattr(getattr(self.model, "config", None), "vocab_size", None)
+    for r in inputs if limit else ():
+      if len(r) and int(np.max(r)) >= limit:
+        # Past the embedding table an id reads garbage (NaN scores) instead of failing.
+        raise UserError(f"a prompt holds token id {int(np.max(r))}, but the model has "
+                        f"{limit} embeddings: its tokenizer is larger than the model's "
+                        "vocabulary; give the tokenizer the model was trained with")
     rows = self._prompt_rows(inputs)
     out, scores = [None] * len(rows), [None] * len(rows)
     extra = self.kind.prompt_extra()

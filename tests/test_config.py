@@ -144,3 +144,37 @@ def test_command_line_errors_are_one_line(argv, needle, tmp_path, monkeypatch, b
   monkeypatch.chdir(tmp_path)
   code, _, err = command_in_process(flanjax.train.main, argv, builtin_vocab)
   _one_error_line(code, err, needle)
+
+
+def test_a_full_disk_inside_a_configurable_is_one_line_exit_1(capsys):
+  # gin re-raises an error inside a configurable as a copy without errno or filename; the
+  # machine's error (ENOSPC) is found on the original and reported in one line, exit 1.
+  import errno  # pylint: disable=g-import-not-at-top
+
+  @gin.configurable("full_disk_writer")
+  def write():
+    raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/train_losses.jsonl")
+
+  with pytest.raises(SystemExit) as e:
+    config._guarded(write, "flanjax.train")  # pylint: disable=protected-access
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "No space left on device (/runs/x/train_losses.jsonl)" in err[0]
+  assert "free disk space" in err[0]
+  # A programming error's OSError (not the machine's) still shows its traceback.
+
+  @gin.configurable("bad_fd_user")
+  def bad_fd():
+    raise OSError(errno.EBADF, "Bad file descriptor")
+
+  with pytest.raises(OSError):
+    config._guarded(bad_fd, "flanjax.train")  # pylint: disable=protected-access
+
+
+def test_a_bad_mesh_shape_is_one_line_naming_the_binding(tmp_path, monkeypatch, builtin_vocab):
+  monkeypatch.chdir(tmp_path)
+  code, _, err = command_in_process(flanjax.train.main, [
+      "--gin_file=flan.gin", "--gin.train.mesh_shape=(3, 1, 1)", "--gin.train.num_steps=1",
+      f"--gin.train.model_dir={tmp_path / 'run'}"], builtin_vocab)
+  _one_error_line(code, err, "mesh shape [3, 1, 1] needs 3 devices, but 1 are available; "
+                  "set --gin.train.mesh_shape=")

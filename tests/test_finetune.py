@@ -218,8 +218,9 @@ def test_an_export_names_a_pad_token_only_when_the_tokenizer_has_one(tmp_path):
   assert "pad_token_id" not in ids and ids["eos_token_id"] == no_pad.eos_id
 
 
-def test_a_tokenizer_larger_than_the_model_is_refused_when_loaded(tmp_path):
-  # Its ids past the embedding table scored NaN at inference, with exit 0.
+def test_a_prompt_past_the_models_vocabulary_is_refused_not_scored_nan(tmp_path, capsys):
+  # A tokenizer larger than the embedding table (an added token never resized in) loads
+  # with a note; a prompt holding such an id scored NaN with exit 0, and is now refused.
   from flanjax.data.collections import builtin
   from flanjax.errors import UserError
   from flanjax.models import loading
@@ -229,20 +230,32 @@ def test_a_tokenizer_larger_than_the_model_is_refused_when_loaded(tmp_path):
                                   eos_token_id=1, bos_token_id=3)
   transformers.LlamaForCausalLM(lcfg).save_pretrained(str(tmp_path))
   _write_tokenizer(str(tmp_path), builtin.all_text()[::50], vocab_size=300)
-  with pytest.raises(UserError, match=r"its tokenizer has 300 pieces, more than the model's "
-                                      r"vocab_size 256; ids from 256 on have no embedding"):
-    loading.load(str(tmp_path))
+  loaded = loading.load(str(tmp_path))
+  assert "its tokenizer has 300 pieces, more than the model's vocab_size 256" in \
+      capsys.readouterr().err
+  gen = decoding.Generator(loaded.model, loaded.params, loaded.vocab, 32,
+                           decoding.DecodeConfig(max_decode_len=2), kind=loaded.kind)
+  fine, past = np.array([5, 9, 200], np.int32), np.array([5, 290], np.int32)
+  assert len(gen.generate_ids([fine])) == 1
+  with pytest.raises(UserError, match=r"a prompt holds token id 290, but the model has 256 "
+                                      r"embeddings"):
+    gen.generate_ids([fine, past])
 
 
-def test_finetune_llama_trains_validates_and_evaluates(tmp_path, capsys):
-  from flanjax.data.collections import builtin
+def _tiny_llama():
+  """A random 2-layer GQA Llama (untied), as the fine-tuning tests start from."""
   torch.manual_seed(0)
   lcfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
                                   max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
                                   bos_token_id=3)
-  tmodel = _randomize(transformers.LlamaForCausalLM(lcfg).eval(), std=0.05)
+  return _randomize(transformers.LlamaForCausalLM(lcfg).eval(), std=0.05)
+
+
+def test_finetune_llama_trains_validates_and_evaluates(tmp_path, capsys):
+  from flanjax.data.collections import builtin
+  tmodel = _tiny_llama()
   hf_dir = tmp_path / "llama-tiny"
   tmodel.save_pretrained(str(hf_dir))
   _write_tokenizer(str(hf_dir), builtin.all_text()[::5])
@@ -378,14 +391,7 @@ def test_a_causal_fine_tune_trains_and_exports_as_transformers_runs_it(tmp_path)
   # greedy generation from the run equals transformers' generate on the export.
   from flanjax.data.collections import builtin
   from flanjax.models import loading
-  torch.manual_seed(0)
-  lcfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-                                  max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
-                                  bos_token_id=3)
-  _randomize(transformers.LlamaForCausalLM(lcfg).eval(), std=0.05).save_pretrained(
-      str(tmp_path / "llama"))
+  _tiny_llama().save_pretrained(str(tmp_path / "llama"))
   hf_dir = tmp_path / "llama"
   _write_tokenizer(str(hf_dir), builtin.all_text()[::5])
   from tokenizers import Tokenizer, processors

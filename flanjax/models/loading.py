@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 from flanjax.errors import UserError
@@ -362,10 +363,11 @@ def _load(path: str, step: int | str | None = None, config: str | None = None) -
           f"training run {run_folder.path}, step {at}" + ("" if name.isdigit() else
                                                           " (its best checkpoint)"))
   if vocab.vocab_size > cfg.vocab_size:
-    # Ids past the embedding table would read garbage (NaN scores), not fail.
-    raise UserError(f"{path}: its tokenizer has {vocab.vocab_size} pieces, more than the "
-                    f"model's vocab_size {cfg.vocab_size}; ids from {cfg.vocab_size} on have no "
-                    "embedding: give the tokenizer the model was trained with")
+    # Its pieces past the embedding table (an added token never resized in) cannot be read;
+    # decoding refuses a prompt that holds one.
+    print(f"note: {path}: its tokenizer has {vocab.vocab_size} pieces, more than the model's "
+          f"vocab_size {cfg.vocab_size}; a text holding ids from {cfg.vocab_size} on is refused",
+          file=sys.stderr, flush=True)
   _, prompt_tuning = _adapter_modules()
   kind = prompt_tuning.kind_of(kind, cfg, params)  # a prompt-tuning run's soft prompt
   return Loaded(kind.build(cfg), cfg, params, vocab, kind, source, at)

@@ -41,18 +41,19 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
   """A (data, fsdp, model) mesh; one -1 entry takes the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
   shape = list(shape)
+  fix = "; set --gin.train.mesh_shape=(data, fsdp, model), one entry -1 for the rest"
   if len(shape) != 3:
-    raise ValueError(f"mesh shape {shape} must have 3 entries (data, fsdp, model)")
+    raise UserError(f"mesh shape {shape} must have 3 entries (data, fsdp, model){fix}")
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+    raise UserError(f"mesh shape {shape}: at most one entry may be -1{fix}")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+      raise UserError(f"mesh shape {shape} does not divide {len(devices)} devices{fix}")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
-                     f"but {len(devices)} are available")
+    raise UserError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
+                    f"but {len(devices)} are available{fix}")
   try:
     arr = mesh_utils.create_device_mesh(shape, devices)
   except Exception as e:  # pylint: disable=broad-except
