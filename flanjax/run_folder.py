@@ -263,9 +263,31 @@ class RunFolder:
           f"now {now!r}); its checkpoints cannot be resumed with this one: set "
           "--gin.train.model_dir to a new folder")
     self._check_optimizer(old.get("optimizer"), info.get("optimizer"))
+    self._note_training(old.get("training"), info.get("training"))
     if old.get("mixture") != info.get("mixture"):
       print(f"note: {self.path} was trained on {old.get('mixture')!r}; continuing on "
             f"{info.get('mixture')!r}", flush=True)
+
+  # Fields of run_info's "training" that decide which batches come next.
+  _STREAM_FIELDS = ("batch_size", "seed", "task_feature_lengths", "pack", "processes")
+
+  def _note_training(self, was: dict | None, now: dict | None) -> None:
+    """A note for each training setting changed since the run began (runs from before
+    they were recorded: none)."""
+    if not was or not now:
+      return
+    flat = lambda d: {**{f"schedule.{k}": v for k, v in (d.get("schedule") or {}).items()},
+                      **{k: v for k, v in d.items() if k != "schedule"}}  # noqa: E731
+    a, b = flat(was), flat(now)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not changed:
+      return
+    text = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+    stream = [k for k in changed if k in self._STREAM_FIELDS]
+    tail = (f"; with another {', '.join(stream)} the batches from here on are not the ones "
+            "an uninterrupted run would have seen" if stream else "")
+    print(f"note: {self.path}: training settings changed since the run began ({text}){tail}",
+          flush=True)
 
   def _check_optimizer(self, was: dict | None, now: dict | None) -> None:
     """Another optimizer (its state has another tree) is refused; new values are a note."""

@@ -189,6 +189,11 @@ def train(
                 "optimizer": optimizers.describe()}
     if data := registry.data_record():  # the run's own tasks, for evaluating it later
       run_info["data"] = data
+    # What may change on resume, each change a note (the data stream's: batches differ).
+    run_info["training"] = {"schedule": optimizers.describe_schedule(),
+                            "batch_size": int(batch_size), "seed": int(seed),
+                            "task_feature_lengths": dict(lengths), "pack": bool(pack),
+                            "processes": jax.process_count()}
     adapter = adapters.setup(peft, cfg, init_params, init_from, init_adapter, vocab, seed)
     if adapter is not None:
       run_info["adapter"], kind = adapter.describe(), adapter.kind(kind)

@@ -535,3 +535,21 @@ def test_a_user_data_run_is_evaluated_on_its_own_tasks_without_its_gin(first_run
       env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert "was trained with (its run_info.json)" not in proc.stdout
+
+
+def test_changed_training_settings_on_resume_are_notes_naming_old_and_new(first_run, three_bad_file,
+                                                                          tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(first_run[0], run)
+  recorded = json.loads((run / "run_info.json").read_text())["training"]
+  assert recorded["batch_size"] == 4 and recorded["seed"] == 0 and recorded["processes"] == 1
+  code, out, err = run_train(skip_args(three_bad_file, run, "--gin.schedule.peak=0.02",
+                                       "--gin.train.batch_size=8", steps=5))
+  assert code == 0, out[-2000:] + err[-2000:]
+  note = next(l for l in out.splitlines() if "training settings changed" in l)
+  assert "batch_size: 4 -> 8" in note and "schedule.peak: 0.01 -> 0.02" in note
+  assert "the batches from here on are not the ones an uninterrupted run would have seen" in note
+  # The same settings again: no note.
+  code, out, _ = run_train(skip_args(three_bad_file, run, "--gin.schedule.peak=0.02",
+                                     "--gin.train.batch_size=8", steps=6))
+  assert code == 0 and "training settings changed" not in out

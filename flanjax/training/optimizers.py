@@ -97,6 +97,13 @@ def describe(**overrides) -> dict:
   return out
 
 
+def describe_schedule() -> dict:
+  """The gin-configured schedule() as a JSON-able dict (its bindings over its defaults)."""
+  args = {k: p.default for k, p in inspect.signature(schedule).parameters.items()}
+  args.update(gin.get_bindings(schedule))
+  return {k: (v if isinstance(v, (str, type(None))) else _num(v)) for k, v in args.items()}
+
+
 def compare(old: dict, new: dict) -> tuple[list[str], list[str]]:
   """(state changes, other changes) from describe() `old` (a run's) to `new` (this one's).
 
