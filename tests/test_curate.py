@@ -53,13 +53,17 @@ def test_rouge_l_equals_rouge_score_and_the_filter_agrees():
 
 # ------------------------------------------------------------------ QDIT
 
-def _objective(emb, q, chosen, alpha):
+def _objective(emb, q, chosen, alpha, k):
+  """The docstring's objective by hand: facility location averaged over the pool, quality
+  (min-max scaled) averaged over the k to choose."""
   sim = emb @ emb.T
   qs = (q - q.min()) / (q.max() - q.min())
-  return (1 - alpha) * np.maximum(sim[:, chosen].max(1), 0).sum() / len(emb) + alpha * qs[chosen].sum()
+  return ((1 - alpha) * np.maximum(sim[:, chosen].max(1), 0).sum() / len(emb)
+          + alpha * qs[chosen].sum() / k)
 
 
-@pytest.mark.parametrize("alpha,nonneg", [(0.0, False), (0.0, True), (0.5, False), (0.7, True)])
+@pytest.mark.parametrize("alpha,nonneg", [(0.0, False), (0.0, True), (0.5, False), (0.7, True),
+                                          (0.05, True), (0.2, False)])
 def test_qdit_lazy_greedy_equals_brute_force(alpha, nonneg):
   rng = np.random.default_rng(int(alpha * 10) + nonneg)
   emb = rng.normal(size=(60, 12))
@@ -70,8 +74,40 @@ def test_qdit_lazy_greedy_equals_brute_force(alpha, nonneg):
   brute = select.brute_force_qdit(emb, q, 15, alpha)
   assert len(set(lazy)) == 15
   for k in range(1, 16):  # the same objective after every step (ties may pick either)
-    assert abs(_objective(emb, q, lazy[:k], alpha) - _objective(emb, q, brute[:k], alpha)) < 1e-9
+    assert abs(_objective(emb, q, lazy[:k], alpha, 15)
+               - _objective(emb, q, brute[:k], alpha, 15)) < 1e-9
   assert lazy[:5] == brute[:5]
+
+
+def test_brute_force_qdit_is_the_greedy_of_the_documented_objective():
+  """Each step of the reference picks the candidate that maximises the docstring's objective
+  evaluated by hand (quality averaged over k): a loop over every candidate here."""
+  rng = np.random.default_rng(11)
+  emb = np.abs(rng.normal(size=(40, 6)))
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  q = rng.random(40)
+  for alpha in (0.05, 0.3):
+    chosen = []
+    for _ in range(10):
+      vals = [(_objective(emb, q, chosen + [j], alpha, 10), -j) for j in range(40) if j not in chosen]
+      chosen.append(-max(vals)[1])
+    assert select.brute_force_qdit(emb, q, 10, alpha) == chosen
+    assert select.qdit(emb, q, 10, alpha, batch=3, progress=False) == chosen
+
+
+def test_qdit_share_of_top_quality_picks_rises_with_alpha_on_the_real_pool():
+  """alpha trades quality against diversity: on the real pool (score 4.5 is its best, 28%
+  of it) the share of best-score picks among 100 grows step by step with alpha, from what
+  diversity alone picks to all of them, not all-or-nothing after the first small alpha."""
+  path = shared_data("instruction_pool") / "filtered_alpaca_1k_longest.json"
+  recs = records.read(str(path))[0]
+  emb = select.tfidf_embeddings([r.prompt for r in recs], 256)
+  q = np.asarray([r.raw["score"] for r in recs], float)
+  alphas = (0.0, 0.01, 0.05, 0.1, 1.0)
+  share = [int((q[select.qdit(emb, q, 100, a, progress=False)] == q.max()).sum()) for a in alphas]
+  assert share[-1] == 100 and share[0] < 50  # quality alone; diversity alone: a minority
+  assert all(a < b for a, b in zip(share, share[1:])), share  # strictly rising, step by step
+  assert share[1] < 50 < share[3] < 100, share  # intermediate alphas give intermediate mixes
 
 
 def test_qdit_alpha_one_is_quality_top_k():
@@ -106,8 +142,8 @@ def test_select_qdit_and_diverse_on_seed_tasks(tmp_path):
   emb = select.tfidf_embeddings([r.prompt for r in recs], 256)
   want = select.brute_force_qdit(emb, np.zeros(len(recs)), 20, 0.0)
   got = [next(i for i, r in enumerate(recs) if r.raw == w) for w in fl]
-  assert abs(_objective(emb, np.arange(len(recs)) * 1.0, got, 0)
-             - _objective(emb, np.arange(len(recs)) * 1.0, want, 0)) < 1e-6
+  assert abs(_objective(emb, np.arange(len(recs)) * 1.0, got, 0, 20)
+             - _objective(emb, np.arange(len(recs)) * 1.0, want, 0, 20)) < 1e-6
   dv, rep = _curate("select", seeds, "--method", "diverse", "--k", 30, "--out", tmp_path / "d.jsonl")
   assert len(dv) == 30 and rep["figures"]["selection"]["mean_pairwise_similarity"] < 0.2
 
@@ -293,16 +329,17 @@ def test_dedup_keeps_one_task_with_other_inputs_and_rouge_compares_prompts(tmp_p
 
 def test_a_progress_file_cut_mid_line_resumes_and_appends_whole_lines(tmp_path):
   out = str(tmp_path / "gen.jsonl")
-  log = generate.Log(out)
+  key = {"command": "evolve", "seed": 0}
+  log = generate.Log(out, key)
   log.append([{"i": 0}, {"i": 1}])
   with open(out + ".progress.jsonl", "a", encoding="utf-8") as f:
     f.write('{"i": 2, "verd')  # the process killed while writing
-  log = generate.Log(out)
+  log = generate.Log(out, key)
   assert [it["i"] for it in log.items] == [0, 1]
   log.append([{"i": 2}, {"i": 3}])
-  assert [it["i"] for it in generate.Log(out).items] == [0, 1, 2, 3]
+  assert [it["i"] for it in generate.Log(out, key).items] == [0, 1, 2, 3]
   with open(out + ".progress.jsonl", encoding="utf-8") as f:
-    assert [json.loads(line)["i"] for line in f] == [0, 1, 2, 3]
+    assert [json.loads(line) for line in f] == [{"progress_of": key}] + [{"i": i} for i in range(4)]
 
 
 # ------------------------------------------------------------------ generation
@@ -361,22 +398,25 @@ def tiny_run(tmp_path_factory):
   return run
 
 
-def test_self_instruct_end_to_end_and_resumes(tiny_run, tmp_path):
+def test_self_instruct_end_to_end_and_resumes(tiny_run, tmp_path, capsys):
   seeds = shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"
   out = tmp_path / "si.jsonl"
   common = ["self-instruct", seeds, "--checkpoint", tiny_run, "--batch_size", 4,
             "--max_decode_len", 8, "--instances", 1, "--out", out]
   _, first = _curate(*common, "--num", 4)
-  log = (tmp_path / "si.jsonl.progress.jsonl").read_text().splitlines()
+  log = (tmp_path / "si.jsonl.progress.jsonl").read_text().splitlines()[1:]  # after the header
   assert len(log) == 4 and first["read"] == 4
-  _, second = _curate(*common, "--num", 8)  # continues: the first 4 are not redone
-  log2 = (tmp_path / "si.jsonl.progress.jsonl").read_text().splitlines()
+  written, second = _curate(*common, "--num", 8)  # continues: the first 4 are not redone
+  log2 = (tmp_path / "si.jsonl.progress.jsonl").read_text().splitlines()[1:]
   assert log2[:4] == log and len(log2) == 8 and second["read"] == 8
+  # --num counts candidates; the line says what OUT holds (instances of the kept tasks).
+  assert (f"curate: wrote {len(written)} records ({second['kept']} tasks kept of 8 candidates) "
+          f"to {out}") in capsys.readouterr().err
   verdicts = collections.Counter(json.loads(x)["verdict"] for x in log2)
   assert dict(verdicts) == {k: v for k, v in {**second["dropped"], "kept": second["kept"]}.items() if v}
 
 
-def test_evolve_end_to_end(tiny_run, tmp_path):
+def test_evolve_end_to_end(tiny_run, tmp_path, capsys):
   src = tmp_path / "four.jsonl"
   src.write_text("".join(json.dumps({"instruction": t, "input": "", "output": "ok"}) + "\n" for t in
                          ["Name a fruit.", "Sort these numbers: 3 1 2.", "Write a haiku.",
@@ -386,3 +426,178 @@ def test_evolve_end_to_end(tiny_run, tmp_path):
                             "--batch_size", 4, "--max_decode_len", 8, "--out", out)
   assert report["read"] == 8 and len(written) == report["kept"]
   assert all(w["operation"] in {**generate.DEPTH, **generate.BREADTH} for w in written)
+  assert (f"curate: wrote {len(written)} records ({report['kept']} evolutions kept of 8 "
+          f"candidates) to {out}") in capsys.readouterr().err
+
+
+def test_quality_checkpoint_scores_in_the_runs_prompt_format(tiny_run):
+  """The per-token log-likelihood of each response after the prompt as generation wraps it
+  (the run's format), checked against scoring the wrapped texts directly."""
+  from flanjax import infer  # pylint: disable=g-import-not-at-top
+  from flanjax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  from flanjax.models import loading  # pylint: disable=g-import-not-at-top
+  pool = shared_data("instruction_pool") / "filtered_alpaca_1k_score.json"
+  recs = records.read(str(pool))[0][:6]
+  fmt = infer.prompt_format(str(tiny_run), None)
+  assert fmt.wrap(recs[0].prompt) != recs[0].prompt  # the run wraps its prompts
+  got = generate.loglikelihood_quality(str(tiny_run), recs, batch_size=4)
+  loaded = loading.load(str(tiny_run))
+
+  def by_hand(prompts, responses):
+    ctx = [loaded.kind.prompt_ids(loaded.vocab, p) for p in prompts]
+    cont = [list(loaded.vocab.encode(r)) for r in responses]
+    sums, _ = scoring.loglikelihood(loaded.model, loaded.params, loaded.kind, ctx, cont,
+                                    batch_size=4, max_length=1024, max_target_length=512)
+    return sums / np.asarray([max(len(c), 1) for c in cont])
+
+  want = by_hand([fmt.wrap(r.prompt) for r in recs], [r.response + fmt.end_of_turn for r in recs])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  bare = by_hand([r.prompt for r in recs], [r.response + fmt.end_of_turn for r in recs])
+  assert not np.allclose(got, bare, rtol=1e-5)  # the wrapping is what changed
+
+
+# ------------------------------------------------------------------ review fixes
+
+def _trainer_reads(path):
+  """What the trainer sees: the format detected from the first line, and every line read
+  in it without a bad record."""
+  from flanjax.data import sources  # pylint: disable=g-import-not-at-top
+  from flanjax.data.collections import user  # pylint: disable=g-import-not-at-top
+  fmt = user.detect_format(str(path))
+  reader = sources.Reader(str(path), "skip")
+  examples = [e for where, rec in sources.read_json_or_jsonl(reader)
+              for e in user.record_examples(reader, fmt, where, rec)]
+  return fmt, examples, reader.done()
+
+
+def test_seed_tasks_and_tsv_mixed_with_chat_are_written_as_chat_throughout(tmp_path):
+  seeds = shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"
+  pool = shared_data("instruction_pool") / "filtered_alpaca_1k_score.json"
+  out = tmp_path / "dr.jsonl"
+  written, report = _curate("dedup", seeds, pool, "--rouge", 0.5, "--out", out)
+  assert all(set(w) >= {"messages"} and "instruction" not in w for w in written)
+  fmt, _, rep = _trainer_reads(out)
+  assert fmt == "chat" and rep.num_skipped == 0 and rep.kept == len(written) == report["kept"]
+  # A seed instance keeps its text: instruction and input as the user turn, output as the reply.
+  task = json.loads(seeds.read_text().splitlines()[0])
+  inst = task["instances"][0]
+  assert written[0] == {"messages": [
+      {"role": "user", "content": f"{task['instruction'].strip()}\n\n{inst['input'].strip()}"
+       if inst["input"].strip() else task["instruction"].strip()},
+      {"role": "assistant", "content": inst["output"].strip()}]}
+  # FLAN CoT TSV rows beside a ShareGPT file: chat too, in file order.
+  tsv = tmp_path / "aqua.tsv"
+  tsv.write_text("".join((shared_data("flan_cot") / "aqua_train.tsv").read_text(
+      encoding="utf-8").splitlines(keepends=True)[:30]), encoding="utf-8")
+  sg = tmp_path / "sg.json"
+  sg.write_text(json.dumps(json.loads(pool.read_text())[:20]))
+  written, report = _curate("dedup", tsv, sg, "--out", tmp_path / "t.jsonl")
+  fmt, _, rep = _trainer_reads(tmp_path / "t.jsonl")
+  assert fmt == "chat" and rep.num_skipped == 0 and rep.kept == len(written) == 50
+  # One format in, that format out: seed instances alone stay Alpaca.
+  written, _ = _curate("dedup", seeds, "--out", tmp_path / "s.jsonl")
+  assert _trainer_reads(tmp_path / "s.jsonl")[0] == "alpaca"
+
+
+def _gen_args(command, inputs, out, **options):
+  argv = [command, *map(str, inputs), "--checkpoint", "ckpt", "--out", str(out)]
+  for k, v in options.items():
+    argv += [f"--{k}", str(v)]
+  return cli._parser().parse_args(argv)  # pylint: disable=protected-access
+
+
+def test_a_progress_file_of_other_inputs_or_options_is_refused(tmp_path):
+  four = tmp_path / "four.jsonl"
+  four.write_text("".join(json.dumps({"instruction": f"Task {i}.", "input": "", "output": "ok"})
+                          + "\n" for i in range(4)))
+  two = tmp_path / "two.jsonl"
+  two.write_text("".join(four.read_text().splitlines(keepends=True)[:2]))
+  out = tmp_path / "ev.jsonl"
+  progress = tmp_path / "ev.jsonl.progress.jsonl"
+  log = generate.Log(str(out), generate.run_key(_gen_args("evolve", [four], out, rounds=2)))
+  log.append([{"round": 1, "index": 3, "verdict": "kept"}])
+  before = progress.read_bytes()
+  # The earlier run's evolutions of record 3 would index a 2-record file (IndexError before).
+  with pytest.raises(Exception, match=rf"{progress} continues a run of other inputs .*{four}.*"
+                                      "delete it"):
+    generate.Log(str(out), generate.run_key(_gen_args("evolve", [two], out, rounds=2)))
+  with pytest.raises(Exception, match=r"continues a run with --seed 0, not 1; delete it .* --seed 0"):
+    generate.Log(str(out), generate.run_key(_gen_args("evolve", [four], out, rounds=2, seed=1)))
+  with pytest.raises(Exception, match=r"--rounds 2, not 1 \(it may only grow\)"):
+    generate.Log(str(out), generate.run_key(_gen_args("evolve", [four], out, rounds=1)))
+  assert progress.read_bytes() == before  # nothing lost by a refusal
+  # The same inputs, copied elsewhere (compared by content), continue; --rounds may grow.
+  copy = tmp_path / "copy.jsonl"
+  copy.write_bytes(four.read_bytes())
+  again = generate.Log(str(out), generate.run_key(_gen_args("evolve", [copy], out, rounds=3)))
+  assert again.items == [{"round": 1, "index": 3, "verdict": "kept"}]
+  with pytest.raises(Exception, match=r"--rounds 3, not 2"):  # the grown value is recorded
+    generate.Log(str(out), generate.run_key(_gen_args("evolve", [four], out, rounds=2)))
+  # Through the command: refused before the checkpoint is loaded (this one does not exist).
+  with pytest.raises(Exception, match=rf"{progress} continues a run of other inputs"):
+    cli.run(["evolve", str(two), "--checkpoint", str(tmp_path / "no_ckpt"), "--rounds", "3",
+             "--out", str(out)])
+  # A file with no item yet (a run stopped before its first batch) is simply restarted.
+  progress.unlink()
+  generate.Log(str(out), generate.run_key(_gen_args("evolve", [four], out)))
+  fresh = generate.Log(str(out), generate.run_key(_gen_args("evolve", [two], out, seed=5)))
+  assert fresh.items == [] and json.loads(progress.read_text())["progress_of"]["seed"] == 5
+  # Self-instruct: --num may grow, not shrink; --instances must match.
+  si = tmp_path / "si.jsonl"
+  generate.Log(str(si), generate.run_key(_gen_args("self-instruct", [four], si, num=4))).append([{"i": 0}])
+  generate.Log(str(si), generate.run_key(_gen_args("self-instruct", [four], si, num=8)))
+  with pytest.raises(Exception, match=r"--num 8, not 4 \(it may only grow\)"):
+    generate.Log(str(si), generate.run_key(_gen_args("self-instruct", [four], si, num=4)))
+  with pytest.raises(Exception, match=r"--instances 2, not 3"):
+    generate.Log(str(si), generate.run_key(_gen_args("self-instruct", [four], si, num=8, instances=3)))
+  # A progress file without the record (an older flanjax) is refused, not trusted.
+  (tmp_path / "old.jsonl.progress.jsonl").write_text('{"i": 0, "verdict": "kept"}\n')
+  with pytest.raises(Exception, match=r"old.jsonl.progress.jsonl does not say .* delete it"):
+    generate.Log(str(tmp_path / "old.jsonl"), generate.run_key(_gen_args("evolve", [four], out)))
+
+
+def test_progress_rate_counts_only_this_process_work(monkeypatch, capsys):
+  from flanjax.curate import report as report_lib  # pylint: disable=g-import-not-at-top
+  clock = [1000.0]
+  monkeypatch.setattr(report_lib.time, "time", lambda: clock[0])
+  p = report_lib.Progress(100, "evolve", every=0)
+  p.done = 50  # found done in the progress file
+  clock[0] += 2
+  p.update(2)
+  line = capsys.readouterr().err
+  # 2 done in 2 s: 1/s, and 48 left: 0:48 (before: 52 / 2 s = 26/s, ETA 0:01).
+  assert "evolve: 52/100 (52%), 1.0/s, ETA 0:48" in line, line
+
+
+def test_out_that_is_an_input_or_a_folder_is_refused(tmp_path):
+  pool = tmp_path / "pool.json"
+  pool.write_text(json.dumps(json.loads((shared_data("instruction_pool")
+                                         / "filtered_alpaca_1k_score.json").read_text())[:30]))
+  before = pool.read_bytes()
+  with pytest.raises(Exception, match=rf"--out {pool} is the input {pool}.*give --out another"):
+    cli.run(["dedup", str(pool), "--out", str(pool)])
+  assert pool.read_bytes() == before and not (tmp_path / "pool.json.report.json").exists()
+  with pytest.raises(Exception, match=r"--out .* is the input"):  # the same file by another name
+    cli.run(["self-instruct", str(pool), "--checkpoint", str(tmp_path / "none"),
+             "--out", str(tmp_path / "." / "pool.json")])
+  outdir = tmp_path / "outdir"
+  outdir.mkdir()
+  with pytest.raises(Exception, match=rf"--out {outdir} is a folder; give the path of a JSON "):
+    cli.run(["dedup", str(pool), "--out", str(outdir)])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "pool.json"]
+  assert list(outdir.iterdir()) == []
+
+
+def test_temperature_zero_and_an_empty_array_are_refused_in_curate_words(tmp_path):
+  pool = shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"
+  with pytest.raises(Exception, match=r"--temperature 0.0 is outside \(0.0, inf\)"):
+    # No such checkpoint: the range is checked before anything loads.
+    cli.run(["self-instruct", str(pool), "--checkpoint", str(tmp_path / "none"),
+             "--temperature", "0", "--out", str(tmp_path / "o.jsonl")])
+  empty = tmp_path / "empty.json"
+  empty.write_text("[]")
+  with pytest.raises(Exception) as e:
+    cli.run(["dedup", str(empty), "--out", str(tmp_path / "o.jsonl")])
+  msg = str(e.value)
+  assert msg.startswith(f"{empty}: no record to curate (an empty JSON array") and "\n" not in msg
+  assert "format" not in msg and "leave it out" in msg

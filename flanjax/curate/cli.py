@@ -5,7 +5,7 @@ conversations or Self-Instruct seed task files; writes JSON lines that
 runs/user_data.gin trains on as they are, and OUT.report.json with what was kept
 and what was dropped for which reason, also printed as a table):
 
-  self-instruct  SEEDS --checkpoint CKPT --num N   generate tasks from seed tasks
+  self-instruct  SEEDS --checkpoint CKPT --num N   generate N candidate tasks from seed tasks
   evolve         INPUT --checkpoint CKPT --rounds R rewrite instructions (Evol-Instruct)
   select         INPUT --method longest|quality|qdit|diverse|random --k N
   dedup          INPUT      exact, MinHash LSH near duplicates, ROUGE-L of instructions
@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--drop", action="store_true", help="write the records without a match")
   g = ap.add_argument_group("self-instruct and evolve")
   g.add_argument("--checkpoint", help="a run folder, converted checkpoint or HF folder")
-  g.add_argument("--num", type=int, default=100, help="self-instruct: instructions to generate")
+  g.add_argument("--num", type=int, default=100, help="self-instruct: candidate instructions "
+                 "to generate; the filters keep some of them, and each kept task writes up to "
+                 "--instances records")
   g.add_argument("--rounds", type=int, default=1, help="evolve: rounds")
   g.add_argument("--instances", type=int, default=2, help="self-instruct: instances per task")
   g.add_argument("--batch_size", type=int, default=8)
@@ -86,7 +88,7 @@ _RANGES = (("k", 1, None, True), ("alpha", 0.0, 1.0, True), ("clusters", 1, None
            ("rouge", 0.0, 1.0, True), ("n", 1, None, True), ("common", 2, None, True),
            ("min_words", 1, None, True), ("num", 1, None, True), ("rounds", 1, None, True),
            ("instances", 1, None, True), ("batch_size", 1, None, True),
-           ("max_decode_len", 1, None, True), ("temperature", 0.0, None, True),
+           ("max_decode_len", 1, None, True), ("temperature", 0.0, None, False),
            ("top_p", 0.0, 1.0, False))
 
 
@@ -99,8 +101,20 @@ def check_options(args) -> None:
       continue
     low_ok = v >= lo if closed else v > lo
     if not low_ok or (hi is not None and v > hi):
-      span = f"{'[' if closed else '('}{lo}, {hi if hi is not None else 'inf'}]"
+      span = f"{'[' if closed else '('}{lo}, {f'{hi}]' if hi is not None else 'inf)'}"
       raise UserError(f"--{name} {v} is outside {span}; give a value in that range")
+
+
+def check_out(args) -> None:
+  """OUT must be a new or a regular file, and none of the inputs (it is replaced whole)."""
+  import os  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(args.out):
+    raise UserError(f"--out {args.out} is a folder; give the path of a JSON lines file to write, "
+                    f"e.g. --out {os.path.join(args.out, args.command + '.jsonl')}")
+  for path in args.inputs:
+    if os.path.exists(path) and os.path.exists(args.out) and os.path.samefile(path, args.out):
+      raise UserError(f"--out {args.out} is the input {path}, which writing it would overwrite; "
+                      "give --out another path")
 
 
 def check_inputs(args) -> None:
@@ -215,13 +229,17 @@ def _count(items):
 def run(argv) -> int:
   args = _parser().parse_args(argv)
   check_options(args)
+  check_out(args)
   check_inputs(args)
   report = Report(args.command, argv, args.inputs, args.out)
   if args.command in ("self-instruct", "evolve"):
     from flanjax.curate import generate  # pylint: disable=g-import-not-at-top
     _need(args, "checkpoint")
-    kept = generate.run(args, report)
+    kept, written = generate.run(args, report)
     report.finish(kept)
+    what = "tasks" if args.command == "self-instruct" else "evolutions"
+    print(f"curate: wrote {written:,} records ({kept:,} {what} kept of {report.read:,} "
+          f"candidates) to {args.out} (report: {args.out}.report.json)", file=sys.stderr, flush=True)
     return 0
   records, reads = rec_lib.read_all(args.inputs)
   report.add_read_reports(reads)

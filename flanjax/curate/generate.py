@@ -85,31 +85,75 @@ class Model:
 # ------------------------------------------------------------------ resumable log
 
 class Log:
-  """OUT.progress.jsonl: one line per decided item; OUT is rebuilt from it."""
+  """OUT.progress.jsonl: one line per decided item; OUT is rebuilt from it.
 
-  def __init__(self, out: str):
-    self.path, self.out = out + ".progress.jsonl", out
+  Its first line records what the run works on (`run_key`): the inputs' content and the
+  options that decide the items. A rerun with other inputs or options is refused, since its
+  items would index or extend another run's work.
+  """
+
+  def __init__(self, out: str, key: dict):
+    self.path, self.out, self.key = out + ".progress.jsonl", out, key
     self.items = []
+    header, data, good = None, b"", 0  # good: bytes of whole, readable lines
     if os.path.exists(self.path):
       with open(self.path, "rb") as f:
         data = f.read()
-      good = 0  # bytes of whole, readable lines
-      for line in data.splitlines(keepends=True):
+      for n, line in enumerate(data.splitlines(keepends=True)):
         try:
           item = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
           break  # a line cut by the interruption: it and anything after are redone
-        self.items.append(item)
+        if n == 0 and isinstance(item, dict) and "progress_of" in item:
+          header = item["progress_of"]
+        else:
+          self.items.append(item)
         good += len(line)
-      if good < len(data) or (data and not data.endswith(b"\n")):
-        # Cut the unreadable tail off (and end the last line), so what is appended next
-        # starts a line of its own instead of gluing onto the cut one.
-        with open(self.path, "r+b") as f:
-          f.truncate(good)
-          if good and not data[:good].endswith(b"\n"):
-            f.seek(good)
-            f.write(b"\n")
-      print(f"curate: continuing from {self.path} ({len(self.items)} done)", flush=True)
+    if not self.items:  # new, or nothing done yet (a run stopped before its first batch)
+      self._rewrite([])
+      return
+    if header is None:
+      raise UserError(f"{self.path} does not say which inputs and options it was made with "
+                      "(an older flanjax); delete it to start again")
+    self._check(header)
+    if header != key:  # a grown --num or --rounds: later runs may not shrink it back
+      self._rewrite(data[:good].splitlines(keepends=True)[1:])
+    elif good < len(data) or not data.endswith(b"\n"):
+      # Cut the unreadable tail off (and end the last line), so what is appended next
+      # starts a line of its own instead of gluing onto the cut one.
+      with open(self.path, "r+b") as f:
+        f.truncate(good)
+        if not data[:good].endswith(b"\n"):
+          f.seek(good)
+          f.write(b"\n")
+    print(f"curate: continuing from {self.path} ({len(self.items)} done)", flush=True)
+
+  def _rewrite(self, lines) -> None:
+    """The header of this run's key, then `lines` (bytes), written whole, then renamed."""
+    tmp = self.path + ".tmp"
+    with open(tmp, "wb") as f:
+      f.write((json.dumps({"progress_of": self.key}, ensure_ascii=False) + "\n").encode())
+      for line in lines:
+        f.write(line if line.endswith(b"\n") else line + b"\n")
+    os.replace(tmp, self.path)
+
+  def _check(self, header: dict) -> None:
+    # The inputs first: other inputs make every other difference moot.
+    for name in sorted(set(header) | set(self.key), key=lambda n: (n != "inputs", n)):
+      was, now = header.get(name), self.key.get(name)
+      if name in GROWS and isinstance(was, int) and isinstance(now, int) and now >= was:
+        continue  # a larger --num or --rounds continues the run
+      if name == "inputs":  # by content: a moved or touched copy of the same inputs continues
+        if [i["sha256"] for i in was or []] != [i["sha256"] for i in now or []]:
+          raise UserError(
+              f"{self.path} continues a run of other inputs ({', '.join(i['path'] for i in was)}"
+              f", not {', '.join(i['path'] for i in now)}, or their content changed); delete it "
+              "to start again, or rerun with that run's inputs")
+      elif was != now:
+        raise UserError(
+            f"{self.path} continues a run with --{name} {was}, not {now}"
+            f"{' (it may only grow)' if name in GROWS else ''}; delete it to start again, or "
+            f"rerun with --{name} {was}")
 
   def append(self, items) -> None:
     with open(self.path, "a", encoding="utf-8") as f:
@@ -119,6 +163,33 @@ class Log:
 
   def write_out(self, records) -> None:
     rec_lib.write(self.out, records)
+
+
+# What decides a generating run's items, so a progress file must have been made with the same.
+# --num and --rounds may grow between runs (more of the same run); --batch_size may change.
+KEY_OPTIONS = ("command", "checkpoint", "seed", "num", "rounds", "instances", "max_decode_len",
+               "temperature", "top_p")
+GROWS = ("num", "rounds")
+
+
+def run_key(args) -> dict:
+  """The inputs' content (sha256) and the options that decide a generating run's items."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  inputs = []
+  for path in args.inputs:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    inputs.append({"path": os.path.abspath(path), "sha256": h.hexdigest()})
+  key = {name: getattr(args, name, None) for name in KEY_OPTIONS}
+  key["checkpoint"] = os.path.abspath(key["checkpoint"]) if key["checkpoint"] else None
+  if args.command == "self-instruct":
+    key.pop("rounds")  # options the command does not read
+  else:
+    key.pop("num")
+    key.pop("instances")
+  return dict(key, inputs=inputs)
 
 
 def _words(text: str) -> list[str]:
@@ -208,8 +279,7 @@ def _seed_tasks(records):
   return list(tasks.values())
 
 
-def self_instruct(args, report, model, seeds) -> int:
-  log = Log(args.out)
+def self_instruct(args, report, model, seeds, log) -> tuple[int, int]:
   human = [t["instruction"] for t in _seed_tasks(seeds)]
   if len(human) < 6:
     raise UserError(f"self-instruct needs at least 6 seed tasks; {args.inputs} hold {len(human)}")
@@ -264,7 +334,7 @@ def self_instruct(args, report, model, seeds) -> int:
   log.write_out(out_records)
   report.figures["instances"] = {"written": len(out_records), "dropped": dict(stats),
                                  "tasks_kept": len(machine)}
-  return len(machine)
+  return len(machine), len(out_records)
 
 
 def _same(a: str, b: str) -> bool:
@@ -320,8 +390,7 @@ def evolution_problem(old: str, new: str, answer: str):
   return None
 
 
-def evolve(args, report, model, records) -> int:
-  log = Log(args.out)
+def evolve(args, report, model, records, log) -> tuple[int, int]:
   current = [r.prompt for r in records]
   out_records, kept = [], 0
   done = {(it["round"], it["index"]) for it in log.items}
@@ -368,7 +437,7 @@ def evolve(args, report, model, records) -> int:
   log.write_out(out_records)
   report.figures["evolve"] = {"rounds": args.rounds, "operations": dict(collections.Counter(
       it["operation"] for it in log.items if it["verdict"] == "kept"))}
-  return kept
+  return kept, len(out_records)
 
 
 def _evolved(it) -> rec_lib.Record:
@@ -378,25 +447,30 @@ def _evolved(it) -> rec_lib.Record:
 
 # ------------------------------------------------------------------ entry points
 
-def run(args, report) -> int:
-  """Runs self-instruct or evolve; the number of kept items (tasks or evolutions)."""
+def run(args, report) -> tuple[int, int]:
+  """Runs self-instruct or evolve; (kept items (tasks or evolutions), records written)."""
   records, reads = rec_lib.read_all(args.inputs)
+  log = Log(args.out, run_key(args))  # before the model loads: a mismatch fails fast
   model = Model(args.checkpoint, args)
   for rep in reads:  # the inputs are seeds here, not candidates: only their bad records count
     for reason, n in rep.skipped.items():
       print(f"curate: {rep.path}: {n} {reason} skipped", flush=True)
   if args.command == "self-instruct":
-    return self_instruct(args, report, model, records)
-  return evolve(args, report, model, records)
+    return self_instruct(args, report, model, records, log)
+  return evolve(args, report, model, records, log)
 
 
 def loglikelihood_quality(checkpoint: str, records, batch_size: int = 16) -> np.ndarray:
-  """Mean log-probability per token of each response given its prompt."""
+  """Mean log-probability per token of each response given its prompt, both in the run's
+  prompt format as generation and training use it (a bare prompt is text the model never
+  read: a chat-tuned model scores it low whatever the response)."""
+  from flanjax import infer  # pylint: disable=g-import-not-at-top
   from flanjax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from flanjax.models import loading  # pylint: disable=g-import-not-at-top
   loaded = loading.load(checkpoint)
-  ctx = [loaded.kind.prompt_ids(loaded.vocab, r.prompt) for r in records]
-  cont = [list(loaded.vocab.encode(r.response)) for r in records]
+  fmt = infer.prompt_format(checkpoint, None)
+  ctx = [loaded.kind.prompt_ids(loaded.vocab, fmt.wrap(r.prompt)) for r in records]
+  cont = [list(loaded.vocab.encode(r.response + fmt.end_of_turn)) for r in records]
   sums, _ = scoring.loglikelihood(loaded.model, loaded.params, loaded.kind, ctx, cont,
                                   batch_size=batch_size, max_length=1024, max_target_length=512)
   return sums / np.maximum([len(c) for c in cont], 1)

@@ -4,7 +4,8 @@ Reading goes through the readers of `flanjax.data.collections.user` (format
 detection, per-format checks, bad records counted by reason), one raw record at
 a time, so a record's extra fields (`id`, `score`) survive curation. Also read:
 Self-Instruct seed task files (`instances`), one record per instance, and the FLAN
-CoT TSV files (question, answer, rationale), both written back as Alpaca records.
+CoT TSV files (question, answer, rationale), both written back as Alpaca records
+(as chat `messages`, like every record, when the output mixes formats).
 
 What curation compares: `instruction` (the user's first request; the Alpaca
 preamble that some ShareGPT dumps wrap it in is taken off), `input`, `response`
@@ -138,8 +139,11 @@ def _tsv_records(reader: sources.Reader) -> Iterable[Record]:
 def detect(path: str) -> str:
   if path.endswith(".tsv"):
     return FLAN_COT_TSV
-  where, rec, _ = sources.first_record(path)
-  if rec is not None and "instances" in rec and "instruction" in rec:
+  where, rec, problem = sources.first_record(path)
+  if rec is None:  # user.detect_format's message offers a format option curate has not
+    raise UserError(f"{path}: no record to curate ({problem}); give a file with records, or "
+                    "leave it out of the inputs")
+  if "instances" in rec and "instruction" in rec:
     return SEED_TASKS
   return user.detect_format(path)
 
@@ -182,9 +186,10 @@ def as_messages(r: Record) -> dict:
 
 
 def to_json(r: Record, mixed: bool) -> dict:
-  if r.fmt in CONVERTED:
-    return dict(r.raw)
-  return as_messages(r) if mixed else r.raw
+  # Mixed output is chat throughout: the trainer detects one format from the first line.
+  if mixed:
+    return as_messages(r)
+  return dict(r.raw) if r.fmt in CONVERTED else r.raw
 
 
 def write(path: str, records: Sequence[Record]) -> None:
@@ -193,10 +198,15 @@ def write(path: str, records: Sequence[Record]) -> None:
   mixed = len(fmts) > 1
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(to_json(r, mixed), ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      for r in records:
+        f.write(json.dumps(to_json(r, mixed), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.isfile(tmp):  # no half-written file left beside OUT
+      os.remove(tmp)
+    raise
 
 
 def words(text: str) -> list[str]:

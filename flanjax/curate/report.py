@@ -30,19 +30,26 @@ def _commit() -> str:
 
 
 class Progress:
-  """A console line every `every` seconds: done/total, rate, ETA."""
+  """A console line every `every` seconds: done/total, rate, ETA.
+
+  `done` may be set before the first update (work a resumed run found done); the rate
+  counts only what this process did, so the ETA is not flattered by it.
+  """
 
   def __init__(self, total: int, label: str, every: float = 5.0):
     self.total, self.label, self.every = total, label, every
     self.done, self.t0, self.last = 0, time.time(), time.time()
+    self.base = None  # `done` at the first update: work of an earlier run
 
   def update(self, n: int = 1, note: str = "") -> None:
+    if self.base is None:
+      self.base = self.done
     self.done += n
     now = time.time()
     if now - self.last < self.every and self.done < self.total:
       return
     self.last = now
-    rate = self.done / max(now - self.t0, 1e-9)
+    rate = (self.done - self.base) / max(now - self.t0, 1e-9)
     left = (self.total - self.done) / rate if rate > 0 else 0
     eta = f"{int(left // 60)}:{int(left % 60):02d}"
     print(f"{self.label}: {self.done:,}/{self.total:,} ({100 * self.done / max(self.total, 1):.0f}%), "

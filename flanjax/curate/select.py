@@ -1,9 +1,11 @@
 """Choosing k records: longest, quality, QDIT, diverse (k-means), random.
 
 QDIT (Bukharin et al., 2023) maximises (1 - alpha) * facility_location(S) + alpha * quality(S),
-facility_location(S) = mean_i max_{j in S} sim(i, j) (0 for the empty set) and quality(S) the
-mean-free sum of each member's quality (min-max scaled to [0, 1]) over k. Greedy by marginal
-gain; lazy evaluation keeps each candidate's last gain as an upper bound (the objective is
+facility_location(S) = mean_i max_{j in S} sim(i, j) over the n pool records (0 for the empty
+set) and quality(S) = sum_{j in S} q_j / k, the members' quality (min-max scaled to [0, 1])
+averaged over the k to choose. Both terms then lie in [0, 1] for a whole selection, so alpha
+trades one against the other; a plain sum of quality outweighs the pool mean after a few
+picks and made alpha act as on/off. Greedy by marginal gain; lazy evaluation keeps each candidate's last gain as an upper bound (the objective is
 submodular, so gains only shrink) and recomputes, a batch at a time, only the candidates on top
 of the heap, so the exact greedy choice costs a few columns of the similarity matrix per step.
 Ties go to the lower index, as in the brute-force greedy (`brute_force_qdit`).
@@ -87,7 +89,7 @@ def _first_gains(emb: np.ndarray, q: np.ndarray, alpha: float):
   Non-negative embeddings (TF-IDF) have non-negative similarities, so the facility
   gain of j is e_j . sum_i e_i / n exactly (stamp 0: fresh). Otherwise a bound
   (stamp -1: to be recomputed): max(0, x) = (x + |x|) / 2 and, by Cauchy-Schwarz,
-  sum_i |e_i . e_j| <= sqrt(n * e_j^T (sum_i e_i e_i^T) e_j).
+  sum_i |e_i . e_j| <= sqrt(n * e_j^T (sum_i e_i e_i^T) e_j). `q` is already divided by k.
   """
   n = len(emb)
   total = emb.sum(0, dtype=np.float64)
@@ -106,7 +108,7 @@ def qdit(emb: np.ndarray, quality: np.ndarray, k: int, alpha: float, batch: int 
   emb = np.asarray(emb) if np.asarray(emb).dtype == np.float64 else np.asarray(emb, np.float32)
   n = len(emb)
   k = min(k, n)
-  q = _scaled(quality) if alpha else np.zeros(n)
+  q = _scaled(quality) / max(k, 1) if alpha else np.zeros(n)
   cur = np.zeros(n, emb.dtype)  # max similarity of each point to the selection so far
 
   last = {}  # the similarity columns of the last batch evaluated, reused when one is chosen
@@ -152,9 +154,10 @@ def brute_force_qdit(emb: np.ndarray, quality: np.ndarray, k: int, alpha: float)
   emb = np.asarray(emb, np.float64)
   n = len(emb)
   sim = emb @ emb.T
-  q = _scaled(quality)
+  k = min(k, n)
+  q = _scaled(quality) / max(k, 1)
   chosen = []
-  for _ in range(min(k, n)):
+  for _ in range(k):
     best, arg = -np.inf, -1
     for j in range(n):
       if j in chosen:
