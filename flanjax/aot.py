@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from flanjax import config as flan_config
-from flanjax import train as _train  # registers train's gin configurables
+from flanjax import train as _train  # noqa: F401  registers train's gin configurables
 from flanjax.data import packing
 from flanjax.errors import UserError
 from flanjax.models import dense, kinds
@@ -157,7 +157,7 @@ def train_settings() -> dict:
           "mesh_shape": tuple(_bound("train.mesh_shape", (-1, 1, 1))),
           "pack": bool(_bound("train.pack", True)), "z_loss": float(_bound("train.z_loss", 1e-4)),
           "output_chunk": int(_bound("train.output_chunk", 128)),
-          "kind": _train._kind_for(cfg, _bound("train.decoder_objective", "prefix_lm"))}
+          "kind": kinds.for_training(cfg, _bound("train.decoder_objective", "prefix_lm"))}
 
 
 def _peft():

@@ -60,6 +60,24 @@ TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attentio
                    "remat_policy", "scan_layers")
 
 
+def run_record(mixture: str, vocabulary: str, cfg, kind: str, *, batch_size: int, seed: int,
+               lengths, pack: bool) -> dict:
+  """What run_info.json records of a run: what shapes its checkpoints (vocabulary, model,
+  kind, optimizer; checked on resume), its own tasks (`data`, for evaluating it later) and
+  its training settings (`training`: a change on resume is a note)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flanjax.data import registry  # pylint: disable=g-import-not-at-top
+  from flanjax.training import optimizers  # pylint: disable=g-import-not-at-top
+  info = {"mixture": mixture, "vocabulary": vocabulary, "model": model_record(cfg),
+          "kind": kind, "optimizer": optimizers.describe()}
+  if data := registry.data_record():
+    info["data"] = data
+  info["training"] = {"schedule": optimizers.describe_schedule(), "batch_size": int(batch_size),
+                      "seed": int(seed), "task_feature_lengths": dict(lengths),
+                      "pack": bool(pack), "processes": jax.process_count()}
+  return info
+
+
 def model_record(cfg) -> dict:
   """The model config as run_info.json records it, for check_run_info: the fields that
   shape the checkpoint. A scanned stack is recorded, the default unscanned one is not, so

@@ -37,7 +37,8 @@ from flanjax.curate import decontaminate  # noqa: E402
 from flanjax.errors import UserError  # noqa: E402
 # decoder and t5 are imported for their gin configurables DecoderConfig and T5Config.
 from flanjax.models import decoder, hf, kinds, stack, t5  # noqa: E402,F401
-from flanjax.run_folder import TRAINING_FIELDS, RunFolder, model_record  # noqa: E402
+from flanjax.run_folder import (  # noqa: E402
+    TRAINING_FIELDS, RunFolder, model_record, run_record)
 from flanjax.training import adapters, checkpoints, loop, optimizers  # noqa: E402
 from flanjax.training.partitioning import check_divisible  # noqa: E402
 from flanjax.training.data import TrainData  # noqa: E402
@@ -51,20 +52,6 @@ def _hide_accelerators_from_tf():
     tf.config.set_visible_devices([], "GPU")
   except Exception:  # pylint: disable=broad-except
     pass
-
-
-OBJECTIVES = ("prefix_lm", "causal")
-
-
-def _kind_for(cfg, decoder_objective: str):
-  """The model kind a run trains: T5's, or a decoder's by train.decoder_objective."""
-  if decoder_objective not in OBJECTIVES:
-    raise UserError(f"train.decoder_objective={decoder_objective!r}: give one of "
-                    f"{', '.join(OBJECTIVES)}")
-  kind = kinds.for_config(cfg)
-  if decoder_objective == "causal" and kind is kinds.PREFIX_LM:
-    return kinds.DECODER
-  return kind
 
 
 def _vocab_size_for(model_config, vocabulary):
@@ -162,9 +149,8 @@ def train(
   decontamination: 'warn' | 'drop' | 'off' (flanjax/curate/decontaminate.check_mixture).
   output_chunk: the output layer runs inside the loss, at loss positions only, this many
   positions of each row at a time (losses.output_cross_entropy); 0: logits everywhere.
-  decoder_objective: how a decoder-only model trains: 'prefix_lm' (each row [0] + inputs +
-  EOS + targets, the inputs read both ways; FLAN's) or 'causal' (BOS + inputs + targets read
-  left to right, as transformers and PEFT run a causal LM: an export behaves as trained).
+  decoder_objective: a decoder's rows, 'prefix_lm' ([0] + inputs + EOS + targets, inputs read
+  both ways) or 'causal' (BOS + inputs + targets, as transformers runs it; kinds.for_training).
   peft: @LoraConfig() or @PromptTuningConfig() trains over init_from's frozen model (read on
   resuming too); init_adapter: a PEFT adapter folder to start from.
   """
@@ -181,19 +167,9 @@ def train(
     cfg, init_params, vocab = _model_and_vocab(model_config, vocabulary, init_from, resuming=(
         ckpt.latest_step() is not None and peft is None and init_adapter is None))
     contaminated = _register_data(vocab, register_fns, mixture, lengths, decontamination)
-    cfg = _vocab_size_for(cfg, vocab)
-    kind = _kind_for(cfg, decoder_objective)
-    # Only what shapes the parameters: dtype, remat and dropout may change on resume.
-    run_info = {"mixture": mixture, "vocabulary": task_lib.vocab_fingerprint(vocab),
-                "model": model_record(cfg), "kind": kind.name,
-                "optimizer": optimizers.describe()}
-    if data := registry.data_record():  # the run's own tasks, for evaluating it later
-      run_info["data"] = data
-    # What may change on resume, each change a note (the data stream's: batches differ).
-    run_info["training"] = {"schedule": optimizers.describe_schedule(),
-                            "batch_size": int(batch_size), "seed": int(seed),
-                            "task_feature_lengths": dict(lengths), "pack": bool(pack),
-                            "processes": jax.process_count()}
+    cfg, kind = _vocab_size_for(cfg, vocab), kinds.for_training(cfg, decoder_objective)
+    run_info = run_record(mixture, task_lib.vocab_fingerprint(vocab), cfg, kind.name,
+                          batch_size=batch_size, seed=seed, lengths=lengths, pack=pack)
     adapter = adapters.setup(peft, cfg, init_params, init_from, init_adapter, vocab, seed)
     if adapter is not None:
       run_info["adapter"], kind = adapter.describe(), adapter.kind(kind)

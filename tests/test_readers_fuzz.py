@@ -260,6 +260,13 @@ def test_pretty_printed_json_lines_are_read_object_by_object(tmp_path, sep):
   assert str(e.value).startswith(f"{path}:")
 
 
+def test_one_pretty_printed_record_is_a_file_of_one_record(tmp_path):
+  path = tmp_path / "one.json"
+  path.write_text(json.dumps(ALPACA[1], indent=2))
+  fmt, records, report = _detect_and_read(path)
+  assert fmt == "alpaca" and [r["answer"] for r in records] == ["1"] and not report.skipped
+
+
 def test_a_malformed_first_line_of_json_lines_is_still_a_bad_line(tmp_path):
   path = tmp_path / "lines.jsonl"
   path.write_text('{"instruction": "x", "output": \n' + "\n".join(json.dumps(r) for r in ALPACA))

@@ -234,7 +234,10 @@ def _layout(path: str) -> tuple[str, object]:
     key = _wrapped_key(obj)
     if key is not None:
       return "wrapped", key
-    return ("lines", None) if one_line else ("object", obj)
+    if one_line:
+      return "lines", None
+    # One record written over several lines is a file of one record.
+    return ("stream", None) if _RECORD_KEYS & set(obj) else ("object", obj)
   if one_line and not text[end:line_end].strip():
     return "lines", None
   return "stream", None

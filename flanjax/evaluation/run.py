@@ -86,7 +86,7 @@ def _bind_run_data(checkpoint: str, adapter: str | None, log) -> None:
   this command's gin leaves them unbound: `--tasks my_task` works without the run's gin."""
   from flanjax.run_folder import RunFolder  # pylint: disable=g-import-not-at-top
   for path in (adapter, checkpoint):  # an adapter run is the run that trained
-    if not path or not os.path.isfile(os.path.join(path, "run_info.json")):
+    if not path or not os.path.isfile(RunFolder(path).run_info_path):
       continue
     record = (RunFolder(path).read_run_info() or {}).get("data") or {}
     bound = registry.bind_recorded_data(record)
@@ -116,12 +116,11 @@ def evaluate(
   """Evaluates a checkpoint on `tasks`; writes <out_dir>/<name>.json, .md, .html, tensorboard/.
 
   decode: a DecodeConfig (default greedy); max_decode_len, when given, replaces its
-  max_decode_len. prompt_format: the format prompts are wrapped in (data/chat.py), default
-  the run's recorded one, else plain, as python -m flanjax.infer chooses. review_examples:
-  examples per task and split on the review page <name>.html. adapter: LoRA adapters over the
-  checkpoint (a LoRA run, at `step`, or a PEFT folder). attention_impl: the model's attention
-  (models/attention.py; 'blockwise' for long prompts), default the checkpoint's. generate=False:
-  tasks with options answer by rank classification alone (MMLU as lm_eval). Returns the JSON."""
+  max_decode_len. prompt_format (data/chat.py): default the run's recorded one, else plain,
+  as flanjax.infer chooses. review_examples: per task and split on the review page <name>.html.
+  adapter: LoRA adapters (a LoRA run, at `step`, or a PEFT folder). attention_impl: the model's
+  attention (models/attention.py; 'blockwise' for long prompts), default the checkpoint's.
+  generate=False: tasks with options answer by rank classification (MMLU as lm_eval)."""
   log = log or (lambda line: print(line, flush=True))
   t0, load0 = time.time(), os.getloadavg()  # the whole call's time, and the machine's load
   if not checkpoint:
@@ -135,7 +134,7 @@ def evaluate(
   decode = decode or decoding.DecodeConfig(max_decode_len=256)
   if max_decode_len is not None:
     decode = dataclasses.replace(decode, max_decode_len=int(max_decode_len))
-  _bind_run_data(checkpoint, adapter, log)
+  _bind_run_data(checkpoint, adapter, log)  # a user-data run's own tasks
   names = resolve_tasks(tasks)  # a typo fails here, before a checkpoint is read
   if not os.path.exists(checkpoint):
     raise UserError(f"checkpoint {checkpoint} does not exist")

@@ -402,6 +402,18 @@ def for_config(cfg, trained_by_flanjax: bool = True) -> ModelKind:
                   f"not {type(cfg).__name__}")
 
 
+OBJECTIVES = ("prefix_lm", "causal")  # train.decoder_objective
+
+
+def for_training(cfg, decoder_objective: str = "prefix_lm") -> ModelKind:
+  """The kind a run trains: T5's, or a decoder's by train.decoder_objective."""
+  if decoder_objective not in OBJECTIVES:
+    raise UserError(f"train.decoder_objective={decoder_objective!r}: give one of "
+                    f"{', '.join(OBJECTIVES)}")
+  kind = for_config(cfg)
+  return DECODER if decoder_objective == "causal" and kind is PREFIX_LM else kind
+
+
 def for_module(model, prefix_lm: bool = False) -> ModelKind:
   """The kind of a built module (a T5, or a Decoder read causally unless prefix_lm)."""
   if isinstance(model, decoder_lib.Decoder):
