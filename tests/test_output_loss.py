@@ -129,8 +129,11 @@ def test_train_step_equals_the_logits_step_on_real_packed_batches(build, builtin
   for s1, m1 in (fused(state, batch), two(state, batch)):
     for k in ("loss", "cross_entropy", "z_loss", "grad_norm", "loss_weight"):
       np.testing.assert_allclose(m1[k], m0[k], rtol=2e-5, err_msg=k)
+    # After one Adam step: a parameter whose gradient is near 0 moves by g / (|g| + eps),
+    # where float summation order alone can shift it by a few 1e-5 (2.6e-5 seen once in
+    # 32,768); a wrong gradient moves it by up to the rate, 1e-2.
     for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(s1["params"])):
-      np.testing.assert_allclose(a, b, atol=2e-5)
+      np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 @pytest.mark.parametrize("build", [_t5, _prefix_lm], ids=["t5", "prefix_lm_tied"])
