@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import collections.abc
 import dataclasses
 import errno
 import io
@@ -311,15 +312,24 @@ def run_gin_command(run_fn, prog: str, argv=None):
   run_plain_main(lambda _: go(), prog, argv)
 
 
-def bound_value(selector: str):
-  """The value gin binds to `selector`, macros followed; None if unbound."""
+def bound_value(selector: str, deep: bool = False):
+  """The value gin binds to `selector`, macros followed (deep: also those inside lists,
+  tuples and dicts); None if it, or a macro it names, is unbound."""
   try:
-    value = gin.query_parameter(selector)
-    for _ in range(8):  # %MIXTURE -> its value (macros may name macros)
-      if isinstance(value, gin.config.ConfigurableReference) and str(value).startswith("%"):
-        value = gin.query_parameter(str(value))
+    return _macros_followed(gin.query_parameter(selector), deep)
   except ValueError:
     return None
+
+
+def _macros_followed(value, deep: bool, depth: int = 0):
+  if depth > 8:  # macros may name macros, but not forever
+    return value
+  if isinstance(value, gin.config.ConfigurableReference) and str(value).startswith("%"):
+    return _macros_followed(gin.query_parameter(str(value)), deep, depth + 1)
+  if deep and isinstance(value, collections.abc.Mapping):
+    return {k: _macros_followed(v, deep, depth + 1) for k, v in value.items()}
+  if deep and isinstance(value, (list, tuple)):
+    return type(value)(_macros_followed(v, deep, depth + 1) for v in value)
   return value
 
 

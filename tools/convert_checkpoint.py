@@ -130,13 +130,19 @@ def hf_to_orbax(hf_dir: str, out_dir: str, overwrite: bool = False, adapter: str
   return cfg
 
 
-def _adapter_run(ckpt_dir: str, step):
-  """(state folder, RunFolder, run_info's adapter record) of an adapter training run, else
-  None (a converted checkpoint, a full fine-tuning run)."""
+def _training_run(ckpt_dir: str, step):
+  """(state folder, RunFolder) of a training run's checkpoint, else None (a converted
+  checkpoint, no checkpoint at all)."""
   from flanjax.models.loading import training_checkpoint  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(ckpt_dir) or os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):
     return None
-  found = training_checkpoint(os.path.abspath(ckpt_dir), step)
+  return training_checkpoint(os.path.abspath(ckpt_dir), step)
+
+
+def _adapter_run(ckpt_dir: str, step):
+  """(state folder, RunFolder, run_info's adapter record) of an adapter training run, else
+  None (a converted checkpoint, a full fine-tuning run)."""
+  found = _training_run(ckpt_dir, step)
   adapter = (found[1].read_run_info() or {}).get("adapter") if found else None
   return (*found, adapter) if adapter else None
 
@@ -206,19 +212,16 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, config: str | None = None,
     _copy_vocab(vocab, out_dir)
   hf.save(cfg, params, out_dir, vocabulary=_vocabulary_in(out_dir), extra_config=hf_config,
           dtype=dtype)
-  _note_prefix_lm(ckpt_dir, step, "transformers runs the export causally, so its outputs "
-                  "differ from flanjax's for --checkpoint RUN (flanjax.infer --checkpoint "
-                  "OUT_DIR runs the export causally too)")
+  _note_prefix_lm(_training_run(ckpt_dir, step), ckpt_dir, "transformers runs the export "
+                  "causally, so its outputs differ from flanjax's for --checkpoint RUN "
+                  "(flanjax.infer --checkpoint OUT_DIR runs the export causally too)")
   return cfg
 
 
-def _note_prefix_lm(ckpt_dir: str, step, consequence: str) -> None:
-  """A note when `ckpt_dir` is a run that trained a decoder as a prefix LM: an HF or PEFT
-  export is run causally there, a layout the weights were not trained in."""
-  from flanjax.models.loading import training_checkpoint  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(ckpt_dir) or os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):
-    return
-  found = training_checkpoint(os.path.abspath(ckpt_dir), step)
+def _note_prefix_lm(found, ckpt_dir: str, consequence: str) -> None:
+  """A note when `found` (`_training_run`'s answer for `ckpt_dir`) trained a decoder as a
+  prefix LM: an HF or PEFT export is run causally there, a layout the weights were not
+  trained in."""
   if found and (found[1].read_run_info() or {}).get("kind") == "prefix_lm":
     print(f"note: {ckpt_dir} trained a prefix LM (its prompt read both ways, each row "
           f"[0] + prompt + EOS + response); {consequence}", file=sys.stderr, flush=True)
@@ -242,7 +245,7 @@ def orbax_to_peft(run_dir: str, out_dir: str, step=None, overwrite: bool = False
     prompt_tuning.write_peft(out_dir, lcfg, adapters[prompt_tuning.KEY], cfg, base)
   else:
     lora.write_peft(out_dir, lcfg, adapters, sites, cfg, base)
-  _note_prefix_lm(run_dir, step, "PEFT runs the export causally, so its outputs differ "
+  _note_prefix_lm(found, run_dir, "PEFT runs the export causally, so its outputs differ "
                   "from flanjax's for --checkpoint BASE --adapter RUN (flanjax.infer "
                   "--adapter OUT_DIR runs the export causally too)")
   return cfg

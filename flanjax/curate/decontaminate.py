@@ -65,10 +65,15 @@ class EvalSet:
   examples: Sequence
 
 
-def _registered_sets(names: Sequence[str] | None, notes: list) -> list[EvalSet]:
+def _task_defs() -> list:
+  """The built-in tasks that may hold evaluation splits."""
   from flanjax.data.collections import bbh, gsm8k, mmlu, tfds_tasks  # pylint: disable=g-import-not-at-top
+  return bbh.task_defs() + gsm8k.task_defs() + mmlu.task_defs() + tfds_tasks.task_defs()
+
+
+def _registered_sets(names: Sequence[str] | None, notes: list) -> list[EvalSet]:
   out, seen = [], set()
-  for defn in bbh.task_defs() + gsm8k.task_defs() + mmlu.task_defs() + tfds_tasks.task_defs():
+  for defn in _task_defs():
     for split in defn.splits:
       name = f"{defn.name}:{split}"
       if not defn.is_eval_only(split) or (names and not _wanted(defn.name, names)):
@@ -112,9 +117,7 @@ def _open_ended_sets(names: Sequence[str] | None, notes: list) -> list[EvalSet]:
 
 
 def _known_names() -> list[str]:
-  from flanjax.data.collections import bbh, gsm8k, mmlu, tfds_tasks  # pylint: disable=g-import-not-at-top
-  defs = bbh.task_defs() + gsm8k.task_defs() + mmlu.task_defs() + tfds_tasks.task_defs()
-  return [d.name for d in defs if any(d.is_eval_only(s) for s in d.splits)] + list(OPEN_ENDED)
+  return [d.name for d in _task_defs() if any(d.is_eval_only(s) for s in d.splits)] + list(OPEN_ENDED)
 
 
 def eval_sets(names: Sequence[str] | None = None) -> tuple[list[EvalSet], list[str]]:

@@ -185,28 +185,12 @@ def _absolute(spec):
               else v) for k, v in spec.items()}
 
 
-def _macros_resolved(value, depth: int = 0):
-  """`value` with gin macros (%NAME) inside lists, tuples and dicts replaced by theirs."""
-  if depth > 8:
-    return value
-  if isinstance(value, gin.config.ConfigurableReference) and str(value).startswith("%"):
-    return _macros_resolved(gin.query_parameter(str(value)), depth + 1)
-  if isinstance(value, Mapping):
-    return {k: _macros_resolved(v, depth + 1) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return type(value)(_macros_resolved(v, depth + 1) for v in value)
-  return value
-
-
 def data_record() -> dict:
   """The DATA_BINDINGS gin binds now, as JSON values (paths absolute); those that are
   unbound, empty or not JSON are left out."""
   out = {}
   for selector in DATA_BINDINGS:
-    try:
-      value = _macros_resolved(flan_config.bound_value(selector))
-    except ValueError:  # a macro that is not bound
-      continue
+    value = flan_config.bound_value(selector, deep=True)
     if value is None or value == () or value == []:
       continue
     if selector == "user_data.tasks":

@@ -113,8 +113,7 @@ def load_json(path: str, fix: str):
     with open(path, encoding="utf-8-sig") as f:
       return json.load(f)
   except UnicodeDecodeError as e:
-    raise UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; "
-                    "re-encode the file as UTF-8") from None
+    raise _not_utf8(path, e) from None
   except json.JSONDecodeError as e:
     raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                     f"{fix}") from None
@@ -196,13 +195,24 @@ def _wrapped_key(obj) -> str | None:
   return keys[0]
 
 
+def _not_utf8(path: str, e: UnicodeDecodeError) -> UserError:
+  return UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; re-encode the "
+                   "file as UTF-8")
+
+
 def _read_text(path: str) -> str:
   try:
     with open(path, encoding="utf-8-sig", newline="") as f:  # offsets as in the bytes' text
       return f.read()
   except UnicodeDecodeError as e:
-    raise UserError(f"{path}: bytes that are not UTF-8 at offset {e.start}; "
-                    "re-encode the file as UTF-8") from None
+    raise _not_utf8(path, e) from None
+
+
+def _text_head(path: str, size: int) -> str:
+  """The first `size` bytes of `path` as text (a byte-order mark dropped; a character cut by
+  the read, or bytes that are not UTF-8, replaced: the whole-file readers report those)."""
+  with open(path, "rb") as f:
+    return f.read(size).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
 
 
 def _layout(path: str) -> tuple[str, object]:
@@ -216,8 +226,7 @@ def _layout(path: str) -> tuple[str, object]:
     return ("array", None) if head.startswith(b"[") else ("lines", None)
   decoder, size, total = json.JSONDecoder(), 1 << 16, os.path.getsize(path)
   while True:
-    with open(path, "rb") as f:
-      text = f.read(size).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
+    text = _text_head(path, size)
     start = len(text) - len(text.lstrip())
     try:
       obj, end = decoder.raw_decode(text, start)
@@ -322,8 +331,7 @@ def _first_array_element(path: str, max_elements: int = 1000) -> tuple[int, dict
   size, total = 1 << 16, os.path.getsize(path)
   decoder = json.JSONDecoder()
   while True:
-    with open(path, "rb") as f:
-      text = f.read(size).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
+    text = _text_head(path, size)
     whole = size >= total
     i, n, first_bad = text.index("[") + 1, 0, ""
     while n < max_elements:

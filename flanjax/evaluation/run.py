@@ -86,9 +86,10 @@ def _bind_run_data(checkpoint: str, adapter: str | None, log) -> None:
   this command's gin leaves them unbound: `--tasks my_task` works without the run's gin."""
   from flanjax.run_folder import RunFolder  # pylint: disable=g-import-not-at-top
   for path in (adapter, checkpoint):  # an adapter run is the run that trained
-    if not path or not os.path.isfile(RunFolder(path).run_info_path):
+    folder = RunFolder(path) if path else None
+    if folder is None or not os.path.isfile(folder.run_info_path):
       continue
-    record = (RunFolder(path).read_run_info() or {}).get("data") or {}
+    record = (folder.read_run_info() or {}).get("data") or {}
     bound = registry.bind_recorded_data(record)
     if bound:
       log(f"data: {', '.join(bound)} as {path} was trained with (its run_info.json)")
