@@ -8,7 +8,8 @@ keeps only ASCII letters and digits, so a prompt with words it cannot see (Chine
 is not compared (counted in the report's figures).
 
 Near duplicates are what the LSH proposes and an exact Jaccard of the shingle sets
-confirms (LSH alone has false positives), so the threshold means what it says.
+confirms (LSH alone has false positives), so the threshold means what it says; its bands
+are chosen to propose a pair at the threshold with probability >= 0.99 (`lsh_params`).
 """
 
 from __future__ import annotations
@@ -51,11 +52,35 @@ def jaccard(a: set, b: set) -> float:
   return len(a & b) / len(a | b) if a or b else 1.0
 
 
+LSH_RECALL = 0.99  # of pairs exactly at the threshold; pairs above it are found more often
+
+
+def lsh_params(threshold: float, num_perm: int, recall: float = LSH_RECALL) -> tuple[int, int]:
+  """(bands, rows) of the LSH: the most rows a band (the fewest candidates to confirm) with
+  which a pair of Jaccard `threshold` still shares a band with probability >= `recall`.
+  datasketch's own choice weighs misses and false candidates alike, and finds a pair at the
+  threshold 40% of the time at 0.8; here every candidate is confirmed by its exact Jaccard,
+  so a false candidate costs one set intersection, a miss a duplicate kept."""
+  for rows in range(num_perm, 0, -1):
+    bands = num_perm // rows
+    if found_at(threshold, bands, rows) >= recall:
+      return bands, rows
+  return num_perm, 1
+
+
+def found_at(threshold: float, bands: int, rows: int) -> float:
+  """The probability that the LSH proposes a pair of Jaccard `threshold`."""
+  return 1.0 - (1.0 - threshold ** rows) ** bands
+
+
 def dedup(records: Sequence[rec_lib.Record], report: Report, *, jaccard_threshold: float = 0.8,
           num_perm: int = 128, shingle: int = 5, rouge: float | None = None) -> list:
   """The records that are not duplicates of an earlier one; drops counted by reason."""
   seen: dict[str, str] = {}
-  lsh = MinHashLSH(threshold=jaccard_threshold, num_perm=num_perm) if jaccard_threshold else None
+  lsh, params = None, None
+  if jaccard_threshold:
+    params = lsh_params(jaccard_threshold, num_perm)
+    lsh = MinHashLSH(num_perm=num_perm, params=params)
   shingle_sets: dict[int, set] = {}
   pool = RougePool() if rouge else None
   rouge_tok = tokenizer() if rouge else None
@@ -97,6 +122,8 @@ def dedup(records: Sequence[rec_lib.Record], report: Report, *, jaccard_threshol
     kept.append(r)
   report.figures["dedup"] = {
       "jaccard_threshold": jaccard_threshold, "num_perm": num_perm, "shingle_words": shingle,
+      "lsh_bands_rows": list(params) if params else None,
+      "lsh_found_at_threshold": round(found_at(jaccard_threshold, *params), 4) if params else None,
       "rouge_threshold": rouge, "rouge_not_compared_non_ascii": not_compared if rouge else None,
       "near_duplicate_jaccard_mean": round(float(np.mean(near_pairs)), 3) if near_pairs else None}
   return kept
