@@ -39,13 +39,14 @@ CONFIGS = {
 }
 
 
-def _torch_llama(overrides, seed=0):
+def _torch_llama(overrides, seed=0, family="Llama"):
   torch.manual_seed(seed)
   kw = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
   kw.update(overrides)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+  config = getattr(transformers, f"{family}Config")(**kw)
+  model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
   with torch.no_grad():
     # HF's 0.02 init gives near-uniform logits; wider weights make parity mean something.
     for name, p in model.named_parameters():
@@ -376,6 +377,49 @@ def test_save_then_load_and_transformers_agree(name, tmp_path):
     ref = loaded(input_ids=torch.tensor(tokens)).logits.numpy()
   ours = np.asarray(decoder.Decoder(cfg).apply({"params": params}, tokens))
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_mistral_loads_runs_as_transformers_exports_as_mistral_and_refuses_past_its_window(
+    tmp_path):
+  """Mistral is Llama's weights with a sliding window: within the window the two are one
+  model; rows longer than it are refused in one line, not run with full attention."""
+  from flanjax.data import hf_vocab
+  tmodel = _torch_llama(dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                             tie_word_embeddings=False), seed=5, family="Mistral")
+  src = tmp_path / "mistral"
+  tmodel.save_pretrained(str(src))
+  _write_tokenizer(str(src))
+  cfg, params, _ = hf.load(str(src))
+  assert cfg.sliding_window == 16 and cfg.num_kv_heads == 2
+  tokens = np.random.default_rng(5).integers(3, V, size=(2, 16))
+  with torch.no_grad():
+    ref = tmodel(input_ids=torch.tensor(tokens)).logits.numpy()
+  model = decoder.Decoder(cfg)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens)), ref,
+                             atol=1e-4, rtol=1e-4)
+  # Past the window transformers attends to the last 16 positions only: refused here.
+  longer = np.random.default_rng(6).integers(3, V, size=(1, 20))
+  with torch.no_grad():
+    windowed = tmodel(input_ids=torch.tensor(longer)).logits.numpy()
+  assert np.abs(windowed[0, -1] - ref[0, -1]).max() > 1e-3  # the window matters there
+  msg = _one_line_error(lambda: model.apply({"params": params}, longer), "20 tokens",
+                        "sliding window (16")
+  assert "task_feature_lengths" in msg
+  _one_line_error(lambda: model.init_decode_state(1, 24), "24 tokens")
+  # Exported, it is a Mistral again, and transformers runs it as the original.
+  out = tmp_path / "out"
+  hf.save(cfg, params, str(out), vocabulary=hf_vocab.HFTokenizerVocabulary.from_directory(
+      str(src)))
+  written = json.loads((out / "config.json").read_text())
+  assert written["model_type"] == "mistral" and written["sliding_window"] == 16
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert type(loaded).__name__ == "MistralForCausalLM"
+  with torch.no_grad():
+    np.testing.assert_allclose(loaded(input_ids=torch.tensor(longer)).logits.numpy(), windowed,
+                               atol=1e-4, rtol=1e-4)
+  # A written Llama config is still a Llama.
+  assert hf.llama_config_to_hf(dataclasses.replace(cfg, sliding_window=None))[
+      "model_type"] == "llama"
 
 
 def _saved_llama(path, name="gqa tied"):

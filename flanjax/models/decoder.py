@@ -36,6 +36,7 @@ from flanjax.models import attention
 from flanjax.models import dense
 from flanjax.models import stack
 from flanjax.models.t5 import FeedForward, RMSNorm, VocabularyEnds, _param
+from flanjax.errors import UserError
 
 Array = Any
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -63,6 +64,10 @@ class DecoderConfig:
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
   max_position: int = 2048  # recorded for export; RoPE itself has no table
+  # Mistral's sliding window: each position attends to the last `sliding_window` ones.
+  # flanjax's attention has no window, so rows and decode caches longer than it are
+  # refused (up to it, windowed and full causal attention are the same).
+  sliding_window: int | None = None
   dropout_rate: float = 0.0
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
@@ -83,6 +88,9 @@ class DecoderConfig:
                        f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"DecoderConfig.head_dim={self.head_dim} must be even for RoPE")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise ValueError(f"DecoderConfig.sliding_window={self.sliding_window} must be positive "
+                       "(None: no window)")
     if self.rope_scaling not in ROPE_SCALINGS:
       raise ValueError(f"DecoderConfig.rope_scaling={self.rope_scaling!r} is not one of "
                        f"{', '.join(ROPE_SCALINGS)}")
@@ -278,6 +286,7 @@ class Decoder(VocabularyEnds, nn.Module):
     """
     del decoder_target_tokens
     tokens = decoder_input_tokens
+    self._check_window(tokens.shape[1], "rows")
     seg = jnp.ones_like(tokens) if decoder_segment_ids is None else decoder_segment_ids
     pos = decoder_positions
     if pos is None:
@@ -296,8 +305,18 @@ class Decoder(VocabularyEnds, nn.Module):
   # state["index"] [b] is the next free slot of each row, so prompts of
   # different lengths decode side by side without left padding.
 
+  def _check_window(self, length: int, what: str) -> None:
+    window = self.config.sliding_window
+    if window is not None and length > window:
+      raise UserError(
+          f"{what} of {length} tokens are longer than this model's sliding window "
+          f"({window}, a Mistral config's sliding_window), which flanjax's attention does "
+          f"not apply; keep them to {window} tokens (train.task_feature_lengths, or the "
+          "prompt plus --max_decode_len)")
+
   def init_decode_state(self, batch: int, max_len: int):
     c = self.config
+    self._check_window(max_len, "a prompt and its answer")
     empty = jnp.zeros((batch, max_len, c.num_kv_heads, c.head_dim), c.compute_dtype)
     return {"cache": stack.each(self.layers, c.num_layers, lambda _: (empty, empty)),
             "index": jnp.zeros((batch,), jnp.int32)}

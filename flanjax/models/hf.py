@@ -28,7 +28,7 @@ _FF = {"relu": "relu", "gelu": "gelu_exact", "gated-gelu": "gated-gelu",
 _FF_TO_HF = {"gelu_exact": "gelu", "gelu": "gelu_new"}
 # UMT5 is not here: it keeps a relative-position table in every layer, ours in the first.
 T5_TYPES = ("t5", "mt5")
-LLAMA_TYPES = ("llama",)
+LLAMA_TYPES = ("llama", "mistral")  # Mistral: Llama's weights and a sliding window
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,7 +38,7 @@ def model_family(hf: Mapping, source: str = "config.json") -> str:
   model_type = hf.get("model_type")
   if model_type in T5_TYPES or (model_type is None and "T5" in arch):
     return "t5"
-  if model_type in LLAMA_TYPES or (model_type is None and arch.startswith("Llama")):
+  if model_type in LLAMA_TYPES or (model_type is None and arch.startswith(("Llama", "Mistral"))):
     return "llama"
   if model_type == "umt5":
     raise UserError(f"{source}: UMT5 keeps a relative-position table in every layer, which "
@@ -49,7 +49,7 @@ def model_family(hf: Mapping, source: str = "config.json") -> str:
     return "llama" if "hidden_size" in hf else "t5"
   raise UserError(f"{source}: unsupported architecture {arch or '(none)'} "
                   f"(model_type={model_type}); flanjax imports T5 ({', '.join(T5_TYPES)}) and "
-                  f"Llama ({', '.join(LLAMA_TYPES)}) checkpoints")
+                  f"Llama-style ({', '.join(LLAMA_TYPES)}) checkpoints")
 
 
 # ---------------------------------------------------------------- T5 config
@@ -134,8 +134,15 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
                       "(default, linear and llama3 are)")
   except KeyError as e:
     raise UserError(f"{source}: {rope_type} rope parameters lack {e.args[0]}") from None
+  # Mistral attends to the last `sliding_window` positions; null (or Qwen-style
+  # use_sliding_window=false) is full causal attention.
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                             or window <= 0):
+    raise UserError(f"{source}: sliding_window={window!r} is not a positive whole number")
   try:
     return DecoderConfig(
+        sliding_window=window,
         vocab_size=need("vocab_size"), d_model=d_model, num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or d_model // heads,
@@ -156,8 +163,12 @@ def llama_config_to_hf(cfg: DecoderConfig) -> dict:
     rope.update(low_freq_factor=cfg.rope_low_freq_factor,
                 high_freq_factor=cfg.rope_high_freq_factor,
                 original_max_position_embeddings=cfg.rope_original_max_position)
+  family = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+  if cfg.sliding_window is not None:  # only Mistral's transformers class applies a window
+    family = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+              "sliding_window": cfg.sliding_window}
   return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      **family,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
       "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
