@@ -198,13 +198,17 @@ def train(
     state = trainer.init_state(None if adapter else init_params)
     del init_params  # the state holds them now
     _announce(kind, cfg, state, trainer.partitioner.mesh,
-              init_from if ckpt.latest_step() is None else None)
+              init_from if ckpt.latest_step() is None else None, adapter is not None)
     return decontaminate.summarised(run, contaminated, trainer.fit(state, num_steps, stop_signal))
 
 
-def _announce(kind, cfg, state, mesh, init_from: str | None) -> None:
+def _announce(kind, cfg, state, mesh, init_from: str | None, adapter: bool) -> None:
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  print(f"model: {kind.describe(cfg)}, {n_params / 1e6:.2f}M parameters; mesh "
+  size = f"{n_params / 1e6:.2f}M parameters"
+  if adapter:  # the state holds the adapters alone; the base is frozen beside them
+    base = sum(x.size for x in jax.tree.leaves(kinds.abstract_params(cfg)))
+    size = f"{base / 1e6:.2f}M parameters, frozen; training {n_params:,} adapter parameters"
+  print(f"model: {kind.describe(cfg)}, {size}; mesh "
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
         flush=True)
   if init_from:

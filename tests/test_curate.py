@@ -227,6 +227,9 @@ def test_decontaminate_finds_every_planted_gsm8k_test_question(tmp_path):
   assert {"gsm8k:test", "mt_bench", "alpaca_eval"} <= set(fig["evaluation_sets"])
   assert any(s.startswith("bbh_") for s in fig["evaluation_sets"])
   assert any(s.startswith("mmlu_") for s in fig["evaluation_sets"])
+  # A set not checked (a TFDS dataset not prepared here) is noted with its whole fix.
+  for note in fig["notes"]:
+    assert "tfds build" not in note or "--data_dir=" in note, note
   flagged = collections.defaultdict(list)
   for m in report["figures"]["matches"]:
     flagged[m["training_record"]].append(m)

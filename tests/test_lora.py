@@ -276,6 +276,34 @@ def test_evaluate_passes_the_adapter_to_the_loader(monkeypatch, tmp_path):
   assert (args.adapter, args.step) == ("runs/lora", 4)
 
 
+def test_an_adapters_evaluation_goes_to_its_own_folder_by_default(monkeypatch, tmp_path):
+  """Two adapters over one base keep their own results: <adapter>/eval, not <base>/eval."""
+  import types
+  from flanjax import evaluate
+  from flanjax.evaluation import run as run_mod
+  from flanjax.training import metrics
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def writer(path):
+    seen.append(path)
+    raise Stop()
+
+  monkeypatch.setattr(run_mod, "_load", lambda *a, **k: (types.SimpleNamespace(vocab=None), None))
+  monkeypatch.setattr(run_mod, "_step_of", lambda loaded, step: 0)
+  monkeypatch.setattr(run_mod.registry, "call_register_fns", lambda *a, **k: None)
+  monkeypatch.setattr(metrics, "SummaryWriter", writer)
+  base, first, second = (tmp_path / n for n in ("base", "lora_a", "lora_b"))
+  for d in (base, first, second):
+    d.mkdir()
+  for adapter in (str(first), str(second), None):
+    with pytest.raises(Stop):
+      evaluate.evaluate(checkpoint=str(base), adapter=adapter, tasks=["builtin_parity"])
+  assert seen == [str(d / "eval" / "tensorboard") for d in (first, second, base)]
+
+
 def test_alpha_and_rank_pattern_import_with_peft_scales(llama_case, tmp_path):
   cfg, base, _, _ = llama_case
   # Per-module alpha (v_proj, and q_proj of layer 1 by a regular expression), and a

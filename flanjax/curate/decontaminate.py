@@ -81,10 +81,11 @@ def _registered_sets(names: Sequence[str] | None, notes: list) -> list[EvalSet]:
       try:
         examples = defn.load(split)
       except UserError as e:
-        notes.append(f"{name}: not checked ({str(e)[:120]})")
+        notes.append(f"{name}: not checked ({e})")  # whole: it ends with the fix
         continue
       except Exception as e:  # pylint: disable=broad-except  (TFDS without data, etc.)
-        notes.append(f"{name}: not checked ({type(e).__name__}: {str(e)[:100]})")
+        first = (str(e).splitlines() or [""])[0]
+        notes.append(f"{name}: not checked ({type(e).__name__}: {first[:300]})")
         continue
       if id(examples) in seen:  # e.g. bbh_x and bbh_x_direct read the same examples
         continue

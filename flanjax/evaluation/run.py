@@ -96,6 +96,19 @@ def _bind_run_data(checkpoint: str, adapter: str | None, log) -> None:
     return
 
 
+def _out_dir(out_dir: str | None, checkpoint: str, adapter: str | None) -> str:
+  """The results' folder, made: `out_dir`, else <adapter>/eval or <checkpoint>/eval. An
+  adapter's results go with it: beside its base, a second adapter's would overwrite them
+  (and a shared base folder may not be writable)."""
+  out_dir = os.path.abspath(out_dir or os.path.join(adapter or checkpoint, "eval"))
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"output directory {out_dir} cannot be created ({e.strerror}); "
+                    "give --out DIR") from None
+  return out_dir
+
+
 @gin.configurable(denylist=["log"])
 def evaluate(
     *,
@@ -144,12 +157,7 @@ def evaluate(
   step_no = _step_of(loaded, step)
   # The tasks tokenize with the checkpoint's vocabulary.
   registry.call_register_fns(register_fns, loaded.vocab, input_length=input_length)
-  out_dir = os.path.abspath(out_dir or os.path.join(checkpoint, "eval"))
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"output directory {out_dir} cannot be created ({e.strerror}); "
-                    "give --out DIR") from None
+  out_dir = _out_dir(out_dir, checkpoint, adapter)
 
   from flanjax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   writer = metrics_lib.SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -164,7 +172,8 @@ def evaluate(
   table = format_results(results)
   log(f"\nevaluation of {loaded.source} ({secs:.0f}s, {decode.method} decoding):\n{table}\n")
   report = {
-      "checkpoint": os.path.abspath(checkpoint), "source": loaded.source,
+      "checkpoint": os.path.abspath(checkpoint),
+      "adapter": os.path.abspath(adapter) if adapter else None, "source": loaded.source,
       "kind": loaded.kind.name, "step": step_no, "input_length": input_length,
       "prompt_format": fmt.name, "decode": dataclasses.asdict(decode),
       "max_examples": max_examples, "batch_size": batch_size, "generate": generate,

@@ -482,11 +482,12 @@ class Trainer:
     train_secs = time.time() - t_start
     history = rec.history
     losses = self._run_losses(final_step, history)
+    tail = min(10, len(losses))  # last_loss is their mean: one step alone is noisy
     print(f"packing: {self.data.stats.summary()}", flush=True)
     summary = {"packing": self.data.packing_summary(), "model": type(self.model.config).__name__,
                "kind": self.kind.name, "step": final_step, "train_seconds": round(train_secs, 1),
                "first_loss": losses[0] if losses else None,
-               "last_loss": float(np.mean(losses[-10:])) if losses else None,
+               "last_loss": float(np.mean(losses[-tail:])) if losses else None,
                "model_dir": self.run.path, "checkpoint_dir": self.checkpointer.directory}
     if rec.start_step and history:
       summary["resumed_from_step"] = rec.start_step  # train_seconds and packing: since then
@@ -512,7 +513,8 @@ class Trainer:
     self.run.write_summary(summary)
     self._plot()
     # No steps when resuming a run that already reached num_steps.
-    losses = (f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if history
+    losses = (f"loss {summary['first_loss']:.3f} at step 1 -> {summary['last_loss']:.3f}, the "
+              f"mean of the last {tail}" if history
               else f"no steps run (the run is at step {final_step})")
     why = f" ({self.stopped_early})" if self.stopped_early else ""
     print(f"done in {time.time() - t_start:.0f}s{why}: {losses}; summary in "
