@@ -7,7 +7,7 @@ Reads the same gin as training (model, lengths, batch, microbatches, mesh, optim
 train.peft: LoRA or prompt tuning over a frozen base held in its base_dtype),
 builds the step the trainer builds (training/trainer.py: make_train_step, the state's
 shardings from the logical rules, the batch sharded over data x fsdp), compiles it
-against the topology's devices with libtpu (`pip install 'flanjax[tpu]'`), and prints
+against the topology's devices with libtpu (`pip install -e '.[tpu]'`), and prints
 per device: parameters, optimizer state, temporaries and the total against the chip's
 memory, FLOPs per step (XLA's cost analysis) and the step time at the chip's peak and at
 50% MFU. Exit code 0: fits; 1: does not fit (a step XLA refuses to compile for the chip's
@@ -57,8 +57,8 @@ def topology_devices(name: str):
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    raise UserError("compiling for a TPU topology needs libtpu: pip install 'flanjax[tpu]' "
-                    f"(jax[tpu]=={jax.__version__})") from None
+    raise UserError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]' in "
+                    f"the repository (or jax[tpu]=={jax.__version__})") from None
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   # Compiling touches no chip: let several compiles (and tests) load libtpu side by side.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -137,6 +137,10 @@ def test_command_line_error_ends_the_process_in_one_line(tmp_path):
     (["--gin_file=flan.gin", "--bogus"], "--bogus"),
     ([], "--gin_file"),
     (["--gin_file=flan.gin", "--gin.train.num_steps=-3"], "train.num_steps=-3"),
+    # A model setting out of its range (the config classes' own checks).
+    (["--gin_file=flan.gin", "--gin.T5Config.attention_impl='foo'"], "attention_impl='foo'"),
+    (["--gin_file=flan.gin", "--gin.T5Config.remat_policy='most'"], "remat_policy='most'"),
+    (["--gin_file=flan.gin", "--gin.T5Config.feed_forward='foo'"], "feed_forward='foo'"),
 ])
 def test_command_line_errors_are_one_line(argv, needle, tmp_path, monkeypatch, builtin_vocab):
   # The command's main in this process: each case would otherwise pay a process start

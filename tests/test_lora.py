@@ -304,6 +304,39 @@ def test_an_adapters_evaluation_goes_to_its_own_folder_by_default(monkeypatch, t
   assert seen == [str(d / "eval" / "tensorboard") for d in (first, second, base)]
 
 
+def test_evaluate_takes_max_decode_len_from_the_decode_configs_binding(monkeypatch, tmp_path):
+  """--gin.DecodeConfig.max_decode_len=8 without a suite gin file: 8 new tokens, not 256."""
+  import gin
+  import types
+  from flanjax import evaluate
+  from flanjax.evaluation import run as run_mod
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def suite(*args, decode=None, **kw):
+    seen.append(decode)
+    raise Stop()
+
+  loaded = types.SimpleNamespace(vocab=None, model=None, params=None, kind=None)
+  monkeypatch.setattr(run_mod, "_load", lambda *a, **k: (loaded, None))
+  monkeypatch.setattr(run_mod, "_step_of", lambda loaded, step: 0)
+  monkeypatch.setattr(run_mod.registry, "call_register_fns", lambda *a, **k: None)
+  monkeypatch.setattr(run_mod, "evaluate_suite", suite)
+  (tmp_path / "ckpt").mkdir()
+  for binding, want in (("", 256), ("DecodeConfig.max_decode_len = 8", 8)):
+    with gin.unlock_config():
+      gin.clear_config()
+      gin.parse_config(binding)
+    with pytest.raises(Stop):
+      evaluate.evaluate(checkpoint=str(tmp_path / "ckpt"), tasks=["builtin_parity"],
+                        out_dir=str(tmp_path / "out"))
+    assert seen[-1].max_decode_len == want
+  with gin.unlock_config():
+    gin.clear_config()
+
+
 def test_alpha_and_rank_pattern_import_with_peft_scales(llama_case, tmp_path):
   cfg, base, _, _ = llama_case
   # Per-module alpha (v_proj, and q_proj of layer 1 by a regular expression), and a

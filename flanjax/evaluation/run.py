@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import gin
 
+from flanjax import config as flan_config
 from flanjax import decoding
 from flanjax.data import registry
 from flanjax.errors import UserError
@@ -145,7 +146,9 @@ def evaluate(
                     f"eval/bbh_gsm8k.gin) or --tasks=a,b; {LIST_HINT}")
   if input_length < 8:
     raise UserError(f"evaluate.input_length={input_length}: must be at least 8 tokens")
-  decode = decode or decoding.DecodeConfig(max_decode_len=256)
+  if decode is None:  # 256 new tokens unless --gin.DecodeConfig.max_decode_len says
+    bound = flan_config.bound_value("DecodeConfig.max_decode_len")
+    decode = decoding.DecodeConfig(max_decode_len=256 if bound is None else int(bound))
   if max_decode_len is not None:
     decode = dataclasses.replace(decode, max_decode_len=int(max_decode_len))
   _bind_run_data(checkpoint, adapter, log)  # a user-data run's own tasks

@@ -38,6 +38,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flanjax.errors import UserError
 from flanjax.models import dense
 
 Array = Any
@@ -48,9 +49,9 @@ IMPLS = ("auto", "reference", "blockwise", "dot_product", "flash")
 
 def check_impl(owner: str, impl: str, block: int) -> None:
   if impl not in IMPLS:
-    raise ValueError(f"{owner}.attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
+    raise UserError(f"{owner}.attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
   if block < 1:
-    raise ValueError(f"{owner}.attention_block={block} must be positive")
+    raise UserError(f"{owner}.attention_block={block} must be positive")
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool,
@@ -170,7 +171,7 @@ def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "auto",
   if impl == "reference":
     return _reference(q, k, v, spec, scale, dropout)
   if dropout is not None:
-    raise ValueError(f"attention_impl={impl!r} applies no attention dropout: set "
+    raise UserError(f"attention_impl={impl!r} applies no attention dropout: set "
                      "dropout_rate=0 or attention_impl='reference'")
   if impl == "blockwise":
     return _blockwise(q, k, v, spec, scale, block)
@@ -180,7 +181,7 @@ def attend(q: Array, k: Array, v: Array, spec: Spec, *, impl: str = "auto",
     from flanjax.models import flash_tpu  # pylint: disable=g-import-not-at-top
     out = flash_tpu.attend(q, k, v, spec, scale, block)
     return _blockwise(q, k, v, spec, scale, block) if out is None else out
-  raise ValueError(f"attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
+  raise UserError(f"attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
 
 
 def _grouped(q, k):

@@ -84,15 +84,15 @@ class DecoderConfig:
     attention.check_impl("DecoderConfig", self.attention_impl, self.attention_block)
     stack.check_config("DecoderConfig", self)
     if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-      raise ValueError(f"DecoderConfig.num_heads={self.num_heads} must be a multiple of "
+      raise UserError(f"DecoderConfig.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
-      raise ValueError(f"DecoderConfig.head_dim={self.head_dim} must be even for RoPE")
+      raise UserError(f"DecoderConfig.head_dim={self.head_dim} must be even for RoPE")
     if self.sliding_window is not None and self.sliding_window <= 0:
-      raise ValueError(f"DecoderConfig.sliding_window={self.sliding_window} must be positive "
+      raise UserError(f"DecoderConfig.sliding_window={self.sliding_window} must be positive "
                        "(None: no window)")
     if self.rope_scaling not in ROPE_SCALINGS:
-      raise ValueError(f"DecoderConfig.rope_scaling={self.rope_scaling!r} is not one of "
+      raise UserError(f"DecoderConfig.rope_scaling={self.rope_scaling!r} is not one of "
                        f"{', '.join(ROPE_SCALINGS)}")
 
   @property

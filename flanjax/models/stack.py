@@ -47,7 +47,7 @@ REMAT_POLICIES = {
 
 def check_config(owner: str, cfg) -> None:
   if cfg.remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"{owner}.remat_policy={cfg.remat_policy!r} is not one of "
+    raise UserError(f"{owner}.remat_policy={cfg.remat_policy!r} is not one of "
                      f"{', '.join(REMAT_POLICIES)}")
 
 

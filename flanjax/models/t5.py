@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flanjax.errors import UserError
 from flanjax.models import lora_hook as lora
 from flanjax.models import prompt_hook
 from flanjax.models import attention
@@ -71,7 +72,7 @@ class T5Config:
     stack.check_config("T5Config", self)
     if self.feed_forward not in ("relu", "gelu", "gelu_exact", "gated-gelu", "gated-relu",
                                  "gated-silu"):
-      raise ValueError(f"T5Config.feed_forward={self.feed_forward!r} is not one of "
+      raise UserError(f"T5Config.feed_forward={self.feed_forward!r} is not one of "
                        "relu, gelu, gated-gelu, gated-relu, gated-silu")
 
   @property

@@ -30,6 +30,9 @@ def distributed(coordinator_address: str | None = None, num_processes: int | Non
     if num_processes is None or process_id is None:
       raise UserError("distributed.coordinator_address needs num_processes and process_id "
                       "(or $FLANJAX_NUM_PROCESSES and $FLANJAX_PROCESS_ID)")
+    # JAX waits for every process (up to its 5-minute timeout, then aborts): say so first.
+    print(f"distributed: process {process_id} of {num_processes}, waiting for all of them at "
+          f"{coordinator_address} (up to 300 s)", flush=True)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   else:
     return
