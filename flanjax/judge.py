@@ -119,7 +119,7 @@ def run(argv) -> int:
   if args.command == "pairwise":
     a_name, a = _answers(args.a, "a")
     b_name, b = _answers(args.b, "b")
-    pairs = judge_lib.make_pairs(a, b, a_name, b_name)[:args.max_items or None]
+    pairs = judge_lib.make_pairs(a, b, a_name, b_name, limit=args.max_items or None)
     judge = _load_judge(args)
     records, summary = judge_lib.pairwise(
         judge, pairs, names=(a_name, b_name), resamples=args.resamples, seed=args.seed,

@@ -36,6 +36,21 @@ def test_verdicts_and_scores_are_parsed_or_counted_as_unparsed():
     assert judge_lib.parse_score(bad) is None, bad
 
 
+def test_pairs_stop_at_the_limit_and_need_answers_only_for_those():
+  """--max_items N judges the first N of --a: --b need answer only those (it was asked to
+  answer every --a instruction, then the pairs were cut)."""
+  a = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)]
+  b = [{"instruction": f"q{i}", "output": f"b{i}"} for i in (2, 0, 1)]
+  pairs = judge_lib.make_pairs(a, b, "A", "B", limit=3)
+  assert [(p.instruction, p.a, p.b) for p in pairs] == [
+      ("q0", "a0", "b0"), ("q1", "a1", "b1"), ("q2", "a2", "b2")]
+  with pytest.raises(judge_lib.UserError, match="'q3'"):
+    judge_lib.make_pairs(a, b, "A", "B", limit=4)
+  line = judge_lib.format_grade({"graded": 2, "questions": 1, "mean": None, "unparsed": 2,
+                                 "per_turn": {"1": None}, "per_category": {"writing": None}})
+  assert "None" not in line and "mean grade n/a (no grade parsed)" in line
+
+
 def test_bootstrap_interval_against_the_normal_approximation():
   # 400 consistent verdicts: 150 wins (2 points), 50 ties (1), 200 losses (0).
   points = [2] * 150 + [1] * 50 + [0] * 200

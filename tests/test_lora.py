@@ -302,6 +302,13 @@ def test_an_adapters_evaluation_goes_to_its_own_folder_by_default(monkeypatch, t
     with pytest.raises(Stop):
       evaluate.evaluate(checkpoint=str(base), adapter=adapter, tasks=["builtin_parity"])
   assert seen == [str(d / "eval" / "tensorboard") for d in (first, second, base)]
+  # A run's checkpoint folder is replaced whole (the best one at each new best): its
+  # results go to <run>/eval/<step or best> instead.
+  best = tmp_path / "run" / "checkpoints" / "best"
+  best.mkdir(parents=True)
+  with pytest.raises(Stop):
+    evaluate.evaluate(checkpoint=str(best), tasks=["builtin_parity"])
+  assert seen[-1] == str(tmp_path / "run" / "eval" / "best" / "tensorboard")
 
 
 def test_evaluate_takes_max_decode_len_from_the_decode_configs_binding(monkeypatch, tmp_path):

@@ -357,8 +357,11 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
   generator = decoding.Generator(model, params, vocab, input_length, decode,
                                  batch_size=batch_size, kind=kind)
   progress = Progress(total, progress_every_secs, log)
-  log(f"eval: {len(loaded)} task splits, {total} examples, {decode.method} decoding "
-      f"(at most {decode.max_decode_len} new tokens), inputs up to {input_length} tokens")
+  how = f"{decode.method} decoding (at most {decode.max_decode_len} new tokens)"
+  if not generate:  # MMLU's way: options ranked, nothing generated for them
+    how = f"rank classification where a task has options, else {how}"
+  log(f"eval: {len(loaded)} task splits, {total} examples, {how}, inputs up to "
+      f"{input_length} tokens")
   results = []
   for name, split, examples in loaded:
     r = evaluate_one(model, params, vocab, kind, name, split, generator,

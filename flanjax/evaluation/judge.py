@@ -233,11 +233,13 @@ def _keyed(records):
   return out
 
 
-def make_pairs(a: list[dict], b: list[dict], a_name: str, b_name: str) -> list[Pair]:
-  """Pairs by instruction, in --a's order; every --a instruction must be in --b."""
+def make_pairs(a: list[dict], b: list[dict], a_name: str, b_name: str,
+               limit: int | None = None) -> list[Pair]:
+  """Pairs by instruction, in --a's order, the first `limit` of them (all when None);
+  every --a instruction paired must be in --b."""
   by_b = _keyed(b)
   pairs = []
-  for key, ra in _keyed(a).items():
+  for key, ra in list(_keyed(a).items())[:limit]:
     rb = by_b.get(key)
     if rb is None:
       raise UserError(f"{b_name} has no answer to the instruction {ra['instruction'][:80]!r} "
@@ -421,9 +423,10 @@ def grade(judge: Judge, answers: Sequence[dict], references: Mapping,
 
 
 def format_grade(s: dict) -> str:
-  cats = ", ".join(f"{k} {v}" for k, v in s["per_category"].items())
-  turns = ", ".join(f"turn {k} {v}" for k, v in s["per_turn"].items())
-  return (f"{s['graded']} answers of {s['questions']} questions: mean grade {s['mean']} "
+  shown = lambda v: "n/a (no grade parsed)" if v is None else v  # noqa: E731
+  cats = ", ".join(f"{k} {shown(v)}" for k, v in s["per_category"].items())
+  turns = ", ".join(f"turn {k} {shown(v)}" for k, v in s["per_turn"].items())
+  return (f"{s['graded']} answers of {s['questions']} questions: mean grade {shown(s['mean'])} "
           f"({turns}); unparsed {s['unparsed']}\nper category: {cats}")
 
 

@@ -98,10 +98,19 @@ def _bind_run_data(checkpoint: str, adapter: str | None, log) -> None:
 
 
 def _out_dir(out_dir: str | None, checkpoint: str, adapter: str | None) -> str:
-  """The results' folder, made: `out_dir`, else <adapter>/eval or <checkpoint>/eval. An
-  adapter's results go with it: beside its base, a second adapter's would overwrite them
-  (and a shared base folder may not be writable)."""
-  out_dir = os.path.abspath(out_dir or os.path.join(adapter or checkpoint, "eval"))
+  """The results' folder, made: `out_dir`, else <adapter>/eval or <checkpoint>/eval, and
+  for a run's own checkpoint folder <run>/eval/<step or best> (a checkpoint is replaced
+  whole, results inside it with it). An adapter's results go with it: beside its base, a
+  second adapter's would overwrite them (and a shared base folder may not be writable)."""
+  if out_dir is None:
+    where = os.path.abspath(adapter or checkpoint)
+    parent, leaf = os.path.split(where)
+    if os.path.basename(parent) == "checkpoints":  # <run>/checkpoints/<step or best>: that
+      where = os.path.join(os.path.dirname(parent), "eval", leaf)  # folder is replaced whole
+    else:
+      where = os.path.join(where, "eval")
+    out_dir = where
+  out_dir = os.path.abspath(out_dir)
   try:
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:

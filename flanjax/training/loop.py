@@ -483,7 +483,8 @@ class Trainer:
     history = rec.history
     losses = self._run_losses(final_step, history)
     tail = min(10, len(losses))  # last_loss is their mean: one step alone is noisy
-    print(f"packing: {self.data.stats.summary()}", flush=True)
+    if history:  # a finished run resumed packs nothing: no empty line
+      print(f"packing: {self.data.stats.summary()}", flush=True)
     summary = {"packing": self.data.packing_summary(), "model": type(self.model.config).__name__,
                "kind": self.kind.name, "step": final_step, "train_seconds": round(train_secs, 1),
                "first_loss": losses[0] if losses else None,
