@@ -15,7 +15,6 @@ import csv
 import dataclasses
 import glob
 import json
-import logging
 import os
 from typing import Iterator, Sequence
 
@@ -86,8 +85,7 @@ class Reader:
       print(f"data: {self.path}: {n} record(s): {what} (first: "
             f"{self.report.first_changed[what]})", flush=True)
     if self.report.skipped:
-      logging.warning("%s", self.report.summary())
-      print(f"data: {self.report.summary()}", flush=True)
+      print(f"data: {self.report.summary()}", flush=True)  # once: not also a log warning
     if not self.report.kept:
       raise UserError(f"{self.path}: no usable records"
                       + (f" ({self.report.num_skipped} skipped as bad)" if self.report.skipped else "")

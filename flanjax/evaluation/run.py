@@ -163,7 +163,8 @@ def evaluate(
   _bind_run_data(checkpoint, adapter, log)  # a user-data run's own tasks
   names = resolve_tasks(tasks)  # a typo fails here, before a checkpoint is read
   if not os.path.exists(checkpoint):
-    raise UserError(f"checkpoint {checkpoint} does not exist")
+    raise UserError(f"checkpoint {checkpoint} does not exist; give --checkpoint a training "
+                    "run, a converted checkpoint or a Hugging Face model folder")
 
   loaded, fmt = _load(checkpoint, step, prompt_format, log, adapter, attention_impl)
   step_no = _step_of(loaded, step)
