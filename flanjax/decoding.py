@@ -57,6 +57,14 @@ class DecodeConfig:
   seed: int = 0  # sample
   stop: tuple[str, ...] = ()  # cut the text before the first of these
 
+  @classmethod
+  def with_default_length(cls, max_decode_len: int) -> "DecodeConfig":
+    """The gin-configured DecodeConfig, whose max_decode_len is `max_decode_len` unless
+    --gin.DecodeConfig.max_decode_len binds one (an explicit argument would override it)."""
+    from flanjax import config as flan_config  # pylint: disable=g-import-not-at-top
+    bound = flan_config.bound_value("DecodeConfig.max_decode_len")
+    return cls(max_decode_len=max_decode_len if bound is None else int(bound))
+
   def __post_init__(self):
     stop = (self.stop,) if isinstance(self.stop, str) else self.stop
     if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) and x for x in stop):

@@ -196,17 +196,18 @@ def train(
     check_divisible(trainer.partitioner.mesh, batch_size, microbatches,
                     trainer.abstract_params(), trainer.partitioner.rules)
     state = trainer.init_state(None if adapter else init_params)
-    del init_params  # the state holds them now
     _announce(kind, cfg, state, trainer.partitioner.mesh,
-              init_from if ckpt.latest_step() is None else None, adapter is not None)
+              init_from if ckpt.latest_step() is None else None, init_params if adapter else None)
+    del init_params  # the state holds them now
     return decontaminate.summarised(run, contaminated, trainer.fit(state, num_steps, stop_signal))
 
 
-def _announce(kind, cfg, state, mesh, init_from: str | None, adapter: bool) -> None:
+def _announce(kind, cfg, state, mesh, init_from: str | None, frozen_base) -> None:
+  """frozen_base: an adapter run's base parameters (its state holds the adapters alone)."""
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   size = f"{n_params / 1e6:.2f}M parameters"
-  if adapter:  # the state holds the adapters alone; the base is frozen beside them
-    base = sum(x.size for x in jax.tree.leaves(kinds.abstract_params(cfg)))
+  if frozen_base is not None:
+    base = sum(x.size for x in jax.tree.leaves(frozen_base))
     size = f"{base / 1e6:.2f}M parameters, frozen; training {n_params:,} adapter parameters"
   print(f"model: {kind.describe(cfg)}, {size}; mesh "
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",

@@ -342,7 +342,7 @@ def evaluate_suite(model, params, vocab, kind, task_names: Sequence[str],
   """
   from flanjax import decoding  # pylint: disable=g-import-not-at-top
   kind = kinds_lib.get(kind)
-  decode = decode or decoding.DecodeConfig(max_decode_len=256)
+  decode = decode or decoding.DecodeConfig.with_default_length(256)
   loaded = [(name, split, _formatted(name, load_examples(name, split, vocab, input_length,
                                                         max_examples), prompt_format))
             for name, split in plan(task_names, splits, log)]

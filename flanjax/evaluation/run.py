@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 
 import gin
 
-from flanjax import config as flan_config
 from flanjax import decoding
 from flanjax.data import registry
 from flanjax.errors import UserError
@@ -102,14 +101,13 @@ def _out_dir(out_dir: str | None, checkpoint: str, adapter: str | None) -> str:
   for a run's own checkpoint folder <run>/eval/<step or best> (a checkpoint is replaced
   whole, results inside it with it). An adapter's results go with it: beside its base, a
   second adapter's would overwrite them (and a shared base folder may not be writable)."""
+  from flanjax.run_folder import CHECKPOINTS_DIR  # pylint: disable=g-import-not-at-top
   if out_dir is None:
-    where = os.path.abspath(adapter or checkpoint)
-    parent, leaf = os.path.split(where)
-    if os.path.basename(parent) == "checkpoints":  # <run>/checkpoints/<step or best>: that
-      where = os.path.join(os.path.dirname(parent), "eval", leaf)  # folder is replaced whole
+    parent, leaf = os.path.split(os.path.abspath(adapter or checkpoint))
+    if os.path.basename(parent) == CHECKPOINTS_DIR:  # a step folder is replaced whole
+      out_dir = os.path.join(os.path.dirname(parent), "eval", leaf)
     else:
-      where = os.path.join(where, "eval")
-    out_dir = where
+      out_dir = os.path.join(parent, leaf, "eval")
   out_dir = os.path.abspath(out_dir)
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -155,9 +153,7 @@ def evaluate(
                     f"eval/bbh_gsm8k.gin) or --tasks=a,b; {LIST_HINT}")
   if input_length < 8:
     raise UserError(f"evaluate.input_length={input_length}: must be at least 8 tokens")
-  if decode is None:  # 256 new tokens unless --gin.DecodeConfig.max_decode_len says
-    bound = flan_config.bound_value("DecodeConfig.max_decode_len")
-    decode = decoding.DecodeConfig(max_decode_len=256 if bound is None else int(bound))
+  decode = decode or decoding.DecodeConfig.with_default_length(256)
   if max_decode_len is not None:
     decode = dataclasses.replace(decode, max_decode_len=int(max_decode_len))
   _bind_run_data(checkpoint, adapter, log)  # a user-data run's own tasks

@@ -88,9 +88,11 @@ class DecoderConfig:
                        f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise UserError(f"DecoderConfig.head_dim={self.head_dim} must be even for RoPE")
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      raise UserError(f"DecoderConfig.sliding_window={self.sliding_window} must be positive "
-                       "(None: no window)")
+    window = self.sliding_window
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window <= 0):
+      raise UserError(f"DecoderConfig.sliding_window={window!r} must be a positive whole "
+                      "number (None: no window)")
     if self.rope_scaling not in ROPE_SCALINGS:
       raise UserError(f"DecoderConfig.rope_scaling={self.rope_scaling!r} is not one of "
                        f"{', '.join(ROPE_SCALINGS)}")

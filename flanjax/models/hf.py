@@ -137,9 +137,6 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
   # Mistral attends to the last `sliding_window` positions; null (or Qwen-style
   # use_sliding_window=false) is full causal attention.
   window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-  if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                             or window <= 0):
-    raise UserError(f"{source}: sliding_window={window!r} is not a positive whole number")
   try:
     return DecoderConfig(
         sliding_window=window,
