@@ -39,7 +39,7 @@ from flanjax.errors import UserError  # noqa: E402
 from flanjax.models import decoder, hf, kinds, stack, t5  # noqa: E402,F401
 from flanjax.run_folder import (  # noqa: E402
     TRAINING_FIELDS, RunFolder, model_record, run_record)
-from flanjax.training import adapters, checkpoints, loop, optimizers  # noqa: E402
+from flanjax.training import adapters, checkpoints, early_stopping as stopping, loop, optimizers  # noqa: E402,E501
 from flanjax.training.partitioning import check_divisible  # noqa: E402
 from flanjax.training.data import TrainData  # noqa: E402
 # distributed is gin's `distributed` (multi-process start-up).
@@ -159,6 +159,7 @@ def train(
     raise UserError(f"train.num_steps={num_steps}: give the step to train to (0 evaluates "
                     "the checkpoint without training)")
   lengths = pipeline.check_lengths(task_feature_lengths or {"inputs": 256, "targets": 64})
+  stopping.check_watchable(early_stopping, eval_every_steps, validation_every_steps, validation_batches)
   # One folder per mixture by default, so switching mixture never resumes another run.
   run = RunFolder(model_dir or os.path.join("runs", mixture))
   run.check_writable()

@@ -173,3 +173,19 @@ def test_plot_command_draws_from_the_run_folder(tmp_path):
   empty = subprocess.run([sys.executable, "-m", "flanjax.plot", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
   assert empty.returncode == 2 and "no training losses" in empty.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ((), "train.early_stopping watches evaluations, and none is set"),
+    (("--gin.train.validation_every_steps=5", "--gin.train.validation_batches=0",
+      "--gin.train.eval_every_steps=5"), "train.validation_batches=0 measures no validation loss")])
+def test_early_stopping_without_its_evaluations_is_refused_before_the_run_folder(
+    tmp_path, extra, message):
+  run = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "flanjax.train", "--gin_file=flan.gin", f"--gin.train.model_dir={run}",
+       "--gin.train.early_stopping=@EarlyStopping()", *extra],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert not run.exists()  # nothing made, nothing to clean up

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flanjax.errors import UserError
+
 if TYPE_CHECKING:  # attention calls this module: no import back at run time
   from flanjax.models import attention
 
@@ -68,6 +70,7 @@ def attend(q: Array, k: Array, v: Array, spec: "attention.Spec", scale: float | 
   answer (the caller, attention.attend, then runs blockwise)."""
   if not supported(q, k, spec):
     return None
+  _check_platform()
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   b, lq, h, d = q.shape
   lk, g = k.shape[1], k.shape[2]
@@ -110,6 +113,21 @@ def attend(q: Array, k: Array, v: Array, spec: "attention.Spec", scale: float | 
                                      fa.SegmentIds(q=P(rows), kv=P(rows))), out_specs=bh)
   out = kernel(*args)
   return jnp.swapaxes(out, 1, 2)[:, :lq].astype(q.dtype)
+
+
+def _check_platform() -> None:
+  """The kernel lowers for TPUs alone (elsewhere only in Pallas's interpreter, for tests):
+  a one-line refusal here instead of Pallas's traceback at the first step."""
+  mesh = jax.sharding.get_abstract_mesh()  # a TPU topology's devices when compiled ahead
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = device.platform if device is not None else jax.default_backend()
+  from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+  interpret = getattr(jax_config, "pallas_tpu_interpret_mode_context_manager", None)
+  if platform == "tpu" or getattr(interpret, "value", None) is not None:
+    return
+  raise UserError(f"attention_impl='flash' is the Pallas TPU kernel, and this run is on "
+                  f"{platform}: set attention_impl='auto' (or 'blockwise', memory linear in "
+                  "the length)")
 
 
 def on_tpu() -> bool:

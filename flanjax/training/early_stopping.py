@@ -26,6 +26,20 @@ MODES = ("auto", "min", "max")
 DEFAULT_PATIENCE = 3
 
 
+def check_watchable(es: "EarlyStopping | None", eval_every_steps: int,
+                    validation_every_steps: int, validation_batches: int) -> None:
+  """Early stopping needs evaluations of its metric: refused before a run starts without."""
+  if es is None:
+    return
+  if not (eval_every_steps or (validation_every_steps and validation_batches)):
+    raise UserError("train.early_stopping watches evaluations, and none is set: set "
+                    "train.eval_every_steps (or train.validation_every_steps for loss-only "
+                    "evaluations)")
+  if es.metric in ("eval/loss", "eval/token_accuracy") and not validation_batches:
+    raise UserError(f"train.early_stopping watches {es.metric}, and "
+                    "train.validation_batches=0 measures no validation loss: raise it")
+
+
 @gin.configurable
 class EarlyStopping:
   """Stops when `metric` has not improved by more than `min_delta` for `patience`

@@ -363,16 +363,9 @@ class Trainer:
     return ev.due(step, num_steps) or ev.validation_due(step, num_steps)
 
   def _check_early_stopping(self) -> None:
-    es, ev = self.early_stopping, self.evaluator
-    if es is None:
-      return
-    if not (ev.every_steps or (ev.validation_every_steps and ev.validation_batches)):
-      raise UserError("train.early_stopping watches evaluations, and none is set: set "
-                      "train.eval_every_steps (or train.validation_every_steps for loss-only "
-                      "evaluations)")
-    if es.metric in ("eval/loss", "eval/token_accuracy") and not ev.validation_batches:
-      raise UserError(f"train.early_stopping watches {es.metric}, and "
-                      "train.validation_batches=0 measures no validation loss: raise it")
+    ev = self.evaluator
+    stopping_lib.check_watchable(self.early_stopping, ev.every_steps,
+                                 ev.validation_every_steps, ev.validation_batches)
 
   def _counts(self, evaluation) -> bool:
     """Whether an evaluation counts toward patience and the overfitting warning: periodic
