@@ -279,6 +279,10 @@ def test_recipe_trains_and_its_export_loads_in_peft(kind_name, tmp_path, builtin
       "--gin.train.eval_at_end=False", "--gin.schedule.warmup_steps=0",
       f"--gin.PromptTuningConfig.num_virtual_tokens={n}"], builtin_vocab, train_command.__file__)
   assert code == 0, (out + err)[-3000:]
+  # Rows hold the virtual tokens beyond the inputs' 64, and the console says so.
+  rows = "(68 + 16) tokens" if t5 else "84 (causal: 68 inputs + 16 targets) tokens"
+  assert (f"training: 4 steps of 4 rows x {rows}, each example's inputs led by {n} virtual "
+          "tokens;") in out, out[-3000:]
   from flanjax.models import loading as loading_lib  # pylint: disable=g-import-not-at-top
   saved = loading_lib.restore_numpy(str(run / "checkpoints" / "4" / "state"))["params"]
   leaves = jax.tree_util.tree_leaves(saved)

@@ -345,6 +345,10 @@ class SoftPrompted(ModelKind):
   def score_length(self, input_length):
     return self.inner.score_length(input_length) + len(self.virtual_tokens)
 
+  def rows_text(self, lengths):
+    n = len(self.virtual_tokens)  # rows hold them beyond the inputs' length
+    return self.inner.rows_text({**lengths, "inputs": int(lengths["inputs"]) + n})
+
   def score_request(self, ctx, cont, max_length, max_target_length):
     n = len(self.virtual_tokens)
     ctx, cont, size = self.inner.score_request(

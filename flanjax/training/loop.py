@@ -292,8 +292,10 @@ class Trainer:
       writer = metrics_lib.SummaryWriter(self.run.tensorboard_dir)
       rec = _StepRecorder(self, num_steps, start_step, writer)
       stop = stop_signal or step_lib.StopSignal()
+      n_virtual = len(self.kind.virtual_tokens)
+      soft = f", each example's inputs led by {n_virtual} virtual tokens" if n_virtual else ""
       print(f"training: {num_steps} steps of {self.data.batch_size} rows x "
-            f"{self.kind.rows_text(self.data.lengths)} tokens; logs and checkpoints in "
+            f"{self.kind.rows_text(self.data.lengths)} tokens{soft}; logs and checkpoints in "
             f"{self.run.path}", flush=True)
       # SIGTERM from here to the final save asks the loop to stop and save instead.
       stop.__enter__()
