@@ -311,6 +311,15 @@ def test_curate_options_tasks_and_evaluation_inputs_are_checked(tmp_path):
       cli.run(bad + ["--out", out])
   with pytest.raises(Exception, match=r"--tasks alpacaeval: no evaluation task.*alpaca_eval"):
     cli.run(["decontaminate", str(pool), "--tasks", "gsm8k", "alpacaeval", "--out", out])
+  # What a command needs is checked before its inputs are read: a malformed input file
+  # behind these never gets its own error.
+  broken = tmp_path / "broken.jsonl"
+  broken.write_text('{"foo": "a"}\n')  # matches no format: reading it is an error
+  for bad, message in ((["select", "--method", "longest"], "select needs --k"),
+                       (["decontaminate", "--tasks", "gsm9k"], "--tasks gsm9k: no evaluation task"),
+                       (["evolve"], "evolve needs --checkpoint")):
+    with pytest.raises(Exception, match=message):
+      cli.run([bad[0], str(broken), *bad[1:], "--out", out])
   evaluation = shared_data("alpaca_eval") / "text_davinci_003_outputs.json"
   with pytest.raises(Exception, match="is evaluation data .alpaca_eval.*--allow_evaluation_data"):
     cli.run(["select", str(evaluation), "--method", "longest", "--k", "3", "--out", out])
@@ -319,6 +328,20 @@ def test_curate_options_tasks_and_evaluation_inputs_are_checked(tmp_path):
   written, _ = _curate("select", evaluation, "--method", "longest", "--k", 3,
                        "--allow_evaluation_data", "--out", out)
   assert len(written) == 3
+
+
+def test_curate_says_which_format_it_detected_and_offers_no_option_it_lacks(tmp_path, capsys):
+  from flanjax.data import cache  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "pool.jsonl"
+  data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n"
+                          for w in ("yes", "no", "maybe")))
+  cache.clear_caches()
+  written, _ = _curate("select", data, "--method", "longest", "--k", 2,
+                       "--out", tmp_path / "o.jsonl")
+  out = capsys.readouterr().out
+  assert [r["output"] for r in written] == ["maybe", "yes"]
+  assert f"data: {data}: format alpaca (detected from its first record)" in out, out
+  assert "'format'" not in out  # a training task's option: curate has none
 
 
 def test_mixed_formats_keep_conversations_and_fields_and_seed_instances_add_up(tmp_path):

@@ -129,6 +129,17 @@ def check_inputs(args) -> None:
                       "curate another file, or pass --allow_evaluation_data to read it anyway")
 
 
+def check_command(args) -> None:
+  """What a command needs besides its inputs, checked before they are read."""
+  if args.command == "select":
+    _need(args, "method", "k")
+  elif args.command == "decontaminate":
+    from flanjax.curate import decontaminate as dc  # pylint: disable=g-import-not-at-top
+    dc.check_names(args.tasks)
+  elif args.command in ("self-instruct", "evolve"):
+    _need(args, "checkpoint")
+
+
 def _need(args, *names):
   for n in names:
     if getattr(args, n) is None:
@@ -182,9 +193,6 @@ def choose(args, records) -> list[int]:
 
 def run_select(args, records, report):
   from flanjax.curate import select as sel  # pylint: disable=g-import-not-at-top
-  _need(args, "method", "k")
-  if args.k <= 0:
-    raise UserError(f"--k must be positive, not {args.k}")
   args._emb = _embeddings(args, records)  # pylint: disable=protected-access
   chosen = choose(args, records)
   picked = set(chosen)
@@ -231,10 +239,10 @@ def run(argv) -> int:
   check_options(args)
   check_out(args)
   check_inputs(args)
+  check_command(args)
   report = Report(args.command, argv, args.inputs, args.out)
   if args.command in ("self-instruct", "evolve"):
     from flanjax.curate import generate  # pylint: disable=g-import-not-at-top
-    _need(args, "checkpoint")
     kept, written = generate.run(args, report)
     report.finish(kept)
     what = "tasks" if args.command == "self-instruct" else "evolutions"

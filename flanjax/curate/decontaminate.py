@@ -121,8 +121,8 @@ def _known_names() -> list[str]:
   return [d.name for d in _task_defs() if any(d.is_eval_only(s) for s in d.splits)] + list(OPEN_ENDED)
 
 
-def eval_sets(names: Sequence[str] | None = None) -> tuple[list[EvalSet], list[str]]:
-  """The evaluation sets (all, or those whose task names match `names`), and notes."""
+def check_names(names: Sequence[str] | None) -> None:
+  """A one-line error for a name that matches no evaluation task (before any data is read)."""
   if names:
     known = _known_names()
     unmatched = [n for n in names if not any(_wanted(k, [n]) for k in known)]
@@ -133,6 +133,11 @@ def eval_sets(names: Sequence[str] | None = None) -> tuple[list[EvalSet], list[s
                       f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; names are "
                       "bbh*, gsm8k, mmlu*, tfds tasks, mt_bench, alpaca_eval, instruction_eval, "
                       "and shell patterns of them")
+
+
+def eval_sets(names: Sequence[str] | None = None) -> tuple[list[EvalSet], list[str]]:
+  """The evaluation sets (all, or those whose task names match `names`), and notes."""
+  check_names(names)
   notes = []
   sets = _registered_sets(names, notes) + _open_ended_sets(names, notes)
   if not sets:

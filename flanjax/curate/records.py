@@ -145,7 +145,7 @@ def detect(path: str) -> str:
                     "leave it out of the inputs")
   if "instances" in rec and "instruction" in rec:
     return SEED_TASKS
-  return user.detect_format(path)
+  return user.detect_format(path, named_by=None)  # curate has no format option to name
 
 
 def read(path: str) -> tuple[list[Record], sources.ReadReport]:

@@ -220,7 +220,7 @@ def _expected() -> str:
 
 
 @cache.in_process
-def _detect_once(path: str, stamp: str) -> str:
+def _detect_once(path: str, stamp: str, named_by: str | None) -> str:
   del stamp  # part of the cache key only: a file changed in place is looked at again
   where, rec, problem = sources.first_record(path)
   if rec is None:
@@ -228,21 +228,22 @@ def _detect_once(path: str, stamp: str) -> str:
                     f"or name its format, one of {', '.join(_READERS)}")
   for fmt, keys in SIGNATURES:
     if all(k in rec for k in keys):
-      print(f"data: {path}: format {fmt} (detected from its first record; name another with "
-            "the task's 'format')", flush=True)
+      other = f"; name another with {named_by}" if named_by else ""
+      print(f"data: {path}: format {fmt} (detected from its first record{other})", flush=True)
       return fmt
   raise UserError(f"{where}: a record with keys {sorted(rec)[:8]} matches no format; expected "
                   f"{_expected()}")
 
 
-def detect_format(path: str) -> str | None:
+def detect_format(path: str, named_by: str | None = "the task's 'format'") -> str | None:
   """The format of a user file from its first record (niv2 for a folder); None when the
-  path does not exist (its task then fails when used, naming the path)."""
+  path does not exist (its task then fails when used, naming the path). named_by: how the
+  caller names a format instead (None: it cannot)."""
   if os.path.isdir(path):
     return "niv2"
   if not os.path.isfile(path):
     return None
-  return _detect_once(path, sources.fingerprint_paths([path]))
+  return _detect_once(path, sources.fingerprint_paths([path]), named_by)
 
 
 def _input_key(record: dict) -> str:
