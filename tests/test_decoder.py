@@ -36,11 +36,17 @@ CONFIGS = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 16}),
+    # Qwen2: biases on q, k and v (read, trained and written as Qwen2ForCausalLM).
+    "qwen2 gqa tied": dict(family="Qwen2", num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=True, use_sliding_window=False, eos_token_id=2,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
 }
 
 
 def _torch_llama(overrides, seed=0, family="Llama"):
   torch.manual_seed(seed)
+  overrides = dict(overrides)
+  family = overrides.pop("family", family)
   kw = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -106,7 +112,7 @@ def test_logits_and_prompt_masked_loss_match_transformers(name):
   assert abs(float(loss) - float(out.loss)) < 1e-4, (float(loss), float(out.loss))
 
 
-@pytest.mark.parametrize("name", ["gqa tied", "mha untied, linear rope"])
+@pytest.mark.parametrize("name", ["gqa tied", "mha untied, linear rope", "qwen2 gqa tied"])
 def test_cached_greedy_equals_transformers_generate(name):
   tmodel = _torch_llama(CONFIGS[name], seed=1)
   cfg, params = _ours(tmodel)
@@ -371,7 +377,8 @@ def test_save_then_load_and_transformers_agree(name, tmp_path):
   with open(os.path.join(out, "config.json")) as f:
     written = json.load(f)
   assert (written["eos_token_id"], written["pad_token_id"]) == (1, 0)
-  loaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert type(loaded) is type(tmodel)  # a Qwen2 stays a Qwen2 (its biases), a Llama a Llama
   tokens = np.random.default_rng(1).integers(3, V, size=(2, 13))
   with torch.no_grad():
     ref = loaded(input_ids=torch.tensor(tokens)).logits.numpy()
@@ -420,6 +427,34 @@ def test_mistral_loads_runs_as_transformers_exports_as_mistral_and_refuses_past_
   # A written Llama config is still a Llama.
   assert hf.llama_config_to_hf(dataclasses.replace(cfg, sliding_window=None))[
       "model_type"] == "llama"
+
+
+def test_qwen2_windows_are_read_per_layer_and_a_window_in_some_layers_only_is_refused():
+  base = transformers.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, sliding_window=16).to_dict()
+  assert base["use_sliding_window"] is False
+  cfg = hf.llama_config_from_hf(base)
+  assert cfg.qkv_bias and cfg.sliding_window is None  # off unless use_sliding_window
+  def read(**kw):
+    hf_cfg = {k: v for k, v in base.items() if k != "layer_types"}
+    hf_cfg.update(sliding_window=16, **kw)  # transformers' own rule for the layers' types when none are listed
+    return hf.llama_config_from_hf(hf_cfg)
+  assert read(use_sliding_window=True, max_window_layers=0).sliding_window == 16
+  assert read(use_sliding_window=True, max_window_layers=2).sliding_window is None
+  _one_line_error(lambda: read(use_sliding_window=True, max_window_layers=1),
+                  "sliding window in some layers only")
+  _one_line_error(lambda: read(layer_types=["full_attention", "sliding_attention"],
+                               use_sliding_window=True), "some layers only")
+  # Written back, a windowed Qwen2 windows every layer, as transformers reads it.
+  written = hf.llama_config_to_hf(dataclasses.replace(cfg, sliding_window=16))
+  assert transformers.Qwen2Config(**{k: v for k, v in written.items() if k != "model_type"}
+                                  ).layer_types == ["sliding_attention"] * 2
+  assert hf.llama_config_from_hf(written) == dataclasses.replace(cfg, sliding_window=16)
+  # Llama's attention_bias (o_proj too) is not Qwen2's and stays refused.
+  _one_line_error(lambda: hf.llama_config_from_hf(
+      {**hf.llama_config_to_hf(dataclasses.replace(cfg, qkv_bias=False)),
+       "attention_bias": True}), "attention_bias=true is not supported")
 
 
 def _saved_llama(path, name="gqa tied"):

@@ -145,6 +145,35 @@ def test_llama_lora_logits_equal_peft(llama_case):
   assert np.abs(_ours(cfg, {"params": base}, tok) - ref).max() > 1e-2
 
 
+def test_qwen2_lora_logits_and_merge_equal_peft(tmp_path):
+  # Qwen2's q, k and v carry biases: PEFT adapts the whole Linear (bias included) and its
+  # merge keeps the biases; flanjax's adapted model and merge must give the same.
+  torch.manual_seed(3)
+  base_t = _randomize(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      tie_word_embeddings=True)).eval(), std=0.2)
+  cfg, base = _save_base(base_t, tmp_path / "base")
+  assert cfg.qkv_bias and np.abs(base["layer_0"]["attention"]["q_bias"]).max() > 0.05
+  model = _peft_wrap(base_t, LLAMA_TARGETS, rank=4, alpha=8.0, task_type="CAUSAL_LM")
+  model.save_pretrained(str(tmp_path / "adapter"))
+  adapters, chosen, rank = _state_dict_adapters(model, cfg)
+  assert rank == 4 and len(chosen) == 2 * 7  # the biases are not adapted
+  tok, _ = _inputs(2)
+  ref = _llama_logits_peft(model, tok)
+  np.testing.assert_allclose(_ours(cfg, lora.variables(base, adapters, 2.0), tok), ref,
+                             atol=1e-4, rtol=1e-4)
+  merged = hf.params_to_hf(lora.merge(base, adapters, 2.0), cfg)
+  fresh = peft.PeftModel.from_pretrained(
+      transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "base")),
+      str(tmp_path / "adapter"))
+  want = {k: v.numpy() for k, v in fresh.merge_and_unload().state_dict().items()
+          if k != "lm_head.weight"}  # tied: the embedding
+  assert set(merged) == set(want) and "model.layers.1.self_attn.v_proj.bias" in want
+  for k in want:
+    np.testing.assert_allclose(merged[k], want[k], atol=1e-5, rtol=0, err_msg=k)
+
+
 def test_targets_select_as_peft_does(t5_case):
   cfg = t5_case[0]
   names = lambda t: sorted(s.hf_name for s in lora.select(cfg, t))  # noqa: E731

@@ -68,6 +68,8 @@ class DecoderConfig:
   # flanjax's attention has no window, so rows and decode caches longer than it are
   # refused (up to it, windowed and full causal attention are the same).
   sliding_window: int | None = None
+  # Biases on the query, key and value projections (Qwen2; Llama and Mistral have none).
+  qkv_bias: bool = False
   dropout_rate: float = 0.0
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
@@ -109,6 +111,7 @@ class DecoderConfig:
   def num_params(self) -> int:
     d, f, k = self.d_model, self.d_ff, self.head_dim
     attn = d * k * (2 * self.num_heads + 2 * self.num_kv_heads)
+    attn += k * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
     layer = attn + 3 * d * f + 2 * d
     emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
     return self.num_layers * layer + emb + d
@@ -188,7 +191,19 @@ class Attention(nn.Module):
     self.wk = _param(self, "k", d ** -0.5, (d, g, k), ("embed", "kv_heads", "kv"))
     self.wv = _param(self, "v", d ** -0.5, (d, g, k), ("embed", "kv_heads", "kv"))
     self.wo = _param(self, "o", (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
+    if c.qkv_bias:
+      zeros = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)  # noqa: E731
+      self.bq = self.param("q_bias", zeros(("heads", "kv")), (h, k), jnp.float32)
+      self.bk = self.param("k_bias", zeros(("kv_heads", "kv")), (g, k), jnp.float32)
+      self.bv = self.param("v_bias", zeros(("kv_heads", "kv")), (g, k), jnp.float32)
     self.dropout = nn.Dropout(c.dropout_rate)
+
+  def _project(self, name, x, kernel, bias, deterministic):
+    dt = self.config.compute_dtype
+    y = dense.project(x, kernel.astype(dt))
+    if bias is not None:  # before LoRA's delta, as in PEFT (it adapts the whole Linear)
+      y = y + bias.astype(dt)
+    return lora.add(self, name, x, y, deterministic)
 
   def __call__(self, x, spec, rope, deterministic=True, cache=None, write_index=None):
     """Self-attention of x [b, l, d]; spec (attention.Spec): which keys each query sees.
@@ -199,10 +214,10 @@ class Attention(nn.Module):
     """
     c = self.config
     dt = c.compute_dtype
-    q = lora.add(self, "q", x, dense.project(x, self.wq.astype(dt)), deterministic)
-    kk = lora.add(self, "k", x, dense.project(x, self.wk.astype(dt)),
-                  deterministic)
-    v = lora.add(self, "v", x, dense.project(x, self.wv.astype(dt)), deterministic)
+    bias = (self.bq, self.bk, self.bv) if c.qkv_bias else (None, None, None)
+    q = self._project("q", x, self.wq, bias[0], deterministic)
+    kk = self._project("k", x, self.wk, bias[1], deterministic)
+    v = self._project("v", x, self.wv, bias[2], deterministic)
     q = nn.with_logical_constraint(apply_rope(q, rope), ("batch", "length", "heads", "kv"))
     kk = nn.with_logical_constraint(apply_rope(kk, rope), ("batch", "length", "kv_heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))

@@ -28,7 +28,8 @@ _FF = {"relu": "relu", "gelu": "gelu_exact", "gated-gelu": "gated-gelu",
 _FF_TO_HF = {"gelu_exact": "gelu", "gelu": "gelu_new"}
 # UMT5 is not here: it keeps a relative-position table in every layer, ours in the first.
 T5_TYPES = ("t5", "mt5")
-LLAMA_TYPES = ("llama", "mistral")  # Mistral: Llama's weights and a sliding window
+# Mistral: Llama's weights and a sliding window; Qwen2: and biases on q, k and v.
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,7 +39,8 @@ def model_family(hf: Mapping, source: str = "config.json") -> str:
   model_type = hf.get("model_type")
   if model_type in T5_TYPES or (model_type is None and "T5" in arch):
     return "t5"
-  if model_type in LLAMA_TYPES or (model_type is None and arch.startswith(("Llama", "Mistral"))):
+  if model_type in LLAMA_TYPES or (model_type is None
+                                   and arch.startswith(("Llama", "Mistral", "Qwen2ForCausal"))):
     return "llama"
   if model_type == "umt5":
     raise UserError(f"{source}: UMT5 keeps a relative-position table in every layer, which "
@@ -108,9 +110,12 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
   act = hf.get("hidden_act", "silu")
   if act not in ("silu", "swish"):
     raise UserError(f"{source}: hidden_act={act!r} is not supported (Llama uses silu)")
+  qwen2 = hf.get("model_type") == "qwen2" or (hf.get("architectures") or [""])[0].startswith(
+      "Qwen2")
   for key in ("attention_bias", "mlp_bias"):
-    if hf.get(key):
-      raise UserError(f"{source}: {key}=true is not supported (Llama has no biases)")
+    if hf.get(key):  # Llama's attention_bias also puts one on o_proj, which we have not
+      raise UserError(f"{source}: {key}=true is not supported (Llama has no biases; Qwen2's "
+                      "q, k and v biases are read as model_type qwen2)")
   heads = need("num_attention_heads")
   d_model = need("hidden_size")
   max_pos = hf.get("max_position_embeddings", 2048)
@@ -134,12 +139,10 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
                       "(default, linear and llama3 are)")
   except KeyError as e:
     raise UserError(f"{source}: {rope_type} rope parameters lack {e.args[0]}") from None
-  # Mistral attends to the last `sliding_window` positions; null (or Qwen-style
-  # use_sliding_window=false) is full causal attention.
-  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
   try:
     return DecoderConfig(
-        sliding_window=window,
+        sliding_window=_sliding_window(hf, qwen2, need("num_hidden_layers"), source),
+        qkv_bias=qwen2,
         vocab_size=need("vocab_size"), d_model=d_model, num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or d_model // heads,
@@ -149,6 +152,28 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
         max_position=max_pos, dropout_rate=0.0, **scaling)
   except ValueError as e:
     raise UserError(f"{source}: {e}") from None
+
+
+def _sliding_window(hf: Mapping, qwen2: bool, layers: int, source: str) -> int | None:
+  """The window every layer attends in, or None (full causal attention).
+
+  Mistral windows every layer when sliding_window is set. Qwen2 only with
+  use_sliding_window, and then only the layers from max_window_layers on (or as
+  layer_types lists): a window in some layers only is refused."""
+  window = hf.get("sliding_window")
+  if not qwen2:
+    return window if hf.get("use_sliding_window", True) else None
+  if not hf.get("use_sliding_window") or window is None:
+    return None
+  types = hf.get("layer_types") or [
+      "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+      for i in range(layers)]
+  slid = {t == "sliding_attention" for t in types[:layers]}
+  if slid == {True, False}:
+    raise UserError(f"{source}: a sliding window in some layers only (use_sliding_window, "
+                    "max_window_layers) is not supported; flanjax applies one attention to "
+                    "every layer")
+  return window if slid == {True} else None
 
 
 def llama_config_to_hf(cfg: DecoderConfig) -> dict:
@@ -161,7 +186,13 @@ def llama_config_to_hf(cfg: DecoderConfig) -> dict:
                 high_freq_factor=cfg.rope_high_freq_factor,
                 original_max_position_embeddings=cfg.rope_original_max_position)
   family = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-  if cfg.sliding_window is not None:  # only Mistral's transformers class applies a window
+  if cfg.qkv_bias:  # Qwen2's class is the one with biases on q, k and v alone
+    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+              "use_sliding_window": cfg.sliding_window is not None,
+              "sliding_window": cfg.sliding_window, "max_window_layers": 0,
+              "layer_types": ["sliding_attention" if cfg.sliding_window is not None
+                              else "full_attention"] * cfg.num_layers}
+  elif cfg.sliding_window is not None:  # only Mistral's transformers class applies a window
     family = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
               "sliding_window": cfg.sliding_window}
   return {
@@ -197,7 +228,8 @@ def config_to_hf(cfg) -> dict:
 # ---------------------------------------------------------------- parameter maps
 # Each entry: (our path, HF name, kind, HF shape, our shape). Kinds: "same" (as
 # is), "linear" (transposed [out, in] matrix), "attn_in" ([heads*k, d] ->
-# [d, heads, k]), "attn_out" ([d, heads*k] -> [heads, k, d]).
+# [d, heads, k]), "attn_out" ([d, heads*k] -> [heads, k, d]), "bias" ([heads*k] ->
+# [heads, k]).
 
 def _ff_names(cfg: T5Config):
   return ("wi_0", "wi_1", "wo") if cfg.feed_forward.startswith("gated") else ("wi", "wo")
@@ -267,6 +299,9 @@ def _llama_mapping(cfg: DecoderConfig):
         ((b, "pre_mlp_norm", "scale"), f"{hl}.post_attention_layernorm.weight", "same",
          (d,), (d,)),
     ]
+    if cfg.qkv_bias:
+      out += [((b, "attention", f"{n}_bias"), f"{hl}.self_attn.{n}_proj.bias", "bias",
+               (heads * k,), (heads, k)) for n, heads in (("q", h), ("k", g), ("v", g))]
   return out
 
 
@@ -304,6 +339,8 @@ def _to_hf(params: Mapping, mapping) -> dict[str, np.ndarray]:
                       f"implies {our_shape}")
     if kind == "attn_out":  # [heads, k, d] -> [heads*k, d] -> [d, heads*k]
       w = w.reshape(-1, our_shape[-1]).T
+    elif kind == "bias":
+      w = w.reshape(-1)
     elif kind != "same":  # [d, (heads, k) or out] -> [d, out] -> [out, d]
       w = w.reshape(our_shape[0], -1).T
     out[name] = np.ascontiguousarray(w)
@@ -350,7 +387,7 @@ def linear_modules(cfg):
   mapping = _t5_mapping(cfg) if isinstance(cfg, T5Config) else _llama_mapping(cfg)
   out = []
   for path, name, kind, _, ours in mapping:
-    if kind == "same" or path == ("lm_head",):
+    if kind in ("same", "bias") or path == ("lm_head",):
       continue
     n_in = 2 if kind == "attn_out" else 1
     out.append((path, name[:-len(".weight")], tuple(ours[:n_in]), tuple(ours[n_in:])))
