@@ -410,6 +410,39 @@ def test_alpha_and_rank_pattern_import_with_peft_scales(llama_case, tmp_path):
     assert lora.pattern_value({k: k for k in keys}, name, name) == want
 
 
+def test_modules_of_different_ranks_read_train_and_export_as_peft_has_them(llama_case, tmp_path):
+  from flanjax.training import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+  cfg, base, _, tmp = llama_case
+  # q_proj at rank 2, v_proj at 6 and o_proj at r=4, one alpha_pattern on top.
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                           lora_dropout=0.0, task_type="CAUSAL_LM",
+                           rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
+                           alpha_pattern={"o_proj": 3})
+  model = peft.get_peft_model(tiny_llama(), config).eval()
+  torch.manual_seed(4)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.2)
+  model.save_pretrained(str(tmp_path / "adapter"))
+  tok, _ = _inputs(4)
+  ref = _llama_logits_peft(model, tok)
+  read, adapters, chosen = lora.read_peft(str(tmp_path / "adapter"), cfg)
+  ranks = sorted((s.hf_name, lora.site_rank(adapters, s)) for s in chosen)
+  assert read.rank == 4 and {r for _, r in ranks} == {2, 4, 6}
+  np.testing.assert_allclose(_ours(cfg, lora.variables(base, adapters, read.scale), tok), ref,
+                             atol=1e-4, rtol=1e-4)
+  # A run started from it trains exactly PEFT's parameters.
+  started = adapters_lib.setup(None, cfg, base, str(tmp / "base"), str(tmp_path / "adapter"))
+  assert started.num_params() == sum(p.numel() for p in model.parameters() if p.requires_grad)
+  # Written back, each module keeps its rank and PEFT reads the same model.
+  lora.write_peft(str(tmp_path / "back"), read, adapters, chosen, cfg)
+  back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "back")).eval()
+  np.testing.assert_allclose(_llama_logits_peft(back, tok), ref, atol=1e-4, rtol=1e-4)
+  again = lora.read_peft(str(tmp_path / "back"), cfg)
+  assert sorted((s.hf_name, lora.site_rank(again[1], s)) for s in again[2]) == ranks
+
+
 def test_empty_targets_are_a_one_line_error(t5_case):
   cfg = t5_case[0]
   for empty in ([], ()):

@@ -16,6 +16,7 @@ must match the whole path, e.g. r".*encoder.*\\.(q|v)" or r".*EncDecAttention\\.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -257,7 +258,8 @@ def to_peft(adapters, chosen: Sequence[Site]) -> dict:
 
 
 def from_peft(tensors: dict, cfg, source: str) -> tuple[dict, list[Site], int]:
-  """(adapters, sites, rank) from PEFT's tensors; a base of other shapes is named."""
+  """(adapters, sites, rank) from PEFT's tensors; a base of other shapes is named. rank: the
+  most common one (modules may differ, PEFT's rank_pattern; `site_rank` gives each)."""
   every = {s.hf_name: s for s in sites(cfg)}
   found: dict = {}
   for key, w in tensors.items():
@@ -267,7 +269,7 @@ def from_peft(tensors: dict, cfg, source: str) -> tuple[dict, list[Site], int]:
                       "(base_model.model.<module>.lora_A|lora_B.weight)")
     found.setdefault(m.group(1), {})[m.group(2)] = np.asarray(w, np.float32)
   adapters: dict = {}
-  chosen, ranks = [], set()
+  chosen, ranks = [], collections.Counter()
   for name, ab in sorted(found.items()):
     site = every.get(name)
     if site is None:
@@ -282,16 +284,18 @@ def from_peft(tensors: dict, cfg, source: str) -> tuple[dict, list[Site], int]:
                       f"{tuple(a.shape)}, lora_B {tuple(b.shape)}; the base's layer is "
                       f"{n_in} -> {n_out} (A [r, {n_in}], B [{n_out}, r])")
     r = a.shape[0]
-    ranks.add(r)
+    ranks[r] += 1
     _set(adapters, site.path, {"a": a.T.reshape(site.in_shape + (r,)),
                                "b": b.T.reshape((r,) + site.out_shape)})
     chosen.append(site)
   if not chosen:
     raise UserError(f"{source}: no LoRA weights found")
-  if len(ranks) != 1:
-    raise UserError(f"{source}: modules of different ranks {sorted(ranks)} (rank_pattern) are "
-                    "not supported")
-  return adapters, chosen, ranks.pop()
+  return adapters, chosen, max(ranks, key=lambda r: (ranks[r], r))
+
+
+def site_rank(adapters, site: Site) -> int:
+  """A module's rank, from its A's last axis."""
+  return int(np.shape(_get(adapters, site.path)["a"])[-1])
 
 
 # ---------------------------------------------------------------- PEFT's folder
@@ -333,8 +337,9 @@ def pattern_value(patterns: dict, name: str, default):
 def read_peft(path: str, cfg) -> tuple[LoraConfig, dict, list[Site]]:
   """(config, adapters, sites) of a PEFT LoRA folder (adapter_config.json and
   adapter_model.safetensors or adapter_model.bin) over a base of config `cfg`.
-  rank_pattern and alpha_pattern are resolved per module as PEFT does; the config keeps
-  lora_alpha, and a module of another alpha has B scaled by its alpha / lora_alpha."""
+  rank_pattern and alpha_pattern are resolved per module as PEFT does; the config keeps r and
+  lora_alpha (one scale, alpha / r), and a module of another alpha or rank has its own
+  scale folded into B (write_peft unfolds the rank's part again)."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   conf_path = os.path.join(path, ADAPTER_CONFIG)
@@ -354,6 +359,8 @@ def read_peft(path: str, cfg) -> tuple[LoraConfig, dict, list[Site]]:
                     "supported (bias must be 'none')")
   weights, tensors = peft_tensors(path)
   adapters, chosen, rank = from_peft(tensors, cfg, weights)
+  if len({site_rank(adapters, s) for s in chosen}) > 1 and isinstance(conf.get("r"), int):
+    rank = conf["r"]  # ranks differ (rank_pattern): r, the pattern's default, is the run's
   alpha = float(conf.get("lora_alpha", 8))
   ranks, alphas = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
   for s in chosen:
@@ -363,13 +370,15 @@ def read_peft(path: str, cfg) -> tuple[LoraConfig, dict, list[Site]]:
     except re.error as e:
       raise UserError(f"{conf_path}: a rank_pattern or alpha_pattern key is not a valid "
                       f"regular expression ({e})") from None
-    if r not in (None, rank):
-      raise UserError(f"{conf_path}: r={r} for {s.hf_name} but its weights have rank {rank}")
-    # One scale alpha / rank for all modules: a module's own alpha (PEFT's alpha_pattern)
-    # goes into its B, so A B * scale is PEFT's product and write_peft's export stays it.
-    if own != alpha and alpha > 0:  # alpha <= 0: LoraConfig refuses it below
+    actual = site_rank(adapters, s)
+    if r is not None and r != actual:
+      raise UserError(f"{conf_path}: r={r} for {s.hf_name} (rank_pattern) but its weights "
+                      f"have rank {actual}")
+    # One scale alpha / rank for all modules: a module's own (PEFT's alpha_pattern and
+    # rank_pattern: own / actual) goes into its B, so A B * scale is PEFT's product.
+    if own / actual != alpha / rank and alpha > 0:  # alpha <= 0: LoraConfig refuses it below
       ab = _get(adapters, s.path)
-      ab["b"] = ab["b"] * np.float32(own / alpha)
+      ab["b"] = ab["b"] * np.float32((own / actual) / (alpha / rank))
   targets = conf.get("target_modules")
   config = LoraConfig(rank=rank, alpha=alpha,
                       dropout=float(conf.get("lora_dropout") or 0.0),
@@ -394,7 +403,18 @@ def write_peft(path: str, config: LoraConfig, adapters, chosen: Sequence[Site], 
     targets = sorted({s.short for s in chosen})
   elif not isinstance(targets, str):
     targets = list(targets)
+  # A module of another rank is scaled alpha / its rank by PEFT: its B carries the rest
+  # of the run's scale alpha / rank.
+  ranks = {s: site_rank(adapters, s) for s in chosen}
+  other = {s: r for s, r in ranks.items() if r != config.rank}
+  if other:
+    adapters = jax.tree.map(lambda x: x, adapters)  # the caller's tree stays as it is
+    for s, r in other.items():
+      ab = _get(adapters, s.path)
+      _set(adapters, s.path, {"a": ab["a"], "b": np.asarray(ab["b"]) * np.float32(
+          r / config.rank)})
   conf = {"peft_type": "LORA", "task_type": task_type(cfg), "r": config.rank,
+          "rank_pattern": {re.escape(s.hf_name): r for s, r in other.items()},
           "lora_alpha": config.alpha, "lora_dropout": config.dropout,
           "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
           "use_rslora": False, "use_dora": False, "modules_to_save": None,

@@ -65,9 +65,13 @@ class Adapters:
 class LoraAdapters(Adapters):
   """LoRA over a base model: which projections, A random and B 0 unless `start`."""
 
+  def rank(self, site) -> int:
+    """A module's rank: the config's, or a started adapter's own (PEFT's rank_pattern)."""
+    return self.config.rank if self.start is None else lora.site_rank(self.start, site)
+
   def num_params(self) -> int:
-    r = self.config.rank
-    return sum(r * (int(np.prod(s.in_shape)) + int(np.prod(s.out_shape))) for s in self.sites)
+    return sum(self.rank(s) * (int(np.prod(s.in_shape)) + int(np.prod(s.out_shape)))
+               for s in self.sites)
 
   # ------------------------------------------------------------ trees
   def boxed(self, rng):
@@ -148,7 +152,9 @@ def setup(peft, model_config, params, init_from: str | None,
   else:
     out = _lora_adapters(peft, model_config, params, info, init_adapter)
     c = out.config
-    what = (f"LoRA: rank {c.rank}, alpha {c.alpha:g} on {len(out.sites)} modules "
+    others = sorted({out.rank(s) for s in out.sites} - {c.rank})  # PEFT's rank_pattern
+    rank = f"{c.rank} (some modules {', '.join(map(str, others))})" if others else c.rank
+    what = (f"LoRA: rank {rank}, alpha {c.alpha:g} on {len(out.sites)} modules "
             f"({', '.join(sorted({s.short for s in out.sites}))})")
   total = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
   print(f"{what}: {out.num_params():,} trainable parameters, "
@@ -168,7 +174,7 @@ def _lora_adapters(peft, model_config, params, info, init_adapter):
     config = peft
     sites = lora.select(model_config, config.targets)
   for s in sites:
-    lora.check_rank(s, config.rank)
+    lora.check_rank(s, config.rank if start is None else lora.site_rank(start, s))
   return LoraAdapters(config, model_config, sites, params, info, start)
 
 
