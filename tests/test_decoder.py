@@ -40,6 +40,11 @@ CONFIGS = {
     "qwen2 gqa tied": dict(family="Qwen2", num_attention_heads=4, num_key_value_heads=2,
                            tie_word_embeddings=True, use_sliding_window=False, eos_token_id=2,
                            rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    # Qwen3: an RMSNorm on each head's q and k before RoPE, head_dim apart from the width.
+    "qwen3 gqa untied": dict(family="Qwen3", num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=24, tie_word_embeddings=False, use_sliding_window=False,
+                             eos_token_id=2,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
 }
 
 
@@ -112,7 +117,8 @@ def test_logits_and_prompt_masked_loss_match_transformers(name):
   assert abs(float(loss) - float(out.loss)) < 1e-4, (float(loss), float(out.loss))
 
 
-@pytest.mark.parametrize("name", ["gqa tied", "mha untied, linear rope", "qwen2 gqa tied"])
+@pytest.mark.parametrize("name", ["gqa tied", "mha untied, linear rope", "qwen2 gqa tied",
+                                  "qwen3 gqa untied"])
 def test_cached_greedy_equals_transformers_generate(name):
   tmodel = _torch_llama(CONFIGS[name], seed=1)
   cfg, params = _ours(tmodel)
@@ -286,9 +292,10 @@ def test_remat_gives_the_same_gradients_and_bf16_runs():
   assert np.isfinite(half).all() and np.abs(half - full).max() < 0.25 * np.abs(full).max()
 
 
-def test_parameters_carry_logical_axis_names():
+@pytest.mark.parametrize("extra", [{}, {"qkv_bias": True}, {"qk_norm": True}])
+def test_parameters_carry_logical_axis_names(extra):
   cfg = decoder.DecoderConfig(vocab_size=V, d_model=32, num_heads=4, num_kv_heads=2,
-                              head_dim=8, d_ff=48, num_layers=1)
+                              head_dim=8, d_ff=48, num_layers=1, **extra)
   boxed = jax.jit(decoder.Decoder(cfg).init)(jax.random.PRNGKey(0),
                                              **decoder.dummy_batch(1, 4, 4))
   specs = nn.get_partition_spec(boxed["params"])
@@ -296,6 +303,11 @@ def test_parameters_carry_logical_axis_names():
   assert tuple(specs["layer_0"]["attention"]["q"]) == ("embed", "heads", "kv")
   assert tuple(specs["layer_0"]["attention"]["k"]) == ("embed", "kv_heads", "kv")
   assert tuple(specs["layer_0"]["mlp"]["wo"]) == ("mlp", "embed")
+  attn = specs["layer_0"]["attention"]
+  if extra.get("qkv_bias"):
+    assert (tuple(attn["q_bias"]), tuple(attn["k_bias"])) == (("heads", "kv"), ("kv_heads", "kv"))
+  if extra.get("qk_norm"):  # per head_dim: never sharded as the model width would be
+    assert tuple(attn["q_norm"]["scale"]) == tuple(attn["k_norm"]["scale"]) == ("kv",)
   assert all(s is not None and len(s) > 0 for s in jax.tree.leaves(
       specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
   assert cfg.num_params() == sum(np.size(x) for x in jax.tree.leaves(nn.unbox(boxed)))

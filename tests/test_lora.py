@@ -145,16 +145,23 @@ def test_llama_lora_logits_equal_peft(llama_case):
   assert np.abs(_ours(cfg, {"params": base}, tok) - ref).max() > 1e-2
 
 
-def test_qwen2_lora_logits_and_merge_equal_peft(tmp_path):
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3"])
+def test_qwen_lora_logits_and_merge_equal_peft(family, tmp_path):
   # Qwen2's q, k and v carry biases: PEFT adapts the whole Linear (bias included) and its
-  # merge keeps the biases; flanjax's adapted model and merge must give the same.
+  # merge keeps the biases; Qwen3 normalises q and k after their projections (and LoRA's
+  # delta). flanjax's adapted model and merge must give what PEFT gives.
   torch.manual_seed(3)
-  base_t = _randomize(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-      vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=True)).eval(), std=0.2)
+  base_t = _randomize(getattr(transformers, f"{family}ForCausalLM")(getattr(
+      transformers, f"{family}Config")(
+          vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+          tie_word_embeddings=True)).eval(), std=0.2)
   cfg, base = _save_base(base_t, tmp_path / "base")
-  assert cfg.qkv_bias and np.abs(base["layer_0"]["attention"]["q_bias"]).max() > 0.05
+  attn = base["layer_0"]["attention"]
+  if family == "Qwen2":
+    assert cfg.qkv_bias and np.abs(attn["q_bias"]).max() > 0.05
+  else:
+    assert cfg.qk_norm and np.abs(attn["q_norm"]["scale"] - 1).max() > 0.05
   model = _peft_wrap(base_t, LLAMA_TARGETS, rank=4, alpha=8.0, task_type="CAUSAL_LM")
   model.save_pretrained(str(tmp_path / "adapter"))
   adapters, chosen, rank = _state_dict_adapters(model, cfg)
@@ -165,11 +172,11 @@ def test_qwen2_lora_logits_and_merge_equal_peft(tmp_path):
                              atol=1e-4, rtol=1e-4)
   merged = hf.params_to_hf(lora.merge(base, adapters, 2.0), cfg)
   fresh = peft.PeftModel.from_pretrained(
-      transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "base")),
+      type(base_t).from_pretrained(str(tmp_path / "base")),
       str(tmp_path / "adapter"))
   want = {k: v.numpy() for k, v in fresh.merge_and_unload().state_dict().items()
           if k != "lm_head.weight"}  # tied: the embedding
-  assert set(merged) == set(want) and "model.layers.1.self_attn.v_proj.bias" in want
+  assert set(merged) == set(want)
   for k in want:
     np.testing.assert_allclose(merged[k], want[k], atol=1e-5, rtol=0, err_msg=k)
 

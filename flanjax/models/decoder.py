@@ -70,6 +70,8 @@ class DecoderConfig:
   sliding_window: int | None = None
   # Biases on the query, key and value projections (Qwen2; Llama and Mistral have none).
   qkv_bias: bool = False
+  # RMSNorm over each head's query and key before RoPE (Qwen3).
+  qk_norm: bool = False
   dropout_rate: float = 0.0
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
@@ -112,6 +114,7 @@ class DecoderConfig:
     d, f, k = self.d_model, self.d_ff, self.head_dim
     attn = d * k * (2 * self.num_heads + 2 * self.num_kv_heads)
     attn += k * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+    attn += 2 * k if self.qk_norm else 0
     layer = attn + 3 * d * f + 2 * d
     emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
     return self.num_layers * layer + emb + d
@@ -196,6 +199,9 @@ class Attention(nn.Module):
       self.bq = self.param("q_bias", zeros(("heads", "kv")), (h, k), jnp.float32)
       self.bk = self.param("k_bias", zeros(("kv_heads", "kv")), (g, k), jnp.float32)
       self.bv = self.param("v_bias", zeros(("kv_heads", "kv")), (g, k), jnp.float32)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype, axis="kv")
+      self.k_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype, axis="kv")
     self.dropout = nn.Dropout(c.dropout_rate)
 
   def _project(self, name, x, kernel, bias, deterministic):
@@ -218,6 +224,8 @@ class Attention(nn.Module):
     q = self._project("q", x, self.wq, bias[0], deterministic)
     kk = self._project("k", x, self.wk, bias[1], deterministic)
     v = self._project("v", x, self.wv, bias[2], deterministic)
+    if c.qk_norm:  # over head_dim, after the projection (and LoRA's delta), before RoPE
+      q, kk = self.q_norm(q), self.k_norm(kk)
     q = nn.with_logical_constraint(apply_rope(q, rope), ("batch", "length", "heads", "kv"))
     kk = nn.with_logical_constraint(apply_rope(kk, rope), ("batch", "length", "kv_heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))

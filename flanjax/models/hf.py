@@ -28,8 +28,9 @@ _FF = {"relu": "relu", "gelu": "gelu_exact", "gated-gelu": "gated-gelu",
 _FF_TO_HF = {"gelu_exact": "gelu", "gelu": "gelu_new"}
 # UMT5 is not here: it keeps a relative-position table in every layer, ours in the first.
 T5_TYPES = ("t5", "mt5")
-# Mistral: Llama's weights and a sliding window; Qwen2: and biases on q, k and v.
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+# Mistral: Llama's weights and a sliding window; Qwen2: and biases on q, k and v; Qwen3:
+# and an RMSNorm on each head's q and k.
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,7 +41,8 @@ def model_family(hf: Mapping, source: str = "config.json") -> str:
   if model_type in T5_TYPES or (model_type is None and "T5" in arch):
     return "t5"
   if model_type in LLAMA_TYPES or (model_type is None
-                                   and arch.startswith(("Llama", "Mistral", "Qwen2ForCausal"))):
+                                   and arch.startswith(("Llama", "Mistral", "Qwen2ForCausal",
+                                                        "Qwen3ForCausal"))):
     return "llama"
   if model_type == "umt5":
     raise UserError(f"{source}: UMT5 keeps a relative-position table in every layer, which "
@@ -110,8 +112,9 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
   act = hf.get("hidden_act", "silu")
   if act not in ("silu", "swish"):
     raise UserError(f"{source}: hidden_act={act!r} is not supported (Llama uses silu)")
-  qwen2 = hf.get("model_type") == "qwen2" or (hf.get("architectures") or [""])[0].startswith(
-      "Qwen2")
+  arch = (hf.get("architectures") or [""])[0]
+  qwen2 = hf.get("model_type") == "qwen2" or arch.startswith("Qwen2ForCausal")
+  qwen3 = hf.get("model_type") == "qwen3" or arch.startswith("Qwen3ForCausal")
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):  # Llama's attention_bias also puts one on o_proj, which we have not
       raise UserError(f"{source}: {key}=true is not supported (Llama has no biases; Qwen2's "
@@ -141,8 +144,8 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
     raise UserError(f"{source}: {rope_type} rope parameters lack {e.args[0]}") from None
   try:
     return DecoderConfig(
-        sliding_window=_sliding_window(hf, qwen2, need("num_hidden_layers"), source),
-        qkv_bias=qwen2,
+        sliding_window=_sliding_window(hf, qwen2 or qwen3, need("num_hidden_layers"), source),
+        qkv_bias=qwen2, qk_norm=qwen3,
         vocab_size=need("vocab_size"), d_model=d_model, num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or d_model // heads,
@@ -154,14 +157,14 @@ def llama_config_from_hf(hf: Mapping, source: str = "config.json") -> DecoderCon
     raise UserError(f"{source}: {e}") from None
 
 
-def _sliding_window(hf: Mapping, qwen2: bool, layers: int, source: str) -> int | None:
+def _sliding_window(hf: Mapping, qwen: bool, layers: int, source: str) -> int | None:
   """The window every layer attends in, or None (full causal attention).
 
-  Mistral windows every layer when sliding_window is set. Qwen2 only with
+  Mistral windows every layer when sliding_window is set. Qwen2 and Qwen3 only with
   use_sliding_window, and then only the layers from max_window_layers on (or as
   layer_types lists): a window in some layers only is refused."""
   window = hf.get("sliding_window")
-  if not qwen2:
+  if not qwen:
     return window if hf.get("use_sliding_window", True) else None
   if not hf.get("use_sliding_window") or window is None:
     return None
@@ -186,8 +189,12 @@ def llama_config_to_hf(cfg: DecoderConfig) -> dict:
                 high_freq_factor=cfg.rope_high_freq_factor,
                 original_max_position_embeddings=cfg.rope_original_max_position)
   family = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-  if cfg.qkv_bias:  # Qwen2's class is the one with biases on q, k and v alone
-    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+  if cfg.qkv_bias and cfg.qk_norm:
+    raise UserError("DecoderConfig with both qkv_bias and qk_norm has no transformers class "
+                    "to export to (Qwen2 has the biases, Qwen3 the norms)")
+  if cfg.qkv_bias or cfg.qk_norm:  # Qwen2's class has biases on q, k and v; Qwen3's the norms
+    name = "qwen2" if cfg.qkv_bias else "qwen3"
+    family = {"architectures": [f"Qwen{name[-1]}ForCausalLM"], "model_type": name,
               "use_sliding_window": cfg.sliding_window is not None,
               "sliding_window": cfg.sliding_window, "max_window_layers": 0,
               "layer_types": ["sliding_attention" if cfg.sliding_window is not None
@@ -302,6 +309,9 @@ def _llama_mapping(cfg: DecoderConfig):
     if cfg.qkv_bias:
       out += [((b, "attention", f"{n}_bias"), f"{hl}.self_attn.{n}_proj.bias", "bias",
                (heads * k,), (heads, k)) for n, heads in (("q", h), ("k", g), ("v", g))]
+    if cfg.qk_norm:
+      out += [((b, "attention", f"{n}_norm", "scale"), f"{hl}.self_attn.{n}_norm.weight", "same",
+               (k,), (k,)) for n in ("q", "k")]
   return out
 
 

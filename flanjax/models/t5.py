@@ -105,10 +105,11 @@ def _param(module, name, init_std, shape, axes):
 class RMSNorm(nn.Module):
   eps: float = 1e-6
   dtype: Any = jnp.float32
+  axis: str = "embed"  # the logical name of the normalised (last) axis
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
                        (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
