@@ -270,6 +270,48 @@ def test_packed_rows_train_exactly_each_response_and_its_end_of_turn(
   assert stats.violations == 0
 
 
+LONG = ("Sky blue comes from sunlight scattering off the molecules of the air: short "
+        "wavelengths scatter far more than long ones, so blue light reaches the eye from "
+        "every direction of the sky, while the sun itself looks yellow-white.")
+
+
+@pytest.mark.parametrize("name", ["plain", "alpaca", "chatml", "hf_llama3", "hf_chatml"])
+def test_a_response_cut_to_the_target_length_keeps_its_end_of_turn_and_eos(
+    name, tmp_path, builtin_vocab, llama3_dir, chatml_dir):
+  folder = {"hf_llama3": llama3_dir, "hf_chatml": chatml_dir}.get(name)
+  fmt_name = "hf_chat_template" if folder else name
+  vocab = hf_vocab.HFTokenizerVocabulary.from_directory(folder) if folder else builtin_vocab
+  # (Llama 3's <|eot_id|> is its EOS: no marker apart from EOS, which seqio keeps anyway.)
+  convs = [[{"role": "user", "content": "Why is the sky blue?"},
+            {"role": "assistant", "content": LONG}],
+           [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]]
+  path = tmp_path / "c.jsonl"
+  path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+  (d,), _ = user.user_data([{"name": f"cut_{name}", "path": str(path)}],
+                           prompt_format=fmt_name, chat_template=folder)
+  tasks.register(d, vocab, input_length=64)
+  eot = chat.get(fmt_name, folder).end_of_turn
+  ends = tasks.end_ids(vocab, eot) if eot else ()
+  assert bool(eot) == (name in ("chatml", "hf_chatml"))
+  if eot and folder:  # a special token of its own
+    assert list(ends) == list(vocab.encode(eot)) and len(ends) == 1
+  elif eot:  # pieces, without the word-start piece the marker alone is encoded with
+    assert vocab.decode(list(ends)) == eot and len(ends) < len(vocab.encode(eot))
+  lengths = {"inputs": 64, "targets": 16}
+  got = []
+  for batch in pipeline.get_dataset(d.name, lengths, "train", batch_size=1, shuffle=False,
+                                    num_epochs=1, kind="prefix_lm").as_numpy_iterator():
+    seg, toks, w = (batch[k][0] for k in ("decoder_segment_ids", "decoder_target_tokens",
+                                          "decoder_loss_weights"))
+    got += [list(toks[(seg == s) & (w == 1)]) for s in sorted(set(seg.tolist()) - {0})]
+  full = [list(vocab.encode(c[1]["content"] + eot)) for c in convs]
+  assert len(full[0]) > 15 and len(full[1]) + 1 <= 16  # the first is cut, the second not
+  room = 16 - 1 - len(ends)
+  assert full[0][-len(ends) or len(full[0]):] == list(ends) or not ends
+  cut = full[0][:room] + list(ends) + [vocab.eos_id]
+  assert sorted(got) == sorted([cut, full[1] + [vocab.eos_id]])
+
+
 # ------------------------------------------------------------------ readers
 
 RECORDS = {

@@ -19,7 +19,8 @@ conversation before it, rendered up to and including the assistant header (the
 generation prompt); its targets are the turn's content and the format's
 end-of-turn marker (``<|im_end|>``, ``<|end|>``, the template's; none for plain
 and alpaca, whose turns end with EOS). seqio closes every target with EOS, so
-the loss covers exactly the response, its end-of-turn marker and that EOS.
+the loss covers exactly the response, its end-of-turn marker and that EOS (a response cut
+to the target length keeps the marker and EOS as its last tokens: tasks.keep_target_end).
 Earlier turns (their responses included) are context without loss. A
 conversation longer than the input budget drops its oldest turns (a system
 turn at the start is kept); a leading system turn or an Alpaca input still too

@@ -84,7 +84,8 @@ class LengthReport:
 
 
 # Neither changes an example's text nor adds or drops examples.
-_TEXT_KEEPING = (seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim)
+_TEXT_KEEPING = (seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim,
+                 task_lib.keep_target_end)
 
 
 def texts_in_memory(task: seqio.Task, split: str,
@@ -94,7 +95,7 @@ def texts_in_memory(task: seqio.Task, split: str,
   built-in families, tasks registered through flanjax.data.tasks) instead of a pass through
   tf.data (seconds per task); None for any other task or preprocessing."""
   read = getattr(task.source, "pretokenized_texts", None)
-  if read is None or not all(p in _TEXT_KEEPING for p in task.preprocessors):
+  if read is None or not all(getattr(p, "func", p) in _TEXT_KEEPING for p in task.preprocessors):
     return None
   texts = read(split)
   return list(texts[:max_examples] if max_examples else texts)

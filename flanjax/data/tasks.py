@@ -97,6 +97,9 @@ class TaskDef:
   # tasks.register sets them from gin. A render_fn task has no template: modes do not apply.
   template_mode: str = tmpl.INSTRUCTIONS
   eval_template_mode: str = tmpl.INSTRUCTIONS
+  # Text every target ends with (a chat format's end-of-turn marker): a target cut to its
+  # length keeps it before EOS, so a cut response still ends its turn as the format does.
+  target_end: str = ""
   # The raw inputs of the no_template and dataset_name modes (default: the fields the
   # templates name, in order of first appearance).
   input_fields: Sequence[str] | None = None
@@ -409,6 +412,47 @@ class _Source(seqio.FunctionDataSource):
     return DEFS[self._defn.name].tokenized(split).texts  # what _dataset_fn reads
 
 
+def end_ids(vocabulary: seqio.Vocabulary, text: str) -> tuple[int, ...]:
+  """The ids `text` ends a target with, whatever precedes it: the tail its encodings after
+  several characters share (a SentencePiece vocabulary encodes it alone with a leading
+  word-start piece that it loses after a word)."""
+  tails = [list(vocabulary.encode(c + text)) for c in ("", "a", ".", " ", "\n", "1")]
+  n = 0
+  while all(len(t) > n for t in tails) and len({t[-1 - n] for t in tails}) == 1:
+    n += 1
+  return tuple(int(i) for i in tails[0][len(tails[0]) - n:])
+
+
+def target_preprocessors(vocabulary: seqio.Vocabulary, target_end: str) -> list:
+  """Trim to length and append EOS (seqio's), first keeping `target_end`'s ids at the end
+  of a target that is cut."""
+  ids = end_ids(vocabulary, target_end) if target_end else ()
+  if not ids:
+    return [seqio.preprocessors.append_eos_after_trim]
+  return [functools.partial(keep_target_end, end_ids=ids),
+          seqio.preprocessors.append_eos_after_trim]
+
+
+def keep_target_end(dataset, sequence_length=None, end_ids: Sequence[int] = ()):
+  """A target longer than its length less EOS is cut to it with `end_ids` as its last
+  tokens, where it ended with them; other targets are left to seqio's trim."""
+  if not sequence_length or not sequence_length.get("targets") or not end_ids:
+    return dataset
+  room, end = int(sequence_length["targets"]) - 1, tf.constant(list(end_ids), tf.int32)
+  n = len(end_ids)
+  if room <= n:
+    return dataset
+
+  def if_ends(t):  # t is longer than room > n here
+    ends = tf.reduce_all(tf.equal(tf.cast(t[-n:], tf.int32), end))
+    return tf.cond(ends, lambda: tf.concat([t[:room - n], tf.cast(end, t.dtype)], 0), lambda: t)
+
+  def cut(ex):
+    t = ex["targets"]
+    return {**ex, "targets": tf.cond(tf.size(t) > room, lambda: if_ends(t), lambda: t)}
+  return dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def answer_accuracy(targets, predictions):
   """Exact match of the extracted answers, in percent."""
   if not targets:
@@ -460,7 +504,7 @@ def register(defn: TaskDef, vocabulary: seqio.Vocabulary,
   seqio.TaskRegistry.add(
       defn.name,
       source=_Source(defn),
-      preprocessors=[seqio.preprocessors.append_eos_after_trim],
+      preprocessors=target_preprocessors(vocabulary, defn.target_end),
       output_features=output_features(vocabulary),
       postprocess_fn=defn.postprocess_fn or _extract,
       metric_fns=list(defn.metric_fns or [answer_accuracy]),
