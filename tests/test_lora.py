@@ -52,16 +52,19 @@ def tiny_llama():
   return _randomize(transformers.LlamaForCausalLM(cfg).eval(), std=0.2)
 
 
-def _peft_wrap(tmodel, targets, rank=4, alpha=8.0, task_type="SEQ_2_SEQ_LM"):
-  config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                           task_type=task_type)
-  model = peft.get_peft_model(tmodel, config).eval()
-  torch.manual_seed(7)
+def _random_b(model, seed):
+  torch.manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "lora_B" in name:
         p.normal_(0.0, 0.2)  # B non-zero, so the adapters change the logits
   return model
+
+
+def _peft_wrap(tmodel, targets, rank=4, alpha=8.0, task_type="SEQ_2_SEQ_LM"):
+  config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                           task_type=task_type)
+  return _random_b(peft.get_peft_model(tmodel, config).eval(), 7)
 
 
 def _save_base(tmodel, path):
@@ -388,12 +391,7 @@ def test_alpha_and_rank_pattern_import_with_peft_scales(llama_case, tmp_path):
                            lora_dropout=0.0, task_type="CAUSAL_LM",
                            rank_pattern={"q_proj": 4, "v_proj": 4},
                            alpha_pattern={"v_proj": 64, r"layers\.1\.self_attn\.q_proj": 2})
-  model = peft.get_peft_model(tiny_llama(), config).eval()
-  torch.manual_seed(3)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_B" in name:
-        p.normal_(0.0, 0.2)
+  model = _random_b(peft.get_peft_model(tiny_llama(), config).eval(), 3)
   model.save_pretrained(str(tmp_path / "adapter"))
   tok, _ = _inputs(3)
   ref = _llama_logits_peft(model, tok)
@@ -425,12 +423,7 @@ def test_modules_of_different_ranks_read_train_and_export_as_peft_has_them(llama
                            lora_dropout=0.0, task_type="CAUSAL_LM",
                            rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
                            alpha_pattern={"o_proj": 3})
-  model = peft.get_peft_model(tiny_llama(), config).eval()
-  torch.manual_seed(4)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_B" in name:
-        p.normal_(0.0, 0.2)
+  model = _random_b(peft.get_peft_model(tiny_llama(), config).eval(), 4)
   model.save_pretrained(str(tmp_path / "adapter"))
   tok, _ = _inputs(4)
   ref = _llama_logits_peft(model, tok)
