@@ -78,6 +78,11 @@ def run_record(mixture: str, vocabulary: str, cfg, kind: str, *, batch_size: int
   return info
 
 
+# Model fields added after run_info.json began recording the model, with the value every run
+# recorded before had: a record without one reads as that (older runs still resume).
+ADDED_MODEL_FIELDS = {"sliding_window": None, "qkv_bias": False, "qk_norm": False}
+
+
 def model_record(cfg) -> dict:
   """The model config as run_info.json records it, for check_run_info: the fields that
   shape the checkpoint. A scanned stack is recorded, the default unscanned one is not, so
@@ -265,6 +270,8 @@ class RunFolder:
       if key not in info or (key not in old and key in ("kind", "adapter")):
         continue  # runs from before the field was recorded are checked by their checkpoint
       was, now = old.get(key), info[key]
+      if key == "model" and isinstance(was, dict) and isinstance(now, dict):
+        was = {**{k: v for k, v in ADDED_MODEL_FIELDS.items() if k in now}, **was}
       moved = key == "adapter" and _moved_base(was, now)
       if moved:  # the same base in another folder: its path is no part of the run
         was = dict(was, base=now["base"])

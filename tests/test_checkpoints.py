@@ -328,3 +328,22 @@ def test_compare_flags_exactly_the_changes_of_the_state_tree(a):
   state, other = optimizers.compare(optimizers.describe(name="adafactor"),
                                     optimizers.describe(name="adamw", grad_clip=1.0))
   assert state[0] == "name: 'adafactor' -> 'adamw'" and "grad_clip: None -> 1.0" in state
+
+
+def test_a_run_recorded_before_a_model_field_existed_resumes_and_a_changed_one_is_refused(
+    tmp_path):
+  import dataclasses
+  from flanjax.errors import UserError
+  from flanjax.models.decoder import DecoderConfig
+  from flanjax.run_folder import ADDED_MODEL_FIELDS, RunFolder, model_record
+  run = RunFolder(str(tmp_path))
+  cfg = DecoderConfig(vocab_size=128, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8,
+                      d_ff=32, num_layers=1)
+  now = {"mixture": "m", "vocabulary": "v", "model": model_record(cfg), "kind": "prefix_lm"}
+  assert set(ADDED_MODEL_FIELDS) <= set(now["model"])
+  older = {k: v for k, v in now["model"].items() if k not in ADDED_MODEL_FIELDS}
+  run.write_run_info(dict(now, model=older))
+  run.check_run_info(now)  # recorded before sliding_window, qkv_bias and qk_norm: the same
+  for field, value in (("qkv_bias", True), ("qk_norm", True), ("sliding_window", 64)):
+    with pytest.raises(UserError, match=rf"different model config .*'{field}'"):
+      run.check_run_info(dict(now, model=model_record(dataclasses.replace(cfg, **{field: value}))))
