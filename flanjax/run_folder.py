@@ -57,7 +57,7 @@ def parse_step(text: str) -> int | str:
 # scan_layers) what a resumed run may change: none of it shapes the parameters or the
 # optimizer state. scan_layers does shape the checkpoint's tree, so model_record keeps it.
 TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attention_block",
-                   "remat_policy", "scan_layers")
+                   "remat_policy", "scan_layers", "neftune_alpha")
 
 
 def run_record(mixture: str, vocabulary: str, cfg, kind: str, *, batch_size: int, seed: int,

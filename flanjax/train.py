@@ -160,8 +160,7 @@ def train(
                     "the checkpoint without training)")
   lengths = pipeline.check_lengths(task_feature_lengths or {"inputs": 256, "targets": 64})
   stopping.check_watchable(early_stopping, eval_every_steps, validation_every_steps, validation_batches)
-  # One folder per mixture by default, so switching mixture never resumes another run.
-  run = RunFolder(model_dir or os.path.join("runs", mixture))
+  run = RunFolder(model_dir or os.path.join("runs", mixture))  # a mixture's own by default
   run.check_writable()
   with run.lock():  # one run per folder; released at the end, also on failure
     ckpt = checkpoints.Checkpointer(run.path, cleanup_tmp=True)
@@ -192,7 +191,7 @@ def train(
         losses=loop.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, microbatches,
                               output_chunk),
         log=loop.LogConfig(log_every_secs, summary_every_steps, peak_flops, max_nonfinite_in_row),
-        run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0,
+        run_info=run_info, on_step=on_step, dropout=cfg.dropout_rate > 0 or cfg.neftune_alpha > 0,
         early_stopping=early_stopping, adapters=adapter)
     check_divisible(trainer.partitioner.mesh, batch_size, microbatches,
                     trainer.abstract_params(), trainer.partitioner.rules)

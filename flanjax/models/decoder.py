@@ -73,6 +73,7 @@ class DecoderConfig:
   # RMSNorm over each head's query and key before RoPE (Qwen3).
   qk_norm: bool = False
   dropout_rate: float = 0.0
+  neftune_alpha: float = 0.0  # NEFTune's noise on the training embeddings (t5.T5Config's)
   dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute each layer's activations in the backward pass
   # models/stack.py: what the backward pass keeps ('none', 'full', 'dots_saveable', ...)
@@ -318,7 +319,7 @@ class Decoder(VocabularyEnds, nn.Module):
       pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     spec = attention_spec(seg, decoder_causal_attention)
     rope = rope_tables(self.config, pos, bound=tokens.shape[1])
-    x = self.dropout(self._embed(tokens), deterministic)
+    x = self.dropout(self._neftune(self._embed(tokens), seg, deterministic), deterministic)
     x, _ = stack.run(self.layers, self.config.num_layers, x, spec, rope, deterministic)
     x = self.dropout(self.final_norm(x), deterministic)
     if return_hidden:

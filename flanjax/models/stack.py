@@ -49,6 +49,10 @@ def check_config(owner: str, cfg) -> None:
   if cfg.remat_policy not in REMAT_POLICIES:
     raise UserError(f"{owner}.remat_policy={cfg.remat_policy!r} is not one of "
                      f"{', '.join(REMAT_POLICIES)}")
+  alpha = cfg.neftune_alpha
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+    raise UserError(f"{owner}.neftune_alpha={alpha!r} must be 0 (off) or more; NEFTune's "
+                    "paper used 5 to 15")
 
 
 def policy_name(cfg) -> str:

@@ -53,6 +53,9 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   dropout_rate: float = 0.0
+  # NEFTune: uniform noise on the training embeddings, alpha / sqrt(length x d_model) at most
+  # (0: off); VocabularyEnds._neftune.
+  neftune_alpha: float = 0.0
   layer_norm_epsilon: float = 1e-6
   feed_forward: str = "gated-gelu"  # "relu" (T5), "gated-gelu" (v1.1, FLAN-T5), "gated-relu"
   tie_word_embeddings: bool = False
@@ -285,6 +288,20 @@ class VocabularyEnds:
     x = prompt_hook.embed(self, tokens, x)  # a soft prompt's virtual tokens
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
+  def _neftune(self, x, segments, deterministic):
+    """NEFTune (Jain et al., 2023) in training: x + U(-1, 1) x alpha / sqrt(L d), L the
+    length of the example a position belongs to (its segment in a packed row; a row
+    unpacked and unpadded is one example, as in TRL's), padding untouched."""
+    alpha = self.config.neftune_alpha
+    if deterministic or not alpha:
+      return x
+    segments = segments.astype(jnp.int32)
+    counts = jax.vmap(lambda s: jnp.bincount(s, length=s.shape[0] + 1))(segments)
+    length = jnp.take_along_axis(counts, segments, axis=1).astype(jnp.float32)
+    scale = jnp.where(segments > 0, alpha * jax.lax.rsqrt(length * x.shape[-1]), 0.0)
+    noise = jax.random.uniform(self.make_rng("dropout"), x.shape, jnp.float32, -1.0, 1.0)
+    return (x.astype(jnp.float32) + noise * scale[..., None]).astype(x.dtype)
+
   def _output_input(self, x):
     return x
 
@@ -332,7 +349,8 @@ class T5(VocabularyEnds, nn.Module):
     seg = _segments(encoder_input_tokens, encoder_segment_ids)
     idx = jnp.arange(encoder_input_tokens.shape[1])[None]
     spec = self.encoder_relpos.spec(self.encoder_relpos(), seg, seg, idx, idx, kv_padding=True)
-    x = self.dropout(self._embed(encoder_input_tokens), deterministic)
+    x = self.dropout(self._neftune(self._embed(encoder_input_tokens), seg, deterministic),
+                     deterministic)
     x, _ = stack.run(self.encoder_layers, self.config.num_encoder_layers, x, spec,
                      deterministic)
     return self.dropout(self.encoder_norm(x), deterministic)
@@ -354,7 +372,8 @@ class T5(VocabularyEnds, nn.Module):
                                          causal=True, aligned=True)
     cross_spec = attention.Spec(dec_seg, enc_seg, idx,
                                 jnp.arange(encoder_input_tokens.shape[1])[None], kv_padding=True)
-    x = self.dropout(self._embed(decoder_input_tokens), deterministic)
+    x = self.dropout(self._neftune(self._embed(decoder_input_tokens), dec_seg, deterministic),
+                     deterministic)
     x, _ = stack.run(self.decoder_layers, self.config.num_decoder_layers, x, encoded,
                      self_spec, cross_spec, deterministic)
     x = self.dropout(self.decoder_norm(x), deterministic)

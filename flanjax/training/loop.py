@@ -294,6 +294,8 @@ class Trainer:
       stop = stop_signal or step_lib.StopSignal()
       n_virtual = len(self.kind.virtual_tokens)
       soft = f", each example's inputs led by {n_virtual} virtual tokens" if n_virtual else ""
+      if getattr(self.model.config, "neftune_alpha", 0):
+        soft += f", NEFTune noise (alpha {self.model.config.neftune_alpha:g}) on the embeddings"
       print(f"training: {num_steps} steps of {self.data.batch_size} rows x "
             f"{self.kind.rows_text(self.data.lengths)} tokens{soft}; logs and checkpoints in "
             f"{self.run.path}", flush=True)
