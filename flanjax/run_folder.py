@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 from flanjax.errors import UserError
+from flanjax.models.fields import TRAINING_FIELDS  # noqa: F401  (train.py reads it here too)
 
 RUN_INFO = "run_info.json"
 VOCAB_DIR = "vocab"
@@ -53,11 +54,6 @@ def parse_step(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a step number or '{BEST_DIR}'") from None
 
 
-# What a run from a Hugging Face folder takes from the run's model config, and (all but
-# scan_layers) what a resumed run may change: none of it shapes the parameters or the
-# optimizer state. scan_layers does shape the checkpoint's tree, so model_record keeps it.
-TRAINING_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "attention_block",
-                   "remat_policy", "scan_layers", "neftune_alpha")
 
 
 def run_record(mixture: str, vocabulary: str, cfg, kind: str, *, batch_size: int, seed: int,

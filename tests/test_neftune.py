@@ -86,3 +86,15 @@ def test_the_training_command_trains_with_it_and_says_so(tmp_path, builtin_vocab
   assert code == 0, (out + err)[-3000:]
   assert "NEFTune noise (alpha 5) on the embeddings" in out
   assert np.isfinite(json.loads((run / "summary.json").read_text())["last_loss"])
+
+
+def test_an_export_of_a_neftune_run_keeps_the_original_config_json():
+  # A training field, as dropout: the original config.json still describes the model.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flanjax.models import hf  # pylint: disable=g-import-not-at-top
+  from flanjax.run_folder import model_record  # pylint: disable=g-import-not-at-top
+  cfg = decoder.DecoderConfig(vocab_size=64, d_model=D, num_heads=2, num_kv_heads=2,
+                              head_dim=16, d_ff=48, num_layers=1)
+  trained = dataclasses.replace(cfg, neftune_alpha=5.0, dropout_rate=0.1)
+  assert hf._describes(hf.config_to_hf(cfg), trained)
+  assert model_record(trained) == model_record(cfg)  # resuming with another alpha is allowed

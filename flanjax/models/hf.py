@@ -19,6 +19,7 @@ from flanjax.errors import UserError
 from flanjax.models import stack
 from flanjax.models.decoder import DecoderConfig
 from flanjax.models.t5 import T5Config
+from flanjax.models.fields import TRAINING_FIELDS
 
 # transformers' feed_forward_proj -> ours: its plain "gelu" is the exact (erf) GELU, its
 # "gelu_new" and every gated GELU the tanh one (ours "gelu").
@@ -565,9 +566,8 @@ def _describes(hf_cfg: Mapping, model_config) -> bool:
     ours = config_from_hf(hf_cfg)
   except (UserError, KeyError, TypeError):
     return False
-  plain = lambda c: dataclasses.replace(c, dropout_rate=0.0, dtype="float32", remat=False,
-                                        attention_impl="reference", attention_block=512,
-                                        remat_policy="none", scan_layers=False)
+  plain = lambda c: dataclasses.replace(c, **{  # noqa: E731  (the training fields' defaults)
+      f.name: f.default for f in dataclasses.fields(c) if f.name in TRAINING_FIELDS})
   return type(ours) is type(model_config) and plain(ours) == plain(model_config)
 
 
