@@ -79,14 +79,21 @@ def test_what_the_kernel_cannot_mask_goes_to_blockwise():
                                atol=1e-6)
 
 
-def test_flash_off_a_tpu_is_refused_in_one_line_before_pallas_lowers_it():
+def test_flash_under_a_mesh_off_a_tpu_is_refused_in_one_line_before_pallas_lowers_it():
   seg, pos = jnp.ones((1, 8), jnp.int32), jnp.arange(8)[None]
   x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 2, 4)), jnp.float32)
   spec = attention.Spec(seg, seg, pos, pos, causal=True)
   from flanjax.errors import UserError
-  with pytest.raises(UserError, match=r"attention_impl='flash' is the Pallas TPU kernel, and "
-                     r"this run is on cpu: set attention_impl='auto'"):
+  from flanjax.training import partitioning
+  mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
+  with jax.set_mesh(mesh), pytest.raises(UserError, match=(
+      r"attention_impl='flash' is the Pallas TPU kernel, and this run is on cpu: set "
+      r"attention_impl='auto'")):  # a training run's mesh of CPU devices
     jax.jit(lambda q: attention.attend(q, x, x, spec, impl="flash", scale=0.5))(x)
+  # Outside a mesh (flanjax.aot's shape-only init, evaluation on a CPU) blockwise answers.
+  np.testing.assert_allclose(attention.attend(x, x, x, spec, impl="flash", scale=0.5),
+                             attention.attend(x, x, x, spec, impl="reference", scale=0.5),
+                             atol=1e-5)
   with pltpu.force_tpu_interpret_mode():  # the interpreter is allowed (as the tests above)
     np.testing.assert_allclose(attention.attend(x, x, x, spec, impl="flash", scale=0.5),
                                attention.attend(x, x, x, spec, impl="reference", scale=0.5),

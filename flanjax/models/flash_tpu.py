@@ -68,9 +68,8 @@ def attend(q: Array, k: Array, v: Array, spec: "attention.Spec", scale: float | 
   """q [b, q, heads, d], k and v [b, k, kv_heads, d] -> [b, q, heads, d] in q's dtype,
   as attention.attend (scale None: not scaled, as T5); None where the kernel cannot
   answer (the caller, attention.attend, then runs blockwise)."""
-  if not supported(q, k, spec):
+  if not supported(q, k, spec) or not _on_tpu_or_refused():
     return None
-  _check_platform()
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   b, lq, h, d = q.shape
   lk, g = k.shape[1], k.shape[2]
@@ -115,19 +114,25 @@ def attend(q: Array, k: Array, v: Array, spec: "attention.Spec", scale: float | 
   return jnp.swapaxes(out, 1, 2)[:, :lq].astype(q.dtype)
 
 
-def _check_platform() -> None:
-  """The kernel lowers for TPUs alone (elsewhere only in Pallas's interpreter, for tests):
-  a one-line refusal here instead of Pallas's traceback at the first step."""
-  mesh = jax.sharding.get_abstract_mesh()  # a TPU topology's devices when compiled ahead
-  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-  platform = device.platform if device is not None else jax.default_backend()
+def _on_tpu_or_refused() -> bool:
+  """Whether the kernel is lowered here: for a TPU (the mesh's devices, a topology's when
+  compiled ahead, else the default backend) or in Pallas's interpreter (tests). Under a mesh
+  of other devices (a training run) a one-line refusal instead of Pallas's traceback at the
+  first step; outside any mesh off a TPU (shape-only traces such as flanjax.aot's init,
+  evaluation on a CPU) blockwise answers, as it does for what the kernel cannot mask."""
   from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
   interpret = getattr(jax_config, "pallas_tpu_interpret_mode_context_manager", None)
-  if platform == "tpu" or getattr(interpret, "value", None) is not None:
-    return
+  if getattr(interpret, "value", None) is not None:
+    return True
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  if device is None:
+    return jax.default_backend() == "tpu"
+  if device.platform == "tpu":
+    return True
   raise UserError(f"attention_impl='flash' is the Pallas TPU kernel, and this run is on "
-                  f"{platform}: set attention_impl='auto' (or 'blockwise', memory linear in "
-                  "the length)")
+                  f"{device.platform}: set attention_impl='auto' (or 'blockwise', memory "
+                  "linear in the length)")
 
 
 def on_tpu() -> bool:
