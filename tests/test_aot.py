@@ -162,3 +162,13 @@ def test_a_v4_topology_has_one_device_per_chip():
                        env=env, timeout=600, check=False)
   assert got.returncode == 0, got.stderr[-2000:]
   assert got.stdout.strip().splitlines()[-1] == "4 TPU v4"
+
+
+def test_the_flash_kernel_compiles_for_the_topology(tmp_path):
+  # attention_impl='flash' is refused on this CPU's own devices (tests/test_flash_tpu.py);
+  # for a TPU topology its Pallas kernel lowers, under the mesh, in the trainer's step.
+  got, out = _run_aot(tmp_path, "--gin.train.task_feature_lengths={'inputs': 128, 'targets': 16}",
+                      "--gin.train.batch_size=8", "--gin.T5Config.attention_impl='flash'")
+  assert got.returncode == 0, got.stderr[-3000:]
+  (train,) = json.loads(out.read_text())
+  assert train["devices"] == 4 and train["fits"]
