@@ -24,6 +24,21 @@ import gin
 from flanjax.errors import UserError
 
 
+def whole_number(low: int = 1):
+  """An argparse type: a whole number of at least `low` (a count, a size, a length), so a
+  0 or a negative one is a one-line usage error, not a traceback or an empty run."""
+  def parse(text: str) -> int:
+    import argparse  # pylint: disable=g-import-not-at-top
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"{value} is below {low}; give {low} or more")
+    return value
+  return parse
+
+
 def _packaged_gin_dir() -> str:
   """The gin_configs/ folder that bare --gin_file names resolve against.
 

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--adapter", default=None, help="LoRA adapters over --checkpoint: a LoRA "
                   "training run (at --step) or a PEFT adapter folder")
   ap.add_argument("--tasks", default=None, help="comma-separated tasks (replaces evaluate.tasks)")
-  ap.add_argument("--max_examples", type=int, default=None, help="per task and split")
+  ap.add_argument("--max_examples", type=flan_config.whole_number(), default=None,
+                  help="per task and split")
   ap.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval)")
   ap.add_argument("--list_tasks", action="store_true", help="print the task names and exit")
   ap.add_argument("--prompt_format", default=None, help="wrap prompts in this format (default: "

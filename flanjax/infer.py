@@ -57,21 +57,21 @@ def _parser() -> argparse.ArgumentParser:
                   f"of {', '.join(PROMPT_FIELDS)} that the first record has)")
   ap.add_argument("--output", help="JSONL file to write (default: stdout)")
   ap.add_argument("--method", choices=decoding.METHODS)
-  ap.add_argument("--max_decode_len", type=int)
-  ap.add_argument("--num_beams", type=int)
+  ap.add_argument("--max_decode_len", type=flan_config.whole_number())
+  ap.add_argument("--num_beams", type=flan_config.whole_number())
   ap.add_argument("--length_penalty", type=float)
   ap.add_argument("--temperature", type=float)
-  ap.add_argument("--top_k", type=int)
+  ap.add_argument("--top_k", type=flan_config.whole_number(0), help="0: off")
   ap.add_argument("--top_p", type=float)
   ap.add_argument("--seed", type=int)
   ap.add_argument("--stop", action="append", metavar="TEXT",
                   help="cut each generation before the first occurrence of TEXT (repeatable; "
                   "escapes such as \\n are read as in Python: --stop '\\n\\nQ:')")
-  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--batch_size", type=flan_config.whole_number(), default=16)
   ap.add_argument("--prompt_format", choices=chat.NAMES,
                   help="wrap each prompt in this format (default: the one a training run "
                   "recorded, else plain: the prompt as given)")
-  ap.add_argument("--max_input_length", type=int, default=2048,
+  ap.add_argument("--max_input_length", type=flan_config.whole_number(), default=2048,
                   help="longer prompts are cut to this many tokens (and counted)")
   return ap
 
@@ -139,8 +139,22 @@ def _unescape(text: str) -> str:
     raise UserError(f"--stop {text!r}: a malformed escape; write e.g. '\\n\\nQ:'") from None
 
 
+def _check_output(args) -> None:
+  """--output is replaced as generations come: never a folder or the prompts' own file."""
+  if not args.output:
+    return
+  if os.path.isdir(args.output):
+    raise UserError(f"--output {args.output} is a folder; give the path of a JSON lines file, "
+                    f"e.g. --output {os.path.join(args.output, 'generations.jsonl')}")
+  if args.input and os.path.exists(args.input) and os.path.exists(args.output) \
+      and os.path.samefile(args.input, args.output):
+    raise UserError(f"--output {args.output} is the --input file, which writing would "
+                    "overwrite before its prompts are read; give --output another path")
+
+
 def run(argv) -> int:
   args = _parser().parse_args(argv)
+  _check_output(args)
   if open_prompts.set_name(args.input):  # mt_bench, alpaca_eval ...: every turn, for the judge
     return open_prompts.infer(
         args.input, args.checkpoint, args.step, prompt_format(args.checkpoint, args.prompt_format),

@@ -53,16 +53,18 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--prompt_format", choices=chat.NAMES,
                       help="default: the judge run's recorded format, else plain")
   common.add_argument("--out", required=True, help="folder for the .json, .jsonl and .html")
-  common.add_argument("--batch_size", type=int, default=8)
-  common.add_argument("--max_input_length", type=int, default=2048)
-  common.add_argument("--max_decode_len", type=int, default=32)
-  common.add_argument("--max_answer_chars", type=int, default=6000,
+  common.add_argument("--batch_size", type=flan_config.whole_number(), default=8)
+  common.add_argument("--max_input_length", type=flan_config.whole_number(), default=2048)
+  common.add_argument("--max_decode_len", type=flan_config.whole_number(), default=32)
+  common.add_argument("--max_answer_chars", type=flan_config.whole_number(), default=6000,
                       help="longer answers are cut (marked [...]) so the prompt's end fits")
-  common.add_argument("--max_items", type=int, help="judge only the first N")
+  common.add_argument("--max_items", type=flan_config.whole_number(),
+                      help="judge only the first N")
   pw = sub.add_parser("pairwise", parents=[common], help="A against B, both orders")
   pw.add_argument("--a", required=True, help="answers file (instruction, output), or alpaca_eval")
   pw.add_argument("--b", required=True, help="answers file, or alpaca_eval (its references)")
-  pw.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
+  pw.add_argument("--resamples", type=flan_config.whole_number(), default=10000,
+                  help="bootstrap resamples")
   pw.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   gr = sub.add_parser("grade", parents=[common], help="MT-Bench style grades 1-10")
   gr.add_argument("--answers", required=True, help="infer's answers to mt_bench")

@@ -356,6 +356,10 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
       (["--tasks=gsm8k"], "no checkpoint"),
       (["--checkpoint", str(tmp_path / "absent"), "--tasks=gsm8k"], "does not exist"),
       (["--checkpoint", str(tmp_path), "--max_examples=two"], "--max_examples"),
+      (["--checkpoint", str(tmp_path), "--tasks=gsm8k", "--max_examples=-1"],
+       "argument --max_examples: -1 is below 1"),  # a -1 slice dropped the last example
+      (["--checkpoint", str(tmp_path), "--tasks=gsm8k", "--gin.evaluate.batch_size=0"],
+       "evaluate.batch_size=0: give a whole number of at least 1"),
       (["--checkpoint", str(tmp_path), "--gin.evaluate.no_such=1"], "no_such"),
   ]
   for argv, needle in cases:

@@ -104,6 +104,9 @@ def test_infer_bad_inputs_are_one_line_errors(t5_dir, tmp_path, capsys):
       (["--checkpoint", str(tmp_path), "hi"], "holds no checkpoint", "checkpoints/<step>"),
       (["--checkpoint", path], "no prompts", "--input"),
       (["--checkpoint", path, "--method", "sample", "--top_p", "0", "hi"], "top_p", "(0, 1]"),
+      (["--checkpoint", path, "--input", str(bad), "--output", str(bad)], "is the --input file",
+       "another path"),
+      (["--checkpoint", path, "--output", str(tmp_path), "hi"], "is a folder", "JSON lines"),
   ]
   for argv, *needles in cases:
     code, _, err = _main(argv, capsys)
@@ -112,3 +115,9 @@ def test_infer_bad_inputs_are_one_line_errors(t5_dir, tmp_path, capsys):
     assert len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
       assert n in lines[0], (n, lines[0])
+  assert bad.read_text().startswith(json.dumps(rec))  # the prompts are still there
+  # Sizes of 0 are usage errors (argparse's: usage, then the one error line), not a traceback.
+  for flag in ("--batch_size", "--max_input_length", "--max_decode_len"):
+    code, _, err = _main(["--checkpoint", path, flag, "0", "hi"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"argument {flag}: 0 is below 1; give 1 or more" in err.strip().splitlines()[-1]

@@ -261,3 +261,9 @@ def test_bad_answers_files_are_one_line_errors(tmp_path, capsys):
                     "--out", str(tmp_path / "o")])
   err = capsys.readouterr().err
   assert e.value.code == 2 and "bad.jsonl:1" in err and len(err.strip().splitlines()) == 1
+  with pytest.raises(SystemExit) as e:  # a size of 0 (was range()'s traceback)
+    judge_cmd.main(["pairwise", "--judge", str(tmp_path), "--a", str(bad), "--b", str(bad),
+                    "--out", str(tmp_path / "o"), "--batch_size", "0"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+  assert "argument --batch_size: 0 is below 1; give 1 or more" in err

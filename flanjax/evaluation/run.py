@@ -151,8 +151,7 @@ def evaluate(
   if not tasks:
     raise UserError("no tasks: give --gin_file=eval/bbh.gin (or eval/gsm8k.gin, "
                     f"eval/bbh_gsm8k.gin) or --tasks=a,b; {LIST_HINT}")
-  if input_length < 8:
-    raise UserError(f"evaluate.input_length={input_length}: must be at least 8 tokens")
+  _check_sizes(input_length, batch_size, max_examples)
   decode = decode or decoding.DecodeConfig.with_default_length(256)
   if max_decode_len is not None:
     decode = dataclasses.replace(decode, max_decode_len=int(max_decode_len))
@@ -195,6 +194,16 @@ def evaluate(
   writer.flush()
   log(f"wrote {', '.join(paths)} (review page) and {os.path.join(out_dir, 'tensorboard')}")
   return report
+
+
+def _check_sizes(input_length, batch_size, max_examples) -> None:
+  for name, value, low in (("input_length", input_length, 8), ("batch_size", batch_size, 1),
+                           ("max_examples", max_examples, 1)):
+    if name == "max_examples" and value is None:
+      continue  # every example
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise UserError(f"evaluate.{name}={value!r}: give a whole number of at least {low}"
+                      + (" (None: every example)" if name == "max_examples" else ""))
 
 
 def machine() -> dict:
