@@ -132,6 +132,21 @@ def test_select_longest_over_the_pool_equals_sorting_by_response_length(tmp_path
   assert fig["pool"]["leading_verbs"] and 0 < fig["coverage_mean_nearest_similarity"] <= 1
 
 
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "true"])
+def test_a_score_that_is_not_a_finite_number_is_named_not_selected(tmp_path, bad):
+  # json reads NaN and Infinity; unchecked, NaN sorted first and was kept as the best.
+  path = tmp_path / "scored.jsonl"
+  path.write_text("".join(
+      f'{{"prompt": "question {i}", "completion": "answer {i}", "score": '
+      f'{bad if i == 3 else i}}}\n' for i in range(6)))
+  for method in ("quality", "qdit"):
+    with pytest.raises(Exception, match=rf"scored.jsonl:4: (a non-finite|no numeric) 'score' "
+                       rf"field \({'True' if bad == 'true' else bad.lower()[:3]}"):
+      cli.run(["select", str(path), "--method", method, "--k", "2",
+               "--out", str(tmp_path / "o.jsonl")])
+  assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_select_qdit_and_diverse_on_seed_tasks(tmp_path):
   seeds = shared_data("alpaca_seed_tasks") / "seed_tasks.jsonl"
   with pytest.raises(Exception, match="no numeric 'score'"):

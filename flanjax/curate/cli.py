@@ -18,6 +18,7 @@ interrupted run stopped; the others are fast and write OUT whole.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 
@@ -156,10 +157,14 @@ def _quality(args, records) -> np.ndarray:
   if args.quality_checkpoint:
     from flanjax.curate import generate  # pylint: disable=g-import-not-at-top
     return generate.loglikelihood_quality(args.quality_checkpoint, records, args.batch_size)
-  missing = next((r for r in records if not isinstance(r.raw.get("score"), (int, float))), None)
+  missing = next((r for r in records if isinstance(r.raw.get("score"), bool)
+                  or not isinstance(r.raw.get("score"), (int, float))
+                  or not math.isfinite(r.raw["score"])), None)
   if missing is not None:
-    raise UserError(f"{missing.where}: no numeric 'score' field; give every record a score, or "
-                    "--quality_checkpoint CKPT to score responses by the model's log-likelihood")
+    what = "a non-finite" if isinstance(missing.raw.get("score"), float) else "no numeric"
+    raise UserError(f"{missing.where}: {what} 'score' field ({missing.raw.get('score')!r}); give "
+                    "every record a finite score, or --quality_checkpoint CKPT to score "
+                    "responses by the model's log-likelihood")
   return np.asarray([float(r.raw["score"]) for r in records])
 
 
