@@ -390,7 +390,8 @@ def test_a_conversation_is_held_out_whole(tmp_path):
 
 
 
-def test_a_validation_file_is_the_validation_split_and_the_training_file_trains_whole(tmp_path):
+def test_a_validation_file_is_the_validation_split_and_the_training_file_trains_whole(
+    tmp_path, capsys):
   train = tmp_path / "train.jsonl"
   train.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "input": "",
                                        "output": str(i + 1)}) + "\n" for i in range(50)))
@@ -409,6 +410,18 @@ def test_a_validation_file_is_the_validation_split_and_the_training_file_trains_
                      "validation_path": str(tmp_path / "nope.jsonl")}])
   with pytest.raises(UserError, match="'validation_path' is one file of records"):
     user.user_data([{"name": "own3", "path": str(train), "validation_path": str(tmp_path)}])
+  # The training file as its own validation file is refused; a file sharing some inputs
+  # with it is counted (3 of 5: the inputs of training records 0, 1 and 2).
+  with pytest.raises(UserError, match=r"'own4': validation_path .* is the training file"):
+    user.user_data([{"name": "own4", "path": str(train), "validation_path": str(train)}])
+  some = tmp_path / "some.jsonl"
+  some.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "input": "",
+                                      "output": "other"}) + "\n" for i in (0, 1, 2, 60, 61)))
+  (d5,), _ = user.user_data([{"name": "own5", "path": str(train), "validation_path": str(some)}])
+  capsys.readouterr()
+  assert len(tasks.raw_examples(d5, "validation")) == 5
+  assert (f"note: own5: 3 of 5 records of {some} have an input the training file also has"
+          in capsys.readouterr().out)
 
 # ------------------------------------------------------------------ BOS, as the tokenizer says
 

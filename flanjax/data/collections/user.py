@@ -251,13 +251,27 @@ def _input_key(record: dict) -> str:
   return json.dumps(fields or record, sort_keys=True, ensure_ascii=False)
 
 
+def _key(record: dict) -> str:
+  return record["_conv"] if "_conv" in record else _input_key(record)
+
+
+def _note_overlap(name: str, held: Sequence[dict], train: Sequence[dict], vpath: str) -> None:
+  """A note counting validation records whose input (a conversation: its turns) the
+  training file also has: their loss measures training data, not held-out data."""
+  seen = {_key(r) for r in train}
+  both = sum(_key(r) in seen for r in held)
+  if both:
+    print(f"note: {name}: {both} of {len(held)} records of {vpath} have an input the training "
+          "file also has, so the validation loss partly measures training data", flush=True)
+
+
 def _split_records(records: Sequence[dict], split: str, share: float) -> list[dict]:
   if not share:
     return list(records)
   # A conversation is held out whole (its key is its turns'); other records by their input
   # (instruction and input, prompt, an NIv2 instance's input), so two records of one input
   # with other outputs never fall on both sides.
-  held = [sources.holdout(r["_conv"] if "_conv" in r else _input_key(r), share) for r in records]
+  held = [sources.holdout(_key(r), share) for r in records]
   return [r for r, h in zip(records, held) if h == (split == "validation")]
 
 
@@ -506,6 +520,10 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
   if vpath and (kind == "niv2" or os.path.isdir(vpath)):
     raise UserError(f"user_data.tasks entry {name!r}: 'validation_path' is one file of records; "
                     f"for a NIv2 folder use 'validation_share'")
+  if vpath and os.path.exists(path) and os.path.samefile(path, vpath):
+    raise UserError(f"user_data.tasks entry {name!r}: validation_path (USER_VALIDATION_FILE) "
+                    f"{vpath} is the training file, so its loss would measure what trains; give "
+                    "a held-out file, or drop it and set 'validation_share'")
   if kind == "niv2":
     defs = _niv2_defs(spec, path, splits, share, shots, fmt)
     return defs, [d.name for d in defs]
@@ -515,7 +533,9 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
   def load(split):
     if split == "validation" and vpath:
       sources.check_file(vpath)
-      return list(_read_file(vpath, detect_format(vpath) if auto else kind, policy))
+      held = list(_read_file(vpath, detect_format(vpath) if auto else kind, policy))
+      _note_overlap(name, held, _read_file(path, kind or detect_format(path), policy), vpath)
+      return held
     if kind is None:  # auto, and the path did not exist at registration
       sources.check_file(path)
     return _split_records(_read_file(path, kind or detect_format(path), policy), split, share)
