@@ -509,3 +509,20 @@ def test_a_run_records_its_format_and_infer_applies_it(tmp_path, llama3_dir, mon
   import html
   page = html.unescape((tmp_path / "eval" / "fmt.html").read_text(encoding="utf-8"))
   assert head in page and tail in page  # the prompt the review page shows is the wrapped one
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".zip"])
+def test_a_compressed_file_is_named_compressed_not_mis_encoded(tmp_path, suffix):
+  import bz2, gzip, lzma, zipfile  # noqa: E401  pylint: disable=g-import-not-at-top,multiple-imports
+  text = json.dumps({"instruction": "Add 1 and 2.", "output": "3"}) + "\n"
+  path = tmp_path / f"data{suffix}"
+  if suffix == ".zip":
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("data.jsonl", text)
+  else:
+    opener = {".jsonl.gz": gzip.open, ".jsonl.bz2": bz2.open, ".jsonl.xz": lzma.open}[suffix]
+    with opener(path, "wt") as f:
+      f.write(text)
+  name = {".jsonl.gz": "gzip", ".jsonl.bz2": "bzip2", ".jsonl.xz": "xz", ".zip": "zip"}[suffix]
+  with pytest.raises(UserError, match=rf"{path} is {name}-compressed; decompress it \("):
+    user.user_data([{"name": "packed", "path": str(path)}])

@@ -101,6 +101,18 @@ def check_file(path: str) -> None:
     raise UserError(f"{path} is a folder; give a file (folders are for NIv2 task sets)")
   if os.path.getsize(path) == 0:
     raise UserError(f"{path} is empty; it holds no records")
+  with open(path, "rb") as f:
+    head = f.read(6)
+  for magic, name, command in _COMPRESSED:
+    if head.startswith(magic):  # else: "bytes that are not UTF-8", which misleads
+      raise UserError(f"{path} is {name}-compressed; decompress it ({command} {path}) and give "
+                      "the file that makes")
+
+
+# (leading bytes, format, the command that decompresses it and keeps the original)
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"BZh", "bzip2", "bunzip2 -k"),
+               (b"\xfd7zXZ\x00", "xz", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+               (b"PK\x03\x04", "zip", "unzip"))
 
 
 def load_json(path: str, fix: str):
