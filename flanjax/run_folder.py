@@ -90,6 +90,14 @@ def model_record(cfg) -> dict:
   return record
 
 
+def _step_at_most(line: str, step: int) -> bool:
+  """Whether a log line is a record of `step` or earlier (blank and unreadable lines go)."""
+  try:
+    return int(json.loads(line)["step"]) <= step
+  except (ValueError, KeyError, TypeError):
+    return False
+
+
 def _moved_base(was, now) -> bool:
   """Whether two adapter records name the same base (its fingerprint) at different paths."""
   if not (isinstance(was, dict) and isinstance(now, dict)):
@@ -373,10 +381,28 @@ class RunFolder:
     elif hasattr(vocab, "save_tokenizer"):
       vocab.save_tokenizer(self.vocab_dir)
 
+  def drop_records_after(self, step: int) -> None:
+    """A resumed run's logs as they stood at its checkpoint's `step`: the losses and
+    evaluations of later steps, which it runs again, dropped (so each step has one record
+    for whoever reads the files; the readers here keep the last of each step anyway)."""
+    if not _is_main():
+      return
+    for path in (self.losses_path, self.eval_log_path):
+      if not os.path.exists(path):
+        continue
+      with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+      kept = [line for line in lines if line.endswith("\n") and _step_at_most(line, step)]
+      if len(kept) != len(lines):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+          f.writelines(kept)
+        os.replace(tmp, path)
+
   def open_losses_log(self):
     """The per-step log for appending (process 0; else None), a last line cut short by a
-    kill dropped. A resumed run appends the steps after its checkpoint again; readers
-    take the last record of each step (`read_losses`)."""
+    kill dropped. A resumed run has dropped the steps after its checkpoint first
+    (`drop_records_after`); readers take the last record of each step all the same."""
     if not _is_main():
       return None
     path = self.losses_path

@@ -87,7 +87,7 @@ def user_args(path, model_dir, *extra, fmt="alpaca", steps=4):
 
 
 def losses(model_dir):
-  """Step -> loss, the last record of each step (a resumed run logs some steps again)."""
+  """Step -> loss, the last record of each step."""
   with open(os.path.join(model_dir, "train_losses.jsonl")) as f:
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
@@ -451,6 +451,9 @@ def test_sigkill_during_a_save_then_resume_from_the_newest_complete_checkpoint(a
   resumed = losses(run)
   for s in (k - 1, k):
     assert resumed[s] == killed[s], (s, resumed[s], killed[s])
+  # The killed run's records past step k - 2 were dropped at the resume: one per step.
+  with open(run / "train_losses.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(1, k + 1))
 
   # The newest step's files cut short (as by a disk that failed under it): moved aside.
   for root, _, files in os.walk(ckdir / str(k) / "state"):

@@ -286,6 +286,7 @@ class Trainer:
       self.checkpointer.check_free_space(
           state, (num_steps - start_step) // every + 1 if every > 0 else 1,
           best=self.early_stopping is not None)
+      self.run.drop_records_after(start_step)  # the steps after it run again
       self._watch_from(state, start_step)
       stream = self.data.stream(position)
       jit_step, self._probe = self._compile()
