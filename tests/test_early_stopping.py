@@ -189,3 +189,17 @@ def test_early_stopping_without_its_evaluations_is_refused_before_the_run_folder
   assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert message in proc.stderr and "Traceback" not in proc.stderr
   assert not run.exists()  # nothing made, nothing to clean up
+
+
+def test_one_tasks_score_has_the_mean_tag_early_stopping_can_watch():
+  # A user's own data is one task: its split has no MEAN row, but the tag the README
+  # gives for early stopping (eval/mean/<split>/score) must exist all the same.
+  from flanjax.evaluation import report  # pylint: disable=g-import-not-at-top
+  one = report.TaskResult("user_data", "validation", 20, {"rouge_l": 41.5}, "rouge_l")
+  tags = report.scalars([one])
+  assert tags["eval/mean/validation/score"] == 41.5
+  assert "MEAN" not in report.format_results([one])  # no table row for a mean of one
+  two = [one, report.TaskResult("other", "validation", 10, {"accuracy": 60.0}, "accuracy")]
+  assert report.scalars(two)["eval/mean/validation/score"] == pytest.approx((41.5 + 60) / 2)
+  es = EarlyStopping(metric="eval/mean/validation/score", patience=1)
+  assert es.update(4, tags["eval/mean/validation/score"]) and es.maximize

@@ -170,4 +170,11 @@ def scalars(results: Sequence[TaskResult]) -> dict:
     out[f"eval/{key}/{s['split']}/score"] = s["score"]
     if s["rank_classification"] is not None:
       out[f"eval/{key}/{s['split']}/rank_classification"] = s["rank_classification"]
+  # A split of one task has no MEAN row, but its tag is there all the same (early stopping
+  # on eval/mean/<split>/score then works for one task, e.g. a user's own data, too).
+  for r in results:
+    if sum(x.split == r.split for x in results) == 1:
+      out[f"eval/mean/{r.split}/score"] = r.score
+      if r.rank_classification is not None:
+        out[f"eval/mean/{r.split}/rank_classification"] = r.rank_classification
   return out

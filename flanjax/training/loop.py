@@ -414,6 +414,8 @@ class Trainer:
       return False
     value = evaluation.scalars().get(es.metric)
     if value is None:
+      if not evaluation.results and not es.metric.endswith(("loss", "token_accuracy")):
+        return False  # a loss-only evaluation: the generating ones report the scores
       if not self._metric_noted:
         self._metric_noted = True
         print(f"note: early stopping watches {es.metric}, which the evaluation at step "
