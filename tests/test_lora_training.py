@@ -126,6 +126,11 @@ def test_lora_run_killed_resumes_to_the_same_losses_and_refuses_another_base(tmp
   assert code != 0
   last = err.strip().splitlines()[-1]
   assert "different adapter config" in last and "fingerprint" in last, last
+  # So are infer and evaluate given that other model with --adapter RUN (they ran it).
+  from flanjax.errors import UserError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match=rf"its adapters were trained over {hf_dir}, and .* is "
+                     r"another model \(its fingerprint differs\)"):
+    loading.load(str(hf_dir), adapter=str(straight))
 
 
 def _paths(tree, prefix=()):

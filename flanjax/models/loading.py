@@ -306,6 +306,7 @@ def load(path: str, step: int | str | None = None, config: str | None = None,
     return _load(path, step, config)
   lora, prompt_tuning = _adapter_modules()
   loaded = _load(path, None, config)  # `step` is the adapter run's
+  _check_base(loaded, adapter, step)
   lcfg, adapters, _ = read_adapter(adapter, loaded.config, step)
   loaded.params = merge_adapter(loaded.params, lcfg, adapters, loaded.config, adapter)
   # An adapter run is read as it trained (a Llama recipe trains a prefix LM over a causal
@@ -322,6 +323,21 @@ def load(path: str, step: int | str | None = None, config: str | None = None,
   what = "soft prompt" if loaded.kind.virtual_tokens else "LoRA adapters"
   loaded.source += f" with the {what} of {os.path.abspath(adapter)}"
   return loaded
+
+
+def _check_base(loaded: Loaded, adapter: str, step) -> None:
+  """An adapter run over another model than the one it trained over is refused: the base's
+  fingerprint, which run_info.json records, must be that of --checkpoint's parameters (a
+  PEFT folder records none to check)."""
+  lora, prompt_tuning = _adapter_modules()
+  found = training_checkpoint(os.path.abspath(os.path.expanduser(adapter)), step)
+  base = ((found[1].read_run_info() or {}).get("adapter") or {}).get("base") if found else None
+  if not isinstance(base, dict) or not base.get("fingerprint"):
+    return
+  if lora.fingerprint(prompt_tuning.split(loaded.params)[0]) != base["fingerprint"]:
+    raise UserError(f"{adapter}: its adapters were trained over {base.get('path')}, and "
+                    f"{loaded.source} is another model (its fingerprint differs); give that "
+                    "base with --checkpoint")
 
 
 def _load(path: str, step: int | str | None = None, config: str | None = None) -> Loaded:
