@@ -592,7 +592,7 @@ def test_convert_checkpoint_round_trip_t5(tmp_path):
   _assert_same_dirs(str(src), str(tmp_path / "back"))
 
 
-def test_convert_training_run_with_gin_config(tmp_path):
+def test_convert_training_run_with_gin_config(tmp_path, builtin_vocab, capsys):
   from flanjax.training.checkpoints import Checkpointer
   import gin
   gin_file = os.path.join(REPO, "gin_configs", "models", "llama_tiny.gin")
@@ -607,8 +607,19 @@ def test_convert_training_run_with_gin_config(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "run"), async_save=False)
   ckpt.save(7, state, data_position=3, force=True)
   ckpt.close()
+  # The run's SentencePiece vocabulary, as train keeps it: config.json gets its token ids
+  # (generate() stops at its EOS) and a note says how to tokenize.
+  os.makedirs(tmp_path / "run" / "vocab")
+  with open(builtin_vocab.sentencepiece_model_file, "rb") as f:
+    (tmp_path / "run" / "vocab" / "spiece.model").write_bytes(f.read())
   out = str(tmp_path / "hf")
+  capsys.readouterr()
   convert_checkpoint.main(["orbax-to-hf", str(tmp_path / "run"), out, "--config", gin_file])
+  assert "transformers' AutoTokenizer reads for T5 only" in capsys.readouterr().err
+  written = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert (written["eos_token_id"], written["pad_token_id"]) == (builtin_vocab.eos_id, 0)
+  assert transformers.AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id \
+      == builtin_vocab.eos_id
   cfg2, params2, _ = hf.load(out)
   assert cfg2 == cfg
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):

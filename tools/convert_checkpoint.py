@@ -113,7 +113,23 @@ def _vocabulary_in(path: str):
   if os.path.isfile(os.path.join(path, "tokenizer.json")):
     from flanjax.data import hf_vocab  # pylint: disable=g-import-not-at-top
     return hf_vocab.HFTokenizerVocabulary.from_directory(path, model_config={})
+  if os.path.isfile(os.path.join(path, "spiece.model")):
+    import seqio  # pylint: disable=g-import-not-at-top
+    return seqio.SentencePieceVocabulary(os.path.join(path, "spiece.model"))
   return None
+
+
+def _note_sentencepiece_decoder(cfg, out_dir: str) -> None:
+  """transformers reads spiece.model for T5 only: a decoder's export says how to tokenize."""
+  from flanjax.models.decoder import DecoderConfig  # pylint: disable=g-import-not-at-top
+  if isinstance(cfg, DecoderConfig) and not os.path.isfile(os.path.join(out_dir, "tokenizer.json")) \
+      and os.path.isfile(os.path.join(out_dir, "spiece.model")):
+    print(f"note: {out_dir} keeps the run's SentencePiece vocabulary as spiece.model, which "
+          "transformers' AutoTokenizer reads for T5 only: tokenize with sentencepiece "
+          "(SentencePieceProcessor(model_file=.../spiece.model)); config.json has its token "
+          "ids, so generate() stops at its EOS. A decoder started from a Hugging Face folder "
+          "(train.init_from) exports that folder's tokenizer.json instead", file=sys.stderr,
+          flush=True)
 
 
 # ---------------------------------------------------------------- commands
@@ -212,6 +228,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, config: str | None = None,
     _copy_vocab(vocab, out_dir)
   hf.save(cfg, params, out_dir, vocabulary=_vocabulary_in(out_dir), extra_config=hf_config,
           dtype=dtype)
+  _note_sentencepiece_decoder(cfg, out_dir)
   _note_prefix_lm(_training_run(ckpt_dir, step), ckpt_dir, "transformers runs the export "
                   "causally, so its outputs differ from flanjax's for --checkpoint RUN "
                   "(flanjax.infer --checkpoint OUT_DIR runs the export causally too)")
