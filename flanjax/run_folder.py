@@ -76,7 +76,8 @@ def run_record(mixture: str, vocabulary: str, cfg, kind: str, *, batch_size: int
 
 # Model fields added after run_info.json began recording the model, with the value every run
 # recorded before had: a record without one reads as that (older runs still resume).
-ADDED_MODEL_FIELDS = {"sliding_window": None, "qkv_bias": False, "qk_norm": False}
+ADDED_MODEL_FIELDS = {"sliding_window": None, "qkv_bias": False, "qk_norm": False,
+                      "scan_layers": False}  # (scan_layers: recorded only when True)
 
 
 def model_record(cfg) -> dict:
@@ -275,7 +276,8 @@ class RunFolder:
         continue  # runs from before the field was recorded are checked by their checkpoint
       was, now = old.get(key), info[key]
       if key == "model" and isinstance(was, dict) and isinstance(now, dict):
-        was = {**{k: v for k, v in ADDED_MODEL_FIELDS.items() if k in now}, **was}
+        was, now = ({**{k: v for k, v in ADDED_MODEL_FIELDS.items() if k in was or k in now},
+                     **d} for d in (was, now))
       moved = key == "adapter" and _moved_base(was, now)
       if moved:  # the same base in another folder: its path is no part of the run
         was = dict(was, base=now["base"])
@@ -284,13 +286,16 @@ class RunFolder:
           print(f"note: {self.path}: the adapters' base (same fingerprint) is now "
                 f"{now['base'].get('path')} (was {old[key]['base'].get('path')})", flush=True)
         continue
+      fix = "set --gin.train.model_dir to a new folder"
       if isinstance(was, dict) and isinstance(now, dict):  # name the fields that differ
         diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
         was, now = ({k: d.get(k) for k in diff} for d in (was, now))
+        if diff == ["scan_layers"]:  # a layout of the same weights, not another model
+          fix = (f"a run resumes in the layout it trained in: set scan_layers={was[diff[0]]} "
+                 f"again, or {fix}")
       raise UserError(
           f"{self.path} holds a run with a different {what} ({self.run_info_path}: {was!r}, "
-          f"now {now!r}); its checkpoints cannot be resumed with this one: set "
-          "--gin.train.model_dir to a new folder")
+          f"now {now!r}); its checkpoints cannot be resumed with this one: {fix}")
     self._check_optimizer(old.get("optimizer"), info.get("optimizer"))
     self._note_training(old.get("training"), info.get("training"))
     if old.get("mixture") != info.get("mixture"):

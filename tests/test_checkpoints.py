@@ -340,10 +340,14 @@ def test_a_run_recorded_before_a_model_field_existed_resumes_and_a_changed_one_i
   cfg = DecoderConfig(vocab_size=128, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8,
                       d_ff=32, num_layers=1)
   now = {"mixture": "m", "vocabulary": "v", "model": model_record(cfg), "kind": "prefix_lm"}
-  assert set(ADDED_MODEL_FIELDS) <= set(now["model"])
+  assert set(ADDED_MODEL_FIELDS) - {"scan_layers"} <= set(now["model"])
   older = {k: v for k, v in now["model"].items() if k not in ADDED_MODEL_FIELDS}
   run.write_run_info(dict(now, model=older))
   run.check_run_info(now)  # recorded before sliding_window, qkv_bias and qk_norm: the same
   for field, value in (("qkv_bias", True), ("qk_norm", True), ("sliding_window", 64)):
     with pytest.raises(UserError, match=rf"different model config .*'{field}'"):
       run.check_run_info(dict(now, model=model_record(dataclasses.replace(cfg, **{field: value}))))
+  # scan_layers (recorded only when True) reads False, not None, and the fix says so.
+  with pytest.raises(UserError, match=r"\{'scan_layers': False\}, now \{'scan_layers': True\}\).*"
+                     r"resumes in the layout it trained in: set scan_layers=False again"):
+    run.check_run_info(dict(now, model=model_record(dataclasses.replace(cfg, scan_layers=True))))

@@ -76,6 +76,9 @@ def test_overfit_warning_needs_validation_rising_while_training_falls():
   assert w.update(1, 3.0, 5.0) is None
   assert w.update(2, 3.1, 4.0) is None
   assert "risen for 2 evaluations" in w.update(3, 3.2, 3.0)
+  one = OverfitWatch(1)
+  one.update(1, 3.0, 4.0)
+  assert "has risen for 1 evaluation (step 1" in one.update(2, 3.1, 3.5)
   w = OverfitWatch(patience=2)  # both rising: not overfitting, something else
   for step, (val, train) in enumerate([(3.0, 3.0), (3.1, 3.1), (3.2, 3.2)]):
     assert w.update(step, val, train) is None

@@ -199,6 +199,10 @@ def test_targets_select_as_peft_does(t5_case):
     lora.select(cfg, ["q", "q_proj"])
   with pytest.raises(UserError, match="matches no module"):
     lora.select(cfg, r"nothing\.here")
+  # One name as a string is a pattern over whole paths: the message says so and offers a list.
+  with pytest.raises(UserError, match=r"'q' matches no module: one string is a regular "
+                     r"expression over the whole path .* give a list, e.g. \['q'\]"):
+    lora.select(cfg, "q")
 
 
 def test_bad_rank_alpha_are_one_line_errors(t5_case):

@@ -115,11 +115,17 @@ def restore_numpy(path: str, subtree: str | None = None):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
   ckptr = ocp.PyTreeCheckpointer()
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level  # orbax warns that a run's state item has no step metadata of its own
+  absl_log.setLevel(logging.ERROR)
   try:
     tree = ckptr.metadata(path).item_metadata.tree
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"{path}: not a readable orbax checkpoint ({type(e).__name__})") from None
+  finally:
+    absl_log.setLevel(level)
   if subtree is not None:
     if not isinstance(tree, dict) or subtree not in tree:
       raise UserError(f"{path}: the checkpoint has no {subtree!r} entry")

@@ -104,8 +104,10 @@ def select(cfg, targets) -> list[Site]:
       raise UserError(f"LoraConfig.targets {targets!r} is not a valid pattern ({e})") from None
     chosen = [s for s in every if pattern.fullmatch(s.hf_name)]
     if not chosen:
-      raise UserError(f"LoraConfig.targets {targets!r} matches no module; this model's modules: "
-                      f"{', '.join(names)} (e.g. {every[0].hf_name})")
+      raise UserError(f"LoraConfig.targets {targets!r} matches no module: one string is a "
+                      f"regular expression over the whole path (e.g. {every[0].hf_name}); for "
+                      f"module names give a list, e.g. [{targets!r}]. This model's modules: "
+                      f"{', '.join(names)}")
     return chosen
   unknown = [t for t in targets if not any(s.hf_name == t or s.hf_name.endswith("." + t)
                                            for s in every)]

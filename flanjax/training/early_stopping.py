@@ -134,6 +134,7 @@ class OverfitWatch:
     first, last = span[0][2], span[-1][2]
     if not rising or first is None or last is None or not last < first:
       return None
-    return (f"warning: validation loss has risen for {self.patience} evaluations in a row "
+    times = "1 evaluation" if self.patience == 1 else f"{self.patience} evaluations in a row"
+    return (f"warning: validation loss has risen for {times} "
             f"(step {span[0][0]}: {span[0][1]:.4f} -> step {step}: {val_loss:.4f}) while "
             f"training loss fell ({first:.4f} -> {last:.4f}): the model is overfitting")

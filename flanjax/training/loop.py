@@ -389,8 +389,9 @@ class Trainer:
     if self._observe(evaluation, state):
       es = self.early_stopping
       self.stopped_early = f"stopped early at step {step}: {es.reason()}"
+      then = "saving, then the end-of-run evaluation" if self.evaluator.at_end else "saving"
       print(f"{self.stopped_early}; the best checkpoint (step {es.best_step}) is in "
-            f"{self.checkpointer.best_dir}; saving, then the end-of-run evaluation", flush=True)
+            f"{self.checkpointer.best_dir}; {then}", flush=True)
 
   def _evaluate(self, state, step, writer, final=False, generate=True, train_loss=None):
     evaluation = self.evaluator.evaluate(
