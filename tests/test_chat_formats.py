@@ -526,3 +526,32 @@ def test_a_compressed_file_is_named_compressed_not_mis_encoded(tmp_path, suffix)
   name = {".jsonl.gz": "gzip", ".jsonl.bz2": "bzip2", ".jsonl.xz": "xz", ".zip": "zip"}[suffix]
   with pytest.raises(UserError, match=rf"{path} is {name}-compressed; decompress it \("):
     user.user_data([{"name": "packed", "path": str(path)}])
+
+
+@pytest.mark.parametrize("fmt_name", ["plain", "chatml"])
+def test_alpaca_history_and_system_are_the_turns_before_the_instruction(tmp_path, fmt_name):
+  # LLaMA-Factory's multi-turn Alpaca: history [[question, answer], ...] comes first; every
+  # answer is a target, as in a chat file of the same turns.
+  recs = [{"instruction": "And 3 more?", "input": "", "output": "8.",
+           "system": "You count apples.", "history": [["I have 2 apples.", "Noted."],
+                                                      ["Add 3.", "5."]]},
+          {"instruction": "Reverse the word.", "input": "stop", "output": "pots"}]
+  path = tmp_path / "hist.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  fmt = chat.get(fmt_name)
+  (d,), _ = user.user_data([{"name": f"hist_{fmt_name}", "path": str(path), "num_shots": 0}],
+                           prompt_format=fmt_name)
+  got = [(r["inputs"], r["targets"]) for r in tasks.render_split(d, "train")]
+  conv = [{"role": "system", "content": "You count apples."},
+          {"role": "user", "content": "I have 2 apples."}, {"role": "assistant", "content": "Noted."},
+          {"role": "user", "content": "Add 3."}, {"role": "assistant", "content": "5."},
+          {"role": "user", "content": "And 3 more?"}, {"role": "assistant", "content": "8."}]
+  want = [(fmt.render_prompt(conv[:k]), conv[k]["content"] + fmt.end_of_turn) for k in (2, 4, 6)]
+  want.append((fmt.render_prompt([{"role": "user", "content": "Reverse the word.\n\nstop"}]),
+               "pots" + fmt.end_of_turn))
+  assert got == want
+  bad = tmp_path / "bad_hist.jsonl"
+  bad.write_text(json.dumps(dict(recs[1], history=[["only a question"]])) + "\n")
+  with pytest.raises(UserError, match=r"bad_hist.jsonl:1: 'history' is not a list of "
+                     r"\[question, answer\] string pairs"):
+    tasks.raw_examples(user.user_data([{"name": "bad_hist", "path": str(bad)}])[0][0], "train")

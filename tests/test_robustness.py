@@ -190,7 +190,7 @@ def _missing(tmp, rows):
 def _empty_field(tmp, rows):
   ls = _lines(rows)
   ls[3] = json.dumps(dict(rows[3], output="  "))
-  return _write(tmp / "empty_field.jsonl", ls), [":4: 'output' is empty", "non-empty target"]
+  return _write(tmp / "empty_field.jsonl", ls), [":4: 'output' is empty", "non-empty 'output'"]
 
 
 def _not_utf8(tmp, rows):

@@ -465,7 +465,7 @@ def require(reader: Reader, where: str, rec: dict, fields: Sequence[str],
       return False
     if not v.strip():
       reader.bad(where, f"records with empty '{f}'", f"'{f}' is empty",
-                 "give every example a non-empty target, or remove it")
+                 f"give every record a non-empty '{f}', or remove the record")
       return False
   return True
 

@@ -140,7 +140,9 @@ def _trained(name: str, text: list[str], vocab_size: int, cache_dir: str | None,
   if not os.path.exists(path):
     t0 = time.time()
     train_sentencepiece(text, path, vocab_size)
-    print(f"vocabulary: trained {vocab_size} pieces on {len(text):,} texts in "
+    got = seqio.SentencePieceVocabulary(path).vocab_size
+    fewer = f" (of {vocab_size:,} asked: the texts hold no more)" if got < vocab_size else ""
+    print(f"vocabulary: trained {got:,} pieces{fewer} on {len(text):,} texts in "
           f"{time.time() - t0:.1f}s -> {path}", flush=True)
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 

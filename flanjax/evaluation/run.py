@@ -150,7 +150,7 @@ def evaluate(
                     "directory or a Hugging Face directory) or evaluate.checkpoint")
   if not tasks:
     raise UserError("no tasks: give --gin_file=eval/bbh.gin (or eval/gsm8k.gin, "
-                    f"eval/bbh_gsm8k.gin) or --tasks=a,b; {LIST_HINT}")
+                    f"eval/bbh_gsm8k.gin, eval/mmlu.gin) or --tasks=a,b; {LIST_HINT}")
   _check_sizes(input_length, batch_size, max_examples)
   decode = decode or decoding.DecodeConfig.with_default_length(256)
   if max_decode_len is not None:

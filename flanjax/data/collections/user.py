@@ -85,9 +85,32 @@ def _alpaca(reader, records=None):
       reader.bad(where, "records with non-text 'input'", "'input' is not a string",
                  "make 'input' a string (or leave it out)")
       continue
+    if rec.get("history") or rec.get("system"):  # LLaMA-Factory's multi-turn Alpaca
+      turns = _alpaca_turns(reader, where, rec, inp)
+      if turns is not None:
+        yield from _conversation_examples(reader, where, turns)
+      continue
     reader.report.kept += 1
     yield dict(instruction=rec["instruction"].strip(), input=inp.strip(),
                answer=rec["output"].strip())
+
+
+def _alpaca_turns(reader, where, rec, inp):
+  """An Alpaca record's `system` and `history` ([[question, answer], ...], earlier turns
+  first), then its own turn, as messages; None (counted) when they are malformed."""
+  history, system = rec.get("history") or [], rec.get("system") or ""
+  if not isinstance(system, str) or not isinstance(history, list) or not all(
+      isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(t, str) for t in h)
+      for h in history):
+    reader.bad(where, "records with malformed 'history' or 'system'",
+               "'history' is not a list of [question, answer] string pairs, or 'system' is "
+               "not a string", "give 'history' as [[question, answer], ...] and 'system' as text")
+    return None
+  turns = [{"role": "system", "content": system}] if system.strip() else []
+  for question, answer in history:
+    turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+  ask = rec["instruction"].strip() + (f"\n\n{inp.strip()}" if inp.strip() else "")
+  return turns + [{"role": "user", "content": ask}, {"role": "assistant", "content": rec["output"]}]
 
 
 def _prompt_completion(reader, records=None):
@@ -542,7 +565,9 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
 
   # A file of the data folder's evaluation sets can be evaluated on, never trained on.
   held = sources.evaluation_data(path)
-  conversation = kind in ("chat", "sharegpt", None) or fmt.name != "plain"
+  conversation = kind in ("chat", "sharegpt", None) or fmt.name != "plain" or (
+      kind == "alpaca" and os.path.isfile(path)  # records with history are conversations
+      and any("messages" in ex for ex in _read_file(path, kind, policy)))
   family = spec.get("templates") or ("instruction" if kind == "alpaca" else "none")
   templates = [RAW.get(kind, RAW["chat"])] if family == "none" or conversation else family
   formats = tuple(spec.get("train_formats") or (("zero_shot", "few_shot") if shots else ("zero_shot",)))
