@@ -95,6 +95,24 @@ def _alpaca(reader, records=None):
                answer=rec["output"].strip())
 
 
+def _has_turns(path: str) -> bool:
+  """Whether an Alpaca file has a record with LLaMA-Factory's history or system (read as
+  records only: its bad records are counted or raised where its examples are read)."""
+  if not os.path.isfile(path):
+    return False
+  return _has_turns_once(path, sources.fingerprint_paths([path]))
+
+
+@cache.in_process
+def _has_turns_once(path: str, stamp: str) -> bool:
+  del stamp  # part of the cache key only
+  try:
+    return any(isinstance(rec, dict) and (rec.get("history") or rec.get("system"))
+               for _, rec in sources.read_json_or_jsonl(sources.Reader(path, "skip")))
+  except UserError:
+    return False  # unreadable: reading its examples says why
+
+
 def _alpaca_turns(reader, where, rec, inp):
   """An Alpaca record's `system` and `history` ([[question, answer], ...], earlier turns
   first), then its own turn, as messages; None (counted) when they are malformed."""
@@ -566,8 +584,7 @@ def _task_defs_of(spec: Mapping, fmt: chat.PromptFormat) -> tuple[list[TaskDef],
   # A file of the data folder's evaluation sets can be evaluated on, never trained on.
   held = sources.evaluation_data(path)
   conversation = kind in ("chat", "sharegpt", None) or fmt.name != "plain" or (
-      kind == "alpaca" and os.path.isfile(path)  # records with history are conversations
-      and any("messages" in ex for ex in _read_file(path, kind, policy)))
+      kind == "alpaca" and _has_turns(path))  # records with history are conversations
   family = spec.get("templates") or ("instruction" if kind == "alpaca" else "none")
   templates = [RAW.get(kind, RAW["chat"])] if family == "none" or conversation else family
   formats = tuple(spec.get("train_formats") or (("zero_shot", "few_shot") if shots else ("zero_shot",)))
