@@ -366,7 +366,7 @@ def test_vocabulary_or_model_that_does_not_match_the_checkpoint(first_run, three
   # Layers under nn.scan store another checkpoint tree: a resume in the other layout is refused.
   line = one_error_line(*run_train(skip_args(three_bad_file, run,
                                              "--gin.T5Config.scan_layers=True"))[::2])
-  assert "different model config" in line and "{'scan_layers': None}, now {'scan_layers': True}" in line
+  assert "different model config" in line and "{'scan_layers': False}, now {'scan_layers': True}" in line
   assert tree_digest(run) == before  # nothing written, nothing moved
   # Without run_info.json (a copied run), the checkpoint's own shapes tell; nothing is moved.
   os.remove(run / "run_info.json")

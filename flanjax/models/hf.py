@@ -620,5 +620,6 @@ def save(model_config, params, path: str, vocabulary=None, extra_config: Mapping
   if vocabulary is not None and hasattr(vocabulary, "save_tokenizer"):
     vocabulary.save_tokenizer(path)
   elif vocabulary is not None and hasattr(vocabulary, "sp_model"):
+    data = spiece_bytes(vocabulary)  # read before the write: it may be this very file
     with open(os.path.join(path, "spiece.model"), "wb") as f:
-      f.write(spiece_bytes(vocabulary))
+      f.write(data)
