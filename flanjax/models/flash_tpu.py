@@ -127,7 +127,7 @@ def _on_tpu_or_refused() -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   device = None if mesh.empty else getattr(mesh, "abstract_device", None)
   if device is None:
-    return jax.default_backend() == "tpu"
+    return on_tpu()
   if device.platform == "tpu":
     return True
   raise UserError(f"attention_impl='flash' is the Pallas TPU kernel, and this run is on "

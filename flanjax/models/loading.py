@@ -312,18 +312,17 @@ def load(path: str, step: int | str | None = None, config: str | None = None,
     return _load(path, step, config)
   lora, prompt_tuning = _adapter_modules()
   loaded = _load(path, None, config)  # `step` is the adapter run's
-  _check_base(loaded, adapter, step)
+  apath = os.path.abspath(os.path.expanduser(adapter))
+  found = None  # the adapter training run, if it is one (a PEFT folder is not)
+  if prompt_tuning.peft_type(apath) is None and not lora.is_peft_dir(apath):
+    found = training_checkpoint(apath, step)
+  _check_base(loaded, adapter, found)
   lcfg, adapters, _ = read_adapter(adapter, loaded.config, step)
   loaded.params = merge_adapter(loaded.params, lcfg, adapters, loaded.config, adapter)
   # An adapter run is read as it trained (a Llama recipe trains a prefix LM over a causal
   # base), so --checkpoint RUN and --checkpoint BASE --adapter RUN run the same model; a
   # PEFT folder records no kind and runs as its base does.
-  kind = loaded.kind
-  apath = os.path.abspath(os.path.expanduser(adapter))
-  if prompt_tuning.peft_type(apath) is None and not lora.is_peft_dir(apath):
-    found = training_checkpoint(apath, step)
-    if found:
-      kind = found[1].model_kind()
+  kind = found[1].model_kind() if found else loaded.kind
   loaded.kind = prompt_tuning.kind_of(kind, loaded.config, loaded.params)
   loaded.model = loaded.kind.build(loaded.config)
   what = "soft prompt" if loaded.kind.virtual_tokens else "LoRA adapters"
@@ -331,12 +330,11 @@ def load(path: str, step: int | str | None = None, config: str | None = None,
   return loaded
 
 
-def _check_base(loaded: Loaded, adapter: str, step) -> None:
-  """An adapter run over another model than the one it trained over is refused: the base's
-  fingerprint, which run_info.json records, must be that of --checkpoint's parameters (a
-  PEFT folder records none to check)."""
+def _check_base(loaded: Loaded, adapter: str, found) -> None:
+  """An adapter run (`found`, training_checkpoint's answer) over another model than the one
+  it trained over is refused: the base's fingerprint, which run_info.json records, must be
+  that of --checkpoint's parameters (a PEFT folder, found None, records none to check)."""
   lora, prompt_tuning = _adapter_modules()
-  found = training_checkpoint(os.path.abspath(os.path.expanduser(adapter)), step)
   base = ((found[1].read_run_info() or {}).get("adapter") or {}).get("base") if found else None
   if not isinstance(base, dict) or not base.get("fingerprint"):
     return
